@@ -1,0 +1,104 @@
+"""Checkpoint save/load throughput against plain file I/O of the same bytes, in the same process.
+
+    python -m bench.checkpoint_io            # ~1 GB of model + AdamW state
+    python -m bench.checkpoint_io --gb 0.2   # smaller, quicker
+
+Both sides fsync what they write, and both read from the page cache after the write, so the
+ratio measures orch's overhead (safetensors framing, DCP planning, manifest hashing), not the disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.common import write_result
+from model.config import GPTConfig
+from model.gpt import GPT
+from training.checkpoint import find_resumable, load_checkpoint, save_checkpoint
+
+
+def model_for(gb: float) -> tuple[GPT, torch.optim.Optimizer]:
+    """A GPT whose fp32 weights + two AdamW moments take about `gb` gigabytes."""
+    d = 1024
+    per_layer = 12 * d * d + 3 * d  # attention 4d^2 + SwiGLU 3 * d * (8/3 d) = 12 d^2
+    n_layer = max(1, int(gb * 1e9 / 12 / per_layer))
+    model = GPT(GPTConfig(vocab_size=8192, n_layer=n_layer, n_head=16, d_model=d, max_seq_len=256))
+    model.init_weights(seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()  # materializes exp_avg / exp_avg_sq
+    return model, opt
+
+
+def tensors_of(model, opt) -> list[torch.Tensor]:
+    out = [p.detach() for p in model.parameters()]
+    for state in opt.state.values():
+        out += [v for v in state.values() if v.ndim > 0]
+    return out
+
+
+def plain_write(tensors, folder: Path) -> None:
+    folder.mkdir(parents=True)
+    for i, t in enumerate(tensors):
+        with open(folder / f"{i}.bin", "wb") as f:
+            f.write(t.numpy().tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def plain_read(tensors, folder: Path) -> None:
+    for i, t in enumerate(tensors):
+        data = np.fromfile(folder / f"{i}.bin", dtype=np.float32)
+        t.copy_(torch.from_numpy(data).view(t.shape))
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--gb", type=float, default=1.0)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    model, opt = model_for(args.gb)
+    tensors = tensors_of(model, opt)
+    nbytes = sum(t.numel() * t.element_size() for t in tensors)
+    tmp = Path(tempfile.mkdtemp(prefix="orch-bench-"))
+    rows = {"plain_save": [], "orch_save": [], "plain_load": [], "orch_load": []}
+    try:
+        for r in range(args.repeats):
+            run = tmp / f"run{r}"
+            rows["plain_save"].append(timed(lambda: plain_write(tensors, tmp / f"plain{r}")))
+            rows["orch_save"].append(timed(lambda: save_checkpoint(run, 1, model, opt, {"step": 1})))
+            rows["plain_load"].append(timed(lambda: plain_read(tensors, tmp / f"plain{r}")))
+            rows["orch_load"].append(timed(lambda: load_checkpoint(find_resumable(run), model, opt)))
+            shutil.rmtree(tmp / f"plain{r}")
+            shutil.rmtree(run)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    best = {k: min(v) for k, v in rows.items()}
+    gbps = {k: nbytes / v / 1e9 for k, v in best.items()}
+    figures = {"bytes": nbytes, **{f"{k}_GBps": round(v, 3) for k, v in gbps.items()},
+               "save_ratio": round(gbps["orch_save"] / gbps["plain_save"], 3),
+               "load_ratio": round(gbps["orch_load"] / gbps["plain_load"], 3)}
+    print(f"state {nbytes / 1e9:.2f} GB   (best of {args.repeats})")
+    print(f"{'':12}{'plain GB/s':>12}{'orch GB/s':>12}{'ratio':>8}")
+    for op in ("save", "load"):
+        print(f"{op:12}{gbps['plain_' + op]:12.2f}{gbps['orch_' + op]:12.2f}{figures[op + '_ratio']:8.2f}")
+    print("wrote", write_result("checkpoint_io", {"gb": args.gb, "repeats": args.repeats}, figures))
+
+
+if __name__ == "__main__":
+    main()

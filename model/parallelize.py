@@ -1,0 +1,99 @@
+"""How a GPT is spread over a device mesh: tensor parallel, then activation checkpointing,
+then per-block compile, then FSDP2. The same order torchtitan uses, for the same reasons:
+TP rewrites the modules' parameters into DTensors that FSDP then shards along data-parallel ranks.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+
+from model.gpt import GPT
+
+
+def apply_tensor_parallel(model: GPT, tp_mesh: DeviceMesh) -> None:
+    """Megatron-style TP with sequence-parallel norms.
+
+    Between blocks the residual stream is sharded along the sequence (Shard(1)), so the
+    norms and the residual adds each do 1/tp of the work; attention and the MLP gather it
+    (Replicate) on the way in and reduce-scatter it on the way out.
+    """
+    tp = tp_mesh.size()
+    cfg = model.cfg
+    if cfg.n_head % tp or cfg.kv_heads % tp:
+        raise ValueError(f"parallel.tp={tp} must divide model.n_head={cfg.n_head} and the kv heads={cfg.kv_heads}")
+    parallelize_module(model, tp_mesh, {
+        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+        "norm": SequenceParallel(),
+        "output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate()),
+    })
+    if cfg.tie_embeddings:  # parallelize_module made new Parameters; both are Shard(0) over the vocab
+        model.output.weight = model.tok_embeddings.weight
+    for block in model.layers:
+        parallelize_module(block, tp_mesh, {
+            "attention_norm": SequenceParallel(),
+            "attention": PrepareModuleInput(input_layouts=(Shard(1), None, None, None),
+                                            desired_input_layouts=(Replicate(), None, None, None)),
+            "attention.wq": ColwiseParallel(),
+            "attention.wk": ColwiseParallel(),
+            "attention.wv": ColwiseParallel(),
+            "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
+            "ffn_norm": SequenceParallel(),
+            "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+            "feed_forward.w1": ColwiseParallel(),
+            "feed_forward.w3": ColwiseParallel(),
+            "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+        })
+
+
+def apply_activation_checkpointing(model: GPT) -> None:
+    """Recompute each block's activations in backward: trades ~30% more compute for memory."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    for i, block in enumerate(model.layers):
+        model.layers[i] = checkpoint_wrapper(block, preserve_rng_state=False)
+
+
+def apply_compile(model: GPT) -> None:
+    """Compile block by block: blocks are identical, so one graph is reused and compile stays fast."""
+    for block in model.layers:
+        block.compile(fullgraph=True)
+
+
+def apply_fsdp(model: GPT, dp_mesh: DeviceMesh, param_dtype: torch.dtype) -> None:
+    """FSDP2: each block is one all-gather unit; the root holds embeddings, final norm and head."""
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    n = len(model.layers)
+    for i, block in enumerate(model.layers):
+        # The last block's parameters are needed again at once by backward: keep them gathered.
+        fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=i < n - 1)
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp)
+
+
+def parallelize(model: GPT, mesh: Optional[DeviceMesh], *, param_dtype: torch.dtype,
+                compile: bool = False, activation_checkpointing: bool = False) -> nn.Module:
+    if mesh is not None and mesh["tp"].size() > 1:
+        apply_tensor_parallel(model, mesh["tp"])
+    if activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if compile:
+        apply_compile(model)
+    if mesh is not None:
+        dp_replicate, dp_shard = mesh["dp_replicate"].size(), mesh["dp_shard"].size()
+        if dp_replicate > 1:  # HSDP: replicate across groups, shard within each
+            apply_fsdp(model, mesh["dp_replicate", "dp_shard"], param_dtype)
+        elif dp_shard > 1:
+            apply_fsdp(model, mesh["dp_shard"], param_dtype)
+    return model

@@ -1,0 +1,139 @@
+"""The run registry: one SQLite file that records every run the control plane started.
+
+Progress (step, loss) is not stored here: it lives in each run folder's metrics.jsonl, written
+by the trainer. The registry holds what only the control plane knows: which runs exist,
+where their folders are, how they were launched, and how they ended.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Iterator, Optional
+
+TERMINAL = ("COMPLETED", "FAILED", "CANCELLED")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id           TEXT PRIMARY KEY,
+    name         TEXT NOT NULL,
+    kind         TEXT NOT NULL,
+    executor     TEXT NOT NULL,
+    state        TEXT NOT NULL,
+    run_dir      TEXT NOT NULL,
+    created_at   REAL NOT NULL,
+    started_at   REAL,
+    ended_at     REAL,
+    pid          INTEGER,
+    slurm_job_id TEXT,
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    exit_code    INTEGER,
+    pipeline_id  TEXT,
+    stage        TEXT,
+    depends_on   TEXT,
+    reason       TEXT
+);
+CREATE INDEX IF NOT EXISTS runs_pipeline ON runs(pipeline_id);
+"""
+
+
+@dataclass
+class Run:
+    id: str
+    name: str
+    kind: str
+    executor: str
+    state: str
+    run_dir: str
+    created_at: float
+    started_at: Optional[float] = None
+    ended_at: Optional[float] = None
+    pid: Optional[int] = None
+    slurm_job_id: Optional[str] = None
+    attempts: int = 0
+    exit_code: Optional[int] = None
+    pipeline_id: Optional[str] = None
+    stage: Optional[str] = None
+    depends_on: Optional[str] = None
+    reason: Optional[str] = None
+
+    @property
+    def finished(self) -> bool:
+        return self.state in TERMINAL
+
+
+def orch_home() -> Path:
+    """Where the registry lives: $ORCH_HOME, else ./.orch beside the runs (like .git)."""
+    return Path(os.environ.get("ORCH_HOME", ".orch")).resolve()
+
+
+class Registry:
+    def __init__(self, path: Optional[Path] = None):
+        self.path = Path(path) if path else orch_home() / "registry.db"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as db:
+            db.executescript(SCHEMA)
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        # WAL lets the dashboard read while a supervisor writes; the timeout rides out short locks.
+        db = sqlite3.connect(self.path, timeout=30)
+        db.row_factory = sqlite3.Row
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            yield db
+            db.commit()
+        finally:
+            db.close()
+
+    def add(self, run: Run) -> None:
+        cols = [f.name for f in fields(Run)]
+        with self._connect() as db:
+            db.execute(f"INSERT INTO runs ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                       [getattr(run, c) for c in cols])
+
+    def update(self, run_id: str, **values) -> None:
+        if not values:
+            return
+        sets = ", ".join(f"{k} = ?" for k in values)
+        with self._connect() as db:
+            db.execute(f"UPDATE runs SET {sets} WHERE id = ?", [*values.values(), run_id])
+
+    def get(self, run_id: str) -> Optional[Run]:
+        with self._connect() as db:
+            row = db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+        return Run(**dict(row)) if row else None
+
+    def find(self, prefix: str) -> Run:
+        """A run by id, id prefix, or run-folder path; LookupError naming the choices otherwise."""
+        path = str(Path(prefix).resolve())
+        with self._connect() as db:
+            rows = db.execute("SELECT * FROM runs WHERE id LIKE ? OR run_dir = ? ORDER BY created_at DESC",
+                              (prefix + "%", path)).fetchall()
+        if len(rows) == 1:
+            return Run(**dict(rows[0]))
+        exact = [r for r in rows if r["id"] == prefix or r["run_dir"] == path]
+        if len(exact) == 1:
+            return Run(**dict(exact[0]))
+        if not rows:
+            raise LookupError(f"no run matches {prefix!r} in {self.path} (see `orch runs`)")
+        raise LookupError(f"{prefix!r} matches {len(rows)} runs: {', '.join(r['id'] for r in rows[:5])}; "
+                          "give more of the id")
+
+    def list(self, limit: Optional[int] = None, pipeline_id: Optional[str] = None) -> list[Run]:
+        query, args = "SELECT * FROM runs", []
+        if pipeline_id:
+            query, args = query + " WHERE pipeline_id = ?", [pipeline_id]
+        query += " ORDER BY created_at DESC"
+        if limit:
+            query += f" LIMIT {int(limit)}"
+        with self._connect() as db:
+            return [Run(**dict(r)) for r in db.execute(query, args).fetchall()]
+
+
+def now() -> float:
+    return time.time()

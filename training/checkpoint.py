@@ -1,0 +1,287 @@
+"""Sharded, atomic, reshardable checkpoints in safetensors and JSON. Nothing here unpickles.
+
+    checkpoints/step_00000100/
+        model/       shard-0000R-model-00001-of-00001.safetensors per writing rank (DCP offsets inside)
+        optim/       the same for AdamW's moments
+        trainer_state.json   step, tokens seen, data-loader position, config hash
+        rng/rank_R.json      each rank's RNG states
+        manifest.json        every file's size and xxh64; written last
+
+A checkpoint is written into `.tmp-step_...` and renamed into place once complete, so a
+crash mid-save leaves the previous checkpoint as the newest. On load, a checkpoint whose
+manifest is missing or whose files don't match it is skipped with a warning naming the file.
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import json
+import os
+import random
+import shutil
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import xxhash
+from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+MANIFEST = "manifest.json"
+# DCP warns that it falls back to one process when no process group exists: that is intended here.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def checkpoint_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def step_dirs(root: Path) -> list[Path]:
+    """Committed checkpoints, newest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")]
+    return sorted(found, key=lambda p: int(p.name.split("_")[1]), reverse=True)
+
+
+def _file_hash(path: Path) -> str:
+    h = xxhash.xxh64()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
+                  if p.is_file() and p.name != MANIFEST and not p.name.startswith(".manifest-part"))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# ---------------------------------------------------------------- RNG states as JSON
+
+def rng_state() -> dict:
+    def b64(t: torch.Tensor) -> str:
+        return base64.b64encode(t.numpy().tobytes()).decode()
+
+    py = random.getstate()
+    np_state = np.random.get_state()
+    state = {
+        "torch": b64(torch.get_rng_state()),
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = b64(torch.cuda.get_rng_state())
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    def tensor(s: str) -> torch.Tensor:
+        return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+
+    torch.set_rng_state(tensor(state["torch"]))
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensor(state["cuda"]))
+
+
+# ---------------------------------------------------------------- save
+
+def _model_tensors(model) -> dict:
+    """The model's state dict, with a tied output head left out: it is the embedding matrix,
+    and safetensors refuses two names for one storage. Tying restores it on load."""
+    state = get_model_state_dict(model)
+    if getattr(getattr(model, "cfg", None), "tie_embeddings", False):
+        state.pop("output.weight", None)
+    return state
+
+
+def _optim_tensors(model, optimizer) -> dict:
+    """AdamW's per-parameter state only; param_groups (lr, betas) come from the config on load."""
+    return {"state": get_optimizer_state_dict(model, optimizer)["state"]}
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, trainer_state: dict,
+                    keep_last: int = 2, keep_every: int = 0) -> Path:
+    """Collective: every rank calls it. Returns the committed folder."""
+    rank, world = _world()
+    root = checkpoint_root(run_dir)
+    final = root / f"step_{step:08d}"
+    tmp = root / f".tmp-step_{step:08d}"
+    if rank == 0:
+        if tmp.exists():  # a previous attempt at this very step died mid-save
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    _barrier()
+    try:
+        distributed = world > 1
+        dcp.save(_model_tensors(model),
+                 storage_writer=HuggingFaceStorageWriter(str(tmp / "model"), save_distributed=distributed))
+        dcp.save(_optim_tensors(model, optimizer),
+                 storage_writer=HuggingFaceStorageWriter(str(tmp / "optim"), save_distributed=distributed))
+        _write_json(tmp / "rng" / f"rank_{rank}.json", rng_state())
+        if rank == 0:
+            _write_json(tmp / "trainer_state.json", trainer_state)
+        _barrier()
+        # Every rank hashes a share of the files; rank 0 merges the shares into the manifest.
+        files = _files(tmp)
+        part = {f: {"bytes": (tmp / f).stat().st_size, "xxh64": _file_hash(tmp / f)} for f in files[rank::world]}
+        _write_json(tmp / f".manifest-part-{rank}.json", part)
+        _barrier()
+        if rank == 0:
+            manifest = {}
+            for r in range(world):
+                part_path = tmp / f".manifest-part-{r}.json"
+                manifest.update(json.loads(part_path.read_text()))
+                part_path.unlink()
+            _write_json(tmp / MANIFEST, {"step": step, "files": manifest})
+            if final.exists():  # re-saving a step (e.g. after a resume from an older one)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(root)
+            prune(root, keep_last, keep_every)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise CheckpointError(f"the disk holding {root} is full: checkpoint step {step} could not be written. "
+                                  "Earlier checkpoints are untouched; free space (or lower checkpoint.keep_last) "
+                                  "and resume.") from None
+        raise
+    _barrier()
+    return final
+
+
+def prune(root: Path, keep_last: int, keep_every: int) -> None:
+    """Keep the newest `keep_last` checkpoints and every `keep_every`-th step."""
+    for i, path in enumerate(step_dirs(root)):
+        step = int(path.name.split("_")[1])
+        if i < keep_last or (keep_every and step % keep_every == 0):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- validate and load
+
+def verify(path: Path, files: Optional[list[str]] = None) -> Optional[str]:
+    """None if the checkpoint matches its manifest, else a sentence naming what's wrong."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        return f"{manifest_path} is missing (the save never finished)"
+    try:
+        manifest = json.loads(manifest_path.read_text())["files"]
+    except (ValueError, KeyError) as e:
+        return f"{manifest_path} is unreadable ({e})"
+    for name in files if files is not None else sorted(manifest):
+        expected = manifest[name]
+        f = path / name
+        if not f.is_file():
+            return f"{f} is missing"
+        size = f.stat().st_size
+        if size != expected["bytes"]:
+            return f"{f} has {size} bytes, its manifest says {expected['bytes']} (truncated?)"
+        if _file_hash(f) != expected["xxh64"]:
+            return f"{f} fails its checksum (corrupted)"
+    return None
+
+
+def _verify_collectively(path: Path) -> Optional[str]:
+    """Each rank checks a share of the files; any failure anywhere fails the checkpoint everywhere."""
+    rank, world = _world()
+    problem = None
+    manifest_path = path / MANIFEST
+    try:
+        names = sorted(json.loads(manifest_path.read_text())["files"])
+    except (OSError, ValueError, KeyError):
+        names = None
+    problem = verify(path, None if names is None else names[rank::world])
+    if world > 1:
+        flag = torch.tensor([0 if problem is None else 1])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and problem is None:
+            problem = "another rank found a damaged file (see its warning)"
+    return problem
+
+
+def find_resumable(run_dir: str | Path) -> Optional[Path]:
+    """The newest checkpoint that passes verification, warning about each one skipped.
+
+    Raises CheckpointError if checkpoints exist but none is valid: better to stop than to
+    silently start from scratch over a run's history. Nothing is deleted.
+    """
+    candidates = step_dirs(checkpoint_root(run_dir))
+    rank, _ = _world()
+    for path in candidates:
+        problem = _verify_collectively(path)
+        if problem is None:
+            return path
+        if rank == 0:
+            warnings.warn(f"skipping checkpoint {path.name}: {problem}; trying the previous one", stacklevel=2)
+    if candidates:
+        raise CheckpointError(f"{checkpoint_root(run_dir)} holds {len(candidates)} checkpoint(s) and none is valid "
+                              "(see the warnings above). Nothing was deleted; restore the files or start a new run.")
+    return None
+
+
+def load_checkpoint(path: Path, model, optimizer=None) -> dict:
+    """Load weights (and optimizer moments) into an already-parallelized model, on any mesh."""
+    rank, _ = _world()
+    model_sd = _model_tensors(model)
+    dcp.load(model_sd, storage_reader=HuggingFaceStorageReader(str(path / "model")))
+    set_model_state_dict(model, model_sd, options=StateDictOptions(strict=False))
+    if optimizer is not None and (path / "optim").is_dir():
+        optim_sd = get_optimizer_state_dict(model, optimizer)
+        state = {"state": optim_sd["state"]}
+        dcp.load(state, storage_reader=HuggingFaceStorageReader(str(path / "optim")))
+        set_optimizer_state_dict(model, optimizer, {"state": state["state"], "param_groups": optim_sd["param_groups"]},
+                                 options=StateDictOptions(strict=True))
+    rng_file = path / "rng" / f"rank_{rank}.json"
+    if rng_file.is_file():  # a new world size has new ranks without a saved state: they keep their seed
+        set_rng_state(json.loads(rng_file.read_text()))
+    trainer_state = path / "trainer_state.json"
+    return json.loads(trainer_state.read_text()) if trainer_state.is_file() else {}

@@ -1,0 +1,253 @@
+"""Tokenize the corpus once into MosaicML streaming (MDS) shards that any number of ranks can read.
+
+    <data.dir>/tokenizer.json
+    <data.dir>/train/   index.json + shard.*.mds, one sample = {"tokens": seq_len + 1 token ids}
+    <data.dir>/val/
+    <data.dir>/meta.json  counts, the data config and its fingerprint, the xz baseline
+
+Documents are encoded, each followed by <|endoftext|>, concatenated and cut into consecutive
+windows of seq_len + 1 tokens (the tail is dropped): inputs = tokens[:-1], targets = tokens[1:].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import lzma
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from training.data import DataError
+from training.data.corpus import SPLITS, iter_documents
+from training.data.tokenizer import eos_id, load_tokenizer, token_byte_lengths, train_tokenizer
+
+FORMAT_VERSION = 1  # bump when packing or layout changes: older folders then read as another config
+# The config keys that decide the bytes on disk; dir, remote, num_workers and shuffle don't.
+FINGERPRINT_KEYS = ("sources", "text_field", "tokenizer", "vocab_size", "seq_len", "val_fraction", "max_docs")
+TOKENIZER_TRAIN_BYTES = 64 << 20  # BPE is trained on the first 64 MiB of the train split at most
+XZ_MAX_BYTES = 16 << 20  # the xz baseline is measured on the first 16 MiB of the val split at most
+BATCH_BYTES = 1 << 20  # documents per encode_batch call: ~1 MiB of text, split over all cores
+
+
+def config_dict(cfg) -> dict:
+    """A DataConfig (dataclass or OmegaConf node) as plain JSON-able values."""
+    from orchestrator.spec.schema import DataConfig
+
+    out = {}
+    for f in dataclasses.fields(DataConfig):
+        value = getattr(cfg, f.name)
+        out[f.name] = list(value) if f.name == "sources" else value
+    return out
+
+
+def fingerprint(cfg) -> str:
+    keyed = {k: config_dict(cfg)[k] for k in FINGERPRINT_KEYS}
+    keyed["format"] = FORMAT_VERSION
+    return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def read_meta(cfg) -> dict | None:
+    """meta.json of cfg.dir if it was made from this config; None if there is none; else DataError."""
+    path = Path(cfg.dir) / "meta.json"
+    if not path.is_file():
+        return None
+    meta = json.loads(path.read_text())
+    if meta.get("fingerprint") != fingerprint(cfg):
+        key, value = ("data.remote", cfg.remote) if cfg.remote else ("data.dir", str(cfg.dir))
+        made_from = {k: meta.get("config", {}).get(k) for k in FINGERPRINT_KEYS}
+        raise DataError(
+            f"key '{key}' has the value {value!r}, but that folder holds data made from another data config "
+            f"({json.dumps(made_from)}; fingerprint {meta.get('fingerprint')}, this config's is "
+            f"{fingerprint(cfg)}). Pick another {key}, or delete that folder to prepare it again.")
+    return meta
+
+
+def ensure_data(cfg, progress: bool = True) -> dict:
+    """The dataset's meta, preparing it first if needed (the trainer calls this on rank 0).
+
+    With data.remote set, data.dir is only a local cache of the remote: the data must have been
+    prepared and uploaded already; this fetches its meta.json and tokenizer.json into data.dir.
+    """
+    if cfg.remote:
+        return _fetch_remote(cfg)
+    meta = read_meta(cfg)
+    return meta if meta is not None else prepare_data(cfg, progress=progress)
+
+
+def prepare_data(cfg, *, progress: bool = True) -> dict:
+    """Write tokenizer.json, train/, val/ and meta.json into cfg.dir; returns the meta.
+
+    Idempotent (a folder made from the same config is kept as is) and atomic: everything is
+    written into a temporary sibling folder that is renamed into place at the very end.
+    """
+    out = Path(cfg.dir)
+    meta = read_meta(cfg)
+    if meta is not None:
+        print(f"data: {out} is already prepared from this config; kept as is")
+        return meta
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DataError(f"key 'data.dir' has the value {str(cfg.dir)!r}, but that path exists and is not a "
+                        f"prepared dataset (no meta.json). Pick another data.dir, or delete it.")
+    start = time.time()
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"  # same filesystem, so the rename is atomic
+    shutil.rmtree(tmp, ignore_errors=True)  # ours: left by an earlier crash of a process with this pid
+    tmp.mkdir(parents=True)
+    try:
+        tok = _get_tokenizer(cfg, tmp / "tokenizer.json", progress)
+        splits, xz = {}, None
+        for split in SPLITS:
+            splits[split], compressed = _write_split(cfg, tok, split, tmp / split, progress)
+            xz = compressed if split == "val" else xz
+        meta = {
+            "format": FORMAT_VERSION,
+            "fingerprint": fingerprint(cfg),
+            "vocab_size": tok.get_vocab_size(),
+            "seq_len": cfg.seq_len,
+            "eos_id": eos_id(tok),
+            "splits": splits,
+            "xz_bpb_val": xz[0],  # bits per byte of `xz -9e` on the raw val text: the bar to beat
+            "xz_bytes": xz[1],
+            "config": config_dict(cfg),
+            "seconds": round(time.time() - start, 1),
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        try:
+            os.replace(tmp, out)  # also replaces an empty folder
+        except OSError:
+            # Another process (another rank, another job) published first: keep theirs if it matches.
+            meta = read_meta(cfg)
+            if meta is None:
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    tr, va = meta["splits"]["train"], meta["splits"]["val"]
+    print(f"data: {tr['tokens']:,} train + {va['tokens']:,} val tokens -> {tr['samples']:,} + {va['samples']:,} "
+          f"samples of {cfg.seq_len + 1} tokens in {tr['shards'] + va['shards']} shards at {out} "
+          f"({meta['seconds']:.0f}s; xz -9e on val: {meta['xz_bpb_val']:.3f} bits/byte)")
+    return meta
+
+
+def _get_tokenizer(cfg, dest: Path, progress: bool):
+    if cfg.tokenizer:
+        tok = load_tokenizer(cfg.tokenizer)
+        eos_id(tok), token_byte_lengths(tok)  # fail now, not after tokenizing, if it can't be used
+        shutil.copyfile(cfg.tokenizer, dest)
+        return tok
+    if progress:
+        print(f"data: training a {cfg.vocab_size}-token byte-level BPE on the train split")
+    tok = train_tokenizer(_first_bytes(iter_documents(cfg, "train"), TOKENIZER_TRAIN_BYTES), cfg.vocab_size)
+    tok.save(str(dest))
+    return tok
+
+
+def _write_split(cfg, tok, split: str, dest: Path, progress: bool) -> tuple[dict, tuple]:
+    """Encode, pack and write one split; returns its counts and (xz bits per byte, bytes measured)."""
+    from streaming import MDSWriter  # slow import (pulls in torchvision): only when writing
+
+    vocab = tok.get_vocab_size()
+    dtype = np.uint16 if vocab <= 1 << 16 else np.uint32  # ids < vocab: uint16 holds up to 65536
+    window = cfg.seq_len + 1
+    eos = eos_id(tok)
+    xz, xz_bytes = lzma.LZMACompressor(preset=9 | lzma.PRESET_EXTREME), 0
+    xz_out = 0
+    docs = nbytes = ntokens = samples = 0
+    carry = np.empty(0, dtype)  # tokens waiting for the next window
+    # Parallel over documents, in Rust. The _fast variant (tokenizers >= 0.21) skips the
+    # character offsets we don't need: twice as fast.
+    encode_batch = getattr(tok, "encode_batch_fast", tok.encode_batch)
+    with _progress_bar(progress, f"tokenizing {split}") as update, \
+            MDSWriter(out=str(dest), columns={"tokens": f"ndarray:{dtype.__name__}"}) as writer:
+        for batch in _batches(iter_documents(cfg, split), BATCH_BYTES):
+            raw = [doc.encode("utf-8") for doc in batch]
+            encoded = encode_batch(batch, add_special_tokens=False)
+            ids = np.fromiter(itertools.chain.from_iterable(e.ids + [eos] for e in encoded), dtype)
+            carry = np.concatenate([carry, ids])
+            n = len(carry) // window
+            for row in carry[: n * window].reshape(n, window):
+                writer.write({"tokens": row})
+            carry = carry[n * window:]
+            docs, samples, ntokens = docs + len(batch), samples + n, ntokens + len(ids)
+            nbytes += sum(map(len, raw))
+            if split == "val" and xz_bytes < XZ_MAX_BYTES:
+                chunk = b"".join(raw)[: XZ_MAX_BYTES - xz_bytes]
+                xz_out += len(xz.compress(chunk))
+                xz_bytes += len(chunk)
+            update(docs, nbytes)
+    if samples == 0 and not (split == "val" and docs == 0 and cfg.val_fraction == 0):
+        raise DataError(f"the {split} split has {ntokens:,} tokens, not enough for one sequence of "
+                        f"data.seq_len + 1 = {window} tokens: add data, lower data.seq_len"
+                        + (" or raise data.val_fraction" if split == "val" else ""))
+    xz_out += len(xz.flush())
+    shards = len(list(dest.glob("shard.*.mds")))
+    counts = {"documents": docs, "bytes": nbytes, "tokens": ntokens, "samples": samples, "shards": shards}
+    return counts, ((8 * xz_out / xz_bytes if xz_bytes else None), xz_bytes)
+
+
+def _fetch_remote(cfg) -> dict:
+    """Copy meta.json and tokenizer.json from data.remote into data.dir; check the fingerprint."""
+    from streaming.base.storage import CloudDownloader
+
+    local = Path(cfg.dir)
+    local.mkdir(parents=True, exist_ok=True)
+    for name in ("meta.json", "tokenizer.json"):
+        part = local / f".{name}.part-{os.getpid()}"
+        part.unlink(missing_ok=True)
+        try:
+            CloudDownloader.direct_download(f"{cfg.remote.rstrip('/')}/{name}", str(part))
+        except Exception as e:  # each cloud raises its own "not found"
+            raise DataError(f"key 'data.remote' has the value {cfg.remote!r}, but its {name} can't be read "
+                            f"({type(e).__name__}: {e}). Prepare the data with `orch data prepare` into a "
+                            f"folder and upload that folder there.") from None
+        os.replace(part, local / name)  # refreshed every time: the remote may have been re-prepared
+    return read_meta(cfg)
+
+
+def _first_bytes(docs, limit: int):
+    """Documents until `limit` UTF-8 bytes have been seen: a deterministic prefix."""
+    seen = 0
+    for doc in docs:
+        if seen >= limit:
+            return
+        seen += len(doc.encode("utf-8"))
+        yield doc
+
+
+def _batches(docs, batch_bytes: int):
+    batch, size = [], 0
+    for doc in docs:
+        batch.append(doc)
+        size += len(doc)
+        if size >= batch_bytes:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+class _progress_bar:
+    """A rich progress line (documents, bytes, speed) that reduces to nothing when progress=False."""
+
+    def __init__(self, enabled: bool, description: str):
+        self.enabled, self.description = enabled, description
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda docs, nbytes: None
+        from rich.progress import (FileSizeColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
+                                   TransferSpeedColumn)
+
+        self.bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), TextColumn("{task.fields[docs]:,} docs"),
+                            FileSizeColumn(), TransferSpeedColumn(), TimeElapsedColumn())
+        self.bar.__enter__()
+        task = self.bar.add_task(self.description, total=None, docs=0)
+        return lambda docs, nbytes: self.bar.update(task, completed=nbytes, docs=docs)
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.bar.__exit__(*exc)

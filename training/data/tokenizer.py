@@ -1,0 +1,86 @@
+"""Byte-level BPE (GPT-2 style) with Hugging Face `tokenizers`.
+
+Byte-level means the base vocabulary is the 256 bytes, so any string encodes, nothing is ever
+<unk>, and decode(encode(s)) == s exactly. Special tokens are only ever inserted by id: text that
+happens to contain "<|endoftext|>" is encoded as ordinary characters (encode_special_tokens).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from training.data import DataError
+
+# Reserved first, so their ids are 0..3 in every tokenizer we train.
+EOS = "<|endoftext|>"  # ends every document; the separator in packed sequences
+PAD = "<|pad|>"
+IM_START = "<|im_start|>"  # chat turns, for fine-tuning later
+IM_END = "<|im_end|>"
+SPECIAL_TOKENS = [EOS, PAD, IM_START, IM_END]
+EOS_ID, PAD_ID, IM_START_ID, IM_END_ID = range(len(SPECIAL_TOKENS))
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """Train a byte-level BPE of `vocab_size` tokens (special tokens and the 256 bytes included)."""
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise DataError(f"key 'data.vocab_size' has the value {vocab_size}, but a byte-level BPE needs "
+                        f"at least {256 + len(SPECIAL_TOKENS)} (256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # no " " added: exact round trip
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, even unseen ones
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    tok.encode_special_tokens = True
+    return tok
+
+
+def load_tokenizer(path) -> Tokenizer:
+    """A tokenizer.json written by train_tokenizer (or any byte-level BPE one)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"no tokenizer file at {str(path)!r}: expected a Hugging Face tokenizer.json "
+                        f"(prepare the data first, or fix data.tokenizer)")
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+        raise DataError(f"{str(path)!r} is not a Hugging Face tokenizer.json file ({e})") from None
+    # Not saved in tokenizer.json: a runtime switch, set on every load.
+    tok.encode_special_tokens = True
+    return tok
+
+
+def eos_id(tok: Tokenizer) -> int:
+    """The id of <|endoftext|>, which every tokenizer we pack documents with must have."""
+    i = tok.token_to_id(EOS)
+    if i is None:
+        raise DataError(f"the tokenizer has no {EOS} token, which separates documents (data.tokenizer)")
+    return i
+
+
+def token_byte_lengths(tok: Tokenizer) -> np.ndarray:
+    """How many UTF-8 bytes each token id decodes to (0 for special tokens).
+
+    Bits per byte = sum(nats over target tokens) / ln(2) / sum(byte lengths of those tokens):
+    unlike loss per token it doesn't depend on the tokenizer, so runs with different
+    vocabularies (and xz) compare. A byte-level token string spells one byte per character,
+    so its length is exact even for tokens that hold half of a multi-byte character.
+    """
+    byte_alphabet = set(pre_tokenizers.ByteLevel.alphabet())
+    lengths = np.zeros(tok.get_vocab_size(with_added_tokens=True), dtype=np.int64)
+    for token, i in tok.get_vocab(with_added_tokens=False).items():
+        if not byte_alphabet.issuperset(token):
+            raise DataError(f"token {token!r} is not byte-level: bits per byte needs a byte-level BPE "
+                            f"tokenizer (data.tokenizer)")
+        lengths[i] = len(token)
+    for i, added in tok.get_added_tokens_decoder().items():
+        lengths[i] = 0 if added.special else len(added.content.encode("utf-8"))
+    return lengths

@@ -1,0 +1,75 @@
+"""The one entry point that runs on the nodes, however it was launched:
+
+    python -m training.main jobs/pretrain.yaml train.max_steps=50            # one process
+    torchrun --nproc_per_node 4 -m training.main jobs/pretrain.yaml parallel.tp=2
+    srun python -m training.main ...                                          # Slurm tasks
+
+Without --run-dir the run folder is `<runs_dir>/<name>`: running the same command again
+resumes from its newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from orchestrator.spec import SpecError, load_spec
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m training.main", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="job YAML file")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=50")
+    p.add_argument("--run-dir", help="run folder (default: <runs_dir>/<name>)")
+    return p.parse_args(argv)
+
+
+def build_task(cfg, dist_info):
+    if cfg.kind == "pretrain":
+        from training.tasks.pretrain import PretrainTask
+
+        return PretrainTask(cfg, dist_info)
+    raise SpecError(f"job kind {cfg.kind!r} has no trainer task")
+
+
+def run(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_spec(args.config, args.overrides)
+    except SpecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    # Imported after the spec check so a typo fails fast, before torch loads.
+    from training import checkpoint as ckpt
+    from training.data import DataError
+    from training.distributed import init_distributed, shutdown
+    from training.trainer import Trainer
+
+    run_dir = Path(args.run_dir or os.path.join(cfg.runs_dir, cfg.name))
+    try:
+        dist_info = init_distributed(cfg.parallel, cfg.train.device)
+        if dist_info.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            OmegaConf.save(cfg, run_dir / "config.yaml")
+        dist_info.barrier()
+        task = build_task(cfg, dist_info)
+        trainer = Trainer(cfg, dist_info, run_dir, task)
+        return trainer.fit()
+    except (SpecError, DataError, ckpt.CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        shutdown()
+
+
+def main() -> None:
+    sys.exit(run())
+
+
+if __name__ == "__main__":
+    main()

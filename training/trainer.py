@@ -1,0 +1,210 @@
+"""One training loop for every job kind. The task supplies batches, the loss and the evaluation.
+
+The loop: build the model on the meta device, parallelize it over the mesh, materialize,
+initialize or resume, then step: gradient accumulation, clipping, AdamW, a scheduled LR,
+metrics, validation, checkpoints, and a clean stop on a preemption signal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+from model.config import GPTConfig
+from model.gpt import GPT, flops_per_token
+from model.parallelize import parallelize
+from training import checkpoint as ckpt
+from training.metrics import MetricsLogger, peak_flops, say
+from training.optim import build_optimizer, lr_at
+
+# Exit status of a run stopped by a signal after saving: the executor requeues it.
+EXIT_REQUEUE = 3
+
+
+def config_hash(cfg) -> str:
+    """What must not change across a resume: the model's shape and the data."""
+    keyed = {"model": OmegaConf.to_container(cfg.model), "data": OmegaConf.to_container(cfg.data)}
+    keyed["data"].pop("num_workers", None)
+    return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGUSR2/SIGINT (preemption, time limit, Ctrl-C); checked between steps."""
+
+    def __init__(self):
+        self.signal = None
+        for sig in (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    def agreed(self, world_size: int, device) -> bool:
+        """All ranks must stop at the same step, or the checkpoint collective would hang."""
+        if world_size == 1:
+            return self.signal is not None
+        flag = torch.tensor([0 if self.signal is None else 1], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+class Trainer:
+    def __init__(self, cfg, dist_info, run_dir: Path, task):
+        self.cfg, self.dist, self.run_dir, self.task = cfg, dist_info, run_dir, task
+        device = dist_info.device
+        on_gpu = device.type == "cuda"
+        want_bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and on_gpu)
+        # Sharded GPU jobs get bf16 from FSDP's mixed-precision policy (bf16 compute, fp32 reductions);
+        # a single process, or gloo on CPUs, gets it from autocast. Master weights stay fp32 either way.
+        fsdp_bf16 = want_bf16 and on_gpu and dist_info.mesh is not None
+        self.param_dtype = torch.bfloat16 if fsdp_bf16 else torch.float32
+        self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16)
+                         if want_bf16 and not fsdp_bf16 else nullcontext())
+
+        model_cfg = GPTConfig(**OmegaConf.to_container(cfg.model))
+        if model_cfg.vocab_size is None:
+            model_cfg.vocab_size = 64 * ((task.vocab_size + 63) // 64)
+        self.model_cfg = model_cfg
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True)
+        with torch.device("meta"):
+            model = GPT(model_cfg)
+        self.n_params = model.num_params()
+        self.flops_per_token = flops_per_token(model_cfg, cfg.data.seq_len)
+        self.model = parallelize(model, dist_info.mesh, param_dtype=self.param_dtype,
+                                 compile=cfg.train.compile, activation_checkpointing=cfg.train.activation_checkpointing)
+        self.model.to_empty(device=device)
+        self.model.init_weights(seed=cfg.seed)
+        self.optimizer = build_optimizer(self.model, cfg.optim, device)
+        self.step = 0
+        self.tokens_seen = 0
+        self.metrics = MetricsLogger(run_dir, dist_info.is_main, cfg.train.max_steps)
+        self.stop = StopFlag()
+        self.peak = peak_flops(device)
+
+    # ------------------------------------------------------------ state
+
+    def trainer_state(self) -> dict:
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "config_hash": config_hash(self.cfg),
+                "world_size": self.dist.world_size, "task": self.task.state_dict()}
+
+    def resume_or_init(self) -> None:
+        """Resume from this run's newest valid checkpoint, or start from init_from, or from scratch."""
+        path = ckpt.find_resumable(self.run_dir)
+        if path is not None:
+            state = ckpt.load_checkpoint(path, self.model, self.optimizer)
+            if state.get("config_hash") not in (None, config_hash(self.cfg)):
+                say(f"warning: {path} was saved with another model/data config; resuming anyway", self.dist.is_main)
+            self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+            self.task.load_state_dict(state["task"])
+            say(f"resumed from {path} at step {self.step}", self.dist.is_main)
+            return
+        init_from = self.cfg.checkpoint.init_from
+        if init_from:
+            src = Path(init_from)
+            source = ckpt.find_resumable(src) if (src / "checkpoints").is_dir() else src
+            if source is None:
+                raise ckpt.CheckpointError(f"checkpoint.init_from={init_from!r} has no valid checkpoint")
+            ckpt.load_checkpoint(source, self.model, optimizer=None)
+            say(f"initialized weights from {source}", self.dist.is_main)
+
+    def save(self) -> Path:
+        c = self.cfg.checkpoint
+        path = ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.trainer_state(),
+                                    keep_last=c.keep_last, keep_every=c.keep_every)
+        say(f"checkpoint saved: {path}", self.dist.is_main)
+        return path
+
+    # ------------------------------------------------------------ loop
+
+    def train_step(self) -> tuple[float, float, int]:
+        cfg = self.cfg
+        accum = cfg.train.grad_accum_steps
+        lr = lr_at(self.step, cfg.optim, cfg.train.max_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=self.dist.device)
+        tokens = 0
+        fsdp = hasattr(self.model, "set_requires_gradient_sync")
+        for micro in range(accum):
+            batch = self.task.next_batch()
+            if fsdp:  # reduce-scatter gradients once, on the last micro-batch
+                self.model.set_requires_gradient_sync(micro == accum - 1)
+            with self.autocast:
+                loss = self.task.loss(self.model, batch)
+            (loss / accum).backward()
+            loss_sum += loss.detach()
+            tokens += self.task.tokens_per_batch(batch)
+        if cfg.optim.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip, foreach=True)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = loss_sum / accum
+        if self.dist.world_size > 1:  # the logged loss is the mean over data-parallel ranks
+            dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+        return loss.item(), grad_norm.item(), tokens * self.dist.dp_size
+
+    def fit(self) -> int:
+        cfg, is_main = self.cfg, self.dist.is_main
+        self.resume_or_init()
+        say(f"model: {self.n_params / 1e6:.2f}M parameters, {self.flops_per_token / 1e6:.1f} MFLOP/token; "
+            f"world {self.dist.world_size} = dp_replicate {self.dist.dp_replicate} x dp_shard {self.dist.dp_shard} "
+            f"x tp {self.dist.tp}; {self.dist.device}, {cfg.train.dtype}", is_main)
+        started = time.time()
+        window_start, window_tokens, first_step = time.time(), 0, self.step
+        budget_s = cfg.train.time_budget_min * 60 if cfg.train.time_budget_min else None
+        while self.step < cfg.train.max_steps:
+            loss, grad_norm, tokens = self.train_step()
+            self.step += 1
+            self.tokens_seen += tokens
+            window_tokens += tokens
+            if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
+                elapsed = time.time() - window_start
+                tps = window_tokens / max(elapsed, 1e-9)
+                per_step = (time.time() - started) / max(1, self.step - first_step)
+                mfu = (tps * self.flops_per_token / self.dist.world_size / self.peak) if self.peak else None
+                self.metrics.log({"step": self.step, "loss": loss, "lr": lr_at(self.step - 1, cfg.optim, cfg.train.max_steps),
+                                  "grad_norm": grad_norm, "tokens_per_s": tps, "tokens_seen": self.tokens_seen,
+                                  "mfu": mfu, "eta_s": per_step * (cfg.train.max_steps - self.step)})
+                window_start, window_tokens = time.time(), 0
+            if cfg.train.val_every and self.step % cfg.train.val_every == 0 and self.step < cfg.train.max_steps:
+                self.validate()
+            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < cfg.train.max_steps:
+                self.save()
+            if self.stop.agreed(self.dist.world_size, self.dist.device):
+                say(f"stopping on signal {self.stop.signal} at step {self.step}: saving a checkpoint", is_main)
+                self.save()
+                return EXIT_REQUEUE
+            if budget_s and time.time() - started > budget_s:
+                say(f"train.time_budget_min={cfg.train.time_budget_min} reached at step {self.step}", is_main)
+                break
+        result = self.validate()
+        path = self.save()
+        if is_main:
+            summary = {"step": self.step, "tokens_seen": self.tokens_seen, "checkpoint": str(path),
+                       "metrics": str(self.run_dir / "metrics.jsonl"), **result,
+                       "train_minutes": round((time.time() - started) / 60, 2)}
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+            say(f"done: checkpoint {path}\n      metrics    {self.run_dir / 'metrics.jsonl'}", is_main)
+        self.metrics.close()
+        return 0
+
+    def validate(self) -> dict:
+        self.model.eval()
+        with self.autocast:
+            result = self.task.evaluate(self.model)
+        self.model.train()
+        self.metrics.log({"step": self.step, **result})
+        return result
