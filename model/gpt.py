@@ -100,6 +100,14 @@ class GPT(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
+    def to_empty(self, *, device, recurse: bool = True):
+        """Materialize a meta-device model. Plain tensors lose their tie on the way (each module
+        gets its own new parameter), so tie the output head to the embedding again."""
+        super().to_empty(device=device, recurse=recurse)
+        if self.cfg.tie_embeddings and self.output.weight is not self.tok_embeddings.weight:
+            self.output.weight = self.tok_embeddings.weight
+        return self
+
     @torch.no_grad()
     def init_weights(self, seed: Optional[int] = None) -> None:
         """GPT-2 style: N(0, std), output projections scaled by 1/sqrt(2 * n_layer).

@@ -33,6 +33,8 @@ def _run(args: list[str], *, timeout: float, stream: bool, ok_codes: tuple[int, 
             stderr = proc.stderr
     except subprocess.TimeoutExpired as e:
         raise ClusterError(f"`{' '.join(cmd)}` did not finish within {timeout:.0f}s") from e
+    except OSError as e:  # no bash
+        raise ClusterError(f"could not run `{' '.join(cmd)}`: {e}") from e
     if proc.returncode not in ok_codes:
         tail = "\n".join(stderr.strip().splitlines()[-15:])
         raise ClusterError(f"`{' '.join(cmd)}` failed (exit {proc.returncode})" + (f":\n{tail}" if tail else ""))

@@ -222,11 +222,14 @@ RESUME_SCRIPT = """
 import json, sys, torch
 from orchestrator.spec.schema import DataConfig
 from training.data.loader import TokenLoader
-cfg, state, out, n = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3], int(sys.argv[4])
-loader = TokenLoader(DataConfig(**cfg), "train", 8, seed=7)
-loader.load_state_dict(state)
-it = iter(loader)
-torch.save([next(it) for _ in range(n)], out)
+cfg, jobs, out = DataConfig(**json.loads(sys.argv[1])), json.loads(sys.argv[2]), sys.argv[3]
+results = {}
+for k, state in jobs:  # the first loader of this process is fresh; later ones share the process
+    loader = TokenLoader(cfg, "train", 8, seed=7)
+    loader.load_state_dict(state)
+    it = iter(loader)
+    results[k] = [next(it) for _ in range(5)]
+torch.save(results, out)
 """
 
 
@@ -249,20 +252,27 @@ def test_loader_resumes_exactly_in_a_fresh_process(prepared, tmp_path):
     assert not torch.equal(epoch0, epoch1)  # reshuffled
     assert states[per_epoch - 1]["epoch"] == 0 and states[per_epoch]["epoch"] == 1 and loader.epoch == 2
 
-    # Resume after batch k: mid-epoch; just before, exactly at, and just after an epoch's end.
-    n = 5
+    # The same loader, rewound in place after it has been iterated, replays too.
+    loader.load_state_dict(states[2])
+    assert loader.state_dict() == states[2]
+    replay = iter(loader)
+    assert all(torch.equal(next(replay)[0], batches[i][0]) for i in range(3, 6))
+
+    # Resume after batch k in a new process: mid-epoch; just before, exactly at, and just after an epoch's end.
     env = dict(os.environ, PYTHONPATH=str(REPO), TMPDIR=str(tmp_path), OMP_NUM_THREADS="1")
-    procs = {}
-    for k in (3, per_epoch - 2, per_epoch, per_epoch + 1):
-        args = [json.dumps(asdict(cfg)), json.dumps(states[k - 1]), str(tmp_path / f"{k}.pt"), str(n)]
-        procs[k] = subprocess.Popen([sys.executable, "-c", RESUME_SCRIPT, *args], env=env,
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for k, proc in procs.items():
+    procs = []
+    for ks in ((3, per_epoch), (per_epoch - 2, per_epoch + 1)):
+        out = tmp_path / f"{ks[0]}.pt"
+        jobs = json.dumps([(k, states[k - 1]) for k in ks])
+        procs.append((out, subprocess.Popen([sys.executable, "-c", RESUME_SCRIPT, json.dumps(asdict(cfg)), jobs,
+                                             str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                            text=True)))
+    for out, proc in procs:
         output = proc.communicate(timeout=120)[0]
         assert proc.returncode == 0, output
-        resumed = torch.load(tmp_path / f"{k}.pt")
-        for i, (x, y) in enumerate(resumed):
-            assert torch.equal(x, batches[k + i][0]) and torch.equal(y, batches[k + i][1]), (k, i)
+        for k, resumed in torch.load(out).items():
+            for i, (x, y) in enumerate(resumed):
+                assert torch.equal(x, batches[k + i][0]) and torch.equal(y, batches[k + i][1]), (k, i)
 
 
 def test_val_batches_cover_the_split_in_order(prepared):

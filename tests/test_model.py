@@ -60,6 +60,17 @@ def test_tied_embeddings_share_storage_and_untied_do_not():
     assert untied.num_params() - tied.num_params() == 128 * 64
 
 
+def test_meta_device_build_keeps_embeddings_tied():
+    with torch.device("meta"):
+        model = GPT(tiny())
+    model.to_empty(device="cpu")
+    model.init_weights(seed=0)
+    assert model.output.weight is model.tok_embeddings.weight
+    reference = build(tiny())
+    for (name, a), (_, b) in zip(model.named_parameters(), reference.named_parameters()):
+        assert torch.equal(a, b), name
+
+
 def test_init_is_deterministic_for_a_seed():
     a, b = build(tiny()), build(tiny())
     for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters()):

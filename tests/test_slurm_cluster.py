@@ -115,8 +115,10 @@ def test_submitit_job_returns_result(slurm_cluster, tmp_path, monkeypatch):
                                cpus_per_task=1, name="orch-test-submitit")
     job = executor.submit(add, 2, 3)
     assert job.result() == 5
-    info = job.get_info(mode="force")  # one sacct call through submitit's watcher
-    assert info.get("State") == "COMPLETED", info
+    # The result file appears before the job has ended, and slurmctld reports to slurmdbd asynchronously:
+    # poll sacct (through submitit's watcher) until it says COMPLETED.
+    wait_until(lambda: job.get_info(mode="force").get("State") == "COMPLETED", 60, "sacct to report COMPLETED",
+               interval=1)
 
     crash = executor.submit(die_hard)
     with pytest.raises(submitit.core.utils.UncompletedJobError, match="FAILED"):

@@ -20,6 +20,9 @@ from omegaconf import OmegaConf
 from orchestrator.spec import SpecError, load_spec
 
 
+USER_ERROR = "user_error.txt"  # written on a user error; the executors then don't retry
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m training.main", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -61,7 +64,12 @@ def run(argv=None) -> int:
         trainer = Trainer(cfg, dist_info, run_dir, task)
         return trainer.fit()
     except (SpecError, DataError, ckpt.CheckpointError, ValueError) as e:
+        # A user error: retrying won't help. torchrun turns every failure into exit code 1,
+        # so the executors learn it from this file instead.
         print(f"error: {e}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:
+            (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+            (run_dir / "logs" / USER_ERROR).write_text(str(e) + "\n")
         return 2
     finally:
         shutdown()

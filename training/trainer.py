@@ -30,9 +30,11 @@ EXIT_REQUEUE = 3
 
 
 def config_hash(cfg) -> str:
-    """What must not change across a resume: the model's shape and the data."""
-    keyed = {"model": OmegaConf.to_container(cfg.model), "data": OmegaConf.to_container(cfg.data)}
-    keyed["data"].pop("num_workers", None)
+    """What must not change across a resume: the model's shape and the data (its fingerprint
+    ignores where the shards live and how they are read)."""
+    from training.data.prepare import fingerprint
+
+    keyed = {"model": OmegaConf.to_container(cfg.model), "data": fingerprint(cfg.data)}
     return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
 
 

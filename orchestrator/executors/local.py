@@ -64,6 +64,8 @@ def supervise(run_id: str) -> int:
         if registry.get(run_id).state == "CANCELLED":
             return 1
         registry.update(run_id, state="RUNNING", attempts=attempt, started_at=run.started_at or now())
+        user_error = Path(run.run_dir) / "logs" / "user_error.txt"  # training.main.USER_ERROR
+        user_error.unlink(missing_ok=True)  # left by an earlier attempt, perhaps since fixed
         with open(log_path, "ab") as log:
             if attempt > 1:
                 log.write(f"\n[orch] attempt {attempt}: restarting after exit code {code}\n".encode())
@@ -77,8 +79,10 @@ def supervise(run_id: str) -> int:
         if code == 0:
             registry.update(run_id, state="COMPLETED", exit_code=0, ended_at=now())
             return 0
-        if code == 2:  # a user error (bad config, bad data, no valid checkpoint): retrying won't help
-            break
+        if user_error.is_file():  # a bad config, bad data, no valid checkpoint: retrying won't help
+            registry.update(run_id, state="FAILED", exit_code=code, ended_at=now(),
+                            reason=user_error.read_text().strip())
+            return code
     registry.update(run_id, state="FAILED", exit_code=code, ended_at=now(),
                     reason=f"exit code {code}; see {log_path}")
     return code

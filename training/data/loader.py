@@ -10,11 +10,13 @@ named by a small integer prefix, shared by the ranks of a node. Consequences:
   * every rank must build its loaders in the same order: setup synchronises ranks;
   * a dataset's shared memory lives until its process exits, so build each loader once per
     process (iter_val_batches caches its own) rather than once per use;
-  * a resume must happen in a fresh loader, via load_state_dict() before iterating.
+  * load_state_dict() takes effect at the next iter(): drop iterators made before it.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -23,6 +25,11 @@ import numpy as np
 import torch
 
 from training.data import DataError
+
+# Streaming warns at every epoch start that state dicts must account for replication: ours do
+# (StreamingDataLoader.state_dict divides by it), so the warning is noise in every log.
+logging.getLogger("streaming.base.dataset").addFilter(
+    lambda record: "`replication` arg" not in record.getMessage())
 
 
 class TokenLoader:
@@ -70,12 +77,22 @@ class TokenLoader:
         return self.loader.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume from state_dict() of an earlier loader over the same data, batch size and world."""
+        """Resume from state_dict() of a loader over the same data, batch size and world.
+
+        Takes effect at the next iter(). Streaming ignores a saved state older than the epoch it
+        believes comes next, so that counter is rewound too: this also works on a loader that
+        has already been iterated.
+        """
         self.loader.load_state_dict(state)
+        self.dataset.next_epoch = max(state["epoch"], 0)
+        self.loader.num_samples_yielded = 0
 
 
 def iter_val_batches(cfg, batch_size: int, *, replication: int = 1):
     """One in-order pass over the val split: (inputs, targets), the last batch possibly smaller."""
+    meta = Path(cfg.dir) / "meta.json"
+    if meta.is_file() and json.loads(meta.read_text())["splits"]["val"]["samples"] == 0:
+        return  # data.val_fraction = 0: there is no validation split
     key = (os.path.abspath(cfg.dir), cfg.remote, batch_size, replication, cfg.num_workers)
     if key not in _VAL_LOADERS:
         from streaming import StreamingDataLoader

@@ -19,12 +19,13 @@ import lzma
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from training.data import DataError
-from training.data.corpus import SPLITS, iter_documents
+from training.data.corpus import SPLITS, iter_documents, source_files
 from training.data.tokenizer import eos_id, load_tokenizer, token_byte_lengths, train_tokenizer
 
 FORMAT_VERSION = 1  # bump when packing or layout changes: older folders then read as another config
@@ -94,16 +95,18 @@ def prepare_data(cfg, *, progress: bool = True) -> dict:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DataError(f"key 'data.dir' has the value {str(cfg.dir)!r}, but that path exists and is not a "
                         f"prepared dataset (no meta.json). Pick another data.dir, or delete it.")
+    for src in cfg.sources:  # a typo in a path fails now, not after training the tokenizer
+        if src != "demo":
+            source_files(src)
     start = time.time()
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"  # same filesystem, so the rename is atomic
     shutil.rmtree(tmp, ignore_errors=True)  # ours: left by an earlier crash of a process with this pid
     tmp.mkdir(parents=True)
     try:
         tok = _get_tokenizer(cfg, tmp / "tokenizer.json", progress)
-        splits, xz = {}, None
+        splits, xz = {}, {}
         for split in SPLITS:
-            splits[split], compressed = _write_split(cfg, tok, split, tmp / split, progress)
-            xz = compressed if split == "val" else xz
+            splits[split], xz[split] = _write_split(cfg, tok, split, tmp / split, progress)
         meta = {
             "format": FORMAT_VERSION,
             "fingerprint": fingerprint(cfg),
@@ -111,8 +114,8 @@ def prepare_data(cfg, *, progress: bool = True) -> dict:
             "seq_len": cfg.seq_len,
             "eos_id": eos_id(tok),
             "splits": splits,
-            "xz_bpb_val": xz[0],  # bits per byte of `xz -9e` on the raw val text: the bar to beat
-            "xz_bytes": xz[1],
+            "xz_bpb_val": xz["val"][0],  # bits per byte of `xz -9e` on the raw val text: the bar to beat
+            "xz_bytes": xz["val"][1],
             "config": config_dict(cfg),
             "seconds": round(time.time() - start, 1),
         }
@@ -127,9 +130,10 @@ def prepare_data(cfg, *, progress: bool = True) -> dict:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     tr, va = meta["splits"]["train"], meta["splits"]["val"]
+    xz_note = f"xz -9e on val: {meta['xz_bpb_val']:.3f} bits/byte" if meta["xz_bpb_val"] else "no val split"
     print(f"data: {tr['tokens']:,} train + {va['tokens']:,} val tokens -> {tr['samples']:,} + {va['samples']:,} "
           f"samples of {cfg.seq_len + 1} tokens in {tr['shards'] + va['shards']} shards at {out} "
-          f"({meta['seconds']:.0f}s; xz -9e on val: {meta['xz_bpb_val']:.3f} bits/byte)")
+          f"({meta['seconds']:.0f}s; {xz_note})")
     return meta
 
 
@@ -154,8 +158,7 @@ def _write_split(cfg, tok, split: str, dest: Path, progress: bool) -> tuple[dict
     dtype = np.uint16 if vocab <= 1 << 16 else np.uint32  # ids < vocab: uint16 holds up to 65536
     window = cfg.seq_len + 1
     eos = eos_id(tok)
-    xz, xz_bytes = lzma.LZMACompressor(preset=9 | lzma.PRESET_EXTREME), 0
-    xz_out = 0
+    xz, xz_in, xz_out = lzma.LZMACompressor(preset=9 | lzma.PRESET_EXTREME), 0, 0
     docs = nbytes = ntokens = samples = 0
     carry = np.empty(0, dtype)  # tokens waiting for the next window
     # Parallel over documents, in Rust. The _fast variant (tokenizers >= 0.21) skips the
@@ -174,10 +177,10 @@ def _write_split(cfg, tok, split: str, dest: Path, progress: bool) -> tuple[dict
             carry = carry[n * window:]
             docs, samples, ntokens = docs + len(batch), samples + n, ntokens + len(ids)
             nbytes += sum(map(len, raw))
-            if split == "val" and xz_bytes < XZ_MAX_BYTES:
-                chunk = b"".join(raw)[: XZ_MAX_BYTES - xz_bytes]
+            if split == "val" and xz_in < XZ_MAX_BYTES:
+                chunk = b"".join(raw)[: XZ_MAX_BYTES - xz_in]
                 xz_out += len(xz.compress(chunk))
-                xz_bytes += len(chunk)
+                xz_in += len(chunk)
             update(docs, nbytes)
     if samples == 0 and not (split == "val" and docs == 0 and cfg.val_fraction == 0):
         raise DataError(f"the {split} split has {ntokens:,} tokens, not enough for one sequence of "
@@ -186,7 +189,7 @@ def _write_split(cfg, tok, split: str, dest: Path, progress: bool) -> tuple[dict
     xz_out += len(xz.flush())
     shards = len(list(dest.glob("shard.*.mds")))
     counts = {"documents": docs, "bytes": nbytes, "tokens": ntokens, "samples": samples, "shards": shards}
-    return counts, ((8 * xz_out / xz_bytes if xz_bytes else None), xz_bytes)
+    return counts, ((8 * xz_out / xz_in if xz_in else None), xz_in)
 
 
 def _fetch_remote(cfg) -> dict:
@@ -230,24 +233,16 @@ def _batches(docs, batch_bytes: int):
         yield batch
 
 
-class _progress_bar:
-    """A rich progress line (documents, bytes, speed) that reduces to nothing when progress=False."""
+@contextmanager
+def _progress_bar(enabled: bool, description: str):
+    """Yields update(docs, nbytes): a rich progress line (documents, bytes, speed), or nothing."""
+    if not enabled:
+        yield lambda docs, nbytes: None
+        return
+    from rich.progress import (FileSizeColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
+                               TransferSpeedColumn)
 
-    def __init__(self, enabled: bool, description: str):
-        self.enabled, self.description = enabled, description
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda docs, nbytes: None
-        from rich.progress import (FileSizeColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
-                                   TransferSpeedColumn)
-
-        self.bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), TextColumn("{task.fields[docs]:,} docs"),
-                            FileSizeColumn(), TransferSpeedColumn(), TimeElapsedColumn())
-        self.bar.__enter__()
-        task = self.bar.add_task(self.description, total=None, docs=0)
-        return lambda docs, nbytes: self.bar.update(task, completed=nbytes, docs=docs)
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self.bar.__exit__(*exc)
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TextColumn("{task.fields[docs]:,} docs"),
+                  FileSizeColumn(), TransferSpeedColumn(), TimeElapsedColumn()) as bar:
+        task = bar.add_task(description, total=None, docs=0)
+        yield lambda docs, nbytes: bar.update(task, completed=nbytes, docs=docs)
