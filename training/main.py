@@ -32,12 +32,17 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def build_task(cfg, dist_info):
-    if cfg.kind == "pretrain":
-        from training.tasks.pretrain import PretrainTask
+# Each job kind's task: how it builds batches, its loss and its evaluation (training/tasks/).
+TASKS = {
+    "pretrain": "training.tasks.pretrain:PretrainTask",
+}
 
-        return PretrainTask(cfg, dist_info)
-    raise SpecError(f"job kind {cfg.kind!r} has no trainer task")
+
+def build_task(cfg, dist_info):
+    import importlib
+
+    module, name = TASKS[cfg.kind].split(":")
+    return getattr(importlib.import_module(module), name)(cfg, dist_info)
 
 
 def run(argv=None) -> int:

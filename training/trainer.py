@@ -58,6 +58,33 @@ class StopFlag:
         return bool(flag.item())
 
 
+def model_config(cfg, task) -> GPTConfig:
+    """The model's shape: the task's when it starts from an existing model (post-training
+    takes the shape of the checkpoint it starts from), else the job's `model:` section."""
+    if getattr(task, "model_cfg", None) is not None:
+        return task.model_cfg
+    model_cfg = GPTConfig(**OmegaConf.to_container(cfg.model))
+    if model_cfg.vocab_size is None:
+        model_cfg.vocab_size = 64 * ((task.vocab_size + 63) // 64)
+    return model_cfg
+
+
+def build_model(model_cfg: GPTConfig, cfg, dist_info, param_dtype: torch.dtype, *, trainable: bool = True) -> GPT:
+    """Build on the meta device (no memory), spread over the mesh, then materialize and initialize.
+    Tasks call it too, e.g. for DPO's frozen reference model (trainable=False)."""
+    with torch.device("meta"):
+        model = GPT(model_cfg)
+    model = parallelize(model, dist_info.mesh, param_dtype=param_dtype,
+                        compile=cfg.train.compile and trainable,
+                        activation_checkpointing=cfg.train.activation_checkpointing and trainable)
+    model.to_empty(device=dist_info.device)
+    model.init_weights(seed=cfg.seed)
+    if not trainable:
+        model.requires_grad_(False)
+        model.eval()
+    return model
+
+
 class Trainer:
     def __init__(self, cfg, dist_info, run_dir: Path, task):
         self.cfg, self.dist, self.run_dir, self.task = cfg, dist_info, run_dir, task
@@ -71,20 +98,12 @@ class Trainer:
         self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16)
                          if want_bf16 and not fsdp_bf16 else nullcontext())
 
-        model_cfg = GPTConfig(**OmegaConf.to_container(cfg.model))
-        if model_cfg.vocab_size is None:
-            model_cfg.vocab_size = 64 * ((task.vocab_size + 63) // 64)
-        self.model_cfg = model_cfg
+        self.model_cfg = model_config(cfg, task)
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True)
-        with torch.device("meta"):
-            model = GPT(model_cfg)
-        self.n_params = model.num_params()
-        self.flops_per_token = flops_per_token(model_cfg, cfg.data.seq_len)
-        self.model = parallelize(model, dist_info.mesh, param_dtype=self.param_dtype,
-                                 compile=cfg.train.compile, activation_checkpointing=cfg.train.activation_checkpointing)
-        self.model.to_empty(device=device)
-        self.model.init_weights(seed=cfg.seed)
+        self.model = build_model(self.model_cfg, cfg, dist_info, self.param_dtype)
+        self.n_params = self.model.num_params()
+        self.flops_per_token = flops_per_token(self.model_cfg, cfg.data.seq_len)
         self.optimizer = build_optimizer(self.model, cfg.optim, device)
         self.step = 0
         self.tokens_seen = 0
