@@ -127,9 +127,9 @@ class GPT(nn.Module):
         self.rope_cos.copy_(cos.to(self.rope_cos.device))
         self.rope_sin.copy_(sin.to(self.rope_sin.device))
 
-    def forward(self, tokens: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
-                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """tokens [batch, seq] -> logits [batch, seq, vocab] (float32 on the last layer's output).
+    def hidden(self, tokens: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
+               mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The final normed hidden states [batch, seq, d_model]: what heads (LM, reward) read.
 
         position_ids [batch, seq] restart rotary positions per packed document; mask is a boolean
         attention mask [batch, 1, seq, seq] (True = may attend) for packed or padded batches.
@@ -144,7 +144,12 @@ class GPT(nn.Module):
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
             h = layer(h, cos, sin, mask)
-        return self.output(self.norm(h)).float()
+        return self.norm(h)
+
+    def forward(self, tokens: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """tokens [batch, seq] -> logits [batch, seq, vocab], float32."""
+        return self.output(self.hidden(tokens, position_ids, mask)).float()
 
     def num_params(self, exclude_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Optional
@@ -34,8 +35,8 @@ NAME_MAP = {
     "layers.{}.attention.wv.weight": "model.layers.{}.self_attn.v_proj.weight",
     "layers.{}.attention.wo.weight": "model.layers.{}.self_attn.o_proj.weight",
     "layers.{}.ffn_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
-    "layers.{}.feed_forward.w1.weight": "model.layers.{}.mlp.gate_proj.weight",
-    "layers.{}.feed_forward.w3.weight": "model.layers.{}.mlp.up_proj.weight",
+    "layers.{}.feed_forward.w1.weight": "model.layers.{}.mlp.up_proj.weight",
+    "layers.{}.feed_forward.w3.weight": "model.layers.{}.mlp.gate_proj.weight",
     "layers.{}.feed_forward.w2.weight": "model.layers.{}.mlp.down_proj.weight",
     "norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
@@ -141,13 +142,13 @@ def read_checkpoint_model(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageReader
 
-    import training.checkpoint  # noqa: F401 - silences DCP's "no process group" warning
-
     folder = str(Path(ckpt_dir) / "model")
     meta = HuggingFaceStorageReader(folder).read_metadata()
     state = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype)
              for k, m in meta.state_dict_metadata.items()}
-    dcp.load(state, storage_reader=HuggingFaceStorageReader(folder))
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, storage_reader=HuggingFaceStorageReader(folder))
     return state
 
 

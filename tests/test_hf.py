@@ -22,6 +22,8 @@ from training.checkpoint import save_checkpoint  # noqa: E402
 from training.data.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
+# save_checkpoint in one process: DCP says it assumes one process, which is the point.
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
 TEXTS = [
     "def main():\n    print('hello, world')\n",
@@ -170,3 +172,66 @@ def test_sharded_hf_folder_imports(tmp_path, tokenizer_dir):
     back = import_hf(sharded)
     for k, v in model.state_dict().items():
         assert torch.equal(back.state_dict()[k], v), k
+
+
+SAVE_ON_TWO_RANKS = """
+import json, sys
+import torch, torch.distributed as dist
+from safetensors.torch import save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from model.config import GPTConfig
+from model.gpt import GPT
+from model.parallelize import parallelize
+from training.checkpoint import save_checkpoint
+
+run, cfg = sys.argv[1], GPTConfig(**json.loads(sys.argv[2]))
+dist.init_process_group("gloo")
+mesh = init_device_mesh("cpu", (1, 1, 2), mesh_dim_names=("dp_replicate", "dp_shard", "tp"))
+with torch.device("meta"):
+    model = GPT(cfg)
+model = parallelize(model, mesh, param_dtype=torch.float32)
+model.to_empty(device="cpu")
+model.init_weights(seed=3)
+opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+tokens = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(4))
+torch.nn.functional.cross_entropy(model(tokens).flatten(0, 1), tokens.flatten()).backward()
+opt.step()
+save_checkpoint(run, 5, model, opt, {"step": 5, "tokens_seen": 0})
+full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+if dist.get_rank() == 0:
+    save_file({k: v.contiguous() for k, v in full.items()}, run + "/reference.safetensors")
+dist.destroy_process_group()
+"""
+
+
+def test_export_reassembles_a_checkpoint_saved_by_two_tensor_parallel_ranks(tmp_path, tokenizer_dir):
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from model.hf import to_hf_name
+    from tests.conftest import REPO, env_for
+
+    vocab = load_tokenizer(tokenizer_dir / "tokenizer.json").get_vocab_size()
+    section = dict(vocab_size=None, n_layer=2, n_head=4, n_kv_head=2, d_model=64, max_seq_len=64,
+                   tie_embeddings=False)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": section, "data": {"dir": str(tokenizer_dir)}}))
+    script = tmp_path / "save.py"
+    script.write_text(SAVE_ON_TWO_RANKS)
+    cfg = json.dumps({**section, "vocab_size": 64 * ((vocab + 63) // 64)})
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script), str(run), cfg], cwd=tmp_path, env=env_for(tmp_path),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    shards = sorted((run / "checkpoints" / "step_00000005" / "model").glob("*.safetensors"))
+    assert len(shards) == 2, shards  # one file per rank, each holding slices
+
+    out = export_hf(run, tmp_path / "hf")
+    exported, reference = load_file(str(out / "model.safetensors")), load_file(str(run / "reference.safetensors"))
+    assert sorted(exported) == sorted(to_hf_name(k) for k in reference)
+    for k, v in reference.items():
+        assert torch.equal(exported[to_hf_name(k)], v), k
