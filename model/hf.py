@@ -35,8 +35,8 @@ NAME_MAP = {
     "layers.{}.attention.wv.weight": "model.layers.{}.self_attn.v_proj.weight",
     "layers.{}.attention.wo.weight": "model.layers.{}.self_attn.o_proj.weight",
     "layers.{}.ffn_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
-    "layers.{}.feed_forward.w1.weight": "model.layers.{}.mlp.up_proj.weight",
-    "layers.{}.feed_forward.w3.weight": "model.layers.{}.mlp.gate_proj.weight",
+    "layers.{}.feed_forward.w1.weight": "model.layers.{}.mlp.gate_proj.weight",
+    "layers.{}.feed_forward.w3.weight": "model.layers.{}.mlp.up_proj.weight",
     "layers.{}.feed_forward.w2.weight": "model.layers.{}.mlp.down_proj.weight",
     "norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
@@ -183,9 +183,10 @@ def _find_tokenizer(cfg: dict, run_dir: Path) -> Path:
             p = base / name
             if p.is_file():
                 return p
-            tried.append(str(p))
+            if str(p) not in tried:
+                tried.append(str(p))
     raise HFError(f"no tokenizer.json for {run_dir}: looked for data.dir/tokenizer.json "
-                  f"and data.tokenizer at {tried[:4] or 'nowhere (neither key is set)'}; "
+                  f"and data.tokenizer at {tried or 'nowhere (neither key is set)'}; "
                   "pass tokenizer=PATH")
 
 

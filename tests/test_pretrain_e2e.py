@@ -48,3 +48,29 @@ def test_tiny_pretrain_through_orch_submit(tmp_path, tiny_data):
     runs = subprocess.run([sys.executable, "-m", "orchestrator.cli", "runs"], cwd=tmp_path, env=env_for(tmp_path),
                           capture_output=True, text=True)
     assert run_dir.name in runs.stdout and "COMPLETED" in runs.stdout
+
+
+def test_export_then_start_a_job_from_the_hugging_face_folder(tmp_path, tiny_data):
+    """`orch export` writes a Llama folder; a job with checkpoint.init_from=<that folder> starts
+    from those weights: its first validation loss equals the source run's last one."""
+    job = str(REPO / "jobs" / "pretrain.yaml")
+    common = tiny_overrides(tiny_data, "train.val_every=0")
+    source = tmp_path / "source"
+    first = subprocess.run([sys.executable, "-m", "training.main", job, *common, "train.max_steps=20",
+                            "--run-dir", str(source)], cwd=tmp_path, env=env_for(tmp_path), capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-3000:]
+    export = subprocess.run([sys.executable, "-m", "orchestrator.cli", "export", str(source), "--hf", str(tmp_path / "hf")],
+                            cwd=tmp_path, env=env_for(tmp_path), capture_output=True, text=True)
+    assert export.returncode == 0, export.stderr
+    assert (tmp_path / "hf" / "config.json").is_file() and (tmp_path / "hf" / "model.safetensors").is_file()
+    second = subprocess.run([sys.executable, "-m", "training.main", job, *common, "train.max_steps=0",
+                             f"checkpoint.init_from={tmp_path / 'hf'}", "--run-dir", str(tmp_path / "second")],
+                            cwd=tmp_path, env=env_for(tmp_path), capture_output=True, text=True)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "initialized weights from the Hugging Face folder" in second.stdout
+
+    def last_val(run):
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [r for r in records if "val_loss" in r][-1]["val_loss"]
+
+    assert last_val(tmp_path / "second") == last_val(source)

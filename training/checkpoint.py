@@ -96,9 +96,9 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def _barrier() -> None:
+def _barrier(group=None) -> None:
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=group)
 
 
 # ---------------------------------------------------------------- RNG states as JSON
@@ -151,6 +151,17 @@ def _optim_tensors(model, optimizer) -> dict:
 def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, trainer_state: dict,
                     keep_last: int = 2, keep_every: int = 0) -> Path:
     """Collective: every rank calls it. Returns the committed folder."""
+    return write_checkpoint(run_dir, step, _model_tensors(model), _optim_tensors(model, optimizer),
+                            rng_state(), trainer_state, keep_last, keep_every)
+
+
+def write_checkpoint(run_dir: str | Path, step: int, model_state: dict, optim_state: dict, rng: dict,
+                     trainer_state: dict, keep_last: int = 2, keep_every: int = 0, group=None) -> Path:
+    """Write already-gathered state into `.tmp-step_N`, hash it into a manifest, rename into place.
+
+    Collective over `group` (default: the world). The async saver calls it from a background thread
+    with a process group of its own, so its collectives never interleave with training's.
+    """
     rank, world = _world()
     root = checkpoint_root(run_dir)
     final = root / f"step_{step:08d}"
@@ -159,22 +170,22 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, trainer_st
         if tmp.exists():  # a previous attempt at this very step died mid-save
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-    _barrier()
+    _barrier(group)
     try:
         distributed = world > 1
-        dcp.save(_model_tensors(model),
+        dcp.save(model_state, process_group=group,
                  storage_writer=HuggingFaceStorageWriter(str(tmp / "model"), save_distributed=distributed))
-        dcp.save(_optim_tensors(model, optimizer),
+        dcp.save(optim_state, process_group=group,
                  storage_writer=HuggingFaceStorageWriter(str(tmp / "optim"), save_distributed=distributed))
-        _write_json(tmp / "rng" / f"rank_{rank}.json", rng_state())
+        _write_json(tmp / "rng" / f"rank_{rank}.json", rng)
         if rank == 0:
             _write_json(tmp / "trainer_state.json", trainer_state)
-        _barrier()
+        _barrier(group)
         # Every rank hashes a share of the files; rank 0 merges the shares into the manifest.
         files = _files(tmp)
         part = {f: {"bytes": (tmp / f).stat().st_size, "xxh64": _file_hash(tmp / f)} for f in files[rank::world]}
         _write_json(tmp / f".manifest-part-{rank}.json", part)
-        _barrier()
+        _barrier(group)
         if rank == 0:
             manifest = {}
             for r in range(world):
@@ -193,7 +204,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, trainer_st
                                   "Earlier checkpoints are untouched; free space (or lower checkpoint.keep_last) "
                                   "and resume.") from None
         raise
-    _barrier()
+    _barrier(group)
     return final
 
 
@@ -272,6 +283,12 @@ def load_checkpoint(path: Path, model, optimizer=None) -> dict:
     """Load weights (and optimizer moments) into an already-parallelized model, on any mesh."""
     rank, _ = _world()
     model_sd = _model_tensors(model)
+    fresh = [k for k in getattr(model, "fresh_keys", ()) if k in model_sd]
+    if fresh:  # parameters a task adds to a pretrained model (a reward head) keep their init if the source lacks them
+        stored = HuggingFaceStorageReader(str(path / "model")).read_metadata().state_dict_metadata
+        for key in fresh:
+            if key not in stored:
+                model_sd.pop(key)
     dcp.load(model_sd, storage_reader=HuggingFaceStorageReader(str(path / "model")))
     set_model_state_dict(model, model_sd, options=StateDictOptions(strict=False))
     if optimizer is not None and (path / "optim").is_dir():

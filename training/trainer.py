@@ -69,11 +69,13 @@ def model_config(cfg, task) -> GPTConfig:
     return model_cfg
 
 
-def build_model(model_cfg: GPTConfig, cfg, dist_info, param_dtype: torch.dtype, *, trainable: bool = True) -> GPT:
+def build_model(model_cfg: GPTConfig, cfg, dist_info, param_dtype: torch.dtype, *, trainable: bool = True,
+                model_class: type = GPT) -> GPT:
     """Build on the meta device (no memory), spread over the mesh, then materialize and initialize.
-    Tasks call it too, e.g. for DPO's frozen reference model (trainable=False)."""
+    Tasks call it too, e.g. for DPO's frozen reference model (trainable=False). model_class: a GPT
+    subclass with extra parameters (the reward model's value head); a task names it as `task.model_class`."""
     with torch.device("meta"):
-        model = GPT(model_cfg)
+        model = model_class(model_cfg)
     model = parallelize(model, dist_info.mesh, param_dtype=param_dtype,
                         compile=cfg.train.compile and trainable,
                         activation_checkpointing=cfg.train.activation_checkpointing and trainable)
@@ -85,23 +87,49 @@ def build_model(model_cfg: GPTConfig, cfg, dist_info, param_dtype: torch.dtype, 
     return model
 
 
+def load_weights(model, init_from: str, is_main: bool = True) -> None:
+    """Load `checkpoint.init_from` (a run folder, a checkpoint folder or a Hugging Face folder) into a
+    built model. Used for the trained model, and by tasks for frozen copies (DPO's reference)."""
+    src = Path(init_from)
+    from model.hf import is_hf_folder, load_hf_state_dict
+
+    if is_hf_folder(src):  # an outside Llama-layout checkpoint: full tensors, sharded on load
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        _, state = load_hf_state_dict(src)
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+        say(f"initialized weights from the Hugging Face folder {src}", is_main)
+        return
+    source = ckpt.find_resumable(src) if (src / "checkpoints").is_dir() else src
+    if source is None:
+        raise ckpt.CheckpointError(f"checkpoint.init_from={init_from!r} has no valid checkpoint")
+    ckpt.load_checkpoint(source, model, optimizer=None)
+    say(f"initialized weights from {source}", is_main)
+
+
+def precision(cfg, dist_info) -> tuple[torch.dtype, object]:
+    """(FSDP param dtype, autocast context) for train.dtype on this device.
+
+    Sharded GPU jobs get bf16 from FSDP's mixed-precision policy (bf16 compute, fp32 reductions);
+    a single process, or gloo on CPUs, gets it from autocast. Master weights stay fp32 either way."""
+    on_gpu = dist_info.device.type == "cuda"
+    want_bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and on_gpu)
+    fsdp_bf16 = want_bf16 and on_gpu and dist_info.mesh is not None
+    autocast = torch.autocast(dist_info.device.type, dtype=torch.bfloat16) if want_bf16 and not fsdp_bf16 else nullcontext()
+    return (torch.bfloat16 if fsdp_bf16 else torch.float32), autocast
+
+
 class Trainer:
     def __init__(self, cfg, dist_info, run_dir: Path, task):
         self.cfg, self.dist, self.run_dir, self.task = cfg, dist_info, run_dir, task
         device = dist_info.device
-        on_gpu = device.type == "cuda"
-        want_bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and on_gpu)
-        # Sharded GPU jobs get bf16 from FSDP's mixed-precision policy (bf16 compute, fp32 reductions);
-        # a single process, or gloo on CPUs, gets it from autocast. Master weights stay fp32 either way.
-        fsdp_bf16 = want_bf16 and on_gpu and dist_info.mesh is not None
-        self.param_dtype = torch.bfloat16 if fsdp_bf16 else torch.float32
-        self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16)
-                         if want_bf16 and not fsdp_bf16 else nullcontext())
+        self.param_dtype, self.autocast = precision(cfg, dist_info)
 
         self.model_cfg = model_config(cfg, task)
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True)
-        self.model = build_model(self.model_cfg, cfg, dist_info, self.param_dtype)
+        self.model = build_model(self.model_cfg, cfg, dist_info, self.param_dtype,
+                                 model_class=getattr(task, "model_class", GPT))
         self.n_params = self.model.num_params()
         self.flops_per_token = flops_per_token(self.model_cfg, cfg.data.seq_len)
         self.optimizer = build_optimizer(self.model, cfg.optim, device)
@@ -110,6 +138,11 @@ class Trainer:
         self.metrics = MetricsLogger(run_dir, dist_info.is_main, cfg.train.max_steps)
         self.stop = StopFlag()
         self.peak = peak_flops(device)
+        self.saver = None
+        if cfg.checkpoint.async_save:
+            from training.async_checkpoint import AsyncSaver
+
+            self.saver = AsyncSaver()
 
     # ------------------------------------------------------------ state
 
@@ -128,17 +161,20 @@ class Trainer:
             self.task.load_state_dict(state["task"])
             say(f"resumed from {path} at step {self.step}", self.dist.is_main)
             return
-        init_from = self.cfg.checkpoint.init_from
-        if init_from:
-            src = Path(init_from)
-            source = ckpt.find_resumable(src) if (src / "checkpoints").is_dir() else src
-            if source is None:
-                raise ckpt.CheckpointError(f"checkpoint.init_from={init_from!r} has no valid checkpoint")
-            ckpt.load_checkpoint(source, self.model, optimizer=None)
-            say(f"initialized weights from {source}", self.dist.is_main)
+        if self.cfg.checkpoint.init_from:
+            load_weights(self.model, self.cfg.checkpoint.init_from, self.dist.is_main)
 
-    def save(self) -> Path:
+    def save(self, background: bool = False) -> Path | None:
+        """Write a checkpoint of this step. background=True (with checkpoint.async_save) returns at once."""
         c = self.cfg.checkpoint
+        if self.saver is not None:
+            committed = self.saver.wait()  # the previous background save, if any
+            if committed is not None:
+                say(f"checkpoint saved: {committed}", self.dist.is_main)
+            if background:
+                self.saver.save(self.run_dir, self.step, self.model, self.optimizer, self.trainer_state(),
+                                c.keep_last, c.keep_every)
+                return None
         path = ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.trainer_state(),
                                     keep_last=c.keep_last, keep_every=c.keep_every)
         say(f"checkpoint saved: {path}", self.dist.is_main)
@@ -198,12 +234,14 @@ class Trainer:
                 mfu = (tps * self.flops_per_token / self.dist.world_size / self.peak) if self.peak else None
                 self.metrics.log({"step": self.step, "loss": loss, "lr": lr_at(self.step - 1, cfg.optim, cfg.train.max_steps),
                                   "grad_norm": grad_norm, "tokens_per_s": tps, "tokens_seen": self.tokens_seen,
-                                  "mfu": mfu, "eta_s": per_step * (cfg.train.max_steps - self.step)})
+                                  "mfu": mfu, "eta_s": per_step * (cfg.train.max_steps - self.step),
+                                  # a task's own numbers since the last log (DPO's rewards/*, GRPO's reward and KL)
+                                  **(self.task.train_metrics() if hasattr(self.task, "train_metrics") else {})})
                 window_start, window_tokens = time.time(), 0
             if cfg.train.val_every and self.step % cfg.train.val_every == 0 and self.step < cfg.train.max_steps:
                 self.validate()
             if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < cfg.train.max_steps:
-                self.save()
+                self.save(background=True)
             if self.stop.agreed(self.dist.world_size, self.dist.device):
                 say(f"stopping on signal {self.stop.signal} at step {self.step}: saving a checkpoint", is_main)
                 self.save()
@@ -220,6 +258,8 @@ class Trainer:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
             say(f"done: checkpoint {path}\n      metrics    {self.run_dir / 'metrics.jsonl'}", is_main)
         self.metrics.close()
+        if self.saver is not None:
+            self.saver.close()
         return 0
 
     def validate(self) -> dict:

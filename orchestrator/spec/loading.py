@@ -154,7 +154,9 @@ def check_values(cfg: DictConfig, source: str) -> None:
                       "(give .txt/.jsonl/.parquet files or folders, or 'demo' for the built-in corpus)")
     if cfg.data.tokenizer and not os.path.isfile(cfg.data.tokenizer):
         raise bad("data.tokenizer", cfg.data.tokenizer, "but no such tokenizer.json file exists")
-    for key in ("train.max_steps", "train.micro_batch_size", "train.grad_accum_steps", "data.seq_len",
+    if cfg.train.max_steps < 0:
+        raise bad("train.max_steps", cfg.train.max_steps, "but it must be 0 (only validate and save) or more")
+    for key in ("train.micro_batch_size", "train.grad_accum_steps", "data.seq_len",
                 "model.n_layer", "model.n_head", "model.d_model", "parallel.tp", "parallel.dp_replicate"):
         value = OmegaConf.select(cfg, key)
         if value is not None and value < 1:

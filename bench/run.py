@@ -1,0 +1,63 @@
+"""Run every benchmark, print one table, and keep docs/performance.md's table current.
+
+    python -m bench.run                 # the CPU benchmarks
+    python -m bench.run checkpoint_io   # just one
+
+Each benchmark also writes bench/results/<name>-<device>-<date>.json on its own.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+DOC = BENCH.parent / "docs" / "performance.md"
+# name -> (module, the figure that is the ratio, its target, what it compares)
+BENCHMARKS = {
+    "trainer_overhead": ("bench.trainer_overhead", "ratio", ">= 0.97", "full trainer vs bare loop, tokens/s"),
+    "data_loader": ("bench.data_loader", "ratio", ">= 20", "StreamingDataset vs trainer consumption, tokens/s"),
+    "checkpoint_io": ("bench.checkpoint_io", "save_ratio", ">= 0.7", "checkpoint save vs plain file writes, GB/s"),
+    "generate_kv": ("bench.generate_kv", "speedup", ">= 5", "KV-cached vs uncached greedy decoding, s/token"),
+    "status_render": ("bench.status_render", "frame_ms", "< 200 ms", "one dashboard frame with 1,000 runs"),
+}
+
+
+def newest_result(name: str) -> dict | None:
+    files = sorted((BENCH / "results").glob(f"{name}-*.json"), key=lambda p: p.stat().st_mtime)
+    return json.loads(files[-1].read_text()) if files else None
+
+
+def table() -> str:
+    rows = ["| benchmark | what | figure | target | device | date |", "|---|---|---|---|---|---|"]
+    for name, (_, key, target, what) in BENCHMARKS.items():
+        result = newest_result(name)
+        if result is None:
+            continue
+        figures = result["figures"]
+        shown = ", ".join(f"{k} {v}" for k, v in figures.items() if k == key or k.endswith("ratio"))
+        rows.append(f"| {name} | {what} | {shown} | {target} | {result['device']} | {result['date']} |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    names = sys.argv[1:] or list(BENCHMARKS)
+    for name in names:
+        module = BENCHMARKS[name][0]
+        if not (BENCH / f"{module.split('.')[-1]}.py").exists():
+            print(f"[bench] {name}: not present, skipped")
+            continue
+        print(f"[bench] {name}")
+        subprocess.run([sys.executable, "-m", module], check=True)
+    text = table()
+    print("\n" + text)
+    doc = DOC.read_text() if DOC.exists() else "# Performance\n\n<!-- table -->\n<!-- /table -->\n"
+    head, rest = doc.split("<!-- table -->", 1)
+    _, tail = rest.split("<!-- /table -->", 1)
+    DOC.write_text(f"{head}<!-- table -->\n{text}\n<!-- /table -->{tail}")
+
+
+if __name__ == "__main__":
+    main()
