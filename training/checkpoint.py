@@ -30,6 +30,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import xxhash
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+from torch.distributed.checkpoint.api import CheckpointException as DCPException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -198,14 +199,25 @@ def write_checkpoint(run_dir: str | Path, step: int, model_state: dict, optim_st
             os.replace(tmp, final)
             _fsync_dir(root)
             prune(root, keep_last, keep_every)
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
+    except (Exception, DCPException) as e:  # DCPException derives from BaseException
+        if rank == 0:  # an unfinished save is garbage, and on a full disk it holds the space we need
+            shutil.rmtree(tmp, ignore_errors=True)
+        if _disk_full(e):
             raise CheckpointError(f"the disk holding {root} is full: checkpoint step {step} could not be written. "
                                   "Earlier checkpoints are untouched; free space (or lower checkpoint.keep_last) "
                                   "and resume.") from None
         raise
     _barrier(group)
     return final
+
+
+def _disk_full(e: BaseException) -> bool:
+    """ENOSPC anywhere in the error: DCP wraps each rank's OSError in a CheckpointException."""
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return True
+    nested = [f[0] if isinstance(f, tuple) else f for f in getattr(e, "failures", {}).values()]
+    nested += [x for x in (e.__cause__, e.__context__) if x is not None]
+    return any(isinstance(x, BaseException) and _disk_full(x) for x in nested) or "No space left on device" in str(e)
 
 
 def prune(root: Path, keep_last: int, keep_every: int) -> None:
@@ -279,6 +291,18 @@ def find_resumable(run_dir: str | Path) -> Optional[Path]:
     return None
 
 
+def _dcp_load(state: dict, folder: Path) -> None:
+    """dcp.load, with its failures (a BaseException naming no file) turned into a sentence."""
+    try:
+        dcp.load(state, storage_reader=HuggingFaceStorageReader(str(folder)))
+    except DCPException as e:
+        first = next(iter(e.failures.values()), None)
+        cause = first[0] if isinstance(first, tuple) else first
+        raise CheckpointError(f"could not load {folder} into this model: {cause!r}. Does the job's model: section "
+                              "(n_layer, d_model, n_head, n_kv_head, vocab_size) match the checkpoint's config.yaml?"
+                              ) from None
+
+
 def load_checkpoint(path: Path, model, optimizer=None) -> dict:
     """Load weights (and optimizer moments) into an already-parallelized model, on any mesh."""
     rank, _ = _world()
@@ -289,12 +313,12 @@ def load_checkpoint(path: Path, model, optimizer=None) -> dict:
         for key in fresh:
             if key not in stored:
                 model_sd.pop(key)
-    dcp.load(model_sd, storage_reader=HuggingFaceStorageReader(str(path / "model")))
+    _dcp_load(model_sd, path / "model")
     set_model_state_dict(model, model_sd, options=StateDictOptions(strict=False))
     if optimizer is not None and (path / "optim").is_dir():
         optim_sd = get_optimizer_state_dict(model, optimizer)
         state = {"state": optim_sd["state"]}
-        dcp.load(state, storage_reader=HuggingFaceStorageReader(str(path / "optim")))
+        _dcp_load(state, path / "optim")
         set_optimizer_state_dict(model, optimizer, {"state": state["state"], "param_groups": optim_sd["param_groups"]},
                                  options=StateDictOptions(strict=True))
     rng_file = path / "rng" / f"rank_{rank}.json"

@@ -1,0 +1,70 @@
+"""Checkpoint housekeeping on real files: which steps pruning keeps, and a full disk that
+stops a save with a clear error while the previous checkpoint stays whole."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+import torch
+
+from model.config import GPTConfig
+from model.gpt import GPT
+from training.checkpoint import CheckpointError, find_resumable, prune, save_checkpoint, step_dirs
+
+
+def test_prune_keeps_the_newest_and_every_mth(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step in range(10, 101, 10):
+        (root / f"step_{step:08d}").mkdir(parents=True)
+    (root / ".tmp-step_00000110").mkdir()  # a save in progress is not a checkpoint: left alone
+    prune(root, keep_last=2, keep_every=40)
+    kept = sorted(int(p.name.split("_")[1]) for p in step_dirs(root))
+    assert kept == [40, 80, 90, 100]
+    assert (root / ".tmp-step_00000110").is_dir()
+
+
+def small_model(d_model: int) -> tuple[GPT, torch.optim.Optimizer]:
+    model = GPT(GPTConfig(vocab_size=256, n_layer=2, n_head=4, d_model=d_model, max_seq_len=32))
+    model.init_weights(seed=0)
+    opt = torch.optim.AdamW(model.parameters())
+    return model, opt
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MB tmpfs: a real file system that really fills up."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_full_disk_fails_clearly_and_keeps_the_previous_checkpoint(small_disk):
+    run = small_disk / "run"
+    model, opt = small_model(32)  # ~0.1 MB of weights and moments: fits
+    first = save_checkpoint(run, 1, model, opt, {"step": 1})
+    big, big_opt = small_model(512)  # ~25 MB with its moments: does not
+    for p in big.parameters():
+        p.grad = torch.zeros_like(p)
+    big_opt.step()
+    with pytest.raises(CheckpointError, match="full"):
+        save_checkpoint(run, 2, big, big_opt, {"step": 2})
+    assert find_resumable(run) == first  # still valid, still the newest
+    assert [p.name for p in step_dirs(run / "checkpoints")] == ["step_00000001"]
+
+
+def test_loading_into_a_model_of_another_shape_names_the_folder(tmp_path):
+    model, opt = small_model(32)
+    path = save_checkpoint(tmp_path / "run", 1, model, opt, {"step": 1})
+    other, _ = small_model(64)
+    from training.checkpoint import load_checkpoint
+
+    with pytest.raises(CheckpointError, match=r"could not load .*step_00000001/model into this model"):
+        load_checkpoint(path, other)
