@@ -73,8 +73,8 @@ def sacct_state(job_id: str) -> str:
     """The job's state in the accounting database ("" until slurmdbd has it)."""
     out = subprocess.run(["sacct", "--parsable2", "-n", "-X", "-j", job_id, "-o", "State"],
                          capture_output=True, text=True)
-    lines = out.stdout.split()
-    return lines[-1].split()[0] if lines else ""  # "CANCELLED by 0" -> "CANCELLED"
+    lines = out.stdout.splitlines()
+    return lines[-1].split()[0] if lines and lines[-1].strip() else ""  # "CANCELLED by 0" -> "CANCELLED"
 
 
 def wait_terminal(job_id: str, timeout: float = 120) -> str:
