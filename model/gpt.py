@@ -31,6 +31,31 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (x * cos + rotated * sin).to(x.dtype)
 
 
+class LayerKV:
+    """One layer's keys and values so far, [batch, kv_heads, max_len, head_dim], allocated on first use
+    (under tensor parallelism a rank holds only its share of the heads)."""
+
+    def __init__(self, max_len: int):
+        self.max_len, self.k, self.v = max_len, None, None
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.k is None:
+            shape = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
+            self.k, self.v = k.new_empty(shape), v.new_empty(shape)
+        end = start + k.shape[2]
+        self.k[:, :, start:end], self.v[:, :, start:end] = k, v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class KVCache:
+    """Keys and values of the tokens already seen, so each new token costs one position's work,
+    not the whole sequence's. Pass the same cache to every `GPT.forward` call of one generation."""
+
+    def __init__(self, n_layer: int, max_len: int):
+        self.layers = [LayerKV(max_len) for _ in range(n_layer)]
+        self.length = 0  # tokens cached; the next token's rotary position when none are given
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -41,18 +66,21 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                mask: Optional[torch.Tensor] = None, kv: Optional[tuple[LayerKV, int]] = None) -> torch.Tensor:
         bsz, seq, _ = x.shape
         # -1 rather than n_head: under tensor parallelism each rank holds only its share of the heads.
         q = self.wq(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if kv is not None:  # (this layer's cache, where these tokens start): attend to the cached ones too
+            k, v = kv[0].extend(k, v, kv[1])
         if k.shape[1] != q.shape[1]:  # grouped-query attention: each kv head serves a group of q heads
             repeat = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
         if mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            # One query after a cache attends to every key: is_causal would align it with the first.
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.wo(out.transpose(1, 2).reshape(bsz, seq, -1))
@@ -79,8 +107,8 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x, cos, sin, mask=None):
-        x = x + self.attention(self.attention_norm(x), cos, sin, mask)
+    def forward(self, x, cos, sin, mask=None, kv=None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask, kv=kv)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -128,28 +156,38 @@ class GPT(nn.Module):
         self.rope_sin.copy_(sin.to(self.rope_sin.device))
 
     def hidden(self, tokens: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
-               mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+               mask: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None) -> torch.Tensor:
         """The final normed hidden states [batch, seq, d_model]: what heads (LM, reward) read.
 
         position_ids [batch, seq] restart rotary positions per packed document; mask is a boolean
         attention mask [batch, 1, seq, seq] (True = may attend) for packed or padded batches.
+        With a cache, tokens follow the cache.length cached ones: positions default to continue
+        from there, and a mask covers [batch, 1, seq, cache.length + seq] keys.
         """
         seq = tokens.shape[1]
-        if seq > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {seq} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        start = cache.length if cache is not None else 0
+        if start + seq > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {start + seq} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
         if position_ids is None:
-            cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
+            cos, sin = self.rope_cos[start:start + seq], self.rope_sin[start:start + seq]
         else:
             cos, sin = self.rope_cos[position_ids].unsqueeze(1), self.rope_sin[position_ids].unsqueeze(1)
+        if mask is None and start > 0 and seq > 1:  # causal, shifted past the cached tokens
+            mask = torch.ones(seq, start + seq, dtype=torch.bool, device=tokens.device).tril(diagonal=start)
         h = self.tok_embeddings(tokens)
-        for layer in self.layers:
-            h = layer(h, cos, sin, mask)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, mask) if cache is None else layer(h, cos, sin, mask, kv=(cache.layers[i], start))
+        if cache is not None:
+            cache.length = start + seq
         return self.norm(h)
 
     def forward(self, tokens: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
-                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                mask: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None) -> torch.Tensor:
         """tokens [batch, seq] -> logits [batch, seq, vocab], float32."""
-        return self.output(self.hidden(tokens, position_ids, mask)).float()
+        return self.output(self.hidden(tokens, position_ids, mask, cache)).float()
+
+    def new_cache(self, max_len: Optional[int] = None) -> KVCache:
+        return KVCache(len(self.layers), max_len or self.cfg.max_seq_len)
 
     def num_params(self, exclude_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

@@ -255,8 +255,21 @@ def _tokenizer_files(tokenizer_json: Path, max_len: int) -> tuple[dict, dict, di
         # As in training (encode_special_tokens): "<|endoftext|>" inside text is ordinary characters.
         "split_special_tokens": True,
     }
-    ids = {"bos": eos, "eos": eos, "pad": pad}
+    ids = {"bos": eos, "eos": eos, "pad": pad, "end_of_turn": tok.token_to_id(IM_END)}
     return ids, tokenizer_config, {"special_tokens_map.json": special}
+
+
+def _chat_template(tokenizer_json: Path, run_cfg: dict) -> Optional[str]:
+    """The chat template to ship: chat_template.jinja beside the tokenizer (SFT writes it there), else
+    the built-in one for a post-trained run; None for a pretrained model, which has no chat format."""
+    beside = tokenizer_json.parent / "chat_template.jinja"
+    if beside.is_file():
+        return beside.read_text()
+    if run_cfg.get("kind", "pretrain") != "pretrain":
+        from training.posttrain.chat import CHAT_TEMPLATE
+
+        return CHAT_TEMPLATE
+    return None
 
 
 def _is_previous_export(folder: Path) -> bool:
@@ -297,15 +310,27 @@ def export_hf(source: str | Path, out_dir: str | Path, *, tokenizer: str | Path 
         raise HFError(f"{run_dir / 'config.yaml'}: {e}") from None
     _check_shapes(cfg, state, ckpt_dir / "model")
 
-    tok_path = Path(tokenizer) if tokenizer is not None else _find_tokenizer(run_cfg, run_dir)
+    if tokenizer is not None:
+        tok_path = Path(tokenizer)
+    else:  # a post-training run's tokenizer is the one of the run it started from
+        from training.posttrain.source import run_tokenizer
+
+        tok_path = run_tokenizer(run_cfg, run_dir)
     if tok_path.is_dir():
         tok_path = tok_path / "tokenizer.json"
     ids, tokenizer_config, token_files = _tokenizer_files(tok_path, cfg.max_seq_len)
+    chat_template = _chat_template(tok_path, run_cfg)
+    if chat_template is not None:
+        # The template spells <|im_start|> / <|im_end|> as text: they must encode as their special ids.
+        # (A user's text that contains them then does too: a rare case, unlike every chat turn.)
+        tokenizer_config["split_special_tokens"] = False
 
     tensors = {to_hf_name(k): v.to(dtype).contiguous() for k, v in state.items()}
     step = int(ckpt_dir.name.split("_")[1]) if ckpt_dir.name.startswith("step_") else None
     generation = {"bos_token_id": ids["bos"], "eos_token_id": ids["eos"], "pad_token_id": ids["pad"],
                   "max_length": cfg.max_seq_len}
+    if chat_template is not None and ids.get("end_of_turn") is not None:  # a chat reply ends at <|im_end|>
+        generation["eos_token_id"] = [ids["eos"], ids["end_of_turn"]]
     files = {
         "config.json": hf_config(cfg, dtype, ids["bos"], ids["eos"], ids["pad"]),
         "generation_config.json": generation,
@@ -322,6 +347,8 @@ def export_hf(source: str | Path, out_dir: str | Path, *, tokenizer: str | Path 
     try:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         shutil.copyfile(tok_path, tmp / "tokenizer.json")
+        if chat_template is not None:  # where transformers >= 4.47 reads a tokenizer's chat template
+            (tmp / "chat_template.jinja").write_text(chat_template)
         for name, obj in files.items():
             (tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
         if out.is_dir() and any(out.iterdir()):  # an earlier export: swap it out, then drop it

@@ -25,18 +25,22 @@ def new_run_id(name: str) -> str:
 
 
 def cmd_config(args) -> int:
+    from orchestrator import pipeline
+
+    if pipeline.is_pipeline_file(args.config):
+        return pipeline.print_configs(args.config, args.overrides)
     cfg = load_spec(args.config, args.overrides)
     print(OmegaConf.to_yaml(cfg), end="")
     return 0
 
 
 def cmd_submit(args) -> int:
-    cfg = load_spec(args.config, args.overrides)
-    executor = cfg.executor if cfg.executor != "auto" else "local"
-    if executor != "local":
-        return _fail(f"{args.config}: executor={executor!r} is not available yet; use executor=local")
-    from orchestrator.executors import local
+    from orchestrator import pipeline
 
+    if pipeline.is_pipeline_file(args.config):  # kind: pipeline -> a chain of stages
+        return pipeline.submit_from_cli(args.config, args.overrides, follow=args.follow)
+    cfg = load_spec(args.config, args.overrides)
+    executor = resolve_executor(cfg.executor)
     registry = Registry()
     run_id = new_run_id(cfg.name)
     run_dir = (Path(cfg.runs_dir) / run_id).resolve()
@@ -45,21 +49,53 @@ def cmd_submit(args) -> int:
     run = Run(id=run_id, name=cfg.name, kind=cfg.kind, executor=executor, state="PENDING",
               run_dir=str(run_dir), created_at=now())
     registry.add(run)
-    local.launch(run, registry)
-    print(f"submitted {run_id} ({executor}): {run_dir}")
+    if executor == "slurm":
+        from orchestrator.executors import slurm
+
+        job_id = slurm.submit(run, registry, cfg)
+        print(f"submitted {run_id} (slurm job {job_id}): {run_dir}")
+    else:
+        from orchestrator.executors import local
+
+        local.launch(run, registry)
+        print(f"submitted {run_id} ({executor}): {run_dir}")
     if not args.follow:
         print(f"  follow it: orch logs {run_id} --follow")
         return 0
     return follow(registry, run_id)
 
 
+def resolve_executor(executor: str) -> str:
+    """auto -> slurm when sbatch is on PATH and slurmctld answers, else local."""
+    if executor != "auto":
+        return executor
+    from orchestrator.cluster import slurm_available
+
+    return "slurm" if slurm_available() else "local"
+
+
+def log_path(run: Run) -> Path:
+    """The log `orch logs` shows: the trainer's (local) or rank 0's submitit log (Slurm)."""
+    if run.executor == "slurm":
+        from orchestrator.executors import slurm
+
+        return slurm.log_file(run) or Path(run.run_dir) / "slurm" / f"{run.slurm_job_id}_0_log.out"
+    return Path(run.run_dir) / "logs" / "train.log"
+
+
 def follow(registry: Registry, run_id: str) -> int:
     """Stream the run's log until it ends; return its exit status."""
     run = registry.get(run_id)
-    log = Path(run.run_dir) / "logs" / "train.log"
+    log = log_path(run)
     pos = 0
+    last_refresh = 0.0
     while True:
         run = registry.get(run_id)
+        if run.executor == "slurm" and not run.finished and time.monotonic() - last_refresh > 5:
+            from orchestrator.executors import slurm  # nobody else updates a Slurm run's state: ask sacct
+
+            slurm.refresh(registry, [run])
+            run, last_refresh = registry.get(run_id), time.monotonic()
         if log.exists():
             with open(log, "rb") as f:
                 f.seek(pos)
@@ -79,9 +115,11 @@ def cmd_logs(args) -> int:
     run = registry.find(args.run)
     if args.follow:
         return follow(registry, run.id)
-    log = Path(run.run_dir) / "logs" / "train.log"
+    log = log_path(run)
     if log.exists():
         sys.stdout.write(log.read_text(errors="replace"))
+    else:
+        print(f"{run.id} has no log yet ({run.state}; expected at {log})", file=sys.stderr)
     return 0
 
 
@@ -89,12 +127,18 @@ def cmd_runs(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    header = ("run", "kind", "executor", "state", "attempts", "created", "folder / reason")
+    from orchestrator.pipeline import check_pipelines
+
+    registry = Registry()
+    check_pipelines(registry)  # Slurm stages whose parent failed: cancel them rather than show them PENDING
+    refresh_slurm_runs(registry)
+    header = ("run", "kind", "executor", "state", "attempts", "created", "pipeline", "stage", "folder / reason")
     rows = []
-    for run in Registry().list(limit=args.limit):
+    for run in registry.list(limit=args.limit):
         created = time.strftime("%m-%d %H:%M", time.localtime(run.created_at))
         detail = run.reason if run.state in ("FAILED", "CANCELLED") and run.reason else run.run_dir
-        rows.append((run.id, run.kind, run.executor, run.state, str(run.attempts), created, detail))
+        rows.append((run.id, run.kind, run.executor, run.state, str(run.attempts), created,
+                     run.pipeline_id or "-", run.stage or "-", detail))
     if not sys.stdout.isatty():  # pipes and scripts get plain, unwrapped columns
         for row in [header, *rows]:
             print("  ".join(row))
@@ -106,6 +150,15 @@ def cmd_runs(args) -> int:
     return 0
 
 
+def refresh_slurm_runs(registry: Registry) -> None:
+    """Unfinished Slurm runs outside pipelines (check_pipelines does those): states from one sacct call."""
+    live = [r for r in registry.list() if r.executor == "slurm" and not r.finished and not r.pipeline_id]
+    if live:
+        from orchestrator.executors import slurm
+
+        slurm.refresh(registry, live)
+
+
 def cmd_cancel(args) -> int:
     import signal
 
@@ -114,7 +167,12 @@ def cmd_cancel(args) -> int:
     if run.finished:
         print(f"{run.id} already {run.state}")
         return 0
-    if run.pid:
+    if run.executor == "slurm":
+        from orchestrator.executors import slurm
+
+        slurm.cancel(run)  # the trainer checkpoints on scancel's SIGTERM
+        registry.update(run.id, state="CANCELLED", reason="cancelled by user", ended_at=now())
+    elif run.pid:
         try:
             os.kill(run.pid, signal.SIGTERM)  # the supervisor forwards it and records CANCELLED
         except ProcessLookupError:
@@ -123,6 +181,31 @@ def cmd_cancel(args) -> int:
         registry.update(run.id, state="CANCELLED", reason="cancelled by user", ended_at=now())
     print(f"cancelling {run.id}")
     return 0
+
+
+def cmd_resume(args) -> int:
+    """Start a finished run again on its folder; the trainer resumes from the newest checkpoint."""
+    registry = Registry()
+    run = registry.find(args.run)
+    if run.executor == "slurm":
+        from orchestrator.executors import slurm
+
+        slurm.refresh(registry, [run])
+        run = registry.get(run.id)
+    if not run.finished:
+        return _fail(f"{run.id} is {run.state}: only a finished run can be resumed (`orch cancel {run.id}` first)")
+    if run.executor == "slurm":
+        job_id = slurm.resume(run, registry)
+        print(f"resumed {run.id} (slurm job {job_id}): {run.run_dir}")
+    else:
+        from orchestrator.executors import local
+
+        registry.update(run.id, state="PENDING", ended_at=None, exit_code=None, reason=None)
+        local.launch(registry.get(run.id), registry)
+        print(f"resumed {run.id} (local): {run.run_dir}")
+    if not args.follow:
+        return 0
+    return follow(registry, run.id)
 
 
 def cmd_data_prepare(args) -> int:
@@ -141,6 +224,24 @@ def cmd_data_prepare(args) -> int:
         prepare_data(cfg.data, progress=True)
     except DataError as e:
         return _fail(str(e))
+    return 0
+
+
+def cmd_pipeline(args) -> int:
+    from orchestrator import pipeline
+
+    registry = Registry()
+    pipeline_id = registry.find_pipeline(args.pipeline)
+    if args.action == "wait":
+        return pipeline.wait(registry, pipeline_id, timeout=args.timeout)
+    if args.action == "cancel":
+        pipeline.cancel(registry, pipeline_id)
+        print(f"cancelling pipeline {pipeline_id}")
+        return 0
+    pipeline.check_pipelines(registry, pipeline_id)
+    for row in [("stage", "run", "kind", "after", "state", "slurm job", "folder / reason"),
+                *pipeline.status_rows(registry, pipeline_id)]:
+        print("  ".join(row))
     return 0
 
 
@@ -185,6 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--limit", type=int, default=50)
     s.set_defaults(func=cmd_runs)
 
+    from orchestrator.status.live import add_parser as add_status_parser
+
+    add_status_parser(sub)  # `orch status`: the live dashboard
+
     s = sub.add_parser("logs", help="print a run's log")
     s.add_argument("run")
     s.add_argument("--follow", "-f", action="store_true")
@@ -194,10 +299,32 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run")
     s.set_defaults(func=cmd_cancel)
 
+    s = sub.add_parser("resume", help="start a finished or failed run again; it continues from its checkpoint")
+    s.add_argument("run")
+    s.add_argument("--follow", "-f", action="store_true", help="stream the log and exit with the job's status")
+    s.set_defaults(func=cmd_resume)
+
     s = sub.add_parser("export", help="export a run or checkpoint to the Hugging Face Llama layout")
     s.add_argument("source", help="a run folder or a checkpoint folder")
     s.add_argument("--hf", required=True, metavar="OUT", help="output folder")
     s.set_defaults(func=cmd_export)
+
+    from training.evaluate import sample  # torch is imported only when a command runs
+
+    s = sub.add_parser("generate", help="continue a prompt with a trained model, streaming the text")
+    sample.add_sampling_args(s)
+    s.add_argument("--prompt", required=True, help="the text to continue (\\n for a newline)")
+    s.set_defaults(func=lambda args: sample.cmd_generate(args))
+
+    s = sub.add_parser("chat", help="talk to a fine-tuned model in the chat template")
+    sample.add_sampling_args(s)
+    s.set_defaults(func=lambda args: sample.cmd_chat(args))
+
+    s = sub.add_parser("pipeline", help="a pipeline's stages: status, wait for them, cancel them")
+    s.add_argument("action", choices=["status", "wait", "cancel"])
+    s.add_argument("pipeline", help="pipeline id (or a prefix of it), printed by `orch submit PIPELINE.yaml`")
+    s.add_argument("--timeout", type=float, default=None, help="wait: give up after this many seconds (exit 2)")
+    s.set_defaults(func=cmd_pipeline)
 
     s = sub.add_parser("cluster", help="the local Slurm cluster (slurm/cluster.sh)")
     s.add_argument("action", choices=["up", "down", "status"])

@@ -134,6 +134,24 @@ class Registry:
         with self._connect() as db:
             return [Run(**dict(r)) for r in db.execute(query, args).fetchall()]
 
+    def active_pipelines(self) -> list[str]:
+        """Ids of pipelines with a stage not yet finished."""
+        with self._connect() as db:
+            rows = db.execute("SELECT DISTINCT pipeline_id FROM runs WHERE pipeline_id IS NOT NULL AND state IN "
+                              "('PENDING', 'RUNNING')").fetchall()
+        return [r[0] for r in rows]
+
+    def find_pipeline(self, prefix: str) -> str:
+        """A pipeline id from a prefix of it; LookupError naming the choices otherwise."""
+        with self._connect() as db:
+            ids = [r[0] for r in db.execute("SELECT DISTINCT pipeline_id FROM runs WHERE pipeline_id LIKE ?",
+                                            (prefix + "%",)).fetchall()]
+        if prefix in ids or len(ids) == 1:
+            return prefix if prefix in ids else ids[0]
+        if not ids:
+            raise LookupError(f"no pipeline matches {prefix!r} in {self.path} (see `orch runs`)")
+        raise LookupError(f"{prefix!r} matches {len(ids)} pipelines: {', '.join(ids[:5])}; give more of the id")
+
 
 def now() -> float:
     return time.time()

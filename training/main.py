@@ -35,6 +35,15 @@ def parse_args(argv=None):
 # Each job kind's task: how it builds batches, its loss and its evaluation (training/tasks/).
 TASKS = {
     "pretrain": "training.tasks.pretrain:PretrainTask",
+    "sft": "training.tasks.sft:SFTTask",
+    "rm": "training.tasks.rm:RewardModelTask",
+    "dpo": "training.tasks.dpo:DPOTask",
+    "grpo": "training.tasks.grpo:GRPOTask",
+}
+
+# Kinds that don't train: a function run(cfg, dist_info, run_dir) -> exit code instead of a task.
+RUNNERS = {
+    "eval": "training.evaluate.job:run_eval",
 }
 
 
@@ -65,7 +74,19 @@ def run(argv=None) -> int:
             run_dir.mkdir(parents=True, exist_ok=True)
             OmegaConf.save(cfg, run_dir / "config.yaml")
         dist_info.barrier()
+        if cfg.kind in RUNNERS:
+            import importlib
+
+            module, name = RUNNERS[cfg.kind].split(":")
+            return getattr(importlib.import_module(module), name)(cfg, dist_info, run_dir)
         task = build_task(cfg, dist_info)
+        if dist_info.is_main and getattr(task, "model_cfg", None) is not None:
+            # Post-training runs take the source's shape: config.yaml records it for later stages and exports.
+            from dataclasses import asdict
+
+            saved = OmegaConf.load(run_dir / "config.yaml")
+            saved.model = asdict(task.model_cfg)
+            OmegaConf.save(saved, run_dir / "config.yaml")
         trainer = Trainer(cfg, dist_info, run_dir, task)
         return trainer.fit()
     except (SpecError, DataError, ckpt.CheckpointError, ValueError) as e:

@@ -50,6 +50,10 @@ class MetricsLogger:
         print(self._line(record), flush=True)
 
     def _line(self, r: dict) -> str:
+        if "loss" not in r and "val_bpb" not in r:  # another kind's evaluation: its numbers as they are
+            numbers = [f"{k} {v:.4g}" for k, v in r.items()
+                       if k not in ("time", "step") and isinstance(v, (int, float)) and not isinstance(v, bool)]
+            return " | ".join([f"step {r['step']:>6}/{self.max_steps}", *numbers])
         if "val_loss" in r:
             extra = f" | xz {r['xz_bpb']:.3f} bpb" if r.get("xz_bpb") else ""
             return f"step {r['step']:>6}/{self.max_steps} | val loss {r['val_loss']:.4f} | val {r['val_bpb']:.3f} bpb{extra}"

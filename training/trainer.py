@@ -115,7 +115,8 @@ def precision(cfg, dist_info) -> tuple[torch.dtype, object]:
     on_gpu = dist_info.device.type == "cuda"
     want_bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and on_gpu)
     fsdp_bf16 = want_bf16 and on_gpu and dist_info.mesh is not None
-    autocast = torch.autocast(dist_info.device.type, dtype=torch.bfloat16) if want_bf16 and not fsdp_bf16 else nullcontext()
+    use_autocast = want_bf16 and not fsdp_bf16
+    autocast = torch.autocast(dist_info.device.type, dtype=torch.bfloat16) if use_autocast else nullcontext()
     return (torch.bfloat16 if fsdp_bf16 else torch.float32), autocast
 
 

@@ -29,6 +29,11 @@ def trainer_command(run: Run, nproc: int) -> list[str]:
 
 def launch(run: Run, registry: Registry) -> int:
     """Start the supervisor for a registered run; returns its pid."""
+    return start_supervisor(run, registry).pid
+
+
+def start_supervisor(run: Run, registry: Registry) -> subprocess.Popen:
+    """Start the supervisor process (records its pid); a pipeline's supervisor waits on it."""
     log_dir = Path(run.run_dir) / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, ORCH_HOME=str(registry.path.parent), PYTHONUNBUFFERED="1")
@@ -37,7 +42,7 @@ def launch(run: Run, registry: Registry) -> int:
                                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True, env=env)
     registry.update(run.id, pid=proc.pid)
-    return proc.pid
+    return proc
 
 
 def supervise(run_id: str) -> int:

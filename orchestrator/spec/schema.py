@@ -109,4 +109,101 @@ class JobSpec:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
 
 
-KINDS: dict[str, Any] = {"pretrain": JobSpec}
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning: JSON lines of {"prompt", "completion"} or {"messages": [{"role", "content"}...]},
+    in the chat format of training/posttrain/chat.py; loss on the assistant's tokens only."""
+
+    train_file: Optional[str] = None  # None = the demo pairs (a stdlib function from its signature and docstring)
+    val_file: Optional[str] = None
+    demo_dir: str = "data/posttrain"  # where the demo files are written when no files are given
+    packing: bool = True  # several examples per row, attention kept within each; false = one per row, padded
+    val_max: int = 0  # held-out examples evaluated (0 = all)
+
+
+@dataclass
+class SFTJobSpec(JobSpec):
+    kind: str = "sft"
+    name: str = "sft"
+    sft: SFTConfig = field(default_factory=SFTConfig)
+
+
+@dataclass
+class PreferenceConfig:
+    """Preference pairs for `rm` and `dpo`: JSON lines of {"prompt", "chosen", "rejected"}."""
+
+    train_file: Optional[str] = None  # None = the demo pairs (a real stdlib function vs a corrupted one)
+    val_file: Optional[str] = None
+    demo_dir: str = "data/posttrain"  # where the demo files are written when no files are given
+    val_max: int = 0  # held-out pairs evaluated (0 = all)
+
+
+@dataclass
+class DPOConfig(PreferenceConfig):
+    beta: float = 0.1  # strength of the pull towards the reference model (higher = stay closer)
+
+
+@dataclass
+class GRPOConfig:
+    """Group-relative policy optimization over prompts: JSON lines of {"prompt", "signature"}."""
+
+    train_file: Optional[str] = None  # None = the demo prompts (write a stdlib function from its signature)
+    val_file: Optional[str] = None
+    demo_dir: str = "data/posttrain"
+    group_size: int = 4  # completions sampled per prompt; their rewards are normalized within the group
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: Optional[int] = None
+    clip_eps: float = 0.2  # PPO-style ratio clip
+    kl_coef: float = 0.04  # weight of the k3 KL penalty to the frozen reference (the starting model)
+    # `module:function` called as fn(completion_text, record) -> float, or a trained `rm` run folder
+    reward: str = "training.posttrain.rewards:python_parses"
+    val_prompts: int = 64  # held-out prompts evaluated (0 = all)
+    val_temperature: float = 0.0  # 0 = greedy completions at evaluation
+
+
+@dataclass
+class RMJobSpec(JobSpec):
+    kind: str = "rm"
+    name: str = "rm"
+    rm: PreferenceConfig = field(default_factory=PreferenceConfig)
+
+
+@dataclass
+class DPOJobSpec(JobSpec):
+    kind: str = "dpo"
+    name: str = "dpo"
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+
+
+@dataclass
+class GRPOJobSpec(JobSpec):
+    kind: str = "grpo"
+    name: str = "grpo"
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+
+
+@dataclass
+class EvalConfig:
+    """What the eval job measures (training/evaluate/job.py): one model, or every stage of a pipeline."""
+
+    source: Optional[str] = None  # a run, checkpoint or Hugging Face folder; None = checkpoint.init_from
+    tasks: List[str] = field(default_factory=lambda: ["jobs/tasks/stdlib_continuation.yaml",
+                                                      "jobs/tasks/python_functions.yaml",
+                                                      "jobs/tasks/stdlib_bodies.yaml"])
+    heldout: List[str] = field(default_factory=lambda: ["val"])  # splits of data.dir scored for perplexity and bpb
+    max_examples: Optional[int] = None  # per task (None = all)
+    # Stages to compare in report.md, each "STAGE=RUN_FOLDER" (or a bare folder: named after its kind),
+    # e.g. ["pretrain=runs/pretrain-1a2b3c", "sft=runs/sft-4d5e6f"]; each is evaluated like the source.
+    compare: List[str] = field(default_factory=list)
+    report: bool = True  # write report.md and its PNG plots in the run folder
+
+
+@dataclass
+class EvalJobSpec(JobSpec):
+    kind: str = "eval"
+    name: str = "eval"
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+KINDS: dict[str, Any] = {"pretrain": JobSpec, "sft": SFTJobSpec, "rm": RMJobSpec, "dpo": DPOJobSpec, "grpo": GRPOJobSpec, "eval": EvalJobSpec}

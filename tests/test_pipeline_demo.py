@@ -1,0 +1,117 @@
+"""The default pipeline end to end: `orch submit jobs/pipeline.yaml --follow` runs pretrain -> sft -> dpo ->
+grpo -> eval on this machine, each stage starting from its parent's final checkpoint, and the eval stage's
+report.md compares every stage. Tiny model, few steps per stage: the point is that the stages fit together
+(shapes, tokenizer, init_from chain, eval.compare), not what they learn."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from orchestrator.registry import Registry, Run
+from tests.conftest import REPO, TINY, env_for
+
+STAGES = ["pretrain", "sft", "dpo", "grpo"]
+# Post-training rows hold a prompt and its answer: 128 tokens keep enough of the demo SFT examples and DPO
+# pairs (64 keeps too few). The model's rotary tables are set that long from pretraining on.
+SEQ = 128
+
+
+def pipeline_overrides(tmp_path: Path, data_dir: str) -> list[str]:
+    every_stage = [*TINY, f"model.max_seq_len={SEQ}", "train.max_steps=6", "train.val_batches=2", "checkpoint.every=0",
+                   f"runs_dir={tmp_path / 'runs'}", "resources.max_retries=0", "executor=local"]
+    # Only pretraining and eval read data.dir: post-training stages keep the default (data/demo, absent here), so
+    # eval must find their tokenizer by following checkpoint.init_from back to the pretraining run.
+    one_stage = [f"stages.pretrain.data.dir={data_dir}", f"stages.eval.data.dir={data_dir}"] + [
+        f"stages.{stage}.data.seq_len={SEQ}" for stage in ("sft", "dpo", "grpo")] + [
+        "stages.pretrain.train.max_steps=20",
+        "stages.dpo.dpo.val_max=8",
+        "stages.grpo.train.max_steps=2", "stages.grpo.train.micro_batch_size=2", "stages.grpo.grpo.max_new_tokens=24",
+        "stages.grpo.grpo.val_prompts=4",
+        "stages.eval.eval.max_examples=4", "stages.eval.train.val_batches=2",
+    ]
+    return [*every_stage, *one_stage]
+
+
+def report_value(report: str, metric: str, stage: str):
+    """The number in `stage`'s column of the report's `metric` table row (None when absent)."""
+    for line in report.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) > 1 and cells[0] == metric:
+            header = _header_for(report, line)
+            if header and stage in header:
+                cell = cells[header.index(stage)]
+                found = re.search(r"-?\d+(\.\d+)?", cell)
+                return float(found.group()) if found else None
+    return None
+
+
+def _header_for(report: str, row: str) -> list[str]:
+    """The header cells of the markdown table that holds `row`."""
+    lines = report.splitlines()
+    i = lines.index(row)
+    while i > 0 and lines[i - 1].lstrip().startswith("|"):
+        i -= 1
+    return [c.strip() for c in lines[i].strip().strip("|").split("|")]
+
+
+def test_default_pipeline_runs_every_stage_and_compares_them(tmp_path, tiny_data):
+    result = subprocess.run([sys.executable, "-m", "orchestrator.cli", "submit", "--follow",
+                             str(REPO / "jobs" / "pipeline.yaml"), *pipeline_overrides(tmp_path, tiny_data)],
+                            cwd=tmp_path, env=env_for(tmp_path), capture_output=True, text=True, timeout=600)
+    log = result.stdout[-4000:] + result.stderr[-3000:]
+    assert result.returncode == 0, log
+
+    runs = {r.stage: r for r in Registry(tmp_path / ".orch" / "registry.db").list()}
+    assert sorted(runs) == sorted([*STAGES, "eval"]), log
+    assert {stage: r.state for stage, r in runs.items()} == {stage: "COMPLETED" for stage in runs}, log
+
+    # each stage started from its parent's run folder; eval compares the whole chain, in order
+    chain = [*STAGES, "eval"]
+    for parent, child in zip(chain, chain[1:]):
+        child_cfg = OmegaConf.load(Path(runs[child].run_dir) / "config.yaml")
+        assert child_cfg.checkpoint.init_from == runs[parent].run_dir
+    eval_dir = Path(runs["eval"].run_dir)
+    results = json.loads((eval_dir / "eval.json").read_text())
+    assert list(results["stages"]) == STAGES
+    for stage in STAGES:
+        assert Path(results["stages"][stage]["run_dir"]) == Path(runs[stage].run_dir).resolve()
+
+    report = (eval_dir / "report.md").read_text()
+    for stage in STAGES:
+        assert stage in report
+        value = report_value(report, "val/bpb", stage)
+        assert value is not None and 0 < value < 20, f"no val bpb for {stage} in report.md:\n{report}"
+    pngs = sorted(p.name for p in eval_dir.rglob("*.png"))
+    assert "metrics.png" in pngs, f"no metrics plot in {eval_dir}: {pngs}"
+    for png in pngs:
+        assert f"{png}" in report, f"report.md doesn't show {png}"
+
+
+def test_the_status_dashboard_cancels_stages_that_can_no_longer_run(tmp_path):
+    """`orch status` brings pipelines up to date on each refresh: here a local pipeline whose supervisor is
+    gone (no pid file, registered 2 minutes ago) has its PENDING stages cancelled, saying why."""
+    from orchestrator.status.collect import Collector
+
+    registry = Registry(tmp_path / ".orch" / "registry.db")
+    created = time.time() - 120
+    for stage, state, parent in (("pretrain", "FAILED", None), ("sft", "PENDING", "p-0a0b0c-pretrain"),
+                                 ("dpo", "PENDING", "p-0a0b0c-sft")):
+        run_dir = tmp_path / "runs" / f"p-0a0b0c-{stage}"
+        run_dir.mkdir(parents=True)
+        registry.add(Run(id=f"p-0a0b0c-{stage}", name=stage, kind="pretrain", executor="local", state=state,
+                         run_dir=str(run_dir), created_at=created, pipeline_id="p-0a0b0c", stage=stage,
+                         depends_on=parent))
+
+    frame = Collector(registry, use_slurm=False).collect()
+
+    states = {job.stage: job.state for job in frame.jobs}
+    assert states == {"pretrain": "FAILED", "sft": "CANCELLED", "dpo": "CANCELLED"}
+    assert "supervisor is gone" in registry.get("p-0a0b0c-dpo").reason
+    assert registry.active_pipelines() == []  # the next refresh has nothing to check

@@ -1,0 +1,177 @@
+"""The measurements: held-out perplexity and bits per byte, multiple choice by log-likelihood,
+generation with a checker. Each takes a GPT in eval mode and returns a flat dict of numbers.
+
+Multiple choice follows lm-evaluation-harness so that the same task scores the same under both:
+the context's trailing whitespace moves to the continuation, the continuation's tokens are those
+of encode(context + continuation) after encode(context)'s, the sequence is cut on the left to the
+model's length, `acc` takes the choice of highest log-likelihood and `acc_norm` the highest
+log-likelihood per byte of the choice.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import os
+import subprocess
+import sys
+from contextlib import nullcontext
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from training.evaluate.tasks import Task
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context tokens, continuation tokens) as lm-evaluation-harness splits them."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = tokenizer.encode(context + continuation).ids
+    ctx = tokenizer.encode(context).ids
+    return ctx, whole[len(ctx):]
+
+
+@torch.no_grad()
+def loglikelihoods(model, requests: list[tuple[list[int], list[int]]], batch_size: int,
+                   autocast=nullcontext) -> list[tuple[float, bool]]:
+    """(sum of log p(continuation | context), whether greedy decoding gives the continuation) per request."""
+    device = next(model.parameters()).device
+    max_len = model.cfg.max_seq_len
+    rows = []
+    for ctx, cont in requests:
+        if not cont:
+            raise ValueError("a continuation encodes to no tokens")
+        full = (ctx + cont)[-(max_len + 1):]
+        rows.append((full[:-1], full[1:], len(cont)))
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))  # similar lengths share a batch
+    out: list[Optional[tuple[float, bool]]] = [None] * len(rows)
+    for start in range(0, len(order), batch_size):
+        batch = [rows[i] for i in order[start:start + batch_size]]
+        width = max(len(x) for x, _, _ in batch)
+        # Right padding: a causal model's earlier positions never see it.
+        inputs = torch.zeros(len(batch), width, dtype=torch.long)
+        for j, (x, _, _) in enumerate(batch):
+            inputs[j, :len(x)] = torch.tensor(x)
+        with autocast():
+            logits = model(inputs.to(device))
+        logprobs = F.log_softmax(logits.float(), dim=-1).cpu()
+        for j, (x, y, n) in enumerate(batch):
+            pos = torch.arange(len(x) - n, len(x))
+            target = torch.tensor(y[-n:])
+            lp = logprobs[j, pos]
+            out[order[start + j]] = (float(lp.gather(1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all()))
+    return out  # type: ignore[return-value]
+
+
+def multiple_choice(model, tokenizer, task: Task, batch_size: int, autocast=nullcontext) -> dict:
+    """acc and acc_norm (log-likelihood per byte of the choice) over the task's records."""
+    from training.data.tokenizer import EOS_ID
+
+    requests, spans = [], []
+    for doc in task.docs:
+        context, choices = task.text(doc), task.choices(doc)
+        spans.append((len(requests), choices, task.target(doc)))
+        for choice in choices:
+            ctx, cont = encode_pair(tokenizer, context, task.target_delimiter + choice)
+            requests.append((ctx or [EOS_ID], cont))  # an empty context starts from <|endoftext|>, as in the harness
+    scores = loglikelihoods(model, requests, batch_size, autocast)
+    acc = acc_norm = 0
+    per_doc = []
+    for first, choices, target in spans:
+        lls = [scores[first + k][0] for k in range(len(choices))]
+        per_byte = [ll / max(1, len(c.encode("utf-8"))) for ll, c in zip(lls, choices)]
+        acc += max(range(len(lls)), key=lls.__getitem__) == target
+        acc_norm += max(range(len(lls)), key=per_byte.__getitem__) == target
+        per_doc.append(lls)
+    n = len(spans)
+    return {"acc": acc / n, "acc_norm": acc_norm / n, "n": n, "loglikelihoods": per_doc}
+
+
+def cut_at_stop(text: str, stops: list[str]) -> str:
+    ends = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return text[:min(ends)] if ends else text
+
+
+def passes_test(program: str, timeout_s: float = 10.0) -> bool:
+    """Run a program (the prompt, the completion and the record's test) in a fresh, isolated interpreter."""
+    env = {"PATH": os.environ.get("PATH", ""), "OMP_NUM_THREADS": "1"}
+    try:
+        result = subprocess.run([sys.executable, "-I", "-c", program], capture_output=True, timeout=timeout_s,
+                                env=env, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        return False
+    return result.returncode == 0
+
+
+def parses(prompt: str, completion: str) -> bool:
+    """prompt + completion is valid Python, and the completion continues the prompt's code rather
+    than starting new top-level statements (a function prompt needs a body: its docstring alone
+    parses, and so does junk at column 0 after it)."""
+    if not completion.strip():
+        return False
+    try:
+        tree = ast.parse(prompt + completion)
+    except (SyntaxError, ValueError):
+        return False
+    try:
+        before = ast.parse(prompt)
+    except (SyntaxError, ValueError):
+        return True  # e.g. "def f(x):" with no body yet: parsing at all is the test
+    return len(tree.body) == len(before.body) and ast.dump(tree) != ast.dump(before)
+
+
+def generation(model, tokenizer, task: Task, batch_size: int, autocast=nullcontext) -> dict:
+    """Greedy completions cut at the task's stop strings; `parses`: prompt + completion is valid Python that
+    completes the prompt's code (see parses()); `passes`: and the record's `test` code then runs without
+    error (records without one count as failed)."""
+    from model.generate import generate
+    from training.data.tokenizer import EOS_ID
+
+    prompts = [task.text(doc) for doc in task.docs]
+    # A long prompt keeps its end, leaving room for max_gen_toks (at least half the window), as in the harness.
+    keep = max(model.cfg.max_seq_len - task.max_gen_toks, model.cfg.max_seq_len // 2)
+    completions = []
+    for start in range(0, len(prompts), batch_size):
+        ids = [(tokenizer.encode(p).ids or [EOS_ID])[-keep:] for p in prompts[start:start + batch_size]]
+        with autocast():
+            new = generate(model, ids, task.max_gen_toks, temperature=0, stop_tokens=[EOS_ID])
+        completions += [cut_at_stop(tokenizer.decode([t for t in row if t != EOS_ID]), task.until) for row in new]
+    parsed = passed = 0
+    for doc, prompt, completion in zip(task.docs, prompts, completions):
+        program = prompt + completion
+        ok = parses(prompt, completion)
+        parsed += ok
+        if "passes" in task.metrics and ok and doc.get("test"):
+            passed += passes_test(program + "\n\n" + doc["test"] + "\n")
+    n = len(prompts)
+    out = {"parses": parsed / n, "n": n, "samples": [{"prompt": p, "completion": c} for p, c in zip(prompts[:3], completions[:3])]}
+    if "passes" in task.metrics:
+        out["passes"] = passed / n
+    return out
+
+
+@torch.no_grad()
+def heldout(model, data_cfg, batch_size: int, max_batches: int, byte_lengths: torch.Tensor,
+            autocast=nullcontext) -> dict:
+    """Loss (nats/token), perplexity and bits per byte over the val split of data_cfg.dir, computed as
+    the pretraining validation computes val_loss and val_bpb (so the numbers compare)."""
+    from training.data.loader import iter_val_batches
+
+    device = next(model.parameters()).device
+    nats = tokens = nbytes = 0.0
+    for i, (x, y) in enumerate(iter_val_batches(data_cfg, batch_size)):
+        if max_batches and i >= max_batches:
+            break
+        with autocast():
+            logits = model(x.to(device))
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.to(device).view(-1), reduction="none")
+        nats += float(loss.double().sum())
+        tokens += y.numel()
+        nbytes += float(byte_lengths[y.view(-1)].sum())
+    if not tokens:
+        raise ValueError(f"the val split of {data_cfg.dir!r} holds no sequences (eval.heldout)")
+    return {"loss": nats / tokens, "perplexity": math.exp(nats / tokens), "bpb": nats / math.log(2) / nbytes,
+            "tokens": int(tokens)}
