@@ -363,6 +363,10 @@ def wait(registry: Registry, pipeline_id: str, *, stream: bool = True, timeout: 
         if all(r.finished for r in runs):
             ok = all(r.state == "COMPLETED" for r in runs)
             print(f"[orch] pipeline {pipeline_id} {'COMPLETED' if ok else 'FAILED'}", flush=True)
+            for run in runs:  # what a user opens next: each stage's folder, and an eval stage's report
+                report = Path(run.run_dir) / "report.md"
+                shown = report if report.is_file() else run.run_dir
+                print(f"[orch]   {run.stage:<10} {run.state:<10} {shown}", flush=True)
             return 0 if ok else 1
         if deadline and time.monotonic() > deadline:
             print(f"[orch] pipeline {pipeline_id}: still running after {timeout:.0f}s", file=sys.stderr)

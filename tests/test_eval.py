@@ -209,3 +209,33 @@ def test_multiple_choice_scores_as_lm_evaluation_harness(workdir, eval_run, hf_e
         for s in samples:
             lls = [float(resp[0]) for resp in s["filtered_resps"]]
             assert ours["loglikelihoods"]["stdlib_continuation"][s["doc_id"]] == pytest.approx(lls, abs=1e-3)
+
+
+def test_a_chat_model_is_asked_in_its_chat_format_with_the_reply_begun_by_the_prompt(pretrain_run, tmp_path):
+    """Generation tasks ask a post-trained model what SFT taught it to answer (metadata.chat_prompt), its
+    reply begun with the code to continue; a pretrained model gets the bare code, as before."""
+    from omegaconf import OmegaConf
+
+    from training.evaluate.load import is_chat_model, load_model
+    from training.evaluate.scoring import generation, prompt_ids
+    from training.evaluate.tasks import load_task
+    from training.posttrain.chat import encode_prompt
+
+    model, tokenizer = load_model(pretrain_run)
+    task = load_task(REPO / "jobs" / "tasks" / "python_functions.yaml", max_examples=2)
+    doc = task.docs[0]
+    assert doc["instruction"].startswith("Write the Python function `def add(a, b):`")
+    code = tokenizer.encode(doc["prompt"]).ids
+    assert prompt_ids(tokenizer, task, doc, chat=False) == code
+    assert prompt_ids(tokenizer, task, doc, chat=True) == encode_prompt(tokenizer, doc["instruction"]) + code
+
+    assert not is_chat_model(pretrain_run)
+    sft_like = tmp_path / "sft"  # the same weights, recorded as a chat-trained kind
+    sft_like.mkdir()
+    (sft_like / "checkpoints").symlink_to(pretrain_run / "checkpoints")
+    cfg = OmegaConf.load(pretrain_run / "config.yaml")
+    cfg.kind = "sft"
+    OmegaConf.save(cfg, sft_like / "config.yaml")
+    assert is_chat_model(sft_like)
+    result = generation(model, tokenizer, task, batch_size=2, chat=True)
+    assert result["n"] == 2 and 0.0 <= result["parses"] <= 1.0

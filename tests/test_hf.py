@@ -202,6 +202,7 @@ save_checkpoint(run, 5, model, opt, {"step": 5, "tokens_seen": 0})
 full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
 if dist.get_rank() == 0:
     save_file({k: v.contiguous() for k, v in full.items()}, run + "/reference.safetensors")
+dist.barrier()  # tear down together: gloo could abort rank 0 if rank 1 had already exited
 dist.destroy_process_group()
 """
 

@@ -64,9 +64,10 @@ def populate(registry: Registry, root: Path) -> None:
     make_run(registry, root, "pretrain-d4e5f6", state="COMPLETED", max_steps=20,
              records=[train_record(s, 3.0) for s in (10, 20)], checkpoints=[20], created_at=time.time() - 100)
     parent = None
+    # Registered seconds ago: a pipeline younger than a minute has no supervisor yet and keeps its stages.
     for stage in ("pretrain", "sft", "dpo"):
         run = make_run(registry, root, f"chain-{stage}-0a0b0c", state="PENDING" if parent else "RUNNING",
-                       pipeline_id="chain-0a0b0c", stage=stage, depends_on=parent, created_at=time.time() - 50)
+                       pipeline_id="chain-0a0b0c", stage=stage, depends_on=parent, created_at=time.time() - 5)
         parent = run.id
 
 

@@ -35,3 +35,22 @@ def test_compiled_blocks_give_the_same_losses_and_checkpoint_names(tmp_path, tin
     names = checkpoint_weights(compiled / ckpt).keys()
     assert names == checkpoint_weights(plain_run / ckpt).keys()
     assert not any("_orig_mod" in n or "_checkpoint_wrapped" in n for n in names)
+
+
+def test_time_budget_ends_the_schedule_early_and_anneals(tmp_path, tiny_data):
+    """A budget too small for train.max_steps: the trainer times steps 10-30, moves the end of the LR
+    schedule to the step the budget allows, and finishes there with the LR annealed, not cut off."""
+    import json
+
+    run = tmp_path / "budget"
+    result = train(1, run, tiny_data, "train.max_steps=1000000", "train.time_budget_min=0.15",
+                   "train.log_every=5", "train.val_every=0", "checkpoint.every=0", "optim.min_lr_ratio=0.0")
+    assert "the schedule now ends at step" in result.stdout
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if "lr" in r]
+    fitted = train_records[-1]["max_steps"]
+    assert 30 < fitted < 1_000_000
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["step"] <= fitted and summary["train_minutes"] < 0.15 * 1.2
+    peak_lr = max(r["lr"] for r in train_records)
+    assert train_records[-1]["lr"] < 0.1 * peak_lr  # annealed by the end, whichever limit stopped it

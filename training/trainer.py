@@ -27,6 +27,15 @@ from training.optim import build_optimizer, lr_at
 
 # Exit status of a run stopped by a signal after saving: the executor requeues it.
 EXIT_REQUEUE = 3
+# With train.time_budget_min, the steps timed (after warm-up) to fit the LR schedule into the budget,
+# and the share of the budget left for steps (the rest: validation, checkpoints, the final save).
+CALIBRATION_STEPS = (10, 30)
+BUDGET_SHARE_FOR_STEPS = 0.9
+
+
+def steps_within_budget(step: int, seconds_left: float, per_step: float) -> int:
+    """The last step that fits in seconds_left at per_step seconds a step, leaving a share for the rest."""
+    return step + max(0, int(seconds_left * BUDGET_SHARE_FOR_STEPS / per_step))
 
 
 def config_hash(cfg) -> str:
@@ -136,6 +145,8 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optim, device)
         self.step = 0
         self.tokens_seen = 0
+        # The step the LR schedule ends at: train.max_steps, or fewer when train.time_budget_min can't fit them.
+        self.max_steps = cfg.train.max_steps
         self.metrics = MetricsLogger(run_dir, dist_info.is_main, cfg.train.max_steps)
         self.stop = StopFlag()
         self.peak = peak_flops(device)
@@ -149,6 +160,7 @@ class Trainer:
 
     def trainer_state(self) -> dict:
         return {"step": self.step, "tokens_seen": self.tokens_seen, "config_hash": config_hash(self.cfg),
+                "max_steps": self.max_steps, "configured_max_steps": self.cfg.train.max_steps,
                 "world_size": self.dist.world_size, "task": self.task.state_dict()}
 
     def resume_or_init(self) -> None:
@@ -159,6 +171,8 @@ class Trainer:
             if state.get("config_hash") not in (None, config_hash(self.cfg)):
                 say(f"warning: {path} was saved with another model/data config; resuming anyway", self.dist.is_main)
             self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+            if state.get("configured_max_steps") == self.cfg.train.max_steps:  # keep a budget-fitted schedule
+                self.max_steps = self.metrics.max_steps = state.get("max_steps", self.max_steps)
             self.task.load_state_dict(state["task"])
             say(f"resumed from {path} at step {self.step}", self.dist.is_main)
             return
@@ -186,7 +200,7 @@ class Trainer:
     def train_step(self) -> tuple[float, float, int]:
         cfg = self.cfg
         accum = cfg.train.grad_accum_steps
-        lr = lr_at(self.step, cfg.optim, cfg.train.max_steps)
+        lr = lr_at(self.step, cfg.optim, self.max_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=self.dist.device)
@@ -223,25 +237,31 @@ class Trainer:
         started = time.time()
         window_start, window_tokens, first_step = time.time(), 0, self.step
         budget_s = cfg.train.time_budget_min * 60 if cfg.train.time_budget_min else None
-        while self.step < cfg.train.max_steps:
+        while self.step < self.max_steps:
             loss, grad_norm, tokens = self.train_step()
             self.step += 1
             self.tokens_seen += tokens
             window_tokens += tokens
-            if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
+            if budget_s and first_step == 0 and self.step == CALIBRATION_STEPS[0]:
+                calibration_start = time.time()
+            if budget_s and first_step == 0 and self.step == CALIBRATION_STEPS[1]:
+                per_step = (time.time() - calibration_start) / (CALIBRATION_STEPS[1] - CALIBRATION_STEPS[0])
+                self.fit_schedule_to_budget(budget_s - (time.time() - started), per_step)
+            if self.step % cfg.train.log_every == 0 or self.step == self.max_steps:
                 elapsed = time.time() - window_start
                 tps = window_tokens / max(elapsed, 1e-9)
                 per_step = (time.time() - started) / max(1, self.step - first_step)
                 mfu = (tps * self.flops_per_token / self.dist.world_size / self.peak) if self.peak else None
-                self.metrics.log({"step": self.step, "loss": loss, "lr": lr_at(self.step - 1, cfg.optim, cfg.train.max_steps),
+                self.metrics.log({"step": self.step, "loss": loss, "lr": lr_at(self.step - 1, cfg.optim, self.max_steps),
                                   "grad_norm": grad_norm, "tokens_per_s": tps, "tokens_seen": self.tokens_seen,
-                                  "mfu": mfu, "eta_s": per_step * (cfg.train.max_steps - self.step),
+                                  "mfu": mfu, "eta_s": per_step * (self.max_steps - self.step),
+                                  "max_steps": self.max_steps,
                                   # a task's own numbers since the last log (DPO's rewards/*, GRPO's reward and KL)
                                   **(self.task.train_metrics() if hasattr(self.task, "train_metrics") else {})})
                 window_start, window_tokens = time.time(), 0
-            if cfg.train.val_every and self.step % cfg.train.val_every == 0 and self.step < cfg.train.max_steps:
+            if cfg.train.val_every and self.step % cfg.train.val_every == 0 and self.step < self.max_steps:
                 self.validate()
-            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < cfg.train.max_steps:
+            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < self.max_steps:
                 self.save(background=True)
             if self.stop.agreed(self.dist.world_size, self.dist.device):
                 say(f"stopping on signal {self.stop.signal} at step {self.step}: saving a checkpoint", is_main)
@@ -262,6 +282,21 @@ class Trainer:
         if self.saver is not None:
             self.saver.close()
         return 0
+
+    def fit_schedule_to_budget(self, seconds_left: float, per_step: float) -> None:
+        """On a machine too slow for train.max_steps within train.time_budget_min, end the LR schedule
+        at the step the budget allows, so the run still anneals fully instead of being cut off at a
+        high learning rate. Every rank takes rank 0's figure (they must stop at the same step)."""
+        fits = steps_within_budget(self.step, seconds_left, per_step)
+        if self.dist.world_size > 1:
+            value = torch.tensor([fits], device=self.dist.device)
+            dist.broadcast(value, src=0)
+            fits = int(value.item())
+        if fits >= self.max_steps:
+            return
+        say(f"train.time_budget_min={self.cfg.train.time_budget_min}: at {per_step:.2f} s/step, "
+            f"{self.max_steps} steps would not fit; the schedule now ends at step {fits}", self.dist.is_main)
+        self.max_steps = self.metrics.max_steps = max(fits, self.step + 1)
 
     def validate(self) -> dict:
         self.model.eval()

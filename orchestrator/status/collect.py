@@ -148,7 +148,8 @@ class Collector:
             try:
                 with open(Path(run_dir) / "config.yaml") as f:
                     cfg = yaml.load(f, Loader=_Loader) or {}
-                self._max_steps[run_dir] = int(cfg["train"]["max_steps"])
+                # an eval job measures, it takes no steps: its row shows none
+                self._max_steps[run_dir] = None if cfg.get("kind") == "eval" else int(cfg["train"]["max_steps"])
             except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError):
                 self._max_steps[run_dir] = None
         return self._max_steps[run_dir]
@@ -179,6 +180,8 @@ class Collector:
         row.tokens_per_s = train.get("tokens_per_s")
         row.mfu = train.get("mfu")
         row.eta_s = None if finished else train.get("eta_s")
+        if isinstance(train.get("max_steps"), int):  # the trainer may end the schedule early (time_budget_min)
+            row.max_steps = train["max_steps"]
         row.val_loss = m.latest.get("val_loss")
         row.last_checkpoint = newest_checkpoint(run.run_dir)
         if finished:

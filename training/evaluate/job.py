@@ -22,7 +22,7 @@ import torch
 from omegaconf import OmegaConf
 
 from model.hf import is_hf_folder
-from training.evaluate.load import EvalError, load_model, resolve_checkpoint
+from training.evaluate.load import EvalError, is_chat_model, load_model, resolve_checkpoint
 from training.evaluate.tasks import Task, load_task
 
 
@@ -114,7 +114,7 @@ def evaluate_model(model, tokenizer, source: str, heldout_sets, tasks: list[Task
             result = scoring.multiple_choice(model, tokenizer, task, batch, autocast)
             loglikelihoods[task.name] = result.pop("loglikelihoods")  # per record, per choice: to compare
         else:
-            result = scoring.generation(model, tokenizer, task, batch, autocast)
+            result = scoring.generation(model, tokenizer, task, batch, autocast, chat=is_chat_model(source))
             samples[task.name] = result.pop("samples")
         metrics.update({f"{task.name}/{k}": v for k, v in result.items() if k in task.metrics or k == "n"})
     return {"metrics": metrics, "samples": samples, "loglikelihoods": loglikelihoods}
@@ -145,18 +145,18 @@ def run_eval(cfg, dist_info, run_dir: Path) -> int:
                                    "checkpoint": checkpoint, **measured}
         shown = ", ".join(f"{k} {v:.4g}" for k, v in measured["metrics"].items() if not k.endswith("/n")
                           and k.rsplit("/", 1)[1] in ("perplexity", "bpb", "acc", "acc_norm", "parses", "passes"))
-        print(f"[eval] {name}: {shown} ({time.time() - start:.0f}s)", flush=True)
+        print(f"{name}: {shown} ({time.time() - start:.0f}s)", flush=True)
         del model
     last = list(results["stages"])[-1]
     results["metrics"] = results["stages"][last]["metrics"]  # the source's, or the last stage's
     results["tasks"] = {t.name: str(t.path) for t in tasks}
     _write_json(run_dir / "eval.json", results)
-    print(f"[eval] wrote {run_dir / 'eval.json'}", flush=True)
+    print(f"wrote {run_dir / 'eval.json'}", flush=True)
     if cfg.eval.report:
         from training.evaluate.report import write_report
 
         path = write_report(run_dir, results)
-        print(f"[eval] wrote {path}", flush=True)
+        print(f"wrote {path}", flush=True)
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import fields
 from pathlib import Path
 from typing import Optional
@@ -59,6 +60,25 @@ def _tokenizer_path(run_cfg: dict, run_dir: Path) -> Path:
             tried.append(str(base / name))
     raise EvalError(f"{run_dir / 'config.yaml'}: no tokenizer.json found from data.tokenizer or data.dir "
                     f"(looked at {tried[:4] or 'nothing: neither key is set'})")
+
+
+CHAT_KINDS = ("sft", "dpo", "grpo")  # post-training kinds that teach the chat format
+
+
+def is_chat_model(source: str | Path) -> bool:
+    """Whether a model answers in the chat format: a run (or a checkpoint of one) of a chat-trained kind,
+    or a Hugging Face folder that ships a chat template (`orch export` of such a run does)."""
+    from model.hf import is_hf_folder
+
+    src = Path(source)
+    if is_hf_folder(src):
+        if (src / "chat_template.jinja").is_file():
+            return True
+        config = src / "tokenizer_config.json"
+        return config.is_file() and "chat_template" in json.loads(config.read_text())
+    run_dir, _ = resolve_checkpoint(src)
+    config = run_dir / "config.yaml"
+    return config.is_file() and OmegaConf.load(config).get("kind") in CHAT_KINDS
 
 
 def load_model(source: str | Path, device: str | torch.device = "cpu",

@@ -70,6 +70,15 @@ def continuation_questions(functions: list[list[str]], n: int, rng: random.Rando
     return questions
 
 
+def instruction(node: ast.FunctionDef) -> str:
+    """What a chat model is asked for the same function (metadata.chat_prompt), in the words of the
+    demo SFT data (training/posttrain/demo_data.py)."""
+    stub = ast.FunctionDef(name=node.name, args=node.args, body=[ast.Pass()], decorator_list=[],
+                           returns=node.returns, type_comment=None, type_params=[])
+    signature = ast.unparse(ast.fix_missing_locations(stub)).split("\n")[0]
+    return f"Write the Python function `{signature}`:\n{ast.get_docstring(node)}"
+
+
 def body_prompts(functions: list[list[str]], n: int, rng: random.Random) -> list[dict]:
     prompts = []
     for func in rng.sample(functions, len(functions)):
@@ -85,7 +94,7 @@ def body_prompts(functions: list[list[str]], n: int, rng: random.Random) -> list
             continue
         # No final newline: "\n" + indentation is one token to a BPE trained on code, so a prompt cut
         # after the "\n" would leave the model at a token boundary it has rarely seen.
-        prompts.append({"prompt": "\n".join(func[:doc.end_lineno])})
+        prompts.append({"prompt": "\n".join(func[:doc.end_lineno]), "instruction": instruction(node)})
         if len(prompts) == n:
             break
     return prompts

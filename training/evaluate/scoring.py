@@ -123,22 +123,42 @@ def parses(prompt: str, completion: str) -> bool:
     return len(tree.body) == len(before.body) and ast.dump(tree) != ast.dump(before)
 
 
-def generation(model, tokenizer, task: Task, batch_size: int, autocast=nullcontext) -> dict:
+def prompt_ids(tokenizer, task: Task, doc: dict, chat: bool) -> list[int]:
+    """The ids a generation starts from: the task's text, or for a chat model with metadata.chat_prompt,
+    the user's message in the chat format and the assistant's reply begun with that text."""
+    from training.data.tokenizer import EOS_ID
+
+    text = task.text(doc)
+    message = task.chat_message(doc) if chat else None
+    if message is None:
+        return tokenizer.encode(text).ids or [EOS_ID]
+    from training.posttrain.chat import encode_prompt
+
+    return encode_prompt(tokenizer, message) + tokenizer.encode(text).ids
+
+
+def generation(model, tokenizer, task: Task, batch_size: int, autocast=nullcontext, chat: bool = False) -> dict:
     """Greedy completions cut at the task's stop strings; `parses`: prompt + completion is valid Python that
     completes the prompt's code (see parses()); `passes`: and the record's `test` code then runs without
-    error (records without one count as failed)."""
+    error (records without one count as failed). chat: ask in the chat format (see prompt_ids), stopping
+    at the end of the assistant's turn too."""
     from model.generate import generate
     from training.data.tokenizer import EOS_ID
 
     prompts = [task.text(doc) for doc in task.docs]
+    stops = [EOS_ID]
+    if chat:
+        from training.posttrain.chat import end_of_turn_id
+
+        stops.append(end_of_turn_id(tokenizer))
     # A long prompt keeps its end, leaving room for max_gen_toks (at least half the window), as in the harness.
     keep = max(model.cfg.max_seq_len - task.max_gen_toks, model.cfg.max_seq_len // 2)
     completions = []
     for start in range(0, len(prompts), batch_size):
-        ids = [(tokenizer.encode(p).ids or [EOS_ID])[-keep:] for p in prompts[start:start + batch_size]]
+        ids = [prompt_ids(tokenizer, task, doc, chat)[-keep:] for doc in task.docs[start:start + batch_size]]
         with autocast():
-            new = generate(model, ids, task.max_gen_toks, temperature=0, stop_tokens=[EOS_ID])
-        completions += [cut_at_stop(tokenizer.decode([t for t in row if t != EOS_ID]), task.until) for row in new]
+            new = generate(model, ids, task.max_gen_toks, temperature=0, stop_tokens=stops)
+        completions += [cut_at_stop(tokenizer.decode([t for t in row if t not in stops]), task.until) for row in new]
     parsed = passed = 0
     for doc, prompt, completion in zip(task.docs, prompts, completions):
         program = prompt + completion

@@ -11,6 +11,13 @@
     target_delimiter: ""                    # put between context and choice (the harness' default is " ")
     generation_kwargs: {until: ["\\ndef"], max_gen_toks: 96}   # generate_until
     metric_list: [{metric: acc}, {metric: acc_norm}]           # or parses / passes for generate_until
+    metadata: {chat_prompt: "{{instruction}}"}                 # generate_until, ours: see below
+
+A chat model (a post-trained run: sft, dpo, grpo, or a Hugging Face folder with a chat template) was
+taught to answer a user's message, not to continue raw code. For a generate_until task with
+metadata.chat_prompt, it gets that message (Jinja2 over the record) in its chat format, with its reply
+begun by doc_to_text (the code to continue): the same continuation, asked the way the model was trained.
+The harness ignores metadata, so the file still runs there.
 
 Relative data_files are looked up next to the YAML file, then from the current folder (where the
 harness looks), then from the repository root.
@@ -49,6 +56,10 @@ class Task:
     until: list[str] = field(default_factory=list)
     max_gen_toks: int = 128
     metrics: tuple[str, ...] = ()
+    chat_prompt: Optional[str] = None  # metadata.chat_prompt: the user message a chat model gets
+
+    def chat_message(self, doc: dict) -> Optional[str]:
+        return None if self.chat_prompt is None else _render(self.chat_prompt, doc, self.path, "metadata.chat_prompt")
 
     def text(self, doc: dict) -> str:
         return _render(self.doc_to_text, doc, self.path, "doc_to_text")
@@ -168,8 +179,9 @@ def load_task(path: str | Path, max_examples: Optional[int] = None) -> Task:
                 doc_to_text=raw.get("doc_to_text"), doc_to_choice=raw.get("doc_to_choice"),
                 doc_to_target=raw.get("doc_to_target"), target_delimiter=str(raw.get("target_delimiter", " ")),
                 until=[until] if isinstance(until, str) else list(until), max_gen_toks=int(gen.get("max_gen_toks", 128)),
-                metrics=metrics or allowed)
+                metrics=metrics or allowed, chat_prompt=(raw.get("metadata") or {}).get("chat_prompt"))
     task.text(docs[0])  # fail now, naming the key, rather than halfway through
+    task.chat_message(docs[0])
     if output_type == "multiple_choice":
         task.target(docs[0])
     return task

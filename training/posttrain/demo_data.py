@@ -29,6 +29,7 @@ import warnings
 from pathlib import Path
 from typing import Iterator, Optional
 
+from training.data import DataError
 from training.data.corpus import DEMO_VAL_PACKAGES, demo_files
 from training.posttrain.jsonl import write_jsonl
 
@@ -61,6 +62,11 @@ def write_demo_data(out_dir, tokenizer_path=None, max_docs: Optional[int] = None
     functions["val"] = _unique(functions["val"])
     if tokenizer_path and max_tokens:
         functions = {split: _fitting(fs, tokenizer_path, max_tokens) for split, fs in functions.items()}
+        for split, fs in functions.items():
+            if not fs:
+                raise DataError(f"no demo function of the {split} split fits data.seq_len={max_tokens} tokens "
+                                "as a chat example (prompt + answer); raise data.seq_len (256 fits about 3,500) "
+                                "or give your own files")
     counts = {}
     for split, fs in functions.items():
         rng = random.Random(f"{seed}-{split}")
