@@ -37,7 +37,8 @@ def table() -> str:
         if result is None:
             continue
         figures = result["figures"]
-        shown = ", ".join(f"{k} {v}" for k, v in figures.items() if k == key or k.endswith("ratio"))
+        shown = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                          for k, v in figures.items() if k == key or k.endswith("ratio"))
         rows.append(f"| {name} | {what} | {shown} | {target} | {result['device']} | {result['date']} |")
     return "\n".join(rows)
 

@@ -68,3 +68,24 @@ def test_loading_into_a_model_of_another_shape_names_the_folder(tmp_path):
 
     with pytest.raises(CheckpointError, match=r"could not load .*step_00000001/model into this model"):
         load_checkpoint(path, other)
+
+
+def test_streamed_safetensors_files_read_back_with_safetensors(tmp_path):
+    """Checkpoint files are written straight from tensor memory (training/safetensors_writer.py): the
+    safetensors library must read them back bit for bit, metadata included."""
+    from safetensors import safe_open
+
+    from training.safetensors_writer import write_safetensors
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"w": torch.randn(3, 5, generator=g), "half": torch.randn(7, generator=g).to(torch.bfloat16),
+               "step": torch.tensor(12.0), "ids": torch.arange(4), "empty": torch.zeros(0, 2),
+               "strided": torch.randn(4, 6, generator=g).t()}  # not contiguous: written in logical order
+    write_safetensors(tmp_path / "x.safetensors", tensors, {"note": "hello"})
+    with safe_open(str(tmp_path / "x.safetensors"), framework="pt") as f:
+        assert f.metadata() == {"note": "hello"}
+        assert set(f.keys()) == set(tensors)
+        for name, expected in tensors.items():
+            got = f.get_tensor(name)
+            assert got.dtype == expected.dtype and got.shape == expected.shape
+            assert torch.equal(got, expected)

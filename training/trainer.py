@@ -237,6 +237,8 @@ class Trainer:
         started = time.time()
         window_start, window_tokens, first_step = time.time(), 0, self.step
         budget_s = cfg.train.time_budget_min * 60 if cfg.train.time_budget_min else None
+        if cfg.train.val_at_start and self.step == 0 and self.max_steps > 0:
+            self.validate()
         while self.step < self.max_steps:
             loss, grad_norm, tokens = self.train_step()
             self.step += 1

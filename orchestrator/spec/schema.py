@@ -37,6 +37,7 @@ class TrainConfig:
     grad_accum_steps: int = 1  # micro-steps per optimizer step
     log_every: int = 10
     val_every: int = 250  # 0 = only at the end
+    val_at_start: bool = False  # also validate before the first step: the starting model's numbers, for comparison
     val_batches: int = 20  # micro-batches per validation pass (0 = the whole split)
     compile: bool = False  # torch.compile each block
     activation_checkpointing: bool = False
