@@ -109,12 +109,13 @@ def evaluate_model(model, tokenizer, source: str, heldout_sets, tasks: list[Task
         result = scoring.heldout(model, data_cfg, batch, cfg.train.val_batches, byte_lengths, autocast)
         metrics.update({f"{name}/{k}": v for k, v in result.items()})
     samples, loglikelihoods = {}, {}
+    chat = is_chat_model(source)  # generation tasks ask a post-trained model in its chat format
     for task in tasks:
         if task.output_type == "multiple_choice":
             result = scoring.multiple_choice(model, tokenizer, task, batch, autocast)
             loglikelihoods[task.name] = result.pop("loglikelihoods")  # per record, per choice: to compare
         else:
-            result = scoring.generation(model, tokenizer, task, batch, autocast, chat=is_chat_model(source))
+            result = scoring.generation(model, tokenizer, task, batch, autocast, chat=chat)
             samples[task.name] = result.pop("samples")
         metrics.update({f"{task.name}/{k}": v for k, v in result.items() if k in task.metrics or k == "n"})
     return {"metrics": metrics, "samples": samples, "loglikelihoods": loglikelihoods}
