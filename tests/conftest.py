@@ -21,7 +21,9 @@ TINY = [
 
 
 def env_for(tmp: Path) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(REPO), ORCH_HOME=str(tmp / ".orch"), PYTHONUNBUFFERED="1",
+    # The repo first; a PYTHONPATH already set (packages carried to a GPU machine) stays behind it.
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, PYTHONPATH=path, ORCH_HOME=str(tmp / ".orch"), PYTHONUNBUFFERED="1",
                OMP_NUM_THREADS="1")
     return env
 

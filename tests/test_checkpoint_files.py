@@ -89,3 +89,62 @@ def test_streamed_safetensors_files_read_back_with_safetensors(tmp_path):
             got = f.get_tensor(name)
             assert got.dtype == expected.dtype and got.shape == expected.shape
             assert torch.equal(got, expected)
+
+
+def test_async_save_keeps_its_steps_state_when_the_weights_change_after_wait_staged(tmp_path):
+    """A background save copies the state while the next step runs; the trainer changes the weights
+    only after wait_staged(). Whatever happens to them after that, the checkpoint holds the saved step."""
+    from training.async_checkpoint import AsyncSaver
+    from training.checkpoint import load_checkpoint
+
+    model, opt = small_model(256)  # ~5 MB of weights and moments: the copy takes a while
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    moments = [opt.state[p]["exp_avg"].clone() for p in model.parameters()]
+    saver = AsyncSaver()
+    try:
+        saver.save(tmp_path / "run", 1, model, opt, {"step": 1}, 2, 0)
+        saver.wait_staged()
+        opt.step()  # what the training step does right after: changes weights and moments in place
+        saved = saver.wait()
+    finally:
+        saver.close()
+    assert saved == find_resumable(tmp_path / "run")
+    fresh, fresh_opt = small_model(256)
+    for p in fresh.parameters():
+        p.grad = torch.zeros_like(p)
+    fresh_opt.step()
+    load_checkpoint(saved, fresh, fresh_opt)
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in weights.items())
+    assert all(torch.equal(fresh_opt.state[p]["exp_avg"], m) for p, m in zip(fresh.parameters(), moments))
+
+
+def test_streamed_reader_loads_what_torchs_reader_loads(tmp_path):
+    """training/safetensors_reader.py reads whole tensors with readinto into contiguous CPU destinations
+    and leaves the rest (here a transposed destination) to torch's code: both paths must give exactly
+    what torch's own HuggingFaceStorageReader gives."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    from training.checkpoint import _writer
+    from training.safetensors_reader import StreamingHFStorageReader
+
+    g = torch.Generator().manual_seed(0)
+    state = {"w": torch.randn(16, 8, generator=g), "half": torch.randn(33, generator=g).to(torch.bfloat16),
+             "step": torch.tensor(7.0), "ids": torch.arange(5), "empty": torch.zeros(0, 3),
+             "square": torch.randn(6, 6, generator=g)}
+    dcp.save(state, storage_writer=_writer(tmp_path, state, distributed=False))
+
+    def destinations() -> dict[str, torch.Tensor]:
+        out = {k: torch.full_like(v, 3) for k, v in state.items()}
+        out["square"] = torch.full((6, 6), 3.0).t()  # not contiguous: torch's code reads it
+        return out
+
+    ours, theirs = destinations(), destinations()
+    dcp.load(ours, storage_reader=StreamingHFStorageReader(str(tmp_path)))
+    dcp.load(theirs, storage_reader=HuggingFaceStorageReader(str(tmp_path)))
+    for name, expected in state.items():
+        assert torch.equal(ours[name], expected) and torch.equal(theirs[name], expected), name
+        assert ours[name].dtype == expected.dtype

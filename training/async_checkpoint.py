@@ -1,9 +1,13 @@
 """Checkpoints written in the background (`checkpoint.async_save: true`).
 
-The training step waits only while the model and optimizer state are copied into CPU memory
-(buffers kept between saves: async saving holds a second copy of the state in host memory);
-a worker thread then writes, hashes and commits the checkpoint exactly as a synchronous save
-does (training.checkpoint.write_checkpoint). Two rules keep that safe on many ranks:
+A save returns at once. A worker thread first copies the model and optimizer state into CPU memory
+(buffers kept between saves: async saving holds a second copy of the state in host memory), then
+writes, hashes and commits the checkpoint exactly as a synchronous save does
+(training.checkpoint.write_checkpoint). The copy overlaps the next step's forward and backward,
+which only read the weights; the trainer calls `wait_staged()` before `optimizer.step()`, the first
+thing that changes them, so the step is blocked only for the part of the copy that has not finished
+by then. On a GPU the copy runs on a CUDA stream of its own into pinned memory.
+Two rules keep that safe on many ranks:
 - the worker's collectives run on a process group of their own (gloo), so they never
   interleave with the training step's all-reduces on the default group;
 - at most one save is in flight: the next save, a preemption stop or the end of training
@@ -49,26 +53,56 @@ def _copy(tensor: torch.Tensor, buffers: dict, key: str) -> torch.Tensor:
 
 
 class AsyncSaver:
-    def __init__(self):
+    def __init__(self, device: torch.device | str = "cpu"):
         # Created by every rank at the same point (a collective), before the first save.
         self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
-        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="orch-checkpoint")
-        self.pending: Optional[Future] = None
+        # The copy and the write are separate tasks on two threads: the step waits for the first only.
+        self.copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="orch-checkpoint-copy")
+        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="orch-checkpoint-write")
+        self.staged: Optional[Future] = None  # the save in flight's copy of the state, once complete
+        self.pending: Optional[Future] = None  # the save in flight: resolves to its committed folder
         self.buffers: dict[str, torch.Tensor] = {}  # the staging copies, reused by every save
+        self.stream = torch.cuda.Stream(device) if torch.device(device).type == "cuda" else None
 
     def save(self, run_dir: Path, step: int, model, optimizer, trainer_state: dict,
              keep_last: int, keep_every: int) -> None:
-        """Copy the state now; write it in the background."""
+        """Start a save of the current state and return at once; call `wait_staged()` before the
+        state next changes."""
         self.wait()
-        model_state = stage(_model_tensors(model), self.buffers, "model")
-        optim_state = stage(_optim_tensors(model, optimizer), self.buffers, "optim")
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()  # the non-blocking copies from the GPU must land before the writer reads them
-        self.pending = self.worker.submit(write_checkpoint, run_dir, step, model_state, optim_state, rng_state(),
-                                          trainer_state, keep_last, keep_every, self.group)
+        # Gathered here, in the training thread: the state-dict helpers may talk to the default process group.
+        model_state, optim_state = _model_tensors(model), _optim_tensors(model, optimizer)
+        ready = None
+        if self.stream is not None:  # the copy must start after the step that produced these weights
+            ready = torch.cuda.Event()
+            ready.record()
+        self.staged = self.copier.submit(self._stage, ready, model_state, optim_state)
+        self.pending = self.writer.submit(self._write, self.staged, run_dir, step, rng_state(), dict(trainer_state),
+                                          keep_last, keep_every)
+
+    def _stage(self, ready, model_state: dict, optim_state: dict) -> tuple[dict, dict]:
+        if self.stream is None:
+            return stage(model_state, self.buffers, "model"), stage(optim_state, self.buffers, "optim")
+        torch.cuda.set_device(self.stream.device)  # a new thread starts on GPU 0, not on this rank's GPU
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_event(ready)
+            copies = stage(model_state, self.buffers, "model"), stage(optim_state, self.buffers, "optim")
+        self.stream.synchronize()  # the copies have landed; only now may the sources be freed
+        return copies
+
+    def _write(self, staged: Future, run_dir, step, rng, trainer_state, keep_last, keep_every) -> Path:
+        model_copy, optim_copy = staged.result()
+        return write_checkpoint(run_dir, step, model_copy, optim_copy, rng, trainer_state,
+                                keep_last, keep_every, self.group)
+
+    def wait_staged(self) -> None:
+        """Block until the save in flight has its own copy of the state (the weights may change after)."""
+        if self.staged is not None:
+            staged, self.staged = self.staged, None
+            staged.result()
 
     def wait(self) -> Optional[Path]:
         """Block until the save in flight (if any) is committed; return its folder."""
+        self.wait_staged()
         if self.pending is None:
             return None
         future, self.pending = self.pending, None
@@ -78,4 +112,5 @@ class AsyncSaver:
         try:
             self.wait()
         finally:
-            self.worker.shutdown(wait=True)
+            self.copier.shutdown(wait=True)
+            self.writer.shutdown(wait=True)

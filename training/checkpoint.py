@@ -21,6 +21,7 @@ import os
 import random
 import shutil
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
@@ -39,6 +40,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from training.safetensors_reader import StreamingHFStorageReader
 from training.safetensors_writer import StreamingHFStorageWriter
 
 MANIFEST = "manifest.json"
@@ -63,11 +65,24 @@ def step_dirs(root: Path) -> list[Path]:
 
 
 def _file_hash(path: Path) -> str:
-    h = xxhash.xxh64()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            h.update(chunk)
+    h, buffer = xxhash.xxh64(), bytearray(8 << 20)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            h.update(view[:n])
     return h.hexdigest()
+
+
+HASH_THREADS = 4
+
+
+def _file_hashes(paths: list[Path]) -> list[str]:
+    """xxh64 of each file, several files at once: xxhash releases the GIL, so hashing a 1 GB
+    checkpoint's four files takes half the time on two cores (bench/checkpoint_io.py)."""
+    if len(paths) <= 1:
+        return [_file_hash(p) for p in paths]
+    with ThreadPoolExecutor(min(HASH_THREADS, len(paths))) as pool:
+        return list(pool.map(_file_hash, paths))
 
 
 def _files(folder: Path) -> list[str]:
@@ -151,13 +166,12 @@ def _optim_tensors(model, optimizer) -> dict:
     return {"state": get_optimizer_state_dict(model, optimizer)["state"]}
 
 
-# Each rank writes its share of a state as up to this many safetensors files, one thread each: safetensors
-# builds a file in memory before writing it, so while one thread serializes another writes (1.6x faster
-# saves of 1 GB on 2 cores; bench/checkpoint_io.py).
+# Each rank writes its share of a state as up to this many safetensors files, one thread each, so that
+# copying into the page cache, fsync and hashing overlap (bench/checkpoint_io.py).
 WRITE_FILES = 4
 
 
-def _writer(folder: Path, state: dict, distributed: bool) -> HuggingFaceStorageWriter:
+def _writer(folder: Path, state: dict, distributed: bool) -> StreamingHFStorageWriter:
     """A storage writer that spreads the tensors over files of about equal size. The file of each
     tensor is decided from global shapes alone, so every rank computes the same mapping."""
     flat = {}
@@ -214,7 +228,9 @@ def write_checkpoint(run_dir: str | Path, step: int, model_state: dict, optim_st
         _barrier(group)
         # Every rank hashes a share of the files; rank 0 merges the shares into the manifest.
         files = _files(tmp)
-        part = {f: {"bytes": (tmp / f).stat().st_size, "xxh64": _file_hash(tmp / f)} for f in files[rank::world]}
+        mine = files[rank::world]
+        part = {f: {"bytes": (tmp / f).stat().st_size, "xxh64": digest}
+                for f, digest in zip(mine, _file_hashes([tmp / f for f in mine]))}
         _write_json(tmp / f".manifest-part-{rank}.json", part)
         _barrier(group)
         if rank == 0:
@@ -270,16 +286,17 @@ def verify(path: Path, files: Optional[list[str]] = None) -> Optional[str]:
         manifest = json.loads(manifest_path.read_text())["files"]
     except (ValueError, KeyError) as e:
         return f"{manifest_path} is unreadable ({e})"
-    for name in files if files is not None else sorted(manifest):
-        expected = manifest[name]
-        f = path / name
+    names = files if files is not None else sorted(manifest)
+    for name in names:
+        f, expected = path / name, manifest[name]
         if not f.is_file():
             return f"{f} is missing"
         size = f.stat().st_size
         if size != expected["bytes"]:
             return f"{f} has {size} bytes, its manifest says {expected['bytes']} (truncated?)"
-        if _file_hash(f) != expected["xxh64"]:
-            return f"{f} fails its checksum (corrupted)"
+    for name, digest in zip(names, _file_hashes([path / n for n in names])):
+        if digest != manifest[name]["xxh64"]:
+            return f"{path / name} fails its checksum (corrupted)"
     return None
 
 
@@ -324,7 +341,7 @@ def find_resumable(run_dir: str | Path) -> Optional[Path]:
 def _dcp_load(state: dict, folder: Path) -> None:
     """dcp.load, with its failures (a BaseException naming no file) turned into a sentence."""
     try:
-        dcp.load(state, storage_reader=HuggingFaceStorageReader(str(folder)))
+        dcp.load(state, storage_reader=StreamingHFStorageReader(str(folder)))
     except DCPException as e:
         first = next(iter(e.failures.values()), None)
         cause = first[0] if isinstance(first, tuple) else first

@@ -154,7 +154,11 @@ class Trainer:
         if cfg.checkpoint.async_save:
             from training.async_checkpoint import AsyncSaver
 
-            self.saver = AsyncSaver()
+            self.saver = AsyncSaver(device)
+            if device.type == "cpu":
+                say("note: checkpoint.async_save on a CPU run: the background write competes with training for the "
+                    "cores and costs more than a synchronous save (docs/performance.md); it pays off on GPUs",
+                    dist_info.is_main)
 
     # ------------------------------------------------------------ state
 
@@ -221,6 +225,8 @@ class Trainer:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
+        if self.saver is not None:
+            self.saver.wait_staged()  # a background save still copying the weights this step changes
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         loss = loss_sum / accum

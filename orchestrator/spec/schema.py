@@ -64,7 +64,7 @@ class CheckpointConfig:
     every: int = 0  # save every N steps (0 = only at the end)
     keep_last: int = 2  # newest checkpoints kept
     keep_every: int = 0  # also keep every M-th step forever (0 = none)
-    async_save: bool = False
+    async_save: bool = False  # write in a background thread while training goes on: for GPU runs (docs/performance.md)
     init_from: Optional[str] = None  # a run folder, a checkpoint folder or a Hugging Face Llama folder
 
 
