@@ -83,7 +83,7 @@ def measure(size: str, seq: int, steps: int, device: str, compile: bool) -> dict
     out = {"params": model.num_params(), "micro_batch": batch, "tokens_per_s": round(tps),
            "tflops": round(tps * fpt / 1e12, 1), "mfu": round(tps * fpt / peak, 4) if peak else None,
            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_gpu else None}
-    del model, optimizer
+    model = optimizer = None  # frees the GPU memory before the next size (the closure holds them too)
     if on_gpu:
         torch.cuda.empty_cache()
     return out

@@ -218,7 +218,7 @@ def test_export_reassembles_a_checkpoint_saved_by_two_tensor_parallel_ranks(tmp_
     from safetensors.torch import load_file
 
     from model.hf import to_hf_name
-    from tests.conftest import REPO, env_for
+    from tests.conftest import env_for
 
     vocab = load_tokenizer(tokenizer_dir / "tokenizer.json").get_vocab_size()
     section = dict(vocab_size=None, n_layer=2, n_head=4, n_kv_head=2, d_model=64, max_seq_len=64,

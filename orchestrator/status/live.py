@@ -7,7 +7,6 @@ no keys (Ctrl-C quits), so it works the same over SSH and inside tmux.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from typing import Optional
 
