@@ -157,8 +157,8 @@ class Trainer:
             self.saver = AsyncSaver(device)
             if device.type == "cpu":
                 say("note: checkpoint.async_save on a CPU run: the background write competes with training for the "
-                    "cores and costs more than a synchronous save (docs/performance.md); it pays off on GPUs",
-                    dist_info.is_main)
+                    "cores, so the steps lose about what a synchronous save takes (docs/performance.md); it pays "
+                    "off on GPUs", dist_info.is_main)
 
     # ------------------------------------------------------------ state
 
