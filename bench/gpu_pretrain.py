@@ -43,7 +43,24 @@ class _RandomTokens:
     model_cfg = None
 
 
-def measure(size: str, seq: int, steps: int, device: str, compile: bool) -> dict:
+def profile_steps(step, n: int = 3) -> str:
+    """The kernels that take the GPU's time over n steps, and how busy it was: what limits the step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            step()
+        torch.cuda.synchronize()
+    wall_us = (time.perf_counter() - start) * 1e6
+    events = prof.key_averages()
+    busy_us = sum(getattr(e, "self_device_time_total", 0) for e in events if e.device_type.name == "CUDA")
+    table = events.table(sort_by="self_device_time_total", row_limit=15)
+    return f"GPU busy {busy_us / wall_us:.1%} of {wall_us / 1e3 / n:.1f} ms per step (profiler on)\n{table}"
+
+
+def measure(size: str, seq: int, steps: int, device: str, compile: bool, profile: bool = False) -> dict:
     overrides = [f"model.{k}={v}" for k, v in SIZES[size].items()] + [
         "model.vocab_size=50304", f"model.max_seq_len={seq}", f"data.seq_len={seq}", "model.tie_embeddings=false",
         f"train.compile={str(compile).lower()}", "train.dtype=bf16", f"train.device={device}"]
@@ -83,6 +100,9 @@ def measure(size: str, seq: int, steps: int, device: str, compile: bool) -> dict
     out = {"params": model.num_params(), "micro_batch": batch, "tokens_per_s": round(tps),
            "tflops": round(tps * fpt / 1e12, 1), "mfu": round(tps * fpt / peak, 4) if peak else None,
            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_gpu else None}
+    if profile and on_gpu:
+        print(f"--- {size} {'compiled' if compile else 'eager'}: where the GPU time goes", flush=True)
+        print(profile_steps(step), flush=True)
     model = optimizer = None  # frees the GPU memory before the next size (the closure holds them too)
     if on_gpu:
         torch.cuda.empty_cache()
@@ -96,11 +116,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--no-baseline", action="store_true", help="skip the uncompiled run")
+    ap.add_argument("--profile", action="store_true", help="print each compiled size's top GPU kernels and busy share")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     figures = {}
     for size in args.sizes:
-        compiled = measure(size, args.seq, args.steps, args.device, compile=True)
+        compiled = measure(size, args.seq, args.steps, args.device, compile=True, profile=args.profile)
         figures[size] = compiled
         if not args.no_baseline:
             eager = measure(size, args.seq, args.steps, args.device, compile=False)

@@ -35,7 +35,7 @@ python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.versio
 status=0
 # The benchmark first: it is what issue 8 asks for; each size's line is in the log even if time runs out.
 # GPU_PRETRAIN_ARGS: e.g. "--sizes tiny --device cpu --seq 128 --steps 3" to try this script without a GPU.
-timeout 320 python3 -m bench.gpu_pretrain ${GPU_PRETRAIN_ARGS:-} 2>&1 | tee "$OUT/gpu_pretrain.log" || status=1
+timeout 320 python3 -m bench.gpu_pretrain --profile ${GPU_PRETRAIN_ARGS:-} 2>&1 | tee "$OUT/gpu_pretrain.log" || status=1
 cp bench/results/gpu_pretrain-*.json "$OUT/" 2>/dev/null
 timeout 200 python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/tests_gpu.log" || status=1
 exit $status
