@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch.distributed.checkpoint import HuggingFaceStorageReader
 from torch.futures import Future
 
@@ -50,8 +51,6 @@ class StreamingHFStorageReader(HuggingFaceStorageReader):
             leftovers = list(pool.map(lambda path: self._read_whole_tensors(path, per_file[path], planner), per_file))
         for path, rest in zip(per_file, leftovers):
             if rest:
-                from safetensors import safe_open
-
                 with safe_open(filename=path, framework="pt") as f:
                     for item in rest:
                         self._process_read_request(f, item, planner)
