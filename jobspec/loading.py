@@ -1,7 +1,8 @@
 """Load a job YAML plus `key=value` overrides into a typed, validated OmegaConf config.
 
-Every failure becomes one SpecError paragraph that names the file (or the override),
-the key path and the value at fault, so `orch submit` can print it and exit 2.
+Every failure becomes one SpecError paragraph that names the file and line (or the override),
+the key path and the value at fault, so `orch submit` can print it and exit 2. A YAML file that
+would load but not mean what it says is refused too: an empty file, a key written twice.
 """
 
 from __future__ import annotations
@@ -9,19 +10,14 @@ from __future__ import annotations
 import difflib
 import os
 from dataclasses import fields, is_dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from jobspec.checks import SpecError, check_launch, check_plain_values, check_values
 from jobspec.schema import KINDS
-
-
-class SpecError(Exception):
-    """A job spec that can't be used. The message is meant for the user, as is."""
-
-    exit_code = 2
 
 
 def schema_keys(schema, prefix: str = "") -> list[str]:
@@ -42,12 +38,32 @@ def did_you_mean(key: str, candidates: Iterable[str]) -> str:
     return f" Did you mean '{close[0]}'?" if close else ""
 
 
-def read_yaml(path: str) -> dict:
+def _key_lines(node, path: str, prefix: str = "", lines: Optional[dict] = None) -> dict[str, int]:
+    """Dotted key -> line number (1-based) for every key of a composed YAML mapping; a key written twice in
+    one mapping (YAML would silently keep the last) is a SpecError naming both lines."""
+    lines = {} if lines is None else lines
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key, line = str(key_node.value), key_node.start_mark.line + 1
+            if key in seen:
+                raise SpecError(f"{path}, line {line}: key '{prefix}{key}' is written twice (first at line "
+                                f"{seen[key]}); YAML would keep only the second. Merge them into one.")
+            seen[key] = lines[prefix + key] = line
+            _key_lines(value_node, path, f"{prefix}{key}.", lines)
+    return lines
+
+
+def read_yaml(path: str, lines: Optional[dict] = None) -> dict:
+    """A job or pipeline file as a dict; `lines`, if given, gets each dotted key's line number."""
     if not os.path.exists(path):
         raise SpecError(f"{path}: no such job file.")
     try:
         with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f)
+            text = f.read()
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        found = _key_lines(node, path)
+        raw = yaml.safe_load(text)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "an unknown place"
@@ -57,10 +73,13 @@ def read_yaml(path: str) -> dict:
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise SpecError(f"{path}: the file can't be read as YAML ({e}).") from None
     if raw is None:
-        return {}
+        raise SpecError(f"{path}: the file is empty (or only comments): a job file says at least its kind, "
+                        "e.g. `kind: pretrain`. See jobs/ for examples.")
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: a job file must be a mapping of keys to values, "
                         f"but its top level is a {type(raw).__name__}.")
+    if lines is not None:
+        lines.update(found)
     return raw
 
 
@@ -93,17 +112,37 @@ def _check_known(key: str, value, source: str, valid_keys: list[str]) -> None:
                     f"Valid keys {where}: {', '.join(siblings)}.")
 
 
-def _explain(e: OmegaConfBaseException, source: str) -> SpecError:
+def _explain(e: OmegaConfBaseException, where) -> SpecError:
     """Turn an OmegaConf type or value error into one paragraph naming source, key and value."""
     key = getattr(e, "full_key", None) or "?"
     value = getattr(e, "value", None)
     msg = str(e).splitlines()[0]
-    return SpecError(f"{source}: key '{key}' has the value {value!r}, which is not valid: {msg}.")
+    return SpecError(f"{where(key)}: key '{key}' has the value {value!r}, which is not valid: {msg}.")
 
 
-def load_spec(path: str, overrides: Sequence[str] = ()) -> DictConfig:
-    """YAML file + overrides -> typed config (struct mode: unknown keys are errors)."""
-    raw = read_yaml(path)
+class Origins:
+    """Where each key's value came from, for error messages: "jobs/x.yaml, line 12" or the override."""
+
+    def __init__(self, path: str, lines: dict[str, int]):
+        self.path, self.lines, self.overrides = path, lines, {}
+
+    def __call__(self, key: str) -> str:
+        top = key.split("[", 1)[0]
+        if top in self.overrides:
+            return f"command line override {self.overrides[top]!r}"
+        for k in (key, top, top.rsplit(".", 1)[0]):
+            if k in self.lines:
+                return f"{self.path}, line {self.lines[k]}"
+        return self.path
+
+
+def load_spec(path: str, overrides: Sequence[str] = (), *, launch: bool = False) -> DictConfig:
+    """YAML file + overrides -> typed config (struct mode: unknown keys are errors). launch=True adds the
+    checks of what the job asks of the machines (`orch submit`, `orch config`; not torchrun's trainer)."""
+    lines: dict[str, int] = {}
+    raw = read_yaml(path, lines)
+    where = Origins(path, lines)
+    check_plain_values(raw, where)
     kind = raw.get("kind", "pretrain")
     for ov in overrides:
         if ov.startswith("kind="):
@@ -115,21 +154,25 @@ def load_spec(path: str, overrides: Sequence[str] = ()) -> DictConfig:
     valid_keys = schema_keys(schema)
     cfg = OmegaConf.structured(schema)
     for key, value in _flatten(raw).items():
-        _check_known(key, value, path, valid_keys)
+        _check_known(key, value, where(key), valid_keys)
     try:
         cfg = OmegaConf.merge(cfg, OmegaConf.create(raw))
     except OmegaConfBaseException as e:
-        raise _explain(e, path) from None
+        raise _explain(e, where) from None
     for ov in overrides:
         if "=" not in ov:
             raise SpecError(f"command line: the override {ov!r} is not of the form key=value "
                             f"(for example train.max_steps=50).")
         source = f"command line override {ov!r}"
-        _check_known(ov.split("=", 1)[0].strip(), ov.split("=", 1)[1], source, valid_keys)
+        key = ov.split("=", 1)[0].strip()
+        _check_known(key, ov.split("=", 1)[1], source, valid_keys)
+        where.overrides[key] = ov
         try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([ov]))
+            override = OmegaConf.from_dotlist([ov])
+            check_plain_values(OmegaConf.to_container(override), where)
+            cfg = OmegaConf.merge(cfg, override)
         except OmegaConfBaseException as e:
-            raise _explain(e, source) from None
+            raise _explain(e, where) from None
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise SpecError(f"{path}: required key '{missing[0]}' has no value; set it in the file "
@@ -137,42 +180,11 @@ def load_spec(path: str, overrides: Sequence[str] = ()) -> DictConfig:
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as e:
-        raise _explain(e, path) from None
-    check_values(cfg, path)
+        raise _explain(e, where) from None
+    check_values(cfg, where)
+    if launch:
+        check_launch(cfg, where)
     return cfg
-
-
-def check_values(cfg: DictConfig, source: str) -> None:
-    """Checks types alone can't express. Each names the key and value at fault."""
-
-    def bad(key: str, value, why: str) -> SpecError:
-        return SpecError(f"{source}: key '{key}' has the value {value!r}, {why}.")
-
-    for i, src in enumerate(cfg.data.sources):
-        if src != "demo" and "://" not in src and not os.path.exists(src):
-            raise bad(f"data.sources[{i}]", src, "but no such file or folder exists "
-                      "(give .txt/.jsonl/.parquet files or folders, or 'demo' for the built-in corpus)")
-    if cfg.data.tokenizer and not os.path.isfile(cfg.data.tokenizer):
-        raise bad("data.tokenizer", cfg.data.tokenizer, "but no such tokenizer.json file exists")
-    if cfg.train.max_steps < 0:
-        raise bad("train.max_steps", cfg.train.max_steps, "but it must be 0 (only validate and save) or more")
-    for key in ("train.micro_batch_size", "train.grad_accum_steps", "data.seq_len",
-                "model.n_layer", "model.n_head", "model.d_model", "parallel.tp", "parallel.dp_replicate"):
-        value = OmegaConf.select(cfg, key)
-        if value is not None and value < 1:
-            raise bad(key, value, "but it must be at least 1")
-    if cfg.parallel.dp_shard == 0 or cfg.parallel.dp_shard < -1:
-        raise bad("parallel.dp_shard", cfg.parallel.dp_shard, "but it must be -1 (the rest) or at least 1")
-    if cfg.data.seq_len > cfg.model.max_seq_len:
-        raise bad("data.seq_len", cfg.data.seq_len, f"longer than model.max_seq_len={cfg.model.max_seq_len}")
-    if cfg.executor not in ("auto", "local", "slurm"):
-        raise bad("executor", cfg.executor, "but it must be one of auto, local, slurm")
-    if cfg.train.dtype not in ("auto", "fp32", "bf16"):
-        raise bad("train.dtype", cfg.train.dtype, "but it must be one of auto, fp32, bf16")
-    if not 0.0 <= cfg.data.val_fraction < 1.0:
-        raise bad("data.val_fraction", cfg.data.val_fraction, "but it must be in [0, 1)")
-    if cfg.model.d_model % cfg.model.n_head:
-        raise bad("model.d_model", cfg.model.d_model, f"not divisible by model.n_head={cfg.model.n_head}")
 
 
 def save_config(cfg: DictConfig, path) -> None:

@@ -18,13 +18,13 @@ checks such a file; nothing is registered or written (orchestrator/pipelines.py 
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Hashable, Optional, Sequence, TypeVar
 
 from omegaconf import DictConfig
 
+from jobspec.checks import NAME
 from jobspec.loading import SpecError, did_you_mean, load_spec, read_yaml
 
 T = TypeVar("T")
@@ -59,7 +59,6 @@ class CycleError(ValueError):
 
 TOP_KEYS = ("kind", "name", "executor", "overrides", "stages")
 STAGE_KEYS = ("job", "after", "overrides")
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # it becomes part of run ids and folder names
 
 
 @dataclass
@@ -152,7 +151,7 @@ def load_pipeline(path: str, overrides: Sequence[str] = ()) -> Pipeline:
         raise SpecError(f"{path}: key 'kind' has the value {raw.get('kind')!r}, "
                         "but a pipeline file says kind: pipeline.")
     name = raw.get("name") or Path(path).stem
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME.match(name):
         raise SpecError(f"{path}: key 'name' has the value {name!r}, but it must be letters, digits, '_', '.' or '-'.")
     executor = raw.get("executor", "auto")
     if executor not in ("auto", "local", "slurm"):
@@ -166,7 +165,7 @@ def load_pipeline(path: str, overrides: Sequence[str] = ()) -> Pipeline:
     names = [str(n) for n in stages]
     for stage_name, body in stages.items():
         where = f"stages.{stage_name}"
-        if not NAME_RE.match(str(stage_name)):
+        if not NAME.match(str(stage_name)):
             raise SpecError(f"{path}: stage name {stage_name!r} must be letters, digits, '_', '.' or '-'.")
         if not isinstance(body, dict):
             raise SpecError(f"{path}: key '{where}' has the value {body!r}, but a stage must be a mapping "
@@ -199,7 +198,7 @@ def load_pipeline(path: str, overrides: Sequence[str] = ()) -> Pipeline:
                             f"file exists (looked in {Path(path).resolve().parent} and {Path.cwd()}).")
         stage_overrides = [*common_file, *(body.get("overrides") or []), *common_cli, *per_stage_cli[stage_name]]
         try:
-            cfg = load_spec(job, stage_overrides)
+            cfg = load_spec(job, stage_overrides, launch=True)
         except SpecError as e:
             raise SpecError(f"{path}, stage '{stage_name}': {e}") from None
         result.append(Stage(stage_name, job, body.get("after"), stage_overrides, cfg))

@@ -44,7 +44,8 @@ class TrainConfig:
     dtype: str = "auto"  # auto = bf16 on GPU, fp32 on CPU; or fp32 / bf16
     device: str = "auto"  # auto = cuda when available, else cpu
     deterministic: bool = False  # torch.use_deterministic_algorithms (slower)
-    time_budget_min: Optional[float] = None  # stop (and checkpoint) after this many minutes
+    time_budget_min: Optional[float] = None  # stop (and checkpoint) after this many minutes, counted across restarts
+    max_nonfinite_steps: int = 5  # steps in a row with a NaN/inf loss or gradient that are skipped before the run stops
 
 
 @dataclass
@@ -73,6 +74,7 @@ class ParallelConfig:
     dp_replicate: int = 1  # HSDP replicas (1 = plain FSDP)
     dp_shard: int = -1  # FSDP shards; -1 = whatever world size is left
     tp: int = 1  # tensor-parallel degree (consecutive ranks)
+    collective_timeout_s: int = 600  # a rank silent this long (hung, its node lost) fails the others' collectives
 
 
 @dataclass

@@ -34,14 +34,14 @@ def cmd_config(args) -> int:
             print(f"# ---- stage {stage.name}: {stage.job}{after}")
             print(OmegaConf.to_yaml(stage.cfg), end="")
         return 0
-    print(OmegaConf.to_yaml(load_spec(args.config, args.overrides)), end="")
+    print(OmegaConf.to_yaml(load_spec(args.config, args.overrides, launch=True)), end="")
     return 0
 
 
 def cmd_submit(args) -> int:
     if is_pipeline_file(args.config):  # kind: pipeline -> a chain of stages
         return submit_pipeline(args.config, args.overrides, follow=args.follow)
-    cfg = load_spec(args.config, args.overrides)
+    cfg = load_spec(args.config, args.overrides, launch=True)
     registry = Registry()
     name = executors.resolve(cfg.executor)
     cfg.executor = name

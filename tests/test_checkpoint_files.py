@@ -16,8 +16,9 @@ from training.checkpoint import CheckpointError, find_resumable, prune, save_che
 
 def test_prune_keeps_the_newest_and_every_mth(tmp_path):
     root = tmp_path / "checkpoints"
-    for step in range(10, 101, 10):
+    for step in range(10, 101, 10):  # complete checkpoints (a manifest listing no files): only those are pruned
         (root / f"step_{step:08d}").mkdir(parents=True)
+        (root / f"step_{step:08d}" / "manifest.json").write_text('{"step": %d, "files": {}}' % step)
     (root / ".tmp-step_00000110").mkdir()  # a save in progress is not a checkpoint: left alone
     prune(root, keep_last=2, keep_every=40)
     kept = sorted(int(p.name.split("_")[1]) for p in step_dirs(root))

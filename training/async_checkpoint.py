@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from jobspec.faults import fault
 from training.checkpoint import _model_tensors, _optim_tensors, rng_state, write_checkpoint
 
 
@@ -80,6 +81,7 @@ class AsyncSaver:
                                           keep_last, keep_every)
 
     def _stage(self, ready, model_state: dict, optim_state: dict) -> tuple[dict, dict]:
+        fault("checkpoint.staging")
         if self.stream is None:
             return stage(model_state, self.buffers, "model"), stage(optim_state, self.buffers, "optim")
         torch.cuda.set_device(self.stream.device)  # a new thread starts on GPU 0, not on this rank's GPU

@@ -1,6 +1,6 @@
 """Sharded, atomic, reshardable checkpoints in safetensors and JSON. Nothing here unpickles.
 
-    checkpoints/step_00000100/
+    checkpoints/step_00000100/      (jobspec/contract.py names them; nothing else is ever taken for one)
         model/       shard-0000R-model-00001-of-00001.safetensors per writing rank (DCP offsets inside)
         optim/       the same for AdamW's moments
         trainer_state.json   step, tokens seen, data-loader position, config hash
@@ -8,8 +8,12 @@
         manifest.json        every file's size and xxh64; written last
 
 A checkpoint is written into `.tmp-step_...` and renamed into place once complete, so a
-crash mid-save leaves the previous checkpoint as the newest. On load, a checkpoint whose
-manifest is missing or whose files don't match it is skipped with a warning naming the file.
+crash mid-save leaves the previous checkpoint as the newest. A committed checkpoint is never
+removed before a newer one is committed, and a step already saved is never written again.
+On resume, a checkpoint whose manifest is missing or whose files don't match it is skipped
+with a warning naming the file, and set aside as `step_N.corrupt` so that no later save or
+prune takes it for a good one. Pruning deletes only complete checkpoints with our names, never
+the one just written.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from jobspec.contract import CHECKPOINTS, checkpoint_name, checkpoint_step
+from jobspec.faults import fault
 from training.safetensors_reader import StreamingHFStorageReader
 from training.safetensors_writer import StreamingHFStorageWriter
 
@@ -53,15 +59,37 @@ class CheckpointError(RuntimeError):
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
+    return Path(run_dir) / CHECKPOINTS
 
 
 def step_dirs(root: Path) -> list[Path]:
-    """Committed checkpoints, newest first."""
+    """Folders named as our checkpoints (step_NNNNNNNN), newest first. A user's `step_00000100.bak` is not one."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")]
-    return sorted(found, key=lambda p: int(p.name.split("_")[1]), reverse=True)
+    found = [p for p in root.iterdir() if p.is_dir() and checkpoint_step(p.name) is not None]
+    return sorted(found, key=lambda p: checkpoint_step(p.name), reverse=True)
+
+
+def clean_unfinished(run_dir: str | Path) -> list[Path]:
+    """Remove `.tmp-step_*` folders: saves that a crash interrupted. Only the trainer holding the run folder's
+    lock calls this (no other save can be under way)."""
+    root = checkpoint_root(run_dir)
+    stale = sorted(root.glob(".tmp-step_*")) if root.is_dir() else []
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
+def set_aside(path: Path, why: str) -> Path:
+    """Rename a damaged checkpoint `step_N` to `step_N.corrupt` (or .corrupt-2, ...) beside a note saying why:
+    kept for a person to look at, never again taken for a checkpoint."""
+    for n in range(1, 1000):
+        dest = path.with_name(f"{path.name}.corrupt" + (f"-{n}" if n > 1 else ""))
+        if not dest.exists():
+            os.replace(path, dest)
+            (dest / "WHY_SET_ASIDE.txt").write_text(why + "\n")
+            return dest
+    raise CheckpointError(f"can't set {path} aside: too many {path.name}.corrupt-* folders")
 
 
 def _file_hash(path: Path) -> str:
@@ -211,8 +239,10 @@ def write_checkpoint(run_dir: str | Path, step: int, model_state: dict, optim_st
     """
     rank, world = _world()
     root = checkpoint_root(run_dir)
-    final = root / f"step_{step:08d}"
-    tmp = root / f".tmp-step_{step:08d}"
+    final = root / checkpoint_name(step)
+    tmp = root / f".tmp-{checkpoint_name(step)}"
+    if _already_saved(final, group):  # e.g. a stop signal on a checkpoint step: the step is saved already
+        return final
     if rank == 0:
         if tmp.exists():  # a previous attempt at this very step died mid-save
             shutil.rmtree(tmp)
@@ -234,17 +264,20 @@ def write_checkpoint(run_dir: str | Path, step: int, model_state: dict, optim_st
         _write_json(tmp / f".manifest-part-{rank}.json", part)
         _barrier(group)
         if rank == 0:
+            fault("checkpoint.manifest")
             manifest = {}
             for r in range(world):
                 part_path = tmp / f".manifest-part-{r}.json"
                 manifest.update(json.loads(part_path.read_text()))
                 part_path.unlink()
             _write_json(tmp / MANIFEST, {"step": step, "files": manifest})
-            if final.exists():  # re-saving a step (e.g. after a resume from an older one)
-                shutil.rmtree(final)
+            fault("checkpoint.commit")
+            if final.exists():  # damaged (it failed the check above): kept aside, never deleted before this commits
+                set_aside(final, f"found damaged when step {step} was saved again: {verify_quickly(final)}")
             os.replace(tmp, final)
             _fsync_dir(root)
-            prune(root, keep_last, keep_every)
+            fault("checkpoint.prune")
+            prune(root, keep_last, keep_every, keep=final)
     except (Exception, DCPException) as e:  # DCPException derives from BaseException
         if rank == 0:  # an unfinished save is garbage, and on a full disk it holds the space we need
             shutil.rmtree(tmp, ignore_errors=True)
@@ -266,13 +299,45 @@ def _disk_full(e: BaseException) -> bool:
     return any(isinstance(x, BaseException) and _disk_full(x) for x in nested) or "No space left on device" in str(e)
 
 
-def prune(root: Path, keep_last: int, keep_every: int) -> None:
-    """Keep the newest `keep_last` checkpoints and every `keep_every`-th step."""
-    for i, path in enumerate(step_dirs(root)):
-        step = int(path.name.split("_")[1])
-        if i < keep_last or (keep_every and step % keep_every == 0):
+def _already_saved(final: Path, group) -> bool:
+    """True (on every rank) when this step's checkpoint is committed and complete: saving it again would only
+    put the good copy at risk."""
+    rank, world = _world()
+    done = torch.tensor([1 if final.is_dir() and verify_quickly(final) is None else 0])
+    if world > 1:
+        dist.broadcast(done, src=0, group=group)  # rank 0 decides: every rank must take the same branch
+    return bool(done.item())
+
+
+def verify_quickly(path: Path) -> Optional[str]:
+    """None if the checkpoint's manifest is there and every file has the size it records (no hashing: for
+    decisions made at every save); else what is wrong."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError) as e:
+        return f"{path / MANIFEST} is missing or unreadable ({e.__class__.__name__})"
+    for name, expected in manifest.items():
+        f = path / name
+        if not f.is_file() or f.stat().st_size != expected["bytes"]:
+            return f"{f} is missing or not {expected['bytes']} bytes"
+    return None
+
+
+def prune(root: Path, keep_last: int, keep_every: int, keep: Optional[Path] = None) -> list[Path]:
+    """Delete complete checkpoints beyond the newest `keep_last` complete ones, except every `keep_every`-th step
+    and `keep` (the one just written). Incomplete or damaged folders neither count nor get deleted: a damaged
+    newest one must not push a good one out. Returns what was deleted."""
+    if keep_last < 1:
+        raise CheckpointError(f"checkpoint.keep_last={keep_last}: at least 1 checkpoint must be kept")
+    complete = [p for p in step_dirs(root) if verify_quickly(p) is None]
+    deleted = []
+    for i, path in enumerate(complete):
+        step = checkpoint_step(path.name)
+        if i < keep_last or (keep_every and step % keep_every == 0) or path == keep:
             continue
         shutil.rmtree(path, ignore_errors=True)
+        deleted.append(path)
+    return deleted
 
 
 # ---------------------------------------------------------------- validate and load
@@ -318,11 +383,12 @@ def _verify_collectively(path: Path) -> Optional[str]:
     return problem
 
 
-def find_resumable(run_dir: str | Path) -> Optional[Path]:
+def find_resumable(run_dir: str | Path, set_damaged_aside: bool = False) -> Optional[Path]:
     """The newest checkpoint that passes verification, warning about each one skipped.
 
     Raises CheckpointError if checkpoints exist but none is valid: better to stop than to
-    silently start from scratch over a run's history. Nothing is deleted.
+    silently start from scratch over a run's history. Nothing is deleted. The trainer resuming
+    its own run (set_damaged_aside=True) renames each damaged newer one to step_N.corrupt.
     """
     candidates = step_dirs(checkpoint_root(run_dir))
     rank, _ = _world()
@@ -332,9 +398,14 @@ def find_resumable(run_dir: str | Path) -> Optional[Path]:
             return path
         if rank == 0:
             warnings.warn(f"skipping checkpoint {path.name}: {problem}; trying the previous one", stacklevel=2)
-    if candidates:
-        raise CheckpointError(f"{checkpoint_root(run_dir)} holds {len(candidates)} checkpoint(s) and none is valid "
-                              "(see the warnings above). Nothing was deleted; restore the files or start a new run.")
+            if set_damaged_aside:
+                set_aside(path, f"skipped on resume: {problem}")
+        _barrier()
+    damaged = sorted(checkpoint_root(run_dir).glob("step_*.corrupt*")) if set_damaged_aside else []
+    if candidates or damaged:
+        raise CheckpointError(f"{checkpoint_root(run_dir)} holds {len(candidates) + len(damaged)} checkpoint(s) and "
+                              "none is valid (see the warnings above; damaged ones are kept as step_N.corrupt). "
+                              "Nothing was deleted; restore the files or start a new run.")
     return None
 
 

@@ -68,6 +68,12 @@ def resolve_mesh_shape(world_size: int, dp_replicate: int, dp_shard: int, tp: in
     return dp_replicate, dp_shard, tp
 
 
+def process_group_backend(use_cuda: bool) -> str:
+    """GPUs: NCCL for CUDA tensors and gloo for CPU ones (checkpoint verification, small flags), as
+    torchtitan does; a NCCL-only default group fails on the first CPU tensor. CPUs: gloo."""
+    return "cpu:gloo,cuda:nccl" if use_cuda else "gloo"
+
+
 def init_distributed(parallel_cfg, device_pref: str = "auto") -> Dist:
     _env_from_slurm()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -83,7 +89,10 @@ def init_distributed(parallel_cfg, device_pref: str = "auto") -> Dist:
     mesh = None
     if world_size > 1:
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=10))
+            # a rank that stops answering (a hung process, a lost node) fails its peers' next collective after
+            # this long, instead of holding them forever: the executor then restarts the run (docs/reliability.md)
+            dist.init_process_group(process_group_backend(use_cuda),
+                                    timeout=timedelta(seconds=parallel_cfg.collective_timeout_s))
         mesh = init_device_mesh(device.type, shape, mesh_dim_names=("dp_replicate", "dp_shard", "tp"))
     return Dist(rank, world_size, local_rank, device, mesh, *shape)
 

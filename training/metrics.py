@@ -3,25 +3,66 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-# Dense bf16 peak FLOP/s per device, for MFU. Unknown devices report no MFU rather than a guess.
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+# Dense bf16 peak FLOP/s (no sparsity) by the exact device name torch reports, most specific first: an H100
+# PCIe has three quarters of an SXM's. A device not listed reports no MFU rather than a wrong one.
+PEAK_BF16_FLOPS = (
+    (r"H100.*(PCIe|PCIE)", 756e12),
+    (r"H100 NVL", 835e12),
+    (r"H100", 989.4e12),  # SXM5 ("NVIDIA H100 80GB HBM3")
+    (r"H200 NVL", 835e12),
+    (r"H200", 989.4e12),  # SXM
+    (r"B200", 2250e12),
+    (r"A100", 312e12),  # SXM4 and PCIe alike
+    (r"L40S", 362.05e12),
+)
 
 
 def peak_flops(device: torch.device) -> Optional[float]:
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, flops in PEAK_BF16_FLOPS.items():
-        if key in name:
+    return peak_flops_of(torch.cuda.get_device_name(device))
+
+
+def peak_flops_of(device_name: str) -> Optional[float]:
+    for pattern, flops in PEAK_BF16_FLOPS:
+        if re.search(pattern, device_name):
             return flops
     return None
+
+
+class Throughput:
+    """Tokens per second and MFU over the steps since the last report, counting training time only
+    (validation and checkpoints excluded: they are neither tokens nor model FLOPs)."""
+
+    def __init__(self, flops_per_token: float, world_size: int, peak: Optional[float]):
+        self.flops_per_token, self.world_size, self.peak = flops_per_token, world_size, peak
+        self.tokens, self.seconds = 0, 0.0
+
+    @contextmanager
+    def timing(self):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def add(self, tokens: int) -> None:
+        self.tokens += tokens
+
+    def take(self) -> dict:
+        tps = self.tokens / max(self.seconds, 1e-9)
+        mfu = tps * self.flops_per_token / self.world_size / self.peak if self.peak else None
+        self.tokens, self.seconds = 0, 0.0
+        return {"tokens_per_s": tps, "mfu": mfu}
 
 
 def format_duration(seconds: float) -> str:

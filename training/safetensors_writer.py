@@ -25,6 +25,8 @@ from torch.distributed.checkpoint.planner import WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
+from jobspec.faults import fault
+
 DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
           torch.bool: "BOOL"}
@@ -44,6 +46,7 @@ def write_safetensors(path, tensors: dict[str, torch.Tensor], metadata: dict[str
     with open(path, "wb") as f:
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
+        fault("checkpoint.shard_write")  # mid-file: a kill leaves half a shard, enospc a full disk
         for t in tensors.values():
             if t.numel():
                 # A byte view of the tensor's own memory: no copy for a contiguous CPU tensor.

@@ -2,13 +2,20 @@
 
 The loop: build the model on the meta device, parallelize it over the mesh, materialize,
 initialize or resume, then step: gradient accumulation, clipping, AdamW, a scheduled LR,
-metrics, validation, checkpoints, and a clean stop on a preemption signal.
+metrics, validation, checkpoints, and a clean stop on a preemption signal or the time budget.
+
+Two rules keep it trustworthy. The loss of a step is the mean over every item (token, pair, ...)
+of the step, however the items are split into micro-batches and ranks: tasks return sums and
+counts, and the trainer divides once. A step whose loss or gradient norm is not finite changes
+nothing (all ranks agree to skip it); too many in a row stop the run, and a non-finite state is
+never saved.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -19,19 +26,25 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from jobspec.contract import EXIT_OK, EXIT_REQUEUE
+from jobspec.faults import fault
 from model.config import GPTConfig
 from model.gpt import GPT, flops_per_token
 from model.parallelize import parallelize
 from training import checkpoint as ckpt
 from training import run_folder
-from training.metrics import MetricsLogger, peak_flops, say
+from training.metrics import MetricsLogger, Throughput, peak_flops, say
 from training.optim import build_optimizer, lr_at
 from training.signals import StopFlag
 from training.tasks.base import Task
+
 # With train.time_budget_min, the steps timed (after warm-up) to fit the LR schedule into the budget,
 # and the share of the budget left for steps (the rest: validation, checkpoints, the final save).
 CALIBRATION_STEPS = (10, 30)
 BUDGET_SHARE_FOR_STEPS = 0.9
+
+
+class NonFiniteError(ValueError):
+    """Too many steps in a row with a NaN/inf loss or gradient: a user error (the data, the learning rate)."""
 
 
 def steps_within_budget(step: int, seconds_left: float, per_step: float) -> int:
@@ -121,13 +134,18 @@ class Trainer:
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True)
         self.model = build_model(self.model_cfg, cfg, dist_info, self.param_dtype, model_class=task.model_class)
+        fault("model.build")
         self.n_params = self.model.num_params()
         self.flops_per_token = flops_per_token(self.model_cfg, cfg.data.seq_len)
         self.optimizer = build_optimizer(self.model, cfg.optim, device)
         self.step = 0
         self.tokens_seen = 0
+        self.skipped_steps = 0  # steps whose loss or gradient was not finite: counted, not applied
+        self.nonfinite_in_a_row = 0
+        self.saved_step: Optional[int] = None  # the step of the newest checkpoint written or loaded
         # The step the LR schedule ends at: train.max_steps, or fewer when train.time_budget_min can't fit them.
         self.max_steps = cfg.train.max_steps
+        self.budget = TimeBudget(cfg.train.time_budget_min)
         self.metrics = MetricsLogger(run_dir, dist_info.is_main, cfg.train.max_steps)
         self.stop = stop or StopFlag()
         self.peak = peak_flops(device)
@@ -146,16 +164,24 @@ class Trainer:
     def trainer_state(self) -> dict:
         return {"step": self.step, "tokens_seen": self.tokens_seen, "config_hash": config_hash(self.cfg),
                 "max_steps": self.max_steps, "configured_max_steps": self.cfg.train.max_steps,
-                "world_size": self.dist.world_size, "task": self.task.state_dict()}
+                "world_size": self.dist.world_size, "skipped_steps": self.skipped_steps,
+                "budget_used_s": self.budget.used(), "task": self.task.state_dict()}
 
     def resume_or_init(self) -> None:
         """Resume from this run's newest valid checkpoint, or start from init_from, or from scratch."""
-        path = ckpt.find_resumable(self.run_dir)
+        if self.dist.is_main:  # we hold the run folder's lock: no other save can be under way
+            for stale in ckpt.clean_unfinished(self.run_dir):
+                say(f"removed {stale.name}: a save that a crash interrupted", True)
+        self.dist.barrier()
+        path = ckpt.find_resumable(self.run_dir, set_damaged_aside=True)
         if path is not None:
             state = ckpt.load_checkpoint(path, self.model, self.optimizer)
             if state.get("config_hash") not in (None, config_hash(self.cfg)):
                 say(f"warning: {path} was saved with another model/data config; resuming anyway", self.dist.is_main)
             self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+            self.saved_step = self.step
+            self.skipped_steps = state.get("skipped_steps", 0)
+            self.budget = TimeBudget(self.cfg.train.time_budget_min, used_before=state.get("budget_used_s", 0.0))
             if state.get("configured_max_steps") == self.cfg.train.max_steps:  # keep a budget-fitted schedule
                 self.max_steps = self.metrics.max_steps = state.get("max_steps", self.max_steps)
             self.task.load_state_dict(state["task"])
@@ -165,55 +191,112 @@ class Trainer:
             load_weights(self.model, self.cfg.checkpoint.init_from, self.dist.is_main)
 
     def save(self, background: bool = False) -> Path | None:
-        """Write a checkpoint of this step. background=True (with checkpoint.async_save) returns at once."""
+        """Write a checkpoint of this step (never twice the same step, never a non-finite state).
+        background=True (with checkpoint.async_save) returns at once."""
         c = self.cfg.checkpoint
         if self.saver is not None:
             committed = self.saver.wait()  # the previous background save, if any
             if committed is not None:
                 say(f"checkpoint saved: {committed}", self.dist.is_main)
-            if background:
-                self.saver.save(self.run_dir, self.step, self.model, self.optimizer, self.trainer_state(),
-                                c.keep_last, c.keep_every)
-                return None
+        path = ckpt.checkpoint_root(self.run_dir) / ckpt.checkpoint_name(self.step)
+        if self.saved_step == self.step:
+            return path
+        self.check_finite_state()
+        self.saved_step = self.step
+        if self.saver is not None and background:
+            self.saver.save(self.run_dir, self.step, self.model, self.optimizer, self.trainer_state(),
+                            c.keep_last, c.keep_every)
+            return None
         path = ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.trainer_state(),
                                     keep_last=c.keep_last, keep_every=c.keep_every)
         say(f"checkpoint saved: {path}", self.dist.is_main)
         return path
 
+    def check_finite_state(self) -> None:
+        """Refuse to save NaN/inf weights or optimizer moments: a checkpoint that verifies but can't train
+        would push the good ones out."""
+        local = [t.to_local() if hasattr(t, "to_local") else t for t in self.model.parameters()]
+        for state in self.optimizer.state.values():
+            local += [t.to_local() if hasattr(t, "to_local") else t for t in state.values()
+                      if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        bad = torch.tensor([0 if all(bool(torch.isfinite(t).all()) for t in local) else 1], device=self.dist.device)
+        if self.dist.world_size > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item():
+            raise NonFiniteError(f"step {self.step}: the model or optimizer state holds NaN or inf values; not "
+                                 f"saved, so the checkpoints of {self.run_dir} stay as they were. Resume from "
+                                 "there with a lower optim.lr.")
+
     # ------------------------------------------------------------ loop
 
     def train_step(self) -> tuple[float, float, int]:
+        """One optimizer step over grad_accum_steps micro-batches: (loss, grad norm, tokens on all ranks).
+        A non-finite loss or gradient norm leaves the weights and the optimizer as they were."""
         cfg = self.cfg
-        accum = cfg.train.grad_accum_steps
         lr = lr_at(self.step, cfg.optim, self.max_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        loss_sum = torch.zeros((), device=self.dist.device)
+        sums = torch.zeros(2, dtype=torch.float64, device=self.dist.device)  # loss summed over items, items
         tokens = 0
         fsdp = hasattr(self.model, "set_requires_gradient_sync")
-        for micro in range(accum):
+        for micro in range(cfg.train.grad_accum_steps):
             batch = self.task.next_batch()
             if fsdp:  # reduce-scatter gradients once, on the last micro-batch
-                self.model.set_requires_gradient_sync(micro == accum - 1)
+                self.model.set_requires_gradient_sync(micro == cfg.train.grad_accum_steps - 1)
             with self.autocast:
-                loss = self.task.loss(self.model, batch)
-            (loss / accum).backward()
-            loss_sum += loss.detach()
+                total, count = self.task.loss(self.model, batch)
+            if fault("train.loss", step=self.step + 1) == "nan":
+                total = total * float("nan")
+            total.backward()
+            sums += torch.stack([total.detach().double(), torch.as_tensor(count, dtype=torch.float64,
+                                                                           device=sums.device)])
             tokens += self.task.tokens_per_batch(batch)
+        if self.dist.world_size > 1:  # the step's items on every rank (tensor-parallel peers count theirs alike)
+            dist.all_reduce(sums)
+        loss = (sums[0] / sums[1].clamp(min=1)).item()
+        # FSDP averaged the gradients of the summed losses over data-parallel ranks: make them the gradient of
+        # the mean over all of the step's items. sums[1] counts each item tp times, as world_size counts ranks.
+        scale = self.dist.world_size / max(sums[1].item(), 1.0)
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        for g in grads:
+            g.mul_(scale)
         if cfg.optim.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip, foreach=True)
         else:
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
+            grad_norm = torch.nn.utils.get_total_norm(grads)
+        grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
+        fault("train.before_optimizer_step", step=self.step + 1)
         if self.saver is not None:
             self.saver.wait_staged()  # a background save still copying the weights this step changes
-        self.optimizer.step()
+        if math.isfinite(loss) and math.isfinite(grad_norm):  # the same on every rank: both are reduced
+            self.optimizer.step()
+            self.nonfinite_in_a_row = 0
+        else:
+            self.note_nonfinite_step(loss, grad_norm)
         self.optimizer.zero_grad(set_to_none=True)
-        loss = loss_sum / accum
-        if self.dist.world_size > 1:  # the logged loss is the mean over data-parallel ranks
-            dist.all_reduce(loss, op=dist.ReduceOp.AVG)
-        return loss.item(), grad_norm.item(), tokens * self.dist.dp_size
+        fault("train.after_optimizer_step", step=self.step + 1)
+        return loss, grad_norm, tokens * self.dist.dp_size
+
+    def note_nonfinite_step(self, loss: float, grad_norm: float) -> None:
+        self.skipped_steps += 1
+        self.nonfinite_in_a_row += 1
+        limit = self.cfg.train.max_nonfinite_steps
+        say(f"step {self.step + 1}: loss {loss} / gradient norm {grad_norm} is not finite: the step is skipped "
+            f"({self.nonfinite_in_a_row} in a row, train.max_nonfinite_steps={limit})", self.dist.is_main)
+        if self.nonfinite_in_a_row >= limit:
+            raise NonFiniteError(f"the loss or gradient norm was not finite for {limit} steps in a row (up to step "
+                                 f"{self.step + 1}; train.max_nonfinite_steps={limit}). Nothing of those steps was "
+                                 f"applied or saved; the newest checkpoint in {self.run_dir} is good. Lower optim.lr, "
+                                 "check the data, or raise optim.warmup_steps, then resume.")
+
+    def should_stop(self) -> tuple[bool, bool]:
+        """(a stop signal, the time budget spent), agreed by every rank: they must stop at the same step, or
+        the checkpoint collective would hang. One small all-reduce per step."""
+        flags = torch.tensor([self.stop.signal is not None, self.budget.spent()], dtype=torch.int32,
+                             device=self.dist.device)
+        if self.dist.world_size > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return bool(flags[0]), bool(flags[1])
 
     def fit(self) -> int:
         cfg, is_main = self.cfg, self.dist.is_main
@@ -223,56 +306,64 @@ class Trainer:
         say(f"model: {self.n_params / 1e6:.2f}M parameters, {self.flops_per_token / 1e6:.1f} MFLOP/token; "
             f"world {self.dist.world_size} = dp_replicate {self.dist.dp_replicate} x dp_shard {self.dist.dp_shard} "
             f"x tp {self.dist.tp}; {self.dist.device}, {cfg.train.dtype}", is_main)
-        started = time.time()
-        window_start, window_tokens, first_step = time.time(), 0, self.step
-        budget_s = cfg.train.time_budget_min * 60 if cfg.train.time_budget_min else None
+        started, first_step = time.monotonic(), self.step
+        throughput = Throughput(self.flops_per_token, self.dist.world_size, self.peak)
         if cfg.train.val_at_start and self.step == 0 and self.max_steps > 0:
             self.validate()
         while self.step < self.max_steps:
-            loss, grad_norm, tokens = self.train_step()
+            with throughput.timing():  # tokens/s and MFU count training time only
+                loss, grad_norm, tokens = self.train_step()
             self.step += 1
             self.tokens_seen += tokens
-            window_tokens += tokens
-            if budget_s and first_step == 0 and self.step == CALIBRATION_STEPS[0]:
-                calibration_start = time.time()
-            if budget_s and first_step == 0 and self.step == CALIBRATION_STEPS[1]:
-                per_step = (time.time() - calibration_start) / (CALIBRATION_STEPS[1] - CALIBRATION_STEPS[0])
-                self.fit_schedule_to_budget(budget_s - (time.time() - started), per_step)
+            throughput.add(tokens)
+            self.calibrate_budget(first_step)
             if self.step % cfg.train.log_every == 0 or self.step == self.max_steps:
-                elapsed = time.time() - window_start
-                tps = window_tokens / max(elapsed, 1e-9)
-                per_step = (time.time() - started) / max(1, self.step - first_step)
-                mfu = (tps * self.flops_per_token / self.dist.world_size / self.peak) if self.peak else None
+                per_step = (time.monotonic() - started) / max(1, self.step - first_step)
                 self.metrics.log({"step": self.step, "loss": loss, "lr": lr_at(self.step - 1, cfg.optim, self.max_steps),
-                                  "grad_norm": grad_norm, "tokens_per_s": tps, "tokens_seen": self.tokens_seen,
-                                  "mfu": mfu, "eta_s": per_step * (self.max_steps - self.step),
-                                  "max_steps": self.max_steps,
+                                  "grad_norm": grad_norm, **throughput.take(), "tokens_seen": self.tokens_seen,
+                                  "eta_s": per_step * (self.max_steps - self.step), "max_steps": self.max_steps,
+                                  "skipped_steps": self.skipped_steps,
                                   # a task's own numbers since the last log (DPO's rewards/*, GRPO's reward and KL)
                                   **self.task.train_metrics()})
-                window_start, window_tokens = time.time(), 0
             if cfg.train.val_every and self.step % cfg.train.val_every == 0 and self.step < self.max_steps:
                 self.validate()
             if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < self.max_steps:
                 self.save(background=True)
-            if self.stop.agreed(self.dist.world_size, self.dist.device):
+            stop_signal, budget_spent = self.should_stop()
+            if stop_signal:
                 say(f"stopping on signal {self.stop.signal} at step {self.step}: saving a checkpoint", is_main)
                 self.save()
+                self.close()
                 return EXIT_REQUEUE
-            if budget_s and time.time() - started > budget_s:
+            if budget_spent:
                 say(f"train.time_budget_min={cfg.train.time_budget_min} reached at step {self.step}", is_main)
                 break
         result = self.validate()
         path = self.save()
         if is_main:
             summary = {"step": self.step, "tokens_seen": self.tokens_seen, "checkpoint": str(path),
-                       "metrics": str(self.run_dir / "metrics.jsonl"), **result,
-                       "train_minutes": round((time.time() - started) / 60, 2)}
+                       "metrics": str(self.metrics.path), "skipped_steps": self.skipped_steps, **result,
+                       "train_minutes": round((time.monotonic() - started) / 60, 2)}
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-            say(f"done: checkpoint {path}\n      metrics    {self.run_dir / 'metrics.jsonl'}", is_main)
-        self.metrics.close()
+            say(f"done: checkpoint {path}\n      metrics    {self.metrics.path}", is_main)
+        self.close()
+        return EXIT_OK
+
+    def close(self) -> None:
+        """Finish a background save (its error, if any, is raised here) and close the metrics file."""
         if self.saver is not None:
             self.saver.close()
-        return EXIT_OK
+        self.metrics.close()
+
+    def calibrate_budget(self, first_step: int) -> None:
+        """With train.time_budget_min, time steps CALIBRATION_STEPS of a fresh run and fit the schedule to it."""
+        if not self.budget.limited or first_step != 0:
+            return
+        if self.step == CALIBRATION_STEPS[0]:
+            self._calibration_start = time.monotonic()  # a wall-clock jump can't move a monotonic clock
+        elif self.step == CALIBRATION_STEPS[1]:
+            per_step = (time.monotonic() - self._calibration_start) / (CALIBRATION_STEPS[1] - CALIBRATION_STEPS[0])
+            self.fit_schedule_to_budget(self.budget.left(), per_step)
 
     def fit_schedule_to_budget(self, seconds_left: float, per_step: float) -> None:
         """On a machine too slow for train.max_steps within train.time_budget_min, end the LR schedule
@@ -290,9 +381,33 @@ class Trainer:
         self.max_steps = self.metrics.max_steps = max(fits, self.step + 1)
 
     def validate(self) -> dict:
+        fault("train.validation", step=self.step)
         self.model.eval()
         with self.autocast:
             result = self.task.evaluate(self.model)
         self.model.train()
         self.metrics.log({"step": self.step, **result})
         return result
+
+
+class TimeBudget:
+    """train.time_budget_min, counted on a monotonic clock and across restarts: each checkpoint records the
+    seconds used so far, and a resumed run starts from there."""
+
+    def __init__(self, minutes: Optional[float], used_before: float = 0.0):
+        self.limit_s = minutes * 60 if minutes else None
+        self.used_before = used_before
+        self.start = time.monotonic()
+
+    @property
+    def limited(self) -> bool:
+        return self.limit_s is not None
+
+    def used(self) -> float:
+        return self.used_before + time.monotonic() - self.start
+
+    def left(self) -> float:
+        return self.limit_s - self.used() if self.limited else float("inf")
+
+    def spent(self) -> bool:
+        return self.limited and self.used() > self.limit_s

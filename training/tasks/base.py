@@ -27,8 +27,11 @@ class Task(Protocol):
     def next_batch(self) -> Any:
         """The next micro-batch of this rank, already on the rank's device."""
 
-    def loss(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
-        """The micro-batch's mean loss (a scalar the trainer backpropagates)."""
+    def loss(self, model: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, int | torch.Tensor]:
+        """(the micro-batch's loss summed over its items, the number of items): tokens for pretraining,
+        completion tokens for SFT, pairs for DPO and reward models, completions for GRPO. The trainer divides
+        the step's sum by the step's count over every micro-batch and rank, so that each item weighs the same
+        however the step is split (a mean of micro-batch means would weigh sparse micro-batches more)."""
 
     def tokens_per_batch(self, batch: Any) -> int:
         """Tokens this micro-batch processed on this rank (for tokens/s and MFU)."""

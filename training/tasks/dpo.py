@@ -46,12 +46,12 @@ class DPOTask:
             reference = sequence_logprobs(self.reference(batch["tokens"]), batch["labels"])
         return policy, reference
 
-    def loss(self, model, batch) -> torch.Tensor:
+    def loss(self, model, batch) -> tuple[torch.Tensor, int]:
         policy, reference = self._logprobs(model, batch)
         half = policy.shape[0] // 2
         loss, metrics = dpo_loss(policy[:half], policy[half:], reference[:half], reference[half:], self.beta)
         self.metrics.add(metrics)
-        return loss
+        return loss * half, half  # dpo_loss is the mean over the pairs
 
     def tokens_per_batch(self, batch) -> int:
         return batch["tokens"].numel()

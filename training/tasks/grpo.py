@@ -124,7 +124,7 @@ class GRPOTask:
     def next_batch(self) -> list[dict]:
         return self.stream.next()  # prompts; completions are sampled in loss(), which has the model
 
-    def loss(self, model, records: list[dict]) -> torch.Tensor:
+    def loss(self, model, records: list[dict]) -> tuple[torch.Tensor, int]:
         g = self.g
         prompts, completions = self._complete(model, records, g.group_size, g.temperature, self._generator(self.draws))
         self.draws += 1
@@ -140,7 +140,7 @@ class GRPOTask:
                           "completion_len": sum(map(len, completions)) / len(completions),
                           "frac_reward_zero_std": frac_reward_zero_std(rewards, g.group_size)})
         self._last_tokens = sum(map(len, completions))
-        return loss
+        return loss * len(completions), len(completions)  # the mean over completions, as a sum
 
     def tokens_per_batch(self, batch) -> int:
         return self._last_tokens  # the sampled tokens: the part that costs

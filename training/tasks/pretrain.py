@@ -45,10 +45,10 @@ class PretrainTask:
         x, y = next(self._iter)
         return x.to(self.dist.device, non_blocking=True), y.to(self.dist.device, non_blocking=True)
 
-    def loss(self, model, batch) -> torch.Tensor:
+    def loss(self, model, batch) -> tuple[torch.Tensor, int]:
         x, y = batch
         logits = model(x)
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), reduction="sum"), y.numel()
 
     def tokens_per_batch(self, batch) -> int:
         return batch[1].numel()

@@ -39,10 +39,11 @@ class RewardModelTask:
         half = rewards.shape[0] // 2
         return rewards[:half], rewards[half:]
 
-    def loss(self, model, batch) -> torch.Tensor:
-        loss, metrics = bradley_terry_loss(*self._rewards(model, batch))
+    def loss(self, model, batch) -> tuple[torch.Tensor, int]:
+        chosen, rejected = self._rewards(model, batch)
+        loss, metrics = bradley_terry_loss(chosen, rejected)
         self.metrics.add(metrics)
-        return loss
+        return loss * chosen.shape[0], chosen.shape[0]  # the mean over the pairs, as a sum
 
     def tokens_per_batch(self, batch) -> int:
         return batch["tokens"].numel()

@@ -102,10 +102,12 @@ class SFTTask:
             return model(batch["input_ids"])
         return model(batch["input_ids"], batch["position_ids"], document_mask(batch["doc_ids"]))
 
-    def loss(self, model, batch) -> torch.Tensor:
-        """Mean cross-entropy over this micro-batch's completion tokens (labels != -100)."""
+    def loss(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-entropy summed over this micro-batch's completion tokens (labels != -100), and their number."""
         logits = self._logits(model, batch)
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), batch["labels"].view(-1), ignore_index=IGNORE)
+        labels = batch["labels"].view(-1)
+        total = F.cross_entropy(logits.view(-1, logits.size(-1)), labels, ignore_index=IGNORE, reduction="sum")
+        return total, (labels != IGNORE).sum()
 
     def tokens_per_batch(self, batch) -> int:
         return batch["input_ids"].numel()
