@@ -37,7 +37,7 @@ def test_shipped_job_files_load():
 
 def test_unknown_key_in_override_suggests_the_near_miss(job):
     with pytest.raises(SpecError) as e:
-        load_spec(job(""), ["trian.max_steps=5"])
+        load_spec(job("kind: pretrain\n"), ["trian.max_steps=5"])
     msg = str(e.value)
     assert "trian.max_steps" in msg and "'5'" in msg and "Did you mean 'train.max_steps'" in msg
     assert "command line override" in msg
@@ -77,11 +77,11 @@ def test_missing_data_path_names_the_key(job, tmp_path):
 
 def test_values_out_of_range(job):
     with pytest.raises(SpecError, match="train.micro_batch_size"):
-        load_spec(job(""), ["train.micro_batch_size=0"])
+        load_spec(job("kind: pretrain\n"), ["train.micro_batch_size=0"])
     with pytest.raises(SpecError, match="data.seq_len"):
-        load_spec(job(""), ["data.seq_len=4096"])
+        load_spec(job("kind: pretrain\n"), ["data.seq_len=4096"])
     with pytest.raises(SpecError, match="executor"):
-        load_spec(job(""), ["executor=kubernetes"])
+        load_spec(job("kind: pretrain\n"), ["executor=kubernetes"])
 
 
 def test_unknown_kind_suggests(job):
@@ -97,7 +97,7 @@ def run_orch(*args, cwd):
 
 @pytest.mark.parametrize("contents, override, needle", [
     ("train:\n  max_steps: 5\n bad: [\n", None, "malformed"),
-    ("", "trian.max_steps=5", "Did you mean 'train.max_steps'"),
+    ("kind: pretrain\n", "trian.max_steps=5", "Did you mean 'train.max_steps'"),
     ("data:\n  sources: [/no/such/corpus]\n", None, "/no/such/corpus"),
 ])
 def test_orch_submit_bad_input_exits_2_and_submits_nothing(tmp_path, contents, override, needle):
