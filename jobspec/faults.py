@@ -9,8 +9,9 @@ A spec is `point[@rank][#n][:action]`:
   #n      the n-th time this process reaches the point (default 1); where the code passes `step=`, the fault
           fires at that training step instead;
   action  kill (default; os._exit(137), as SIGKILL would), sigterm, sigusr2 (Slurm's time-limit warning),
-          hang (sleep forever, like a stuck rank), nan (the caller makes its value non-finite), enospc (raise
-          OSError(ENOSPC), a full disk).
+          hang (sleep forever, like a stuck rank), wait (block until the file named by ORCH_FAULT_RELEASE
+          exists: a test holds a process at a point while it acts, then lets it go), nan (the caller makes its
+          value non-finite), enospc (raise OSError(ENOSPC), a full disk).
 With ORCH_FAULT_ONCE=<file> a fault fires only if that file does not exist yet, and creates it: the run that
 restarts after the fault then runs clean. The environment is read once, at the first `fault()` call; when
 ORCH_FAULT is unset a call costs one dictionary lookup.
@@ -25,7 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-ACTIONS = ("kill", "sigterm", "sigusr2", "hang", "nan", "enospc")
+ACTIONS = ("kill", "sigterm", "sigusr2", "hang", "wait", "nan", "enospc")
 
 FAULT_POINTS = {
     # data plane (training/)
@@ -128,6 +129,11 @@ def _act(action: str) -> Optional[str]:
     if action == "hang":
         while True:
             time.sleep(3600)
+    if action == "wait":
+        release = os.environ.get("ORCH_FAULT_RELEASE", "")
+        while not (release and os.path.exists(release)):
+            time.sleep(0.05)  # polls a file the test creates: the test decides when we go on
+        return None
     if action == "enospc":
         raise OSError(errno.ENOSPC, "No space left on device (fault point)")
     return action  # nan: the caller's business

@@ -392,15 +392,18 @@ def find_resumable(run_dir: str | Path, set_damaged_aside: bool = False) -> Opti
     """
     candidates = step_dirs(checkpoint_root(run_dir))
     rank, _ = _world()
+    skipped = []
     for path in candidates:
         problem = _verify_collectively(path)
         if problem is None:
+            if set_damaged_aside and rank == 0:  # a newer damaged folder must not meet this step's saves later
+                for damaged, why in skipped:
+                    set_aside(damaged, f"skipped on resume from {path.name}: {why}")
+            _barrier()
             return path
+        skipped.append((path, problem))
         if rank == 0:
             warnings.warn(f"skipping checkpoint {path.name}: {problem}; trying the previous one", stacklevel=2)
-            if set_damaged_aside:
-                set_aside(path, f"skipped on resume: {problem}")
-        _barrier()
     damaged = sorted(checkpoint_root(run_dir).glob("step_*.corrupt*")) if set_damaged_aside else []
     if candidates or damaged:
         raise CheckpointError(f"{checkpoint_root(run_dir)} holds {len(candidates) + len(damaged)} checkpoint(s) and "

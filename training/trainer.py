@@ -223,8 +223,8 @@ class Trainer:
         if self.dist.world_size > 1:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         if bad.item():
-            raise NonFiniteError(f"step {self.step}: the model or optimizer state holds NaN or inf values; not "
-                                 f"saved, so the checkpoints of {self.run_dir} stay as they were. Resume from "
+            raise NonFiniteError(f"step {self.step}: the model or optimizer state is not finite (NaN or inf); it was "
+                                 f"not saved, so the checkpoints of {self.run_dir} stay as they were. Resume from "
                                  "there with a lower optim.lr.")
 
     # ------------------------------------------------------------ loop

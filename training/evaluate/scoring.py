@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import ast
 import math
-import os
-import subprocess
-import sys
 from contextlib import nullcontext
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from training.evaluate.sandbox import run_untrusted
 from training.evaluate.tasks import Task
 
 
@@ -96,14 +94,10 @@ def cut_at_stop(text: str, stops: list[str]) -> str:
 
 
 def passes_test(program: str, timeout_s: float = 10.0) -> bool:
-    """Run a program (the prompt, the completion and the record's test) in a fresh, isolated interpreter."""
-    env = {"PATH": os.environ.get("PATH", ""), "OMP_NUM_THREADS": "1"}
-    try:
-        result = subprocess.run([sys.executable, "-I", "-c", program], capture_output=True, timeout=timeout_s,
-                                env=env, stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        return False
-    return result.returncode == 0
+    """Run a program (the prompt, the completion and the record's test) confined (sandbox.py): True if it
+    exits 0 within the time limit."""
+    outcome = run_untrusted(program, timeout_s)
+    return outcome.returncode == 0 and not outcome.timed_out
 
 
 def parses(prompt: str, completion: str) -> bool:

@@ -95,6 +95,7 @@ class Task:
 def _render(template: Any, doc: dict, path: Path, key: str):
     """A Jinja2 template over one record; a bare field name is that field (both as in the harness)."""
     import jinja2
+    from jinja2.sandbox import SandboxedEnvironment
 
     if isinstance(template, int):
         return template
@@ -104,7 +105,8 @@ def _render(template: Any, doc: dict, path: Path, key: str):
     if template in doc:
         return doc[template]
     try:
-        return jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True) \
+        # task files come from anywhere: their templates may read the record, not reach into Python
+        return SandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True) \
             .from_string(template).render(**doc)
     except jinja2.TemplateError as e:
         raise EvalError(f"{path}: key '{key}' has the value {template!r}, which fails on a record "
