@@ -3,6 +3,7 @@ the control plane light, and no caller branching on a backend's name."""
 
 from __future__ import annotations
 
+import ast
 import re
 import subprocess
 import sys
@@ -76,7 +77,10 @@ def test_orch_loads_no_torch_until_a_command_needs_it(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env_for(tmp_path), capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "['training', 'training.tools', 'training.tools.sample']"
+    loaded = ast.literal_eval(result.stdout.strip())
+    assert not [m for m in loaded if m.split(".")[0] == "torch"], loaded
+    assert [m for m in loaded if m.split(".")[0] == "training"] == ["training", "training.tools", "training.tools.sample"]
+    assert [m for m in loaded if m.split(".")[0] == "model"] == ["model", "model.config"]  # the shape: torch-free
 
 
 def test_no_caller_branches_on_a_backend_name():
