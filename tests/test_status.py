@@ -17,6 +17,7 @@ import pytest
 import yaml
 from rich.console import Console
 
+from jobspec.processes import process_start
 from orchestrator.registry import Registry, Run
 from orchestrator.status.collect import Collector
 from orchestrator.status.render import render
@@ -41,6 +42,10 @@ def make_run(registry: Registry, root: Path, run_id: str, state: str = "RUNNING"
         (run_dir / "checkpoints" / f"step_{step:08d}").mkdir(parents=True)
     (run_dir / "logs" / "train.log").write_text(log)
     created = fields.pop("created_at", time.time())
+    if state in ("RUNNING", "CANCELLING") and fields.get("executor", "local") == "local":
+        # a live run has a live supervisor: this test process stands in for it (pid + start time)
+        fields.setdefault("pid", os.getpid())
+        fields.setdefault("pid_start", process_start(os.getpid()))
     run = Run(id=run_id, name=run_id.rsplit("-", 1)[0], kind="pretrain", executor=fields.pop("executor", "local"),
               state=state, run_dir=str(run_dir), created_at=created, started_at=created, **fields)
     registry.add(run)
