@@ -74,6 +74,13 @@ def test_same_losses_on_one_process_dp2_tp2_and_dp4(tmp_path, tiny_data):
             assert other[step] == pytest.approx(loss, rel=1e-4), (step, loss, other[step])
 
 
+def killed_at(cmd: list[str], run_dir: Path, step: int, rank: int = 1) -> int:
+    """Run training with `rank` SIGKILLed right after optimizer step `step` (a fault point, not a timer);
+    returns torchrun's exit code."""
+    env = dict(env_for(run_dir.parent), ORCH_FAULT=f"train.after_optimizer_step@{rank}#{step}:kill")
+    return subprocess.run(cmd, cwd=run_dir.parent, env=env, capture_output=True, text=True, timeout=900).returncode
+
+
 def test_resume_after_sigkill_is_bitwise_exact(tmp_path, tiny_data):
     """Rank 1 is SIGKILLed right after an optimizer step (the fault point, not a timer): torchrun stops the
     job, and the rerun resumes from the checkpoint before it and ends bitwise equal to an uninterrupted run."""
@@ -81,10 +88,7 @@ def test_resume_after_sigkill_is_bitwise_exact(tmp_path, tiny_data):
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     train(2, reference, tiny_data, *extra)
     kill_step = random.Random(20261201).randint(8, 20)  # seeded: a failure replays exactly
-    code = subprocess.run(command(2, killed, tiny_data, *extra), cwd=tmp_path, capture_output=True, text=True,
-                          env=dict(env_for(tmp_path), ORCH_FAULT=f"train.after_optimizer_step@1#{kill_step}:kill"),
-                          timeout=900).returncode
-    assert code != 0
+    assert killed_at(command(2, killed, tiny_data, *extra), killed, kill_step) != 0
     result = train(2, killed, tiny_data, *extra)
     resumed_from = ((kill_step - 1) // 6) * 6  # the kill comes before step kill_step counts (and is saved)
     assert f"step_{resumed_from:08d}" in result.stdout + result.stderr

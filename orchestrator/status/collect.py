@@ -56,6 +56,7 @@ class JobRow:
     mfu: Optional[float] = None
     eta_s: Optional[float] = None
     val_loss: Optional[float] = None
+    skipped_steps: Optional[int] = None          # steps skipped for a non-finite loss or gradient
     last_checkpoint: Optional[str] = None        # folder name, e.g. step_00000100
     finished: bool = False
 
@@ -173,6 +174,7 @@ class Collector:
         if isinstance(train.get("max_steps"), int):  # the trainer may end the schedule early (time_budget_min)
             row.max_steps = train["max_steps"]
         row.val_loss = m.latest.get("val_loss")
+        row.skipped_steps = train.get("skipped_steps")
         row.last_checkpoint = newest_checkpoint(run.run_dir)
         if finished:
             self._done[run.id] = (key, row)

@@ -163,6 +163,7 @@ def columns_for(width: int) -> list[tuple]:
         ("MFU", 6, 5, "right", lambda j: "-" if j.mfu is None else f"{100 * j.mfu:.1f}%"),
         ("ckpt", 4, 6, "right", checkpoint),
         ("att", 7, 3, "right", lambda j: str(j.attempts)),
+        ("skip", 6, 4, "right", lambda j: str(j.skipped_steps) if j.skipped_steps else "-"),  # NaN/inf steps
     ]
 
 
