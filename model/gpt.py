@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import GPTConfig
+from model.document_attention import BlockMask, flex
 
 
 def rotary_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,7 +67,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: Optional[torch.Tensor] = None, kv: Optional[tuple[LayerKV, int]] = None) -> torch.Tensor:
+                mask: Optional[torch.Tensor | BlockMask] = None, kv: Optional[tuple[LayerKV, int]] = None) -> torch.Tensor:
         bsz, seq, _ = x.shape
         # -1 rather than n_head: under tensor parallelism each rank holds only its share of the heads.
         q = self.wq(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)
@@ -75,14 +76,15 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv is not None:  # (this layer's cache, where these tokens start): attend to the cached ones too
             k, v = kv[0].extend(k, v, kv[1])
-        if k.shape[1] != q.shape[1]:  # grouped-query attention: each kv head serves a group of q heads
-            repeat = q.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        if mask is None:
+        # Grouped-query attention: each kv head serves a group of q heads, read in place (no copy of the cache).
+        gqa = k.shape[1] != q.shape[1]
+        if isinstance(mask, BlockMask):  # packed documents: only the tiles that share one (document_attention.py)
+            out = flex(q, k, v, block_mask=mask, enable_gqa=gqa)
+        elif mask is None:
             # One query after a cache attends to every key: is_causal would align it with the first.
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, enable_gqa=gqa)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.wo(out.transpose(1, 2).reshape(bsz, seq, -1))
 
 
@@ -160,7 +162,8 @@ class GPT(nn.Module):
         """The final normed hidden states [batch, seq, d_model]: what heads (LM, reward) read.
 
         position_ids [batch, seq] restart rotary positions per packed document; mask is a boolean
-        attention mask [batch, 1, seq, seq] (True = may attend) for packed or padded batches.
+        attention mask [batch, 1, seq, seq] (True = may attend) for packed or padded batches, or for
+        packed ones a flex_attention BlockMask (model/document_attention.py).
         With a cache, tokens follow the cache.length cached ones: positions default to continue
         from there, and a mask covers [batch, 1, seq, cache.length + seq] keys.
         """

@@ -16,12 +16,13 @@ import pytest
 import torch
 
 from model.config import GPTConfig
+from model.document_attention import dense_document_mask
 from model.gpt import GPT
 from tests.conftest import REPO, TINY, env_for, tiny_overrides
 from tests.test_distributed import killed_at, losses
 from training.data import DataError
 from training.data.tokenizer import load_tokenizer
-from training.posttrain.chat import (IGNORE, document_mask, encode_example, encode_prompt, end_of_turn_id, pack,
+from training.posttrain.chat import (IGNORE, encode_example, encode_prompt, end_of_turn_id, pack,
                                      render_chat)
 from training.posttrain.demo_data import write_demo_data
 from training.posttrain.jsonl import read_jsonl
@@ -116,7 +117,7 @@ def test_packed_documents_do_not_attend_to_each_other(tokenizer):
     assert row["doc_ids"].tolist() == [0] * n1 + [1] * n2 + [2] * (128 - n1 - n2)
 
     def logits(tokens):
-        mask = document_mask(row["doc_ids"][None])
+        mask = dense_document_mask(row["doc_ids"][None])
         return model(tokens[None], row["position_ids"][None], mask)[0]
 
     with torch.no_grad():

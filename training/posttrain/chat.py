@@ -166,11 +166,3 @@ def collate(rows: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Stack rows into a batch of [batch, seq_len] tensors."""
     return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
 
-
-def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
-    """Attention mask [batch, 1, seq, seq] for packed rows: True where query t may attend key s,
-    i.e. s <= t and both are in the same document."""
-    seq = doc_ids.size(-1)
-    causal = torch.ones(seq, seq, dtype=torch.bool, device=doc_ids.device).tril()
-    same = doc_ids.unsqueeze(-1) == doc_ids.unsqueeze(-2)
-    return (same & causal).unsqueeze(1)

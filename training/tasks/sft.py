@@ -19,8 +19,9 @@ import torch.nn.functional as F
 
 from training.data.tokenizer import PAD_ID, load_tokenizer
 from training.metrics import say
+from model.document_attention import document_attention_mask
 from model.gpt import GPT
-from training.posttrain.chat import IGNORE, collate, document_mask, encode_examples, pack, to_messages
+from training.posttrain.chat import IGNORE, collate, encode_examples, pack, to_messages
 from training.posttrain.examples import data_files
 from training.posttrain.jsonl import read_jsonl
 from training.run_folder import starting_point
@@ -100,7 +101,8 @@ class SFTTask:
     def _logits(self, model, batch) -> torch.Tensor:
         if not self.packing:  # one example per row, padded on the right: plain causal attention is enough
             return model(batch["input_ids"])
-        return model(batch["input_ids"], batch["position_ids"], document_mask(batch["doc_ids"]))
+        mask = document_attention_mask(batch["doc_ids"], self.model_cfg.head_dim)
+        return model(batch["input_ids"], batch["position_ids"], mask)
 
     def loss(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-entropy summed over this micro-batch's completion tokens (labels != -100), and their number."""
