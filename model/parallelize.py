@@ -5,18 +5,22 @@ TP rewrites the modules' parameters into DTensors that FSDP then shards along da
 
 from __future__ import annotations
 
-from typing import Optional
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Iterator, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
     RowwiseParallel,
     SequenceParallel,
+    loss_parallel,
     parallelize_module,
 )
 
@@ -37,10 +41,13 @@ def apply_tensor_parallel(model: GPT, tp_mesh: DeviceMesh) -> None:
     parallelize_module(model, tp_mesh, {
         "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
         "norm": SequenceParallel(),
-        "output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate()),
+        # Logits stay sharded over the vocabulary: a loss takes them so in vocab_parallel_loss(), anything
+        # else gets them whole from the hook below.
+        "output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False),
     })
     if cfg.tie_embeddings:  # parallelize_module made new Parameters; both are Shard(0) over the vocab
         model.output.weight = model.tok_embeddings.weight
+    model.register_forward_hook(_whole_logits_outside_vocab_parallel_loss)
     for block in model.layers:
         parallelize_module(block, tp_mesh, {
             "attention_norm": SequenceParallel(),
@@ -56,6 +63,37 @@ def apply_tensor_parallel(model: GPT, tp_mesh: DeviceMesh) -> None:
             "feed_forward.w3": ColwiseParallel(),
             "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
         })
+
+
+_VOCAB_PARALLEL = ContextVar("vocab_parallel_loss", default=False)
+
+
+@contextmanager
+def vocab_parallel_loss() -> Iterator[None]:
+    """Within: a tensor-parallel GPT returns its logits as a DTensor sharded over the vocabulary, and
+    token_cross_entropy on them runs on the shards (torch's loss_parallel), so no rank holds logits over
+    the whole vocabulary, nor their gradient. The loss's backward must run inside as well."""
+    token = _VOCAB_PARALLEL.set(True)
+    try:
+        with loss_parallel():
+            yield
+    finally:
+        _VOCAB_PARALLEL.reset(token)
+
+
+def _whole_logits_outside_vocab_parallel_loss(module, args, logits):
+    """Generation, log-probabilities, accuracy: callers outside vocab_parallel_loss() get every rank the whole
+    logits as a plain tensor, as from a model without tensor parallelism."""
+    if isinstance(logits, DTensor) and not _VOCAB_PARALLEL.get():
+        return logits.full_tensor()
+    return logits
+
+
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, **kwargs) -> torch.Tensor:
+    """F.cross_entropy of [batch, seq, vocab] logits against [batch, seq] targets, the logits whole or
+    (in vocab_parallel_loss) sharded over the vocabulary; a plain tensor either way."""
+    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), **kwargs)
+    return loss.full_tensor() if isinstance(loss, DTensor) else loss
 
 
 def apply_activation_checkpointing(model: GPT) -> None:

@@ -125,7 +125,7 @@ def test_acc_matches_an_independent_computation(eval_run, pretrain_run):
             lls.append(sum(float(logp[i - 1, ids[i]]) for i in range(len(ctx), len(ids))))
         lls_all.append(lls)
         right += max(range(3), key=lambda k: lls[k]) == q["label"]
-        right_norm += max(range(3), key=lambda k: lls[k] / len(q["choices"][k].encode())) == q["label"]
+        right_norm += max(range(3), key=lambda k: lls[k] / len(q["choices"][k])) == q["label"]  # per character
     stage = json.loads((eval_run / "eval.json").read_text())["stages"]["pretrain"]
     assert stage["metrics"]["three_questions/acc"] == right / 3
     assert stage["metrics"]["three_questions/acc_norm"] == right_norm / 3

@@ -6,7 +6,8 @@ writes, hashes and commits the checkpoint exactly as a synchronous save does
 (training.checkpoint.write_checkpoint). The copy overlaps the next step's forward and backward,
 which only read the weights; the trainer calls `wait_staged()` before `optimizer.step()`, the first
 thing that changes them, so the step is blocked only for the part of the copy that has not finished
-by then. On a GPU the copy runs on a CUDA stream of its own into pinned memory.
+by then. On a GPU the copy runs on a CUDA stream of its own into pinned memory, and stays there: the
+staged state takes no GPU memory.
 Two rules keep that safe on many ranks:
 - the worker's collectives run on a process group of their own (gloo), so they never
   interleave with the training step's all-reduces on the default group;
@@ -36,9 +37,10 @@ def stage(obj, buffers: dict, key: str = ""):
     if isinstance(obj, dict):
         return {k: stage(v, buffers, f"{key}/{k}") for k, v in obj.items()}
     if isinstance(obj, DTensor):
-        local = _copy(obj.to_local(), buffers, key)
-        return DTensor.from_local(local, obj.device_mesh, obj.placements, run_check=False,
-                                  shape=obj.shape, stride=obj.stride())
+        # The source's layout around a shard that stays in host memory, as torch's own staging
+        # (_create_cpu_state_dict) builds it: DTensor.from_local would move the copy onto the mesh's GPU,
+        # a second GPU copy of the state until the write ends. DCP writes from the local shard and its spec.
+        return DTensor(_copy(obj.to_local(), buffers, key), obj._spec, requires_grad=False)
     if isinstance(obj, torch.Tensor):
         return _copy(obj, buffers, key)
     return obj

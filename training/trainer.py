@@ -29,7 +29,7 @@ from jobspec.contract import EXIT_OK, EXIT_REQUEUE
 from jobspec.faults import fault
 from model.config import GPTConfig
 from model.gpt import GPT, flops_per_token
-from model.parallelize import parallelize
+from model.parallelize import parallelize, vocab_parallel_loss
 from training import checkpoint as ckpt
 from training import run_folder
 from training.metrics import MetricsLogger, Throughput, peak_flops, say
@@ -113,11 +113,12 @@ def load_weights(model, init_from: str, is_main: bool = True) -> None:
 def precision(cfg, dist_info) -> tuple[torch.dtype, object]:
     """(FSDP param dtype, autocast context) for train.dtype on this device.
 
-    Sharded GPU jobs get bf16 from FSDP's mixed-precision policy (bf16 compute, fp32 reductions);
-    a single process, or gloo on CPUs, gets it from autocast. Master weights stay fp32 either way."""
+    Sharded GPU jobs get bf16 from FSDP's mixed-precision policy (bf16 compute, fp32 reductions); every
+    other job gets it from autocast: one process, gloo on CPUs, and tensor parallel without data parallel,
+    where no FSDP is applied (model/parallelize.py) to carry a policy. Master weights stay fp32 either way."""
     on_gpu = dist_info.device.type == "cuda"
     want_bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and on_gpu)
-    fsdp_bf16 = want_bf16 and on_gpu and dist_info.mesh is not None
+    fsdp_bf16 = want_bf16 and on_gpu and dist_info.dp_size > 1
     use_autocast = want_bf16 and not fsdp_bf16
     autocast = torch.autocast(dist_info.device.type, dtype=torch.bfloat16) if use_autocast else nullcontext()
     return (torch.bfloat16 if fsdp_bf16 else torch.float32), autocast
@@ -129,6 +130,9 @@ class Trainer:
         self.cfg, self.dist, self.run_dir, self.task = cfg, dist_info, run_dir, task
         device = dist_info.device
         self.param_dtype, self.autocast = precision(cfg, dist_info)
+        # Under tensor parallelism the loss is computed on logits sharded over the vocabulary, if the task can.
+        vocab_parallel = dist_info.tp > 1 and getattr(task, "vocab_parallel_loss", False)
+        self.loss_context = vocab_parallel_loss if vocab_parallel else nullcontext
 
         self.model_cfg = model_config(cfg, task)
         if cfg.train.deterministic:
@@ -243,11 +247,12 @@ class Trainer:
             batch = self.task.next_batch()
             if fsdp:  # reduce-scatter gradients once, on the last micro-batch
                 self.model.set_requires_gradient_sync(micro == cfg.train.grad_accum_steps - 1)
-            with self.autocast:
-                total, count = self.task.loss(self.model, batch)
-            if fault("train.loss", step=self.step + 1) == "nan":
-                total = total * float("nan")
-            total.backward()
+            with self.loss_context():
+                with self.autocast:
+                    total, count = self.task.loss(self.model, batch)
+                if fault("train.loss", step=self.step + 1) == "nan":
+                    total = total * float("nan")
+                total.backward()
             sums += torch.stack([total.detach().double(), torch.as_tensor(count, dtype=torch.float64,
                                                                            device=sums.device)])
             tokens += self.task.tokens_per_batch(batch)

@@ -69,10 +69,10 @@ def eos_id(tok: Tokenizer) -> int:
 def token_byte_lengths(tok: Tokenizer) -> np.ndarray:
     """How many UTF-8 bytes each token id decodes to (0 for special tokens).
 
-    Bits per byte = sum(nats over target tokens) / ln(2) / sum(byte lengths of those tokens):
-    unlike loss per token it doesn't depend on the tokenizer, so runs with different
-    vocabularies (and xz) compare. A byte-level token string spells one byte per character,
-    so its length is exact even for tokens that hold half of a multi-byte character.
+    Bits per byte = sum(nats over target tokens that spell text) / ln(2) / sum(byte lengths of those
+    tokens) (text_nats_and_bytes): unlike loss per token it doesn't depend on the tokenizer, so runs
+    with different vocabularies (and xz) compare. A byte-level token string spells one byte per
+    character, so its length is exact even for tokens that hold half of a multi-byte character.
     """
     byte_alphabet = set(pre_tokenizers.ByteLevel.alphabet())
     lengths = np.zeros(tok.get_vocab_size(with_added_tokens=True), dtype=np.int64)
@@ -84,3 +84,12 @@ def token_byte_lengths(tok: Tokenizer) -> np.ndarray:
     for i, added in tok.get_added_tokens_decoder().items():
         lengths[i] = 0 if added.special else len(added.content.encode("utf-8"))
     return lengths
+
+
+def text_nats_and_bytes(nats, targets, byte_lengths):
+    """(nats, UTF-8 bytes) summed over the targets that spell text, for bits per byte; torch tensors: nats and
+    targets of the same shape, byte_lengths from token_byte_lengths. Targets of zero bytes (<|endoftext|>
+    between documents, padding) are left out of both: their nats would be charged to no byte of text, while
+    the baseline, xz, compresses the raw text of the documents alone."""
+    nbytes = byte_lengths[targets]
+    return nats[nbytes > 0].sum(), nbytes.sum()

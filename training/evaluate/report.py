@@ -106,7 +106,7 @@ def write_report(run_dir: str | Path, results: dict) -> Path:
     for name in names:
         lines.append(f"| {name} | " + " | ".join(_fmt(stages[s]["metrics"].get(name)) for s in stages) + " |")
     lines += ["", "Perplexity and bpb (bits per byte): lower is better; acc, acc_norm (multiple choice by "
-              "log-likelihood, acc_norm per byte of the choice), parses and passes (generated code that parses, "
+              "log-likelihood, acc_norm per character of the choice), parses and passes (generated code that parses, "
               "that passes its test): higher is better.", ""]
     try:
         import matplotlib

@@ -5,7 +5,7 @@ Multiple choice follows lm-evaluation-harness so that the same task scores the s
 the context's trailing whitespace moves to the continuation, the continuation's tokens are those
 of encode(context + continuation) after encode(context)'s, the sequence is cut on the left to the
 model's length, `acc` takes the choice of highest log-likelihood and `acc_norm` the highest
-log-likelihood per byte of the choice.
+log-likelihood per character of the choice (len(choice), not its UTF-8 bytes: they differ on non-ASCII text).
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def loglikelihoods(model, requests: list[tuple[list[int], list[int]]], batch_siz
 
 
 def multiple_choice(model, tokenizer, task: Task, batch_size: int, autocast=nullcontext) -> dict:
-    """acc and acc_norm (log-likelihood per byte of the choice) over the task's records."""
+    """acc and acc_norm (log-likelihood per character of the choice) over the task's records."""
     from training.data.tokenizer import EOS_ID
 
     requests, spans = [], []
@@ -80,9 +80,9 @@ def multiple_choice(model, tokenizer, task: Task, batch_size: int, autocast=null
     per_doc = []
     for first, choices, target in spans:
         lls = [scores[first + k][0] for k in range(len(choices))]
-        per_byte = [ll / max(1, len(c.encode("utf-8"))) for ll, c in zip(lls, choices)]
+        per_char = [ll / max(1, len(c)) for ll, c in zip(lls, choices)]  # characters, as lm-eval divides
         acc += max(range(len(lls)), key=lls.__getitem__) == target
-        acc_norm += max(range(len(lls)), key=per_byte.__getitem__) == target
+        acc_norm += max(range(len(lls)), key=per_char.__getitem__) == target
         per_doc.append(lls)
     n = len(spans)
     return {"acc": acc / n, "acc_norm": acc_norm / n, "n": n, "loglikelihoods": per_doc}
@@ -174,18 +174,22 @@ def heldout(model, data_cfg, batch_size: int, max_batches: int, byte_lengths: to
     the pretraining validation computes val_loss and val_bpb (so the numbers compare)."""
     from training.data.loader import iter_val_batches
 
+    from training.data.tokenizer import text_nats_and_bytes
+
     device = next(model.parameters()).device
-    nats = tokens = nbytes = 0.0
+    nats = tokens = text_nats = nbytes = 0.0
     for i, (x, y) in enumerate(iter_val_batches(data_cfg, batch_size)):
         if max_batches and i >= max_batches:
             break
         with autocast():
             logits = model(x.to(device))
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.to(device).view(-1), reduction="none")
-        nats += float(loss.double().sum())
+        loss = loss.double().cpu()
+        nats += float(loss.sum())
         tokens += y.numel()
-        nbytes += float(byte_lengths[y.view(-1)].sum())
+        text, spelled = text_nats_and_bytes(loss, y.view(-1), byte_lengths)
+        text_nats, nbytes = text_nats + float(text), nbytes + float(spelled)
     if not tokens:
         raise ValueError(f"the val split of {data_cfg.dir!r} holds no sequences (eval.heldout)")
-    return {"loss": nats / tokens, "perplexity": math.exp(nats / tokens), "bpb": nats / math.log(2) / nbytes,
+    return {"loss": nats / tokens, "perplexity": math.exp(nats / tokens), "bpb": text_nats / math.log(2) / nbytes,
             "tokens": int(tokens)}

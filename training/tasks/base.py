@@ -23,6 +23,10 @@ class Task(Protocol):
     model_class: type
     # The tokenizer.json the run trains with: the trainer copies it into the run folder.
     tokenizer_file: Path
+    # Optional (False if absent): loss() can take a tensor-parallel model's logits sharded over the vocabulary
+    # (model/parallelize.py token_cross_entropy); the trainer then runs loss() and its backward inside
+    # vocab_parallel_loss(), and no rank holds logits over the whole vocabulary.
+    vocab_parallel_loss: bool
 
     def next_batch(self) -> Any:
         """The next micro-batch of this rank, already on the rank's device."""

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from model.gpt import GPT
+from model.parallelize import token_cross_entropy, vocab_parallel_loss
 from training.data.loader import TokenLoader, iter_val_batches
 from training.data.prepare import ensure_data
-from training.data.tokenizer import load_tokenizer, token_byte_lengths
+from training.data.tokenizer import load_tokenizer, text_nats_and_bytes, token_byte_lengths
 
 
 class PretrainTask:
@@ -20,6 +21,7 @@ class PretrainTask:
 
     model_cfg = None  # the job's model: section, sized to the tokenizer
     model_class = GPT
+    vocab_parallel_loss = True  # loss() takes logits sharded over the vocabulary under tensor parallelism
 
     def __init__(self, cfg, dist_info):
         self.cfg, self.dist = cfg, dist_info
@@ -47,8 +49,7 @@ class PretrainTask:
 
     def loss(self, model, batch) -> tuple[torch.Tensor, int]:
         x, y = batch
-        logits = model(x)
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), reduction="sum"), y.numel()
+        return token_cross_entropy(model(x), y, reduction="sum"), y.numel()
 
     def tokens_per_batch(self, batch) -> int:
         return batch[1].numel()
@@ -58,27 +59,25 @@ class PretrainTask:
 
     @torch.no_grad()
     def evaluate(self, model) -> dict:
-        """Validation loss (nats/token) and bits per byte over the held-out split."""
+        """Validation loss (nats/token, every target) and bits per byte (the targets that spell text) over the
+        held-out split."""
         cfg = self.cfg
-        nats = torch.zeros((), dtype=torch.float64)
-        tokens = torch.zeros((), dtype=torch.float64)
-        nbytes = torch.zeros((), dtype=torch.float64)
+        sums = torch.zeros(4, dtype=torch.float64)  # nats, tokens, nats of text targets, their bytes
         for i, (x, y) in enumerate(iter_val_batches(cfg.data, cfg.train.micro_batch_size, replication=self.dist.tp)):
             if cfg.train.val_batches and i >= cfg.train.val_batches:
                 break
-            x, y = x.to(self.dist.device), y.to(self.dist.device)
-            logits = model(x)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), reduction="none")
-            nats += loss.double().sum().cpu()
-            tokens += y.numel()
-            nbytes += self.byte_lengths[y.view(-1).cpu()].sum()
+            with vocab_parallel_loss() if self.dist.tp > 1 else nullcontext():
+                loss = token_cross_entropy(model(x.to(self.dist.device)), y.to(self.dist.device), reduction="none")
+            loss = loss.double().cpu()
+            text_nats, nbytes = text_nats_and_bytes(loss, y.view(-1), self.byte_lengths)
+            sums += torch.stack([loss.sum(), torch.tensor(float(y.numel()), dtype=torch.float64), text_nats, nbytes])
         if self.dist.world_size > 1:
-            sums = torch.stack([nats, tokens, nbytes]).to(self.dist.device)
+            sums = sums.to(self.dist.device)
             dist.all_reduce(sums)  # TP peers counted the same batch: the ratios below are unaffected
-            nats, tokens, nbytes = sums.cpu()
-        val_loss = (nats / tokens).item()
-        val_bpb = (nats / math.log(2) / nbytes).item()
-        return {"val_loss": val_loss, "val_bpb": val_bpb, "xz_bpb": self.meta.get("xz_bpb_val")}
+            sums = sums.cpu()
+        nats, tokens, text_nats, nbytes = sums.tolist()
+        return {"val_loss": nats / tokens, "val_bpb": text_nats / math.log(2) / nbytes,
+                "xz_bpb": self.meta.get("xz_bpb_val")}
 
     def state_dict(self) -> dict:
         return {"loader": self.loader.state_dict()}

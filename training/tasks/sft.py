@@ -17,10 +17,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from training.data.tokenizer import PAD_ID, load_tokenizer
-from training.metrics import say
 from model.document_attention import document_attention_mask
 from model.gpt import GPT
+from model.parallelize import token_cross_entropy
+from training.data.tokenizer import PAD_ID, load_tokenizer
+from training.metrics import say
 from training.posttrain.chat import IGNORE, collate, encode_examples, pack, to_messages
 from training.posttrain.examples import data_files
 from training.posttrain.jsonl import read_jsonl
@@ -29,6 +30,7 @@ from training.run_folder import starting_point
 
 class SFTTask:
     model_class = GPT
+    vocab_parallel_loss = True  # loss() takes logits sharded over the vocabulary under tensor parallelism
 
     def __init__(self, cfg, dist_info):
         self.cfg, self.dist = cfg, dist_info
@@ -106,9 +108,8 @@ class SFTTask:
 
     def loss(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-entropy summed over this micro-batch's completion tokens (labels != -100), and their number."""
-        logits = self._logits(model, batch)
-        labels = batch["labels"].view(-1)
-        total = F.cross_entropy(logits.view(-1, logits.size(-1)), labels, ignore_index=IGNORE, reduction="sum")
+        labels = batch["labels"]
+        total = token_cross_entropy(self._logits(model, batch), labels, ignore_index=IGNORE, reduction="sum")
         return total, (labels != IGNORE).sum()
 
     def tokens_per_batch(self, batch) -> int:
