@@ -21,9 +21,7 @@ class RewardModelTask:
     model_class = RewardModel  # the trainer builds this instead of a plain GPT
 
     def __init__(self, cfg, dist_info):
-        if dist_info.tp > 1:
-            raise ValueError(f"parallel.tp={dist_info.tp}: the reward model's head is not tensor-parallel; "
-                             "use parallel.tp=1 (data parallel) for rm jobs")
+        # parallel.tp > 1 is refused when the job is loaded (jobspec/checks.py): the head is not tensor-parallel.
         self.cfg, self.dist = cfg, dist_info
         self.data = PreferenceData(cfg, dist_info, "rm")
         self.model_cfg = self.data.model_cfg
