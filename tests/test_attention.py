@@ -97,6 +97,12 @@ def packed_doc_ids(batch: int, seq: int, seed: int) -> torch.Tensor:
     return torch.tensor(rows)
 
 
+def packed_positions(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Rotary positions that restart at 0 with each document, as training/posttrain/chat.py packs them."""
+    return torch.stack([torch.cat([torch.arange(int(n)) for n in torch.unique_consecutive(row, return_counts=True)[1]])
+                        for row in doc_ids.cpu()]).to(doc_ids.device)
+
+
 @pytest.mark.parametrize("seq", [700, 512, 64])
 def test_block_mask_tiles_are_those_of_torchs_dense_construction(seq):
     """Built from the ids tile by tile, the BlockMask names the same partial and whole tiles as torch's
@@ -124,10 +130,7 @@ def test_packed_rows_give_the_dense_masks_losses_through_flex_attention():
     model = GPT(GPTConfig(vocab_size=256, n_layer=2, n_head=4, n_kv_head=2, d_model=64, max_seq_len=512)).eval()
     model.init_weights(seed=0)
     doc_ids = packed_doc_ids(2, 512, seed=1)
-    starts = torch.cat([torch.ones(2, 1, dtype=torch.bool), doc_ids[:, 1:] != doc_ids[:, :-1]], dim=1)
-    positions = torch.stack([torch.cat([torch.arange(n) for n in torch.unique_consecutive(row, return_counts=True)[1]])
-                             for row in doc_ids])
-    assert positions[starts].eq(0).all()
+    positions = packed_positions(doc_ids)
     tokens, labels = torch.randint(0, 256, (2, 512)), torch.randint(0, 256, (2, 512))
     with torch.no_grad():
         dense = model(tokens, positions, dense_document_mask(doc_ids))
