@@ -72,6 +72,12 @@ def test_same_losses_on_one_process_dp2_tp2_and_dp4(tmp_path, tiny_data):
     for other in (losses(hybrid), losses(dp4)):
         for step, loss in base.items():
             assert other[step] == pytest.approx(loss, rel=1e-4), (step, loss, other[step])
+    # The final validation too: under tp its loss is computed on logits sharded over the vocabulary.
+    final = [[json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if "val_bpb" in l][-1]
+             for run in (single, hybrid, dp4)]
+    for other in final[1:]:
+        assert other["val_loss"] == pytest.approx(final[0]["val_loss"], rel=1e-4)
+        assert other["val_bpb"] == pytest.approx(final[0]["val_bpb"], rel=1e-4)
 
 
 def killed_at(cmd: list[str], run_dir: Path, step: int, rank: int = 1) -> int:
