@@ -223,16 +223,18 @@ def first_step(run_dir: Path) -> dict:
 
 @pytest.mark.slow
 def test_the_loss_weighs_every_completion_token_alike_however_the_step_is_split(tmp_path, source):
-    """One fp32 step on the same 8 rows (completions of uneven lengths): 1 x 8, 4 micro-batches x 2, and 2 ranks
-    x 4 give the same loss and gradient norm. A mean of per-micro-batch means would weigh short rows more."""
+    """One fp32 step on the same 8 rows (completions of uneven lengths): 1 x 8, 4 micro-batches x 2, 2 ranks
+    x 4, and 2 tensor-parallel ranks (the loss on logits sharded over the vocabulary) give the same loss and
+    gradient norm. A mean of per-micro-batch means would weigh short rows more."""
     common = ["train.max_steps=1", "train.log_every=1", "train.val_every=0", "checkpoint.every=0",
               "optim.grad_clip=0", "train.dtype=fp32"]
     shapes = {"1x8": (["train.micro_batch_size=8"], 1), "4x2": (["train.micro_batch_size=2",
-              "train.grad_accum_steps=4"], 1), "2ranks": (["train.micro_batch_size=4"], 2)}
+              "train.grad_accum_steps=4"], 1), "2ranks": (["train.micro_batch_size=4"], 2),
+              "tp2": (["train.micro_batch_size=8", "parallel.tp=2"], 2)}
     steps = {}
     for name, (extra, nproc) in shapes.items():
         run_sft(source, tmp_path / name, *common, *extra, nproc=nproc)
         steps[name] = first_step(tmp_path / name)
-    for name in ("4x2", "2ranks"):
+    for name in ("4x2", "2ranks", "tp2"):
         assert steps[name]["loss"] == pytest.approx(steps["1x8"]["loss"], rel=1e-5), (name, steps)
         assert steps[name]["grad_norm"] == pytest.approx(steps["1x8"]["grad_norm"], rel=1e-5), (name, steps)
