@@ -38,7 +38,7 @@ def document_block_mask(doc_ids: torch.Tensor, tile: int = TILE) -> BlockMask:
     tiles = -(-seq // tile)
     # Whole tiles: the padding is one more document, so the mask function never reads past the ids.
     ids = torch.cat([doc_ids, (doc_ids[:, -1:] + 1).expand(batch, tiles * tile - seq)], dim=1)
-    first, last = ids.view(batch, tiles, tile)[..., 0], ids.view(batch, tiles, tile)[..., -1]
+    first, last = ids.view(batch, tiles, tile)[..., 0], ids.view(batch, tiles, tile)[..., -1]  # per tile
     q_first, q_last, k_first, k_last = first[:, :, None], last[:, :, None], first[:, None, :], last[:, None, :]
     at_or_below = torch.ones(tiles, tiles, dtype=torch.bool, device=doc_ids.device).tril()
     # A key tile at or before the query tile starts at or before its first document (ids never decrease):

@@ -1,6 +1,8 @@
 """How a GPT is spread over a device mesh: tensor parallel, then activation checkpointing,
 then per-block compile, then FSDP2. The same order torchtitan uses, for the same reasons:
 TP rewrites the modules' parameters into DTensors that FSDP then shards along data-parallel ranks.
+Under TP the output head's logits stay sharded over the vocabulary for a loss computed on the shards
+(vocab_parallel_loss, token_cross_entropy); every other caller gets them whole.
 """
 
 from __future__ import annotations
