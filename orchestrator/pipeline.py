@@ -13,6 +13,8 @@ final checkpoint of the stage it names in `after`.
 A stage's config is its job YAML, then the pipeline's `overrides`, then the stage's `overrides`, then the
 command line (`orch submit PIPELINE key=value` for every stage, `stages.NAME.key=value` for one). A stage
 with `after: X` gets `checkpoint.init_from` = X's run folder: the trainer starts from its newest checkpoint.
+When X is a data stage (kind: data) it gets `data.sources` = X's cleaned corpus (X/corpus) instead, and it and
+every stage after it get `data.dir` = X/tokenized: pretraining tokenizes the corpus there, eval reads its val split.
 `job:` paths are relative to the pipeline file's folder, else to the current folder.
 
 Every stage is checked before anything is registered; then all are registered PENDING at once and handed
@@ -36,6 +38,9 @@ from omegaconf import DictConfig, OmegaConf
 from orchestrator.registry import Registry, Run, now
 from orchestrator.spec import SpecError, load_spec
 from orchestrator.spec.loading import _did_you_mean, _read_yaml
+from orchestrator.spec.schema import CURATED_CORPUS_DIR
+
+TOKENIZED_DIR = "tokenized"  # in a data stage's run folder: the stages after it tokenize its corpus there
 
 TOP_KEYS = ("kind", "name", "executor", "overrides", "stages")
 STAGE_KEYS = ("job", "after", "overrides")
@@ -210,10 +215,16 @@ def submit(pipeline: Pipeline, registry: Registry) -> tuple[str, list[Run]]:
         run_id = f"{pipeline_id}-{stage.name}"
         run_dir = (Path(stage.cfg.runs_dir) / run_id).resolve()
         stage.cfg.executor = executor
-        if stage.after:  # the trainer loads the newest valid checkpoint of this folder
+        if stage.after and _by_name(pipeline, stage.after).cfg.kind == "data":
+            # A data stage's output is a corpus, not a checkpoint: this stage reads it
+            stage.cfg.data.sources = [str(Path(run_dirs[stage.after]) / CURATED_CORPUS_DIR)]
+        elif stage.after:  # the trainer loads the newest valid checkpoint of this folder
             stage.cfg.checkpoint.init_from = run_dirs[stage.after]
             if stage.cfg.kind == "eval" and not stage.cfg.eval.compare:
                 stage.cfg.eval.compare = _ancestors(pipeline, stage, run_dirs)
+        curated = _data_ancestor(pipeline, stage)
+        if curated is not None:  # its tokenized form lives beside it: pretraining writes it, eval reads its val split
+            stage.cfg.data.dir = str(Path(run_dirs[curated.name]) / TOKENIZED_DIR)
         run_dir.mkdir(parents=True)
         OmegaConf.save(stage.cfg, run_dir / "config.yaml")
         run_dirs[stage.name] = str(run_dir)
@@ -234,14 +245,30 @@ def submit(pipeline: Pipeline, registry: Registry) -> tuple[str, list[Run]]:
 
 
 def _ancestors(pipeline: Pipeline, stage: Stage, run_dirs: dict[str, str]) -> list[str]:
-    """["pretrain=RUN_FOLDER", "sft=RUN_FOLDER", ...]: the stages an eval stage descends from, first to
-    last, so that its report.md compares every stage of the chain on every metric."""
+    """["pretrain=RUN_FOLDER", "sft=RUN_FOLDER", ...]: the model stages an eval stage descends from, first to
+    last, so that its report.md compares every stage of the chain on every metric (a data stage has no model)."""
     by_name = {s.name: s for s in pipeline.stages}
     chain, name = [], stage.after
     while name is not None:
-        chain.append(f"{name}={run_dirs[name]}")
+        if by_name[name].cfg.kind != "data":
+            chain.append(f"{name}={run_dirs[name]}")
         name = by_name[name].after
     return list(reversed(chain))
+
+
+def _by_name(pipeline: Pipeline, name: str) -> Stage:
+    return next(s for s in pipeline.stages if s.name == name)
+
+
+def _data_ancestor(pipeline: Pipeline, stage: Stage) -> Optional[Stage]:
+    """The nearest data stage this one descends from (through `after`), if any."""
+    name = stage.after
+    while name is not None:
+        parent = _by_name(pipeline, name)
+        if parent.cfg.kind == "data":
+            return parent
+        name = parent.after
+    return None
 
 
 # ------------------------------------------------------------------ stages that can no longer run
@@ -420,8 +447,11 @@ def submit_from_cli(path: str, overrides: Sequence[str], follow: bool) -> int:
 
 def print_configs(path: str, overrides: Sequence[str]) -> int:
     """`orch config PIPELINE`: each stage's resolved config (init_from is filled in at submit time)."""
-    for stage in load_pipeline(path, overrides).stages:
-        after = f" (after {stage.after}: checkpoint.init_from = its run folder)" if stage.after else ""
+    pipeline = load_pipeline(path, overrides)
+    for stage in pipeline.stages:
+        takes = "data.sources = its corpus" if stage.after and _by_name(pipeline, stage.after).cfg.kind == "data" \
+            else "checkpoint.init_from = its run folder"
+        after = f" (after {stage.after}: {takes})" if stage.after else ""
         print(f"# ---- stage {stage.name}: {stage.job}{after}")
         print(OmegaConf.to_yaml(stage.cfg), end="")
     return 0
