@@ -176,7 +176,8 @@ def test_prose_filters_keep_prose_and_reject_what_they_describe():
     assert why is None and "Javascript" not in text and "short line" not in text and "committee" in text
     assert "curly bracket" in c4.check(PROSE + "{x}", C4Config())[1]
     assert "lorem ipsum" in c4.check("Lorem ipsum dolor sit amet. " + PROSE, C4Config())[1]
-    assert fineweb.check(PROSE, FineWebConfig())[1] is None
+    assert fineweb.check(PROSE.split("\n")[0], FineWebConfig())[1] is None
+    assert "repeated lines" in fineweb.check(PROSE, FineWebConfig())[1]  # the paragraph twice
     assert "short" in fineweb.check("\n".join(f"item {i}." for i in range(30)), FineWebConfig())[1]
 
 
