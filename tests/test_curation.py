@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, env_for
+from test_slurm_cluster import slurm_cluster, wait_until  # noqa: F401  (the session fixture)
 
 from orchestrator.spec import load_spec
 from orchestrator.spec.schema import (C4Config, CodeFilterConfig, FineWebConfig, GopherQualityConfig,
@@ -330,3 +331,33 @@ def test_bad_input_is_refused_with_exit_2(tmp_path, override, names):
     assert not os.path.exists(tmp_path / ".orch" / "registry.db") or not subprocess.run(
         [sys.executable, "-m", "orchestrator.cli", "runs"], cwd=tmp_path, env=env_for(tmp_path),
         capture_output=True, text=True).stdout.strip().splitlines()[1:]
+
+
+@pytest.mark.slurm
+def test_the_job_runs_as_slurm_job_arrays(tmp_path, slurm_cluster):  # noqa: F811  (the session fixture)
+    from orchestrator.executors import slurm
+    from orchestrator.executors.slurm_array import job_ids
+    from orchestrator.registry import Registry
+
+    src = _small_source(tmp_path, n=8)
+    result = subprocess.run([sys.executable, "-m", "orchestrator.cli", "submit", JOB, f"data.sources=[{src}]",
+                             f"runs_dir={tmp_path / 'runs'}", "executor=slurm", "curate.shards=3"],
+                            cwd=tmp_path, env=env_for(tmp_path), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    registry = Registry(tmp_path / ".orch" / "registry.db")
+    run = registry.list()[0]
+    ids = job_ids(run)
+    assert run.executor == "slurm" and len(ids) == 4 and run.slurm_job_id == ids[-1]
+
+    def finished():
+        slurm.refresh(registry, [registry.get(run.id)])
+        current = registry.get(run.id)
+        return current if current.finished else None
+
+    done = wait_until(finished, 240, f"data run {run.id} (Slurm jobs {ids})", interval=2)
+    assert done.state == "COMPLETED", done.reason
+    stats = json.loads((Path(run.run_dir) / "stats.json").read_text())
+    assert stats["shards"] == 3 and stats["exact_duplicates"] == 1
+    sacct = subprocess.run(["sacct", "-X", "-n", "-P", "-j", ids[0], "-o", "JobID,State"], capture_output=True,
+                           text=True, timeout=60).stdout.split()
+    assert sorted(sacct) == [f"{ids[0]}_{i}|COMPLETED" for i in range(3)]  # one array task per shard

@@ -96,6 +96,10 @@ def executor_parameters(run: Run, resources, dependency_job_ids: Sequence[str] =
 
 def submit(run: Run, registry: Registry, cfg, dependency_job_ids: Sequence[str] = ()) -> str:
     """Submit a registered run as a Slurm job; records its job id, state PENDING, executor "slurm"."""
+    if cfg.kind == "data":  # the curation stage: job arrays over its shards
+        from orchestrator.executors import slurm_array
+
+        return slurm_array.submit(run, registry, cfg, dependency_job_ids)
     import submitit
 
     from orchestrator.executors.slurm_job import TrainingJob
@@ -204,7 +208,9 @@ def cancel(run: Run) -> None:
     """scancel the run's job (the trainer checkpoints on the SIGTERM it brings); refresh records CANCELLED."""
     if not run.slurm_job_id:
         return
-    proc = subprocess.run(["scancel", str(run.slurm_job_id)], capture_output=True, text=True, timeout=60)
+    from orchestrator.executors.slurm_array import job_ids  # a data run's array jobs too
+
+    proc = subprocess.run(["scancel", str(run.slurm_job_id), *job_ids(run)], capture_output=True, text=True, timeout=60)
     if proc.returncode != 0:
         raise SlurmError(f"scancel {run.slurm_job_id} failed: {proc.stderr.strip()}")
 

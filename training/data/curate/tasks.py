@@ -184,7 +184,9 @@ def dedup(run_dir: Path) -> dict:
         with timer.time("decontamination"):
             _write_reference(run_dir, plan, c.decontamination, tmp / decontam.REFERENCE)
         summary["seconds"] = {k: round(v, 4) for k, v in timer.items()}
-    append_progress(run_dir, {"step": plan["docs"], "max_steps": plan["docs"], "phase": "dedup", **summary})
+    append_progress(run_dir, {"step": plan["docs"], "max_steps": plan["docs"], "phase": "dedup",
+                              "exact_duplicates": summary["exact_duplicates"],
+                              "near_duplicates": summary["near_duplicates"]})
     print(f"[curate] dedup: {summary['exact_duplicates']:,} exact and {summary['near_duplicates']:,} near "
           "duplicates across all shards", flush=True)
     return summary
