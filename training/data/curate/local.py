@@ -31,6 +31,7 @@ def run_stage(run_dir: Path, workers: int) -> dict:
     wall = {}
     # forkserver: workers start from a clean interpreter, not a fork of one that may hold torch's threads
     context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["training.data.curate.tasks"])  # imported once, not once per worker
     with ProcessPoolExecutor(workers, mp_context=context) if workers > 1 else _NoPool() as pool:
         start = time.perf_counter()
         analyzed = _map(pool, tasks.analyze, run_dir, n)

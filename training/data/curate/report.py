@@ -30,7 +30,12 @@ def collect(cfg, plan: dict, analyzed: list[dict], deduped: dict, written: list[
         docs = sum(w["funnel"].get(step, (0, 0))[0] for w in written)
         nbytes = sum(w["funnel"].get(step, (0, 0))[1] for w in written)
         funnel.append({"step": step, "docs": docs, "bytes": nbytes})
-    seconds = _sum([a["seconds"] for a in analyzed] + [deduped.get("seconds", {})] + [w["seconds"] for w in written])
+    tasks = [*analyzed, deduped, *written]
+    seconds = _sum(t.get("seconds", {}) for t in tasks)
+    handled: dict[str, list[int]] = {}
+    for t in tasks:
+        for step, (docs, nbytes) in t.get("handled", {}).items():
+            handled[step] = [handled.get(step, [0, 0])[0] + docs, handled.get(step, [0, 0])[1] + nbytes]
     unreadable = _sum(a["unreadable"] for a in analyzed)
     decontaminated = _sum(w["decontaminated"] for w in written)
     return {
@@ -45,6 +50,7 @@ def collect(cfg, plan: dict, analyzed: list[dict], deduped: dict, written: list[
         "funnel": funnel,
         "shards": len(plan["shards"]),
         "cpu_seconds": {k: round(v, 3) for k, v in seconds.items()},  # summed over tasks, per step
+        "handled": dict(sorted(handled.items())),  # step -> [documents, bytes] it processed (its CPU seconds' work)
     }
 
 

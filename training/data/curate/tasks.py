@@ -43,18 +43,35 @@ def load_config(run_dir: Path):
 
 
 class Timer(dict):
-    """Seconds per named step, summed: the benchmark's per-step throughput."""
+    """CPU seconds of this process per named step, and the documents and bytes each step handled, summed: the
+    benchmark's per-core throughput (CPU time, not wall time, so that other work on a shared machine does not
+    count)."""
 
-    def time(self, name: str):
+    def __init__(self):
+        super().__init__()
+        self.handled: dict[str, list[int]] = {}
+
+    def count(self, name: str, nbytes: int) -> None:
+        counts = self.handled.setdefault(name, [0, 0])
+        counts[0] += 1
+        counts[1] += nbytes
+
+    def time(self, name: str, nbytes: int | None = None):
+        """A context that adds its CPU time to `name`; with nbytes, also counts one document handled."""
         timer = self
+        if nbytes is not None:
+            self.count(name, nbytes)
 
         class _Span:
             def __enter__(self):
-                self.start = time.perf_counter()
+                self.start = time.process_time()
 
             def __exit__(self, *exc):
-                timer[name] = timer.get(name, 0.0) + time.perf_counter() - self.start
+                timer[name] = timer.get(name, 0.0) + time.process_time() - self.start
         return _Span()
+
+    def summary(self) -> dict:
+        return {"seconds": {k: round(v, 4) for k, v in self.items()}, "handled": self.handled}
 
 
 # ------------------------------------------------------------------ analyze (one per shard)
@@ -86,12 +103,13 @@ def analyze(run_dir: Path, shard: int) -> dict:
                 if record is None:
                     break
                 summary["bytes"] += record.nbytes
+                timer.count("read", record.nbytes)
                 if record.split == "val":
                     summary["val_docs"] += 1
                     summary["val_bytes"] += record.nbytes
                     val.write(json.dumps({cfg.data.text_field: record.text}) + "\n")
                     if c.decontamination.enabled and c.decontamination.heldout:
-                        with timer.time("decontamination"):
+                        with timer.time("decontamination", record.nbytes):
                             val_grams.append(decontam.text_ngrams(record.text, c.decontamination.ngram))
                     continue
                 summary["train_records"] += 1
@@ -110,8 +128,7 @@ def analyze(run_dir: Path, shard: int) -> dict:
                  has_sig=np.array([len(s) > 0 for s in shingles], bool))
         grams = np.unique(np.concatenate(val_grams)) if val_grams else np.zeros(0, np.uint64)
         np.save(tmp / "val_ngrams.npy", grams, allow_pickle=False)
-        summary.update(readable=len(rows["order"]), unreadable=dict(unreadable),
-                       seconds={k: round(v, 4) for k, v in timer.items()})
+        summary.update(readable=len(rows["order"]), unreadable=dict(unreadable), **timer.summary())
     _progress(run_dir, plan)
     return summary
 
@@ -120,18 +137,18 @@ def _analyze_one(record, c, timer: Timer, rows: dict, shingles: list, docs) -> N
     """One readable training document: its hashes and signature input, filter verdict and PII redaction."""
     text = record.text
     nbytes = len(text.encode())
-    with timer.time("exact_dedup"):
+    with timer.time("exact_dedup", nbytes):
         rows["hash"].extend(content_hash(text, c.exact_dedup.normalize_whitespace) if c.exact_dedup.enabled
                             else (0, record.order))  # disabled: unique keys
-    with timer.time("near_dedup"):
+    with timer.time("near_dedup", nbytes):
         shingles.append(ngram_hashes(unit_hashes(text, c.near_dedup.unit), c.near_dedup.ngram)
                         if c.near_dedup.enabled else np.zeros(0, np.uint64))
-    with timer.time("filters"):
+    with timer.time("filters", nbytes):
         text, why = apply_filters(text, c.filters)
     filtered_nbytes = len(text.encode())
     pii: Counter = Counter()
     if c.pii.enabled and why is None:
-        with timer.time("pii"):
+        with timer.time("pii", filtered_nbytes):
             text, pii = redact(text, c.pii)
     rows["order"].append(record.order)
     # bytes as read (normalized) and after the filters: the funnel's byte columns; the text is the final one
@@ -183,7 +200,7 @@ def dedup(run_dir: Path) -> dict:
         np.savez(tmp / "decisions.npz", order=order, status=status, kept_order=order[kept])
         with timer.time("decontamination"):
             _write_reference(run_dir, plan, c.decontamination, tmp / decontam.REFERENCE)
-        summary["seconds"] = {k: round(v, 4) for k, v in timer.items()}
+        summary.update(timer.summary())
     append_progress(run_dir, {"step": plan["docs"], "max_steps": plan["docs"], "phase": "dedup",
                               "exact_duplicates": summary["exact_duplicates"],
                               "near_duplicates": summary["near_duplicates"]})
@@ -237,7 +254,7 @@ def write(run_dir: Path, shard: int) -> dict:
             shutil.copyfile(src, corpus / split / f".part-{shard:05d}.jsonl.tmp")
             (corpus / split / f".part-{shard:05d}.jsonl.tmp").replace(corpus / split / f"part-{shard:05d}.jsonl")
         (tmp / "part.jsonl").unlink()
-        summary["seconds"] = {k: round(v, 4) for k, v in timer.items()}
+        summary.update(timer.summary())
     return summary
 
 
@@ -268,7 +285,7 @@ def _verdict(doc: dict, decisions, references: dict, plan: dict, c, timer: Timer
     final_bytes = len(doc["text"].encode())
     _count(funnel, "pii", final_bytes)
     if c.decontamination.enabled:
-        with timer.time("decontamination"):
+        with timer.time("decontamination", len(doc["text"].encode())):
             matched = decontam.match(doc["text"], references, c.decontamination.ngram)
         if matched:
             summary["decontaminated"][matched] = summary["decontaminated"].get(matched, 0) + 1
