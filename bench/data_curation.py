@@ -25,7 +25,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from bench.common import write_result
-from orchestrator.spec import load_spec
+from jobspec import load_spec
 from training.data.curate.local import run_stage
 from training.data.curate.plan import make_plan
 

@@ -14,7 +14,9 @@ shards that had not finished. A failed task leaves its dependents unsatisfiable;
 cancels them rather than leave them pending.
 
 The run's registry entry follows the report job (`slurm_job_id`): the run is COMPLETED when the report is.
-run_dir/slurm/jobs.json records all four job ids, for `orch cancel` (slurm.cancel).
+run_dir/slurm/jobs.json records all four job ids, for `orch cancel` (SlurmExecutor.cancel). Wiring:
+SlurmExecutor.submit hands a kind-data run here, so `orch submit`, pipelines (submit_pipeline) and `orch resume`
+all take this path.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Sequence
 
 from submitit.helpers import Checkpointable
 
+from jobspec.contract import RunFolder
 from orchestrator.registry import Registry, Run, now
 
 JOBS = "jobs.json"  # in run_dir/slurm/: {"analyze": id, "dedup": id, "write": id, "report": id}
@@ -57,8 +60,8 @@ def array_parameters(run: Run, cfg, step: str, dependency: Sequence[str]) -> dic
     return params
 
 
-def submit(run: Run, registry: Registry, cfg, dependency_job_ids: Sequence[str] = ()) -> str:
-    """Plan the shards, submit the four jobs, record the report job as the run's; returns its id."""
+def submit(run: Run, registry: Registry, cfg, dependency_job_ids: Sequence[str] = ()) -> dict[str, str]:
+    """Plan the shards, submit the four jobs, record the report job as the run's; returns {step: job id}."""
     import submitit
 
     from training.data.curate.plan import make_plan
@@ -66,7 +69,7 @@ def submit(run: Run, registry: Registry, cfg, dependency_job_ids: Sequence[str] 
     run_dir = Path(run.run_dir)
     slurm_dir = run_dir / "slurm"
     slurm_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "logs").mkdir(exist_ok=True)
+    RunFolder(run_dir).logs.mkdir(exist_ok=True)
     plan = make_plan(cfg, run_dir, workers=max(1, cfg.curate.workers or cfg.resources.nodes))
     shards = range(len(plan["shards"]))
     executor = submitit.SlurmExecutor(folder=slurm_dir, max_num_timeout=cfg.resources.max_requeues)
@@ -91,7 +94,7 @@ def submit(run: Run, registry: Registry, cfg, dependency_job_ids: Sequence[str] 
         raise error from None
     (slurm_dir / JOBS).write_text(json.dumps(ids) + "\n")
     registry.update(run.id, executor="slurm", state="PENDING", slurm_job_id=ids["report"])
-    return ids["report"]
+    return ids
 
 
 def job_ids(run: Run) -> list[str]:

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import torch
 
+from model.gpt import GPT
 from training.posttrain.losses import dpo_loss, sequence_logprobs
 from training.posttrain.metric_sums import MetricSums
 from training.posttrain.pairs import PreferenceData
 
 
 class DPOTask:
+    model_class = GPT
+
     def __init__(self, cfg, dist_info):
         from training.trainer import build_model, load_weights, precision
 
@@ -26,6 +29,7 @@ class DPOTask:
             raise ValueError(f"dpo.beta={self.beta} must be positive (typical values 0.05 to 0.5)")
         self.data = PreferenceData(cfg, dist_info, "dpo")
         self.model_cfg = self.data.model_cfg  # the trainer builds the policy in the source's shape
+        self.tokenizer_file = self.data.tokenizer_file
         self.vocab_size = self.model_cfg.vocab_size
         param_dtype, _ = precision(cfg, dist_info)
         self.reference = build_model(self.model_cfg, cfg, dist_info, param_dtype, trainable=False)

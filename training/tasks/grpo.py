@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from model.generate import generate
+from model.gpt import GPT
 from training.data.tokenizer import PAD_ID, load_tokenizer
 from training.posttrain.chat import encode_prompt, end_of_turn_id
 from training.posttrain.examples import ExampleStream, data_files, eval_batches, pad_right
@@ -29,12 +30,14 @@ from training.posttrain.jsonl import read_jsonl
 from training.posttrain.losses import IGNORE, frac_reward_zero_std, group_advantages, grpo_policy_loss, token_logprobs
 from training.posttrain.metric_sums import MetricSums
 from training.posttrain.rewards import defines_function, load_reward_fn, python_parses
-from training.posttrain.source import resolve_source
+from training.run_folder import starting_point
 
 KEYS = ("prompt", "signature")
 
 
 class GRPOTask:
+    model_class = GPT
+
     def __init__(self, cfg, dist_info):
         from training.trainer import build_model, load_weights, precision
 
@@ -45,8 +48,9 @@ class GRPOTask:
             raise ValueError(f"grpo.max_new_tokens={g.max_new_tokens} must be >= 1 and grpo.temperature="
                              f"{g.temperature} > 0 (sampling is what explores)")
         self.cfg, self.dist = cfg, dist_info
-        self.model_cfg, tokenizer_path = resolve_source(cfg.checkpoint.init_from, cfg.data.tokenizer)
+        self.model_cfg, tokenizer_path = starting_point(cfg.checkpoint.init_from, cfg.data.tokenizer)
         self.vocab_size = self.model_cfg.vocab_size
+        self.tokenizer_file = tokenizer_path
         self.tokenizer = load_tokenizer(tokenizer_path)
         self.stop_id = end_of_turn_id(self.tokenizer)
         self.max_len = min(cfg.data.seq_len, self.model_cfg.max_seq_len)
@@ -60,9 +64,9 @@ class GRPOTask:
         load_weights(self.reference, cfg.checkpoint.init_from, dist_info.is_main)
         self.reward_model = None
         if Path(g.reward).is_dir():  # a trained reward model scores prompt + completion
-            from training.tasks.rm import RewardModel
+            from model.reward import RewardModel
 
-            rm_cfg, _ = resolve_source(g.reward, key="grpo.reward")
+            rm_cfg, _ = starting_point(g.reward, key="grpo.reward")
             self.reward_model = build_model(rm_cfg, cfg, dist_info, param_dtype, trainable=False,
                                             model_class=RewardModel)
             load_weights(self.reward_model, g.reward, dist_info.is_main)

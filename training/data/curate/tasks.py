@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import OmegaConf
 
-from orchestrator.spec.schema import CURATED_CORPUS_DIR
+from jobspec.contract import CURATED_CORPUS
 from training.data.curate import decontam
 from training.data.curate.clusters import exact_duplicates, near_duplicates
 from training.data.curate.exact import content_hash
@@ -234,7 +234,7 @@ def write(run_dir: Path, shard: int) -> dict:
     decisions = np.load(task_dir(run_dir, "dedup") / "decisions.npz", allow_pickle=False)
     references = decontam.load_reference(task_dir(run_dir, "dedup") / decontam.REFERENCE)
     source = task_dir(run_dir, "analyze", shard)
-    corpus = run_dir / CURATED_CORPUS_DIR
+    corpus = run_dir / CURATED_CORPUS
     summary = {"shard": shard, "funnel": {}, "filtered": {}, "pii_redactions": {}, "decontaminated": {},
                "examples": {}, "seconds": {}}
     timer = Timer()

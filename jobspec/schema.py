@@ -209,9 +209,6 @@ class EvalJobSpec(JobSpec):
 
 # ------------------------------------------------------------------ data curation (training/data/curate/, docs/data.md)
 
-CURATED_CORPUS_DIR = "corpus"  # in a data run's folder: train/ and val/ .jsonl, what a pretrain stage after it reads
-
-
 @dataclass
 class ReadingConfig:
     normalization: str = "NFC"  # Unicode normalization of every document: NFC, NFKC, NFD, NFKD or none

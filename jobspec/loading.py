@@ -16,7 +16,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from orchestrator.spec.schema import KINDS
+from jobspec.schema import KINDS
 
 
 class SpecError(Exception):
@@ -38,12 +38,12 @@ def schema_keys(schema, prefix: str = "") -> list[str]:
     return keys
 
 
-def _did_you_mean(key: str, candidates: Iterable[str]) -> str:
+def did_you_mean(key: str, candidates: Iterable[str]) -> str:
     close = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.6)
     return f" Did you mean '{close[0]}'?" if close else ""
 
 
-def _read_yaml(path: str) -> dict:
+def read_yaml(path: str) -> dict:
     if not os.path.exists(path):
         raise SpecError(f"{path}: no such job file.")
     try:
@@ -88,7 +88,7 @@ def _check_known(key: str, value, source: str, valid_keys: list[str]) -> None:
     under = lambda k: (k.rsplit(".", 1)[0] if "." in k else "") == parent  # noqa: E731
     siblings = sorted({k[len(parent) + 1:] if parent else k for k in [*valid_keys, *sections] if under(k)})
     where = f"under '{parent}'" if parent else "at the top level"
-    raise SpecError(f"{source}: unknown key '{key}' (value {value!r}).{_did_you_mean(key, valid_keys)} "
+    raise SpecError(f"{source}: unknown key '{key}' (value {value!r}).{did_you_mean(key, valid_keys)} "
                     f"Valid keys {where}: {', '.join(siblings)}.")
 
 
@@ -102,13 +102,13 @@ def _explain(e: OmegaConfBaseException, source: str) -> SpecError:
 
 def load_spec(path: str, overrides: Sequence[str] = ()) -> DictConfig:
     """YAML file + overrides -> typed config (struct mode: unknown keys are errors)."""
-    raw = _read_yaml(path)
+    raw = read_yaml(path)
     kind = raw.get("kind", "pretrain")
     for ov in overrides:
         if ov.startswith("kind="):
             kind = ov.split("=", 1)[1]
     if kind not in KINDS:
-        raise SpecError(f"{path}: key 'kind' has the value {kind!r}, which is not a job kind.{_did_you_mean(kind, KINDS)} "
+        raise SpecError(f"{path}: key 'kind' has the value {kind!r}, which is not a job kind.{did_you_mean(kind, KINDS)} "
                         f"Known kinds: {', '.join(sorted(KINDS))}.")
     schema = KINDS[kind]
     valid_keys = schema_keys(schema)
@@ -176,7 +176,7 @@ def check_values(cfg: DictConfig, source: str) -> None:
         _check_curate(cfg.curate, bad)
 
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 NORMALIZATIONS = ("NFC", "NFKC", "NFD", "NFKD", "none")
 
 
@@ -223,3 +223,17 @@ def _fractions(node: DictConfig, prefix: str):
             values = list(value) if OmegaConf.is_list(value) else [value]
             for i, v in enumerate(values):
                 yield (f"{key}[{i}]" if OmegaConf.is_list(value) else key), v
+
+
+def save_config(cfg: DictConfig, path) -> None:
+    """Write a resolved config as YAML atomically: a reader sees the old file or the new one, never half of one
+    (a crash mid-write would otherwise leave an empty config that loads as the defaults)."""
+    from pathlib import Path
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(OmegaConf.to_yaml(cfg))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
