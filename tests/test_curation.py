@@ -335,7 +335,7 @@ def test_bad_input_is_refused_with_exit_2(tmp_path, override, names):
 
 @pytest.mark.slurm
 def test_the_job_runs_as_slurm_job_arrays(tmp_path, slurm_cluster):  # noqa: F811  (the session fixture)
-    from orchestrator.executors import slurm
+    from orchestrator.executors.slurm import SlurmExecutor
     from orchestrator.executors.slurm_array import job_ids
     from orchestrator.registry import Registry
 
@@ -350,7 +350,7 @@ def test_the_job_runs_as_slurm_job_arrays(tmp_path, slurm_cluster):  # noqa: F81
     assert run.executor == "slurm" and len(ids) == 4 and run.slurm_job_id == ids[-1]
 
     def finished():
-        slurm.refresh(registry, [registry.get(run.id)])
+        SlurmExecutor(registry).refresh([registry.get(run.id)])
         current = registry.get(run.id)
         return current if current.finished else None
 

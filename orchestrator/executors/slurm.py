@@ -169,7 +169,7 @@ class SlurmExecutor:
         if cfg.kind == "data":  # the curation stage: job arrays over its shards (slurm_array.py)
             from orchestrator.executors import slurm_array
 
-            ids = slurm_array.submit(run, self.registry, cfg, dependency_job_ids)
+            ids = slurm_array.submit(run, self.registry, cfg, executor_parameters, dependency_job_ids)
             return f"slurm array jobs {ids['analyze']} and {ids['write']}, report job {ids['report']}"
         import submitit
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from submitit.helpers import Checkpointable
 
@@ -49,19 +49,19 @@ class CurateStep(Checkpointable):
         return function(self.run_dir) if index is None else function(self.run_dir, index)
 
 
-def array_parameters(run: Run, cfg, step: str, dependency: Sequence[str]) -> dict:
+def array_parameters(run_parameters: dict, run: Run, step: str) -> dict:
     """The run's Slurm parameters (partition, time, ...) for one step: one process per task, no srun teardown
     (the tasks' restarts are Slurm's and submitit's, not after_srun's)."""
-    from orchestrator.executors.slurm import executor_parameters
-
-    params = executor_parameters(run, cfg.resources, dependency)
+    params = dict(run_parameters, additional_parameters=dict(run_parameters["additional_parameters"]))
     params.update(job_name=f"{run.id}-{step}", nodes=1, ntasks_per_node=1, teardown=[])
     params["additional_parameters"]["kill-on-invalid-dep"] = "yes"
     return params
 
 
-def submit(run: Run, registry: Registry, cfg, dependency_job_ids: Sequence[str] = ()) -> dict[str, str]:
-    """Plan the shards, submit the four jobs, record the report job as the run's; returns {step: job id}."""
+def submit(run: Run, registry: Registry, cfg, parameters: Callable[..., dict],
+           dependency_job_ids: Sequence[str] = ()) -> dict[str, str]:
+    """Plan the shards, submit the four jobs, record the report job as the run's; returns {step: job id}.
+    `parameters(run, resources, dependency_job_ids)` gives a run's submitit parameters (slurm.executor_parameters)."""
     import submitit
 
     from training.data.curate.plan import make_plan
@@ -77,7 +77,7 @@ def submit(run: Run, registry: Registry, cfg, dependency_job_ids: Sequence[str] 
     dependency = list(dependency_job_ids)
     try:
         for step in STEPS:
-            executor.update_parameters(**array_parameters(run, cfg, step, dependency))
+            executor.update_parameters(**array_parameters(parameters(run, cfg.resources, dependency), run, step))
             if step in ("analyze", "write"):
                 executor.update_parameters(array_parallelism=len(shards))
                 jobs = executor.map_array(CurateStep(step, str(run_dir)), shards)
@@ -85,11 +85,9 @@ def submit(run: Run, registry: Registry, cfg, dependency_job_ids: Sequence[str] 
             else:
                 ids[step] = str(executor.submit(CurateStep(step, str(run_dir))).job_id)
             dependency = [ids[step]]
-    except (subprocess.CalledProcessError, RuntimeError) as e:
-        from orchestrator.executors.slurm import SlurmError
-
+    except (subprocess.CalledProcessError, RuntimeError) as e:  # submitit's FailedJobError carries sbatch's stderr
         cancel_ids(ids.values())
-        error = SlurmError(f"sbatch refused data run {run.id} ({run_dir}/config.yaml): {e}")
+        error = RuntimeError(f"sbatch refused data run {run.id} ({run_dir}/config.yaml): {e}")
         registry.update(run.id, state="FAILED", reason=str(error), ended_at=now())
         raise error from None
     (slurm_dir / JOBS).write_text(json.dumps(ids) + "\n")
