@@ -16,7 +16,8 @@ from model.config import GPTConfig
 class DataConfig:
     # "demo" = the Python standard library's own source files on this machine
     # (held-out modules form the validation split); otherwise a list of local
-    # .txt / .jsonl / .parquet files or folders.
+    # .txt / .jsonl / .parquet files or folders. A folder with train/ and val/ subfolders (a data job's corpus/)
+    # is read as already split.
     sources: List[str] = field(default_factory=lambda: ["demo"])
     text_field: str = "text"  # the column read from .jsonl / .parquet records
     tokenizer: Optional[str] = None  # a tokenizer.json to use; None = train a BPE one

@@ -43,7 +43,7 @@ def signatures(shingle_sets: list[np.ndarray], num_perm: int, seed: int) -> np.n
 
     if not shingle_sets:
         return np.zeros((0, num_perm), np.uint32)
-    flat = np.concatenate(shingle_sets) if shingle_sets else np.zeros(0, np.uint64)
+    flat = np.concatenate(shingle_sets)
     offsets = np.zeros(len(shingle_sets) + 1, np.uint64)
     np.cumsum([len(s) for s in shingle_sets], out=offsets[1:])
     matrix = rensa.RMinHash.digest_matrix_from_flat_token_hashes(flat, offsets, num_perm, seed)
