@@ -109,6 +109,10 @@ def check_values(cfg: DictConfig, where: Where) -> None:
     _check_vocab(cfg, bad)
     _check_slurm_strings(cfg, bad)
     _check_reward_model_parallelism(cfg, bad)
+    if cfg.kind == "data":
+        from jobspec.curate_checks import check_curate
+
+        check_curate(cfg, bad)
 
 
 def _tokenizer_size(path: str) -> Optional[int]:

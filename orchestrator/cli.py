@@ -29,8 +29,11 @@ def _fail(msg: str, code: int = 2) -> int:
 
 def cmd_config(args) -> int:
     if is_pipeline_file(args.config):  # each stage's resolved config (init_from is filled in at submit time)
-        for stage in load_pipeline(args.config, args.overrides).stages:
-            after = f" (after {stage.after}: checkpoint.init_from = its run folder)" if stage.after else ""
+        pipeline = load_pipeline(args.config, args.overrides)
+        kinds = {s.name: s.cfg.kind for s in pipeline.stages}
+        for stage in pipeline.stages:
+            takes = "data.sources = its corpus" if kinds.get(stage.after) == "data" else "checkpoint.init_from = its run folder"
+            after = f" (after {stage.after}: {takes})" if stage.after else ""
             print(f"# ---- stage {stage.name}: {stage.job}{after}")
             print(OmegaConf.to_yaml(stage.cfg), end="")
         return 0

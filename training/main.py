@@ -43,6 +43,7 @@ TASKS = {
 # Kinds that don't train: a function run(cfg, dist_info, run_dir) -> exit code instead of a task.
 RUNNERS = {
     "eval": "training.evaluate.job:run_eval",
+    "data": "training.data.curate.job:run_curate",
 }
 
 
