@@ -19,14 +19,14 @@ import torch
 import torch.distributed as dist
 
 
-def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
-                top_p: Optional[float] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """logits [batch, vocab] -> next token ids [batch]. temperature 0 = greedy (argmax)."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
+def sampling_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
+                    top_p: Optional[float] = None) -> torch.Tensor:
+    """The logits of the distribution sample_next draws from, float32, [..., vocab]: divided by the
+    temperature (> 0), tokens outside the top_k and the top_p nucleus at -inf. Its log_softmax is the
+    log-probability of a sampled token (GRPO's ratio and KL need exactly that distribution)."""
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         # Nucleus: keep the most likely tokens until their mass reaches top_p (always at least one).
@@ -35,7 +35,15 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[
         outside = probs.cumsum(dim=-1) - probs >= top_p
         sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(dim=-1)
+    return logits
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
+                top_p: Optional[float] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """logits [batch, vocab] -> next token ids [batch]. temperature 0 = greedy (argmax)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = sampling_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
     if generator is not None and generator.device != probs.device:
         return torch.multinomial(probs.to(generator.device), 1, generator=generator).squeeze(-1).to(probs.device)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
