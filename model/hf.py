@@ -149,7 +149,9 @@ def read_checkpoint_model(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, storage_reader=HuggingFaceStorageReader(folder))
-    return state
+    from training.lora_checkpoint import with_base  # a LoRA checkpoint holds only its adapters
+
+    return with_base(ckpt_dir, state)
 
 
 def _check_shapes(cfg: GPTConfig, state: dict, where: Path) -> None:

@@ -91,3 +91,102 @@ def test_bad_targets_are_named(kw, match):
     args = {"rank": 4, "alpha": 8, **kw}
     with pytest.raises(ValueError, match=match):
         apply_lora(GPT(CFG), **args)
+
+
+# ---------------------------------------------------------------- real runs, from a tiny pretrain
+
+from tests.conftest import REPO, TINY, env_for, tiny_overrides  # noqa: E402
+from tests.test_distributed import final_weights, kill_one_rank_at, losses  # noqa: E402
+
+SEQ = 256
+LORA = ["lora.enabled=true", "lora.rank=4", "lora.alpha=8", "lora.target_modules=[wq,wv,w1,w2,w3]"]
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory, tiny_data) -> dict:
+    """A tiny pretraining run, and the demo SFT and preference files derived from 200 stdlib files."""
+    from training.posttrain.demo_data import write_demo_data
+
+    root = tmp_path_factory.mktemp("lora-source")
+    run = root / "pretrain"
+    cmd = [sys.executable, "-m", "training.main", str(REPO / "jobs" / "pretrain.yaml"),
+           *tiny_overrides(tiny_data, f"model.max_seq_len={SEQ}", "train.max_steps=20"), "--run-dir", str(run)]
+    result = subprocess.run(cmd, cwd=root, env=env_for(root), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    paths = write_demo_data(root / "posttrain", Path(tiny_data) / "tokenizer.json", max_docs=200, max_tokens=SEQ)
+    return {"run": run, "root": root, **paths}
+
+
+def job(kind: str, source: dict, run_dir: Path, *extra: str, nproc: int = 1) -> list[str]:
+    files = {"sft": ("sft_train", "sft_val"), "dpo": ("pref_train", "pref_val")}[kind]
+    overrides = [*TINY, f"model.max_seq_len={SEQ}", f"data.seq_len={SEQ}", f"checkpoint.init_from={source['run']}",
+                 f"{kind}.train_file={source[files[0]]}", f"{kind}.val_file={source[files[1]]}", "optim.lr=3e-3",
+                 "train.log_every=1", "train.val_at_start=false", *LORA, *extra]
+    launcher = [sys.executable] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return [*launcher, "-m", "training.main", str(REPO / "jobs" / f"{kind}.yaml"), *overrides, "--run-dir", str(run_dir)]
+
+
+def run_job(cmd: list[str], cwd: Path, expect: int = 0) -> str:
+    result = subprocess.run(cmd, cwd=cwd, env=env_for(cwd), capture_output=True, text=True, timeout=600)
+    assert result.returncode == expect, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_lora_sft_on_two_fsdp_ranks_saves_adapters_only_and_resumes_exactly(source):
+    extra = ["train.max_steps=8", "checkpoint.every=3", "checkpoint.keep_last=3", "train.micro_batch_size=2",
+             "sft.val_max=8"]
+    reference, killed = source["root"] / "lora-reference", source["root"] / "lora-killed"
+    output = run_job(job("sft", source, reference, *extra, nproc=2), source["root"])
+    assert "LoRA:" in output and "parameters train" in output
+    train = losses(reference)
+    # the checkpoint holds the adapters only, and names its base
+    saved = final_weights(reference)
+    assert saved and all(".lora_A." in k or ".lora_B." in k for k in saved)
+    assert all(v.abs().sum() > 0 for k, v in saved.items() if ".lora_B." in k), "B starts at 0: it learned"
+    assert len(saved) == 2 * 5 * 2  # 2 blocks x 5 projections x (A, B)
+    step = sorted((reference / "checkpoints").glob("step_*"))[-1]
+    record = json.loads((step / "trainer_state.json").read_text())["lora_base"]
+    assert Path(record["checkpoint"]).parent.parent == source["run"].resolve() and record["rank"] == 4
+    # killed after step 4 on one rank: resumes from step 3's adapters and takes the same steps
+    assert kill_one_rank_at(killed, job("sft", source, killed, *extra, nproc=2), 4) != 0
+    output = run_job(job("sft", source, killed, *extra, nproc=2), source["root"])
+    assert "step_00000003" in output
+    got = losses(killed)
+    for s in range(4, 9):
+        assert got[s] == train[s], f"step {s}: {got[s]!r} != {train[s]!r}"
+
+
+@pytest.mark.slow
+def test_a_changed_base_stops_the_resume_with_a_sentence(source, tmp_path):
+    import shutil
+
+    base_run = tmp_path / "base"
+    shutil.copytree(source["run"], base_run)
+    src = dict(source, run=base_run)
+    run_dir = tmp_path / "lora"
+    run_job(job("sft", src, run_dir, "train.max_steps=2", "sft.val_max=4"), tmp_path)
+    base_ckpt = sorted((base_run / "checkpoints").glob("step_*"))[-1]
+    manifest = json.loads((base_ckpt / "manifest.json").read_text())
+    manifest["note"] = "retrained"  # any change to the base checkpoint changes its manifest's hash
+    (base_ckpt / "manifest.json").write_text(json.dumps(manifest))
+    output = run_job(job("sft", src, run_dir, "train.max_steps=4", "sft.val_max=4"), tmp_path, expect=2)
+    assert "changed since" in output and str(base_ckpt) in output
+    # evaluating or exporting the run finds the same problem rather than merging onto the wrong base
+    from training import checkpoint as ckpt
+    from model.hf import read_checkpoint_model
+
+    with pytest.raises(ckpt.CheckpointError, match="changed since"):
+        read_checkpoint_model(sorted((run_dir / "checkpoints").glob("step_*"))[-1])
+
+
+@pytest.mark.slow
+def test_lora_dpo_uses_the_base_as_its_reference(source):
+    run_dir = source["root"] / "lora-dpo"
+    output = run_job(job("dpo", source, run_dir, "train.max_steps=3", "train.micro_batch_size=4", "dpo.val_max=8",
+                         "optim.lr=1e-2"), source["root"])
+    assert "initialized weights" in output
+    train = losses(run_dir)
+    assert train[1] == pytest.approx(0.6931, abs=1e-3), "adapters start at zero: policy = reference, loss log 2"
+    assert train[3] < train[1], "and the policy moves away from the base it is compared with"

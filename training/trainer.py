@@ -85,11 +85,21 @@ def build_model(model_cfg: GPTConfig, cfg, dist_info, param_dtype: torch.dtype, 
     subclass with extra parameters (the reward model's value head); a task names it as `task.model_class`."""
     with torch.device("meta"):
         model = model_class(model_cfg)
+    lora = cfg.get("lora")
+    if trainable and lora is not None and lora.enabled:  # adapters join before FSDP shards the blocks
+        from model.lora import apply_lora
+
+        apply_lora(model, lora.rank, lora.alpha, list(lora.target_modules), lora.dropout,
+                   [*lora.modules_to_save, *getattr(model, "lora_modules_to_save", ())])
     model = parallelize(model, dist_info.mesh, param_dtype=param_dtype,
                         compile=cfg.train.compile and trainable,
                         activation_checkpointing=cfg.train.activation_checkpointing and trainable)
     model.to_empty(device=dist_info.device)
     model.init_weights(seed=cfg.seed)
+    if getattr(model, "checkpoint_keys", None) is not None:
+        from model.lora import init_lora_weights
+
+        init_lora_weights(model, seed=cfg.seed)
     if not trainable:
         model.requires_grad_(False)
         model.eval()
@@ -100,7 +110,7 @@ def load_weights(model, init_from: str, is_main: bool = True) -> None:
     """Load `checkpoint.init_from` (a run folder, a checkpoint folder or a Hugging Face folder) into a
     built model. Used for the trained model, and by tasks for frozen copies (DPO's reference)."""
     src = Path(init_from)
-    from model.hf import is_hf_folder, load_hf_state_dict
+    from model.hf import is_hf_folder, load_hf_state_dict, read_checkpoint_model
 
     if is_hf_folder(src):  # an outside Llama-layout checkpoint: full tensors, sharded on load
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -112,7 +122,15 @@ def load_weights(model, init_from: str, is_main: bool = True) -> None:
     source = ckpt.find_resumable(src) if (src / "checkpoints").is_dir() else src
     if source is None:
         raise ckpt.CheckpointError(f"checkpoint.init_from={init_from!r} has no valid checkpoint")
-    ckpt.load_checkpoint(source, model, optimizer=None)
+    from training.lora_checkpoint import base_of
+
+    if base_of(source) is not None:  # a LoRA run's adapters: its base with them merged, as full tensors
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        state = read_checkpoint_model(source)
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+    else:  # every tensor, also into a LoRA model (whose own checkpoints hold only its adapters)
+        ckpt.load_checkpoint(source, model, optimizer=None, whole=True)
     say(f"initialized weights from {source}", is_main)
 
 
@@ -141,6 +159,7 @@ class Trainer:
         self.model = build_model(self.model_cfg, cfg, dist_info, self.param_dtype,
                                  model_class=getattr(task, "model_class", GPT))
         self.n_params = self.model.num_params()
+        self.lora_base = None  # LoRA: the base checkpoint's record (training/lora_checkpoint.py)
         self.flops_per_token = flops_per_token(self.model_cfg, cfg.data.seq_len)
         self.optimizer = build_optimizer(self.model, cfg.optim, device)
         self.step = 0
@@ -165,12 +184,26 @@ class Trainer:
     def trainer_state(self) -> dict:
         return {"step": self.step, "tokens_seen": self.tokens_seen, "config_hash": config_hash(self.cfg),
                 "max_steps": self.max_steps, "configured_max_steps": self.cfg.train.max_steps,
-                "world_size": self.dist.world_size, "task": self.task.state_dict()}
+                "world_size": self.dist.world_size, "task": self.task.state_dict(),
+                **({"lora_base": self.lora_base} if self.lora_base else {})}
 
     def resume_or_init(self) -> None:
         """Resume from this run's newest valid checkpoint, or start from init_from, or from scratch."""
+        from training import lora_checkpoint
+
+        lora = self.cfg.get("lora")
         path = ckpt.find_resumable(self.run_dir)
         if path is not None:
+            record = lora_checkpoint.base_of(path)
+            if record is not None and not (lora is not None and lora.enabled):
+                raise ckpt.CheckpointError(f"{path} holds LoRA adapters: this run folder trained with lora.enabled; "
+                                           "resume it with lora.enabled=true (and the same lora: section)")
+            if record is not None:  # adapters only: first the very base they were trained on, checked
+                load_weights(self.model, str(lora_checkpoint.verify_base(record, path)), self.dist.is_main)
+                self.lora_base = record
+            elif lora is not None and lora.enabled:
+                raise ckpt.CheckpointError(f"{path} holds a whole model, not LoRA adapters: this run folder was "
+                                           "trained without lora.enabled; resume it without LoRA or start a new run")
             state = ckpt.load_checkpoint(path, self.model, self.optimizer)
             if state.get("config_hash") not in (None, config_hash(self.cfg)):
                 say(f"warning: {path} was saved with another model/data config; resuming anyway", self.dist.is_main)
@@ -182,6 +215,10 @@ class Trainer:
             return
         if self.cfg.checkpoint.init_from:
             load_weights(self.model, self.cfg.checkpoint.init_from, self.dist.is_main)
+            if lora is not None and lora.enabled:
+                self.lora_base = lora_checkpoint.base_record(self.cfg.checkpoint.init_from, lora.rank, lora.alpha)
+        elif lora is not None and lora.enabled:
+            raise ValueError("lora.enabled needs checkpoint.init_from: adapters train on top of an existing model")
 
     def save(self, background: bool = False) -> Path | None:
         """Write a checkpoint of this step. background=True (with checkpoint.async_save) returns at once."""
@@ -237,6 +274,12 @@ class Trainer:
     def fit(self) -> int:
         cfg, is_main = self.cfg, self.dist.is_main
         self.resume_or_init()
+        if self.lora_base:
+            from model.lora import trainable_share
+
+            trainable, total = trainable_share(self.model)
+            say(f"LoRA: {trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%); base "
+                f"{self.lora_base['checkpoint']}", is_main)
         say(f"model: {self.n_params / 1e6:.2f}M parameters, {self.flops_per_token / 1e6:.1f} MFLOP/token; "
             f"world {self.dist.world_size} = dp_replicate {self.dist.dp_replicate} x dp_shard {self.dist.dp_shard} "
             f"x tp {self.dist.tp}; {self.dist.device}, {cfg.train.dtype}", is_main)

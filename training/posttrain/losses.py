@@ -19,6 +19,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from orchestrator.spec.schema import GRPO_LOSS_TYPES as LOSS_TYPES
+from orchestrator.spec.schema import GRPO_SCALE_REWARDS as SCALE_REWARDS
+
 IGNORE = -100  # the label of a token that carries no loss (prompt tokens, padding)
 
 
@@ -63,8 +66,6 @@ def bradley_terry_loss(reward_chosen: torch.Tensor, reward_rejected: torch.Tenso
                   "rewards/accuracies": (c > r).float().mean()}
 
 
-SCALE_REWARDS = ("group", "batch", "none")
-LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
 # A sampled token that the policy's top-k no longer admits has probability 0; its log-prob is floored
 # here so that the ratio and the KL stay finite (the clip then zeroes its gradient anyway).
 LOGPROB_FLOOR = -20.0

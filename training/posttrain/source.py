@@ -74,6 +74,14 @@ def _checkpoint_vocab(ckpt_dir: Path) -> int:
     """Rows of the embedding, read from the checkpoint's metadata (no tensor is loaded)."""
     from torch.distributed.checkpoint import HuggingFaceStorageReader
 
+    from training.lora_checkpoint import base_of
+
+    record = base_of(ckpt_dir)
+    if record is not None:  # a LoRA run's checkpoint holds adapters only: the embedding is its base's
+        base = Path(record["checkpoint"])
+        if (base / "config.json").is_file():
+            return int(json.loads((base / "config.json").read_text())["vocab_size"])
+        return _checkpoint_vocab(base)
     meta = HuggingFaceStorageReader(str(ckpt_dir / "model")).read_metadata()
     emb = meta.state_dict_metadata.get("tok_embeddings.weight")
     if emb is None:
