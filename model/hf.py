@@ -137,8 +137,9 @@ def _resolve_source(source: Path) -> tuple[Path, Path]:
     return source, path
 
 
-def read_checkpoint_model(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
-    """Full model tensors of a checkpoint, reassembled from every rank's slices, in one process."""
+def read_checkpoint_model(ckpt_dir: str | Path, merge_lora: bool = True) -> dict[str, torch.Tensor]:
+    """Full model tensors of a checkpoint, reassembled from every rank's slices, in one process.
+    A LoRA checkpoint's are its base's with the adapters merged (merge_lora=False: the adapters as saved)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageReader
 
@@ -151,7 +152,7 @@ def read_checkpoint_model(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
         dcp.load(state, storage_reader=HuggingFaceStorageReader(folder))
     from training.lora_checkpoint import with_base  # a LoRA checkpoint holds only its adapters
 
-    return with_base(ckpt_dir, state)
+    return with_base(ckpt_dir, state) if merge_lora else state
 
 
 def _check_shapes(cfg: GPTConfig, state: dict, where: Path) -> None:
@@ -310,6 +311,7 @@ def export_hf(source: str | Path, out_dir: str | Path, *, tokenizer: str | Path 
         cfg.validate()
     except ValueError as e:
         raise HFError(f"{run_dir / 'config.yaml'}: {e}") from None
+    head = state.pop("score.weight", None)  # a classify run: LlamaForSequenceClassification's head
     _check_shapes(cfg, state, ckpt_dir / "model")
 
     if tokenizer is not None:
@@ -328,13 +330,19 @@ def export_hf(source: str | Path, out_dir: str | Path, *, tokenizer: str | Path 
         tokenizer_config["split_special_tokens"] = False
 
     tensors = {to_hf_name(k): v.to(dtype).contiguous() for k, v in state.items()}
+    config = hf_config(cfg, dtype, ids["bos"], ids["eos"], ids["pad"])
+    if head is not None:
+        from training.classify.export import classifier_config
+
+        tensors["score.weight"] = head.to(dtype).contiguous()
+        config.update(classifier_config(run_dir, head.shape[0]))
     step = int(ckpt_dir.name.split("_")[1]) if ckpt_dir.name.startswith("step_") else None
     generation = {"bos_token_id": ids["bos"], "eos_token_id": ids["eos"], "pad_token_id": ids["pad"],
                   "max_length": cfg.max_seq_len}
     if chat_template is not None and ids.get("end_of_turn") is not None:  # a chat reply ends at <|im_end|>
         generation["eos_token_id"] = [ids["eos"], ids["end_of_turn"]]
     files = {
-        "config.json": hf_config(cfg, dtype, ids["bos"], ids["eos"], ids["pad"]),
+        "config.json": config,
         "generation_config.json": generation,
         "tokenizer_config.json": tokenizer_config,
         **token_files,

@@ -260,10 +260,10 @@ def cmd_cluster(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from model.hf import export_hf
+    from training.peft_export import export
 
-    out = export_hf(args.source, args.hf)
-    print(f"exported {args.source} -> {out} (Hugging Face Llama layout)")
+    out, what = export(args.source, args.hf, merge=args.merge)
+    print(f"exported {args.source} -> {out} ({what})")
     return 0
 
 
@@ -307,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("export", help="export a run or checkpoint to the Hugging Face Llama layout")
     s.add_argument("source", help="a run folder or a checkpoint folder")
     s.add_argument("--hf", required=True, metavar="OUT", help="output folder")
+    s.add_argument("--merge", action="store_true",
+                   help="a LoRA run: write its base with the adapters merged in, instead of base + PEFT adapter")
     s.set_defaults(func=cmd_export)
 
     from training.evaluate import sample  # torch is imported only when a command runs

@@ -190,3 +190,43 @@ def test_lora_dpo_uses_the_base_as_its_reference(source):
     train = losses(run_dir)
     assert train[1] == pytest.approx(0.6931, abs=1e-3), "adapters start at zero: policy = reference, loss log 2"
     assert train[3] < train[1], "and the policy moves away from the base it is compared with"
+
+
+@pytest.mark.slow
+def test_export_writes_the_base_and_a_peft_adapter_that_peft_loads_with_our_logits(source, tmp_path):
+    import peft
+    from transformers import LlamaForCausalLM
+
+    from model.hf import read_checkpoint_model
+    from model.config import GPTConfig as Config
+
+    run_dir = tmp_path / "lora-sft"
+    run_job(job("sft", source, run_dir, "train.max_steps=3", "sft.val_max=4", "optim.lr=3e-2"), tmp_path)
+    out = tmp_path / "hf"
+    for merge in (False, True):
+        target = out if not merge else tmp_path / "hf-merged"
+        cmd = [sys.executable, "-m", "orchestrator.cli", "export", str(run_dir), "--hf", str(target)]
+        result = subprocess.run(cmd + (["--merge"] if merge else []), cwd=tmp_path, env=env_for(tmp_path),
+                                capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
+    # ours: the base with the adapters merged, run through our own GPT
+    step = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
+    state = read_checkpoint_model(step)
+    cfg = Config(**{**json.loads((out / "orch_export.json").read_text())["model"]})
+    ours = GPT(cfg)
+    ours.init_weights(seed=0)
+    ours.load_state_dict(state, strict=False)
+    ours.eval()
+    tokens = torch.randint(4, cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        mine = ours(tokens)
+        base = LlamaForCausalLM.from_pretrained(out).eval()
+        plain = base(tokens).logits
+        tuned = peft.PeftModel.from_pretrained(base, out / "adapter").eval()
+        theirs = tuned(tokens).logits
+        merged = LlamaForCausalLM.from_pretrained(tmp_path / "hf-merged").eval()(tokens).logits
+    assert (plain - mine).abs().max() > 1e-3, "the adapters changed the model: the test can tell base from tuned"
+    assert (theirs - mine).abs().max().item() <= 1e-4
+    assert (merged - mine).abs().max().item() <= 1e-4

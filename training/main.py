@@ -39,6 +39,7 @@ TASKS = {
     "rm": "training.tasks.rm:RewardModelTask",
     "dpo": "training.tasks.dpo:DPOTask",
     "grpo": "training.tasks.grpo:GRPOTask",
+    "classify": "training.tasks.classify:ClassifyTask",
 }
 
 # Kinds that don't train: a function run(cfg, dist_info, run_dir) -> exit code instead of a task.
@@ -80,6 +81,8 @@ def run(argv=None) -> int:
             module, name = RUNNERS[cfg.kind].split(":")
             return getattr(importlib.import_module(module), name)(cfg, dist_info, run_dir)
         task = build_task(cfg, dist_info)
+        if hasattr(task, "attach_run_dir"):  # a task that writes files of its own there (classify: labels.json)
+            task.attach_run_dir(run_dir)
         if dist_info.is_main and getattr(task, "model_cfg", None) is not None:
             # Post-training runs take the source's shape: config.yaml records it for later stages and exports.
             from dataclasses import asdict
