@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from bench.common import write_result
-from orchestrator.spec import load_spec
+from jobspec import load_spec
 from training.data.loader import TokenLoader
 from training.data.prepare import ensure_data
 

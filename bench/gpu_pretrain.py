@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from bench.common import write_result
 from model.gpt import flops_per_token
-from orchestrator.spec import load_spec
+from jobspec import load_spec
 from training.distributed import init_distributed
 from training.metrics import peak_flops
 from training.optim import build_optimizer

@@ -56,11 +56,11 @@ def trainable_share(overrides: list[str]) -> dict:
 
     from model.gpt import GPT
     from model.lora import apply_lora, trainable_share as share
-    from orchestrator.spec import load_spec
-    from training.posttrain.source import resolve_source
+    from jobspec import load_spec
+    from training.run_folder import starting_point
 
     cfg = load_spec(str(SFT_JOB), overrides)
-    model_cfg, _ = resolve_source(cfg.checkpoint.init_from)
+    model_cfg, _ = starting_point(cfg.checkpoint.init_from)
     with torch.device("meta"):
         model = GPT(model_cfg)
     if cfg.lora.enabled:

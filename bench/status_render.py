@@ -25,6 +25,7 @@ from rich.console import Console
 
 from bench.common import write_result
 from orchestrator.registry import Registry, Run
+from orchestrator.executors.slurm import sacct_records
 from orchestrator.status import slurm_query
 from orchestrator.status.collect import Collector
 from orchestrator.status.render import render
@@ -94,7 +95,7 @@ def main() -> None:
         if slurm_query.cluster_nodes().slurm == "up":
             start = time.perf_counter()
             slurm_query.cluster_nodes()
-            slurm_query.job_states(["1"])
+            sacct_records(["1"])
             slurm_ms = round(1000 * (time.perf_counter() - start), 1)
     frame_ms, base_ms = 1000 * statistics.median(frames), 1000 * statistics.median(baseline)
     figures = {"frame_ms": round(frame_ms, 1), "cold_frame_ms": round(1000 * cold, 1),

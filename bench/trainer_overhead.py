@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import write_result
-from orchestrator.spec import load_spec
+from jobspec import load_spec
 from training.distributed import init_distributed
 from training.tasks.pretrain import PretrainTask
 from training.trainer import Trainer

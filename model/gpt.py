@@ -1,6 +1,6 @@
 """A decoder-only GPT of the current kind: RMSNorm, rotary positions, SwiGLU, grouped-query attention.
 
-The layout is Llama's, so Hugging Face export is a renaming of weights (see model/hf.py).
+The layout is Llama's, so Hugging Face export is a renaming of weights (see model/state_dict_adapter.py).
 Sizes come from GPTConfig; the same code builds a 1M-parameter test model and a 1B one.
 """
 
@@ -153,10 +153,10 @@ class GPT(nn.Module):
         out_std = std / math.sqrt(2 * self.cfg.n_layer)
         for name, p in self.named_parameters():
             if p.ndim == 1:  # norm gains
-                _fill(p, torch.ones(p.shape))
+                fill_param(p, torch.ones(p.shape))
             else:
                 scale = out_std if name.endswith(("wo.weight", "w2.weight")) else std
-                _fill(p, torch.randn(p.shape, generator=gen) * scale)
+                fill_param(p, torch.randn(p.shape, generator=gen) * scale)
         cos, sin = rotary_tables(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta)
         self.rope_cos.copy_(cos.to(self.rope_cos.device))
         self.rope_sin.copy_(sin.to(self.rope_sin.device))
@@ -202,7 +202,7 @@ class GPT(nn.Module):
         return n
 
 
-def _fill(param: torch.Tensor, value: torch.Tensor) -> None:
+def fill_param(param: torch.Tensor, value: torch.Tensor) -> None:
     """Copy a full tensor into a parameter that may be a DTensor shard."""
     if hasattr(param, "device_mesh"):  # DTensor: keep only this rank's shard of the full value
         from torch.distributed.tensor import distribute_tensor

@@ -1,18 +1,25 @@
-"""`orch`: the command line. Each subcommand is a small function; argparse wires them."""
+"""`orch`: the command line. Each subcommand is a small function; argparse wires them.
+
+Commands that only look (runs, logs, status, pipeline status) read the registry and ask the executors what
+they observe; they never change a run. Commands that act (submit, cancel, resume, reconcile, pipeline
+wait|cancel|reconcile) own what they touch. The data plane's own commands (generate, chat, export, data
+prepare) come from training/tools, imported only when orch builds its parser.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
-import secrets
 import sys
 import time
-from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from orchestrator.registry import Registry, Run, now
-from orchestrator.spec import SpecError, load_spec
+from jobspec import SpecError, load_spec
+from jobspec.pipeline_file import is_pipeline_file, load_pipeline
+from orchestrator import executors, pipelines
+from orchestrator.registry import Registry
+from orchestrator.runs import register_run
 
 
 def _fail(msg: str, code: int = 2) -> int:
@@ -20,82 +27,62 @@ def _fail(msg: str, code: int = 2) -> int:
     return code
 
 
-def new_run_id(name: str) -> str:
-    return f"{name}-{secrets.token_hex(3)}"
-
-
 def cmd_config(args) -> int:
-    from orchestrator import pipeline
-
-    if pipeline.is_pipeline_file(args.config):
-        return pipeline.print_configs(args.config, args.overrides)
-    cfg = load_spec(args.config, args.overrides)
-    print(OmegaConf.to_yaml(cfg), end="")
+    if is_pipeline_file(args.config):  # each stage's resolved config (init_from is filled in at submit time)
+        for stage in load_pipeline(args.config, args.overrides).stages:
+            after = f" (after {stage.after}: checkpoint.init_from = its run folder)" if stage.after else ""
+            print(f"# ---- stage {stage.name}: {stage.job}{after}")
+            print(OmegaConf.to_yaml(stage.cfg), end="")
+        return 0
+    print(OmegaConf.to_yaml(load_spec(args.config, args.overrides)), end="")
     return 0
 
 
 def cmd_submit(args) -> int:
-    from orchestrator import pipeline
-
-    if pipeline.is_pipeline_file(args.config):  # kind: pipeline -> a chain of stages
-        return pipeline.submit_from_cli(args.config, args.overrides, follow=args.follow)
+    if is_pipeline_file(args.config):  # kind: pipeline -> a chain of stages
+        return submit_pipeline(args.config, args.overrides, follow=args.follow)
     cfg = load_spec(args.config, args.overrides)
-    executor = resolve_executor(cfg.executor)
     registry = Registry()
-    run_id = new_run_id(cfg.name)
-    run_dir = (Path(cfg.runs_dir) / run_id).resolve()
-    run_dir.mkdir(parents=True)
-    OmegaConf.save(cfg, run_dir / "config.yaml")
-    run = Run(id=run_id, name=cfg.name, kind=cfg.kind, executor=executor, state="PENDING",
-              run_dir=str(run_dir), created_at=now())
-    registry.add(run)
-    if executor == "slurm":
-        from orchestrator.executors import slurm
-
-        job_id = slurm.submit(run, registry, cfg)
-        print(f"submitted {run_id} (slurm job {job_id}): {run_dir}")
-    else:
-        from orchestrator.executors import local
-
-        local.launch(run, registry)
-        print(f"submitted {run_id} ({executor}): {run_dir}")
+    name = executors.resolve(cfg.executor)
+    cfg.executor = name
+    run = register_run(registry, cfg, name)
+    handle = executors.executor_for(name, registry).submit(run, cfg)
+    print(f"submitted {run.id} ({handle}): {run.run_dir}")
     if not args.follow:
-        print(f"  follow it: orch logs {run_id} --follow")
+        print(f"  follow it: orch logs {run.id} --follow")
         return 0
-    return follow(registry, run_id)
+    return follow(registry, run.id)
 
 
-def resolve_executor(executor: str) -> str:
-    """auto -> slurm when sbatch is on PATH and slurmctld answers, else local."""
-    if executor != "auto":
-        return executor
-    from orchestrator.cluster import slurm_available
+def submit_pipeline(path: str, overrides, follow: bool) -> int:
+    pipeline = load_pipeline(path, overrides)
+    registry = Registry()
+    pipeline_id, runs = pipelines.submit(pipeline, registry)
+    print(f"submitted pipeline {pipeline_id} ({runs[0].executor}, {len(runs)} stages)")
+    for run in runs:
+        after = f" after {run.depends_on[len(pipeline_id) + 1:]}" if run.depends_on else ""
+        job = f" slurm job {run.slurm_job_id}" if run.slurm_job_id else ""
+        print(f"  {run.stage}: {run.id}{after}{job}")
+    if not follow:
+        print(f"  follow it: orch pipeline wait {pipeline_id}")
+        return 0
+    return pipelines.wait(registry, pipeline_id)
 
-    return "slurm" if slurm_available() else "local"
 
-
-def log_path(run: Run) -> Path:
-    """The log `orch logs` shows: the trainer's (local) or rank 0's submitit log (Slurm)."""
-    if run.executor == "slurm":
-        from orchestrator.executors import slurm
-
-        return slurm.log_file(run) or Path(run.run_dir) / "slurm" / f"{run.slurm_job_id}_0_log.out"
-    return Path(run.run_dir) / "logs" / "train.log"
+REFRESH_EVERY_S = 5  # how often `--follow` asks the executor whether the run is still alive
 
 
 def follow(registry: Registry, run_id: str) -> int:
-    """Stream the run's log until it ends; return its exit status."""
-    run = registry.get(run_id)
-    log = log_path(run)
-    pos = 0
-    last_refresh = 0.0
+    """Stream the run's log until it ends; return its exit status. Following is owning: the states the
+    executor sees (a job sacct reports ended, a supervisor that died) are recorded as it goes."""
+    executor = executors.executor_for(registry.get(run_id).executor, registry)
+    pos, last_refresh = 0, 0.0
     while True:
         run = registry.get(run_id)
-        if run.executor == "slurm" and not run.finished and time.monotonic() - last_refresh > 5:
-            from orchestrator.executors import slurm  # nobody else updates a Slurm run's state: ask sacct
-
-            slurm.refresh(registry, [run])
+        if not run.finished and time.monotonic() - last_refresh > REFRESH_EVERY_S:
+            executor.refresh([run])
             run, last_refresh = registry.get(run_id), time.monotonic()
+        log = executor.log_path(run)
         if log.exists():
             with open(log, "rb") as f:
                 f.seek(pos)
@@ -115,7 +102,7 @@ def cmd_logs(args) -> int:
     run = registry.find(args.run)
     if args.follow:
         return follow(registry, run.id)
-    log = log_path(run)
+    log = executors.executor_for(run.executor, registry).log_path(run)
     if log.exists():
         sys.stdout.write(log.read_text(errors="replace"))
     else:
@@ -127,16 +114,12 @@ def cmd_runs(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from orchestrator.pipeline import check_pipelines
-
     registry = Registry()
-    check_pipelines(registry)  # Slurm stages whose parent failed: cancel them rather than show them PENDING
-    refresh_slurm_runs(registry)
     header = ("run", "kind", "executor", "state", "attempts", "created", "pipeline", "stage", "folder / reason")
     rows = []
-    for run in registry.list(limit=args.limit):
+    for run in executors.observed(registry, registry.list(limit=args.limit)):
         created = time.strftime("%m-%d %H:%M", time.localtime(run.created_at))
-        detail = run.reason if run.state in ("FAILED", "CANCELLED") and run.reason else run.run_dir
+        detail = run.reason if run.state in ("FAILED", "CANCELLED", "LOST") and run.reason else run.run_dir
         rows.append((run.id, run.kind, run.executor, run.state, str(run.attempts), created,
                      run.pipeline_id or "-", run.stage or "-", detail))
     if not sys.stdout.isatty():  # pipes and scripts get plain, unwrapped columns
@@ -150,36 +133,14 @@ def cmd_runs(args) -> int:
     return 0
 
 
-def refresh_slurm_runs(registry: Registry) -> None:
-    """Unfinished Slurm runs outside pipelines (check_pipelines does those): states from one sacct call."""
-    live = [r for r in registry.list() if r.executor == "slurm" and not r.finished and not r.pipeline_id]
-    if live:
-        from orchestrator.executors import slurm
-
-        slurm.refresh(registry, live)
-
-
 def cmd_cancel(args) -> int:
-    import signal
-
     registry = Registry()
     run = registry.find(args.run)
     if run.finished:
         print(f"{run.id} already {run.state}")
         return 0
-    if run.executor == "slurm":
-        from orchestrator.executors import slurm
-
-        slurm.cancel(run)  # the trainer checkpoints on scancel's SIGTERM
-        registry.update(run.id, state="CANCELLED", reason="cancelled by user", ended_at=now())
-    elif run.pid:
-        try:
-            os.kill(run.pid, signal.SIGTERM)  # the supervisor forwards it and records CANCELLED
-        except ProcessLookupError:
-            registry.update(run.id, state="CANCELLED", reason="cancelled by user", ended_at=now())
-    else:
-        registry.update(run.id, state="CANCELLED", reason="cancelled by user", ended_at=now())
-    print(f"cancelling {run.id}")
+    executors.executor_for(run.executor, registry).cancel(run)
+    print(f"cancelling {run.id} ({registry.get(run.id).state}: it saves a checkpoint, then stops)")
     return 0
 
 
@@ -187,60 +148,55 @@ def cmd_resume(args) -> int:
     """Start a finished run again on its folder; the trainer resumes from the newest checkpoint."""
     registry = Registry()
     run = registry.find(args.run)
-    if run.executor == "slurm":
-        from orchestrator.executors import slurm
-
-        slurm.refresh(registry, [run])
-        run = registry.get(run.id)
+    executor = executors.executor_for(run.executor, registry)
+    executor.refresh([run])  # a run whose supervisor or job is gone is recorded so before we decide
+    run = registry.get(run.id)
     if not run.finished:
-        return _fail(f"{run.id} is {run.state}: only a finished run can be resumed (`orch cancel {run.id}` first)")
-    if run.executor == "slurm":
-        job_id = slurm.resume(run, registry)
-        print(f"resumed {run.id} (slurm job {job_id}): {run.run_dir}")
-    else:
-        from orchestrator.executors import local
-
-        registry.update(run.id, state="PENDING", ended_at=None, exit_code=None, reason=None)
-        local.launch(registry.get(run.id), registry)
-        print(f"resumed {run.id} (local): {run.run_dir}")
+        return _fail(f"{run.id} is {run.state}: only a finished run can be resumed"
+                     + (" (it is saving a checkpoint and stopping; resume it once `orch runs` shows CANCELLED)"
+                        if run.state == "CANCELLING" else f" (`orch cancel {run.id}` first)"))
+    handle = executor.resume(run)
+    print(f"resumed {run.id} ({handle}): {run.run_dir}")
     if not args.follow:
         return 0
     return follow(registry, run.id)
 
 
-def cmd_data_prepare(args) -> int:
-    from training.data import DataError
-    from training.data.prepare import prepare_data
-
-    overrides = list(args.overrides)
-    config = args.config
-    if config and "=" in config and not config.endswith((".yaml", ".yml")):
-        overrides.insert(0, config)  # `orch data prepare data.vocab_size=8192`: no file given
-        config = None
-    if config is None:
-        config = str(Path(__file__).resolve().parents[1] / "jobs" / "pretrain.yaml")
-    cfg = load_spec(config, overrides)
-    try:
-        prepare_data(cfg.data, progress=True)
-    except DataError as e:
-        return _fail(str(e))
+def cmd_reconcile(args) -> int:
+    """Record what the executors see (dead supervisors, jobs that ended) and settle pipelines' stages."""
+    registry = Registry()
+    if not args.target:
+        runs = registry.list()
+    else:
+        try:
+            runs = pipelines.stages(registry, registry.find_pipeline(args.target))
+        except LookupError:
+            runs = [registry.find(args.target)]
+    runs = [r for r in runs if not r.finished]
+    for name in {r.executor for r in runs if not r.pipeline_id}:
+        executors.executor_for(name, registry).refresh([r for r in runs if r.executor == name and not r.pipeline_id])
+    for pipeline_id in {r.pipeline_id for r in runs if r.pipeline_id}:
+        pipelines.reconcile(registry, pipeline_id)
+    for run in runs:
+        now = registry.get(run.id)
+        if now.state != run.state:
+            print(f"{run.id}: {run.state} -> {now.state}" + (f" ({now.reason})" if now.reason else ""))
     return 0
 
 
 def cmd_pipeline(args) -> int:
-    from orchestrator import pipeline
-
     registry = Registry()
     pipeline_id = registry.find_pipeline(args.pipeline)
     if args.action == "wait":
-        return pipeline.wait(registry, pipeline_id, timeout=args.timeout)
+        return pipelines.wait(registry, pipeline_id, timeout=args.timeout)
     if args.action == "cancel":
-        pipeline.cancel(registry, pipeline_id)
+        pipelines.cancel(registry, pipeline_id)
         print(f"cancelling pipeline {pipeline_id}")
         return 0
-    pipeline.check_pipelines(registry, pipeline_id)
+    if args.action == "reconcile":
+        pipelines.reconcile(registry, pipeline_id)
     for row in [("stage", "run", "kind", "after", "state", "slurm job", "folder / reason"),
-                *pipeline.status_rows(registry, pipeline_id)]:
+                *pipelines.status_rows(registry, pipeline_id)]:
         print("  ".join(row))
     return 0
 
@@ -256,14 +212,6 @@ def cmd_cluster(args) -> int:
         import json
 
         print(json.dumps(cluster.cluster_status(), indent=1))
-    return 0
-
-
-def cmd_export(args) -> int:
-    from training.peft_export import export
-
-    out, what = export(args.source, args.hf, merge=args.merge)
-    print(f"exported {args.source} -> {out} ({what})")
     return 0
 
 
@@ -304,26 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--follow", "-f", action="store_true", help="stream the log and exit with the job's status")
     s.set_defaults(func=cmd_resume)
 
-    s = sub.add_parser("export", help="export a run or checkpoint to the Hugging Face Llama layout")
-    s.add_argument("source", help="a run folder or a checkpoint folder")
-    s.add_argument("--hf", required=True, metavar="OUT", help="output folder")
-    s.add_argument("--merge", action="store_true",
-                   help="a LoRA run: write its base with the adapters merged in, instead of base + PEFT adapter")
-    s.set_defaults(func=cmd_export)
+    s = sub.add_parser("reconcile", help="record runs whose supervisor or job is gone; settle pipelines' stages")
+    s.add_argument("target", nargs="?", help="one run or pipeline id (or a prefix); default: every unfinished run")
+    s.set_defaults(func=cmd_reconcile)
 
-    from training.evaluate import sample  # torch is imported only when a command runs
-
-    s = sub.add_parser("generate", help="continue a prompt with a trained model, streaming the text")
-    sample.add_sampling_args(s)
-    s.add_argument("--prompt", required=True, help="the text to continue (\\n for a newline)")
-    s.set_defaults(func=lambda args: sample.cmd_generate(args))
-
-    s = sub.add_parser("chat", help="talk to a fine-tuned model in the chat template")
-    sample.add_sampling_args(s)
-    s.set_defaults(func=lambda args: sample.cmd_chat(args))
-
-    s = sub.add_parser("pipeline", help="a pipeline's stages: status, wait for them, cancel them")
-    s.add_argument("action", choices=["status", "wait", "cancel"])
+    s = sub.add_parser("pipeline", help="a pipeline's stages: status, wait for them, cancel them, reconcile them")
+    s.add_argument("action", choices=["status", "wait", "cancel", "reconcile"])
     s.add_argument("pipeline", help="pipeline id (or a prefix of it), printed by `orch submit PIPELINE.yaml`")
     s.add_argument("--timeout", type=float, default=None, help="wait: give up after this many seconds (exit 2)")
     s.set_defaults(func=cmd_pipeline)
@@ -332,11 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("action", choices=["up", "down", "status"])
     s.set_defaults(func=cmd_cluster)
 
-    data = sub.add_parser("data", help="data preparation").add_subparsers(dest="data_command", required=True)
-    s = data.add_parser("prepare", help="tokenize sources into MDS shards (a job file's data: section)")
-    s.add_argument("config", nargs="?", help="job YAML whose data: section to use (default: jobs/pretrain.yaml)")
-    s.add_argument("overrides", nargs="*")
-    s.set_defaults(func=cmd_data_prepare)
+    from training.tools import add_commands  # the data plane's entry point for in-process commands
+
+    add_commands(sub)  # generate, chat, export, data prepare
     return p
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED")
+# PENDING -> RUNNING -> COMPLETED | FAILED, or -> CANCELLING (asked to stop, still saving) -> CANCELLED.
+UNFINISHED = ("PENDING", "RUNNING", "CANCELLING")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -29,6 +31,8 @@ CREATE TABLE IF NOT EXISTS runs (
     started_at   REAL,
     ended_at     REAL,
     pid          INTEGER,
+    pid_start    TEXT,
+    host         TEXT,
     slurm_job_id TEXT,
     attempts     INTEGER NOT NULL DEFAULT 0,
     exit_code    INTEGER,
@@ -52,7 +56,9 @@ class Run:
     created_at: float
     started_at: Optional[float] = None
     ended_at: Optional[float] = None
-    pid: Optional[int] = None
+    pid: Optional[int] = None  # the local supervisor's pid, with its start time and host: one process, never a reused pid
+    pid_start: Optional[str] = None
+    host: Optional[str] = None
     slurm_job_id: Optional[str] = None
     attempts: int = 0
     exit_code: Optional[int] = None
@@ -75,24 +81,38 @@ class Registry:
     def __init__(self, path: Optional[Path] = None):
         self.path = Path(path) if path else orch_home() / "registry.db"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as db:
+        db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")  # persists in the file: readers never wait for a writer
             db.executescript(SCHEMA)
+        finally:
+            db.close()
+        with self._connect(write=True) as db:
+            have = {row[1] for row in db.execute("PRAGMA table_info(runs)")}
+            for name, kind in (("pid_start", "TEXT"), ("host", "TEXT")):  # registries made before these columns
+                if name not in have:
+                    db.execute(f"ALTER TABLE runs ADD COLUMN {name} {kind}")
 
     @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        # WAL lets the dashboard read while a supervisor writes; the timeout rides out short locks.
-        db = sqlite3.connect(self.path, timeout=30)
+    def _connect(self, write: bool = False) -> Iterator[sqlite3.Connection]:
+        """One transaction. WAL lets readers go on while one process writes; writers take the write lock up
+        front (BEGIN IMMEDIATE), so two never deadlock upgrading a read, and wait up to a minute for it."""
+        db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
         db.row_factory = sqlite3.Row
         try:
-            db.execute("PRAGMA journal_mode=WAL")
-            yield db
-            db.commit()
+            db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
         finally:
             db.close()
 
     def add(self, run: Run) -> None:
         cols = [f.name for f in fields(Run)]
-        with self._connect() as db:
+        with self._connect(write=True) as db:
             db.execute(f"INSERT INTO runs ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
                        [getattr(run, c) for c in cols])
 
@@ -100,8 +120,18 @@ class Registry:
         if not values:
             return
         sets = ", ".join(f"{k} = ?" for k in values)
-        with self._connect() as db:
+        with self._connect(write=True) as db:
             db.execute(f"UPDATE runs SET {sets} WHERE id = ?", [*values.values(), run_id])
+
+    def transition(self, run_id: str, from_states: tuple[str, ...], **values) -> bool:
+        """Update the run only if its state is one of `from_states`, atomically; True if it was.
+        Two processes racing to move a run (a supervisor finishing, `orch cancel`) can't both win."""
+        sets = ", ".join(f"{k} = ?" for k in values)
+        marks = ", ".join("?" * len(from_states))
+        with self._connect(write=True) as db:
+            cursor = db.execute(f"UPDATE runs SET {sets} WHERE id = ? AND state IN ({marks})",
+                                [*values.values(), run_id, *from_states])
+            return cursor.rowcount == 1
 
     def get(self, run_id: str) -> Optional[Run]:
         with self._connect() as db:
@@ -138,7 +168,7 @@ class Registry:
         """Ids of pipelines with a stage not yet finished."""
         with self._connect() as db:
             rows = db.execute("SELECT DISTINCT pipeline_id FROM runs WHERE pipeline_id IS NOT NULL AND state IN "
-                              "('PENDING', 'RUNNING')").fetchall()
+                              "('PENDING', 'RUNNING', 'CANCELLING')").fetchall()
         return [r[0] for r in rows]
 
     def find_pipeline(self, prefix: str) -> str:

@@ -84,7 +84,7 @@ def test_classify_run_reports_against_baselines_and_exports_for_transformers(sou
     n_val = len(Path(source["val"]).read_text().splitlines())
     assert sum(map(sum, confusion)) == min(64, n_val), "every held-out example counted once"
     # frozen blocks stay as they were: block 0 of the checkpoint equals the pretrain's
-    from model.hf import read_checkpoint_model
+    from training.run_folder import read_checkpoint_model
 
     tuned = read_checkpoint_model(sorted((run_dir / "checkpoints").glob("step_*"))[-1])
     base = read_checkpoint_model(sorted((source["run"] / "checkpoints").glob("step_*"))[-1])
@@ -98,7 +98,6 @@ def test_classify_run_reports_against_baselines_and_exports_for_transformers(sou
     from transformers import LlamaForSequenceClassification
 
     from model.classifier import GPTClassifier
-    from model.hf import load_hf_state_dict
 
     hf = LlamaForSequenceClassification.from_pretrained(out).eval()
     assert hf.config.id2label == {0: "match", 1: "swapped"}
@@ -121,7 +120,7 @@ def test_classify_run_reports_against_baselines_and_exports_for_transformers(sou
 
 def load_hf_state_dict_without_head(folder):
     """The Llama config of an exported classifier (its score.weight is not a causal LM's tensor)."""
-    from model.hf import config_from_hf
+    from model.state_dict_adapter import config_from_hf
 
     return config_from_hf(json.loads((Path(folder) / "config.json").read_text()), folder), None
 

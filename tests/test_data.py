@@ -19,7 +19,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orchestrator.spec.schema import DataConfig
+from jobspec.schema import DataConfig
 from training.data import DataError
 from training.data.corpus import demo_files, iter_documents
 from training.data.loader import TokenLoader, iter_val_batches
@@ -220,7 +220,7 @@ def test_prepare_with_a_given_tokenizer(prepared, tmp_path):
 
 RESUME_SCRIPT = """
 import json, sys, torch
-from orchestrator.spec.schema import DataConfig
+from jobspec.schema import DataConfig
 from training.data.loader import TokenLoader
 cfg, jobs, out = DataConfig(**json.loads(sys.argv[1])), json.loads(sys.argv[2]), sys.argv[3]
 results = {}

@@ -48,7 +48,7 @@ def pretrain_run(workdir, tiny_data) -> Path:
 
 @pytest.fixture(scope="module")
 def hf_export(pretrain_run, workdir) -> Path:
-    from model.hf import export_hf
+    from training.hf_export import export_hf
 
     return export_hf(pretrain_run, workdir / "hf")
 
@@ -109,7 +109,7 @@ def test_eval_json_has_every_metric(eval_run, pretrain_run):
 
 
 def test_acc_matches_an_independent_computation(eval_run, pretrain_run):
-    from training.evaluate.load import load_model
+    from training.run_folder import load_model
 
     model, tok = load_model(pretrain_run)
     right = right_norm = 0
@@ -159,7 +159,7 @@ def test_bad_task_file_is_a_user_error(workdir, tiny_data, pretrain_run):
 
 def test_orch_generate_streams_greedy_text_and_stops_at_the_stop_string(workdir, pretrain_run):
     from model.generate import generate
-    from training.evaluate.load import load_model
+    from training.run_folder import load_model
 
     model, tok = load_model(pretrain_run)
     prompt = "def main(argv):\n    "
@@ -216,7 +216,7 @@ def test_a_chat_model_is_asked_in_its_chat_format_with_the_reply_begun_by_the_pr
     reply begun with the code to continue; a pretrained model gets the bare code, as before."""
     from omegaconf import OmegaConf
 
-    from training.evaluate.load import is_chat_model, load_model
+    from training.run_folder import is_chat_model, load_model
     from training.evaluate.scoring import generation, prompt_ids
     from training.evaluate.tasks import load_task
     from training.posttrain.chat import encode_prompt

@@ -17,7 +17,9 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 from model.config import GPTConfig  # noqa: E402
 from model.gpt import GPT  # noqa: E402
-from model.hf import HFError, export_hf, import_hf, load_hf_state_dict  # noqa: E402
+from model.state_dict_adapter import HFError  # noqa: E402
+from training.hf_export import export_hf  # noqa: E402
+from training.hf_import import import_hf, load_hf_state_dict  # noqa: E402
 from training.checkpoint import save_checkpoint  # noqa: E402
 from training.data.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
 
@@ -217,7 +219,7 @@ def test_export_reassembles_a_checkpoint_saved_by_two_tensor_parallel_ranks(tmp_
 
     from safetensors.torch import load_file
 
-    from model.hf import to_hf_name
+    from model.state_dict_adapter import to_hf_name
     from tests.conftest import env_for
 
     vocab = load_tokenizer(tokenizer_dir / "tokenizer.json").get_vocab_size()

@@ -175,7 +175,7 @@ def test_a_changed_base_stops_the_resume_with_a_sentence(source, tmp_path):
     assert "changed since" in output and str(base_ckpt) in output
     # evaluating or exporting the run finds the same problem rather than merging onto the wrong base
     from training import checkpoint as ckpt
-    from model.hf import read_checkpoint_model
+    from training.run_folder import read_checkpoint_model
 
     with pytest.raises(ckpt.CheckpointError, match="changed since"):
         read_checkpoint_model(sorted((run_dir / "checkpoints").glob("step_*"))[-1])
@@ -197,7 +197,7 @@ def test_export_writes_the_base_and_a_peft_adapter_that_peft_loads_with_our_logi
     import peft
     from transformers import LlamaForCausalLM
 
-    from model.hf import read_checkpoint_model
+    from training.run_folder import read_checkpoint_model
     from model.config import GPTConfig as Config
 
     run_dir = tmp_path / "lora-sft"

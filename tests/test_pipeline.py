@@ -145,7 +145,8 @@ def register_chain(reg: Registry, tmp_path, pipeline_id: str, states: dict[str, 
 
 
 def test_stages_after_a_failure_or_a_vanished_supervisor_are_cancelled(tmp_path):
-    from orchestrator.pipeline import cancel_dependents, check_pipelines
+    from orchestrator.dependencies import cancel_dependents
+    from orchestrator.pipelines import reconcile as check_pipelines
 
     reg = registry(tmp_path)
     register_chain(reg, tmp_path, "p1", {"a": "COMPLETED", "b": "FAILED", "c": "PENDING", "d": "PENDING"}, time.time())

@@ -200,7 +200,7 @@ def test_sft_on_two_processes_resumes_exactly_after_a_kill(tmp_path, source):
 def test_hf_export_of_a_tuned_run_ships_the_chat_template(tmp_path, source, tuned, tokenizer):
     from transformers import AutoTokenizer
 
-    from model.hf import export_hf
+    from training.hf_export import export_hf
 
     out = export_hf(tuned[0], tmp_path / "hf")
     assert (out / "chat_template.jinja").is_file()

@@ -3,7 +3,7 @@ their time limit, `scontrol requeue` and a SIGKILLed task, ending with the same 
 interrupted.
 
 Jobs go through `orch submit ... executor=slurm`; states come from the registry, refreshed from sacct by
-`orchestrator.executors.slurm.refresh`. Synchronisation is by polling sacct, the registry and the files the
+`orchestrator.executors.slurm.SlurmExecutor.refresh`. Synchronisation is by polling sacct, the registry and the files the
 jobs write, each with a bounded timeout. Skipped without root (no cluster), failed under CI=true.
 """
 
@@ -53,7 +53,7 @@ def wait_finished(tmp: Path, run: Run, timeout: float) -> Run:
     registry = registry_for(tmp)
 
     def finished():
-        slurm.refresh(registry, [registry.get(run.id)])
+        slurm.SlurmExecutor(registry).refresh([registry.get(run.id)])
         current = registry.get(run.id)
         return current if current.finished else None
 
@@ -120,7 +120,7 @@ def task_pid(job_id: str) -> int | None:
 def test_batch_script_asks_for_the_resources(tmp_path):
     from submitit.slurm.slurm import _make_sbatch_string
 
-    from orchestrator.spec import load_spec
+    from jobspec import load_spec
 
     cfg = load_spec(JOB, ["resources.nodes=3", "resources.nproc_per_node=4", "resources.gpus_per_node=4",
                           "resources.cpus_per_task=8", "resources.mem_gb=64", "resources.time_min=120",
@@ -150,7 +150,7 @@ def test_bad_sbatch_extra_names_the_key_and_value():
 def _run_dir_for_after_srun(tmp_path: Path, *overrides: str) -> Path:
     from omegaconf import OmegaConf
 
-    from orchestrator.spec import load_spec
+    from jobspec import load_spec
 
     run_dir = tmp_path / "run"
     (run_dir / "slurm").mkdir(parents=True)
@@ -160,6 +160,7 @@ def _run_dir_for_after_srun(tmp_path: Path, *overrides: str) -> Path:
 
 def test_after_srun_ends_the_job_when_done_on_user_errors_and_when_allowances_are_used_up(tmp_path, monkeypatch):
     """The branches that end the job (the requeueing ones run on the cluster, in the tests below)."""
+    from jobspec.contract import USER_ERROR
     from orchestrator.executors import slurm_job
 
     monkeypatch.setenv("SLURM_JOB_ID", "999999")
@@ -179,7 +180,7 @@ def test_after_srun_ends_the_job_when_done_on_user_errors_and_when_allowances_ar
 
     run_dir2 = _run_dir_for_after_srun(tmp_path / "2", "resources.max_retries=5")
     (run_dir2 / "logs").mkdir()
-    (run_dir2 / "logs" / slurm_job.USER_ERROR).write_text("data.dir: no prepared train split\n")
+    (run_dir2 / "logs" / USER_ERROR).write_text("data.dir: no prepared train split\n")
     assert slurm_job.after_srun(2, run_dir2) == 2  # a user error is not retried, allowances or not
     assert not (run_dir2 / "slurm" / slurm_job.RESTARTS).exists()
 
@@ -259,9 +260,10 @@ def interrupted_runs(slurm_cluster, tiny_data, tmp_path_factory):
     for proc, _ in references.values():
         if proc.poll() is None:
             proc.kill()
-    for run in registry_for(tmp).list():  # a failed test leaves no job behind
+    registry = registry_for(tmp)
+    for run in registry.list():  # a failed test leaves no job behind
         if not run.finished:
-            slurm.cancel(run)
+            slurm.SlurmExecutor(registry).cancel(run)
 
 
 def test_scontrol_requeue_mid_run_resumes_to_the_same_weights(interrupted_runs, tiny_data):

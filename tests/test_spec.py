@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.spec import SpecError, load_spec
+from jobspec import SpecError, load_spec
 
 REPO = Path(__file__).resolve().parents[1]
 

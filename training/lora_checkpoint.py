@@ -26,7 +26,7 @@ BASE_KEY = "lora_base"
 def _digest(folder: Path) -> str:
     """Our checkpoint: its manifest's xxh64 (the manifest hashes every file). A Hugging Face folder:
     the xxh64 of its config and weight files' own hashes."""
-    from model.hf import is_hf_folder
+    from training.run_folder import is_hf_folder
 
     if is_hf_folder(folder):
         names = ["config.json", *sorted(p.name for p in folder.glob("*.safetensors"))]
@@ -37,7 +37,7 @@ def _digest(folder: Path) -> str:
 def source_checkpoint(init_from: str | Path) -> Path:
     """The folder checkpoint.init_from's weights come from: a Hugging Face folder, a checkpoint folder,
     or a run folder's newest valid checkpoint."""
-    from model.hf import is_hf_folder
+    from training.run_folder import is_hf_folder
 
     src = Path(init_from)
     if is_hf_folder(src) or not (src / "checkpoints").is_dir():
@@ -81,7 +81,8 @@ def with_base(ckpt_dir: str | Path, state: dict) -> dict:
     record = base_of(ckpt_dir)
     if record is None:
         return state
-    from model.hf import load_hf_state_dict, is_hf_folder, read_checkpoint_model
+    from training.hf_import import load_hf_state_dict
+    from training.run_folder import is_hf_folder, read_checkpoint_model
     from model.lora import merged_weight
 
     base_dir = verify_base(record, Path(ckpt_dir))

@@ -5,22 +5,21 @@
     srun python -m training.main ...                                          # Slurm tasks
 
 Without --run-dir the run folder is `<runs_dir>/<name>`: running the same command again
-resumes from its newest checkpoint.
+resumes from its newest checkpoint. Exit codes are jobspec/contract.py's: 0 done, 2 a user
+error (logs/user_error.txt says which; retrying won't help), 3 stopped by a signal after saving.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
-from orchestrator.spec import SpecError, load_spec
-
-
-USER_ERROR = "user_error.txt"  # written on a user error; the executors then don't retry
+from jobspec import SpecError, load_spec
+from jobspec.contract import EXIT_USER_ERROR, RunFolder
+from jobspec.loading import save_config
 
 
 def parse_args(argv=None):
@@ -32,7 +31,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-# Each job kind's task: how it builds batches, its loss and its evaluation (training/tasks/).
+# Each job kind's task: how it builds batches, its loss and its evaluation (training/tasks/, the Task protocol).
 TASKS = {
     "pretrain": "training.tasks.pretrain:PretrainTask",
     "sft": "training.tasks.sft:SFTTask",
@@ -48,11 +47,17 @@ RUNNERS = {
 }
 
 
-def build_task(cfg, dist_info):
-    import importlib
+def _load(path: str):
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
 
-    module, name = TASKS[cfg.kind].split(":")
-    return getattr(importlib.import_module(module), name)(cfg, dist_info)
+
+def record_config(cfg, config_arg: str, folder: RunFolder, is_main: bool) -> None:
+    """A run started straight from a job file records its resolved config in its folder (atomically); one
+    started by orch already has it, written before launch, and it is the file we were given: left alone."""
+    if is_main and Path(config_arg).resolve() != folder.config.resolve():
+        folder.path.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, folder.config)
 
 
 def run(argv=None) -> int:
@@ -63,45 +68,39 @@ def run(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     # Imported after the spec check so a typo fails fast, before torch loads.
+    from jobspec.run_lock import RunFolderBusy, RunLock
     from training import checkpoint as ckpt
     from training.data import DataError
     from training.distributed import init_distributed, shutdown
+    from training.signals import install_stop_handlers
     from training.trainer import Trainer
 
-    run_dir = Path(args.run_dir or os.path.join(cfg.runs_dir, cfg.name))
+    folder = RunFolder(args.run_dir or os.path.join(cfg.runs_dir, cfg.name))
+    stop = install_stop_handlers()
+    lock = RunLock(folder.path)
     try:
         dist_info = init_distributed(cfg.parallel, cfg.train.device)
         if dist_info.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            OmegaConf.save(cfg, run_dir / "config.yaml")
+            lock.acquire()  # one trainer per run folder; the lock dies with this process
         dist_info.barrier()
+        record_config(cfg, args.config, folder, dist_info.is_main)
         if cfg.kind in RUNNERS:
-            import importlib
-
-            module, name = RUNNERS[cfg.kind].split(":")
-            return getattr(importlib.import_module(module), name)(cfg, dist_info, run_dir)
-        task = build_task(cfg, dist_info)
+            return _load(RUNNERS[cfg.kind])(cfg, dist_info, folder.path)
+        task = _load(TASKS[cfg.kind])(cfg, dist_info)
         if hasattr(task, "attach_run_dir"):  # a task that writes files of its own there (classify: labels.json)
-            task.attach_run_dir(run_dir)
-        if dist_info.is_main and getattr(task, "model_cfg", None) is not None:
-            # Post-training runs take the source's shape: config.yaml records it for later stages and exports.
-            from dataclasses import asdict
-
-            saved = OmegaConf.load(run_dir / "config.yaml")
-            saved.model = asdict(task.model_cfg)
-            OmegaConf.save(saved, run_dir / "config.yaml")
-        trainer = Trainer(cfg, dist_info, run_dir, task)
-        return trainer.fit()
-    except (SpecError, DataError, ckpt.CheckpointError, ValueError) as e:
+            task.attach_run_dir(folder.path)
+        return Trainer(cfg, dist_info, folder.path, task, stop=stop).fit()
+    except (SpecError, DataError, ckpt.CheckpointError, RunFolderBusy, ValueError) as e:
         # A user error: retrying won't help. torchrun turns every failure into exit code 1,
         # so the executors learn it from this file instead.
         print(f"error: {e}", file=sys.stderr)
-        if int(os.environ.get("RANK", "0")) == 0:
-            (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-            (run_dir / "logs" / USER_ERROR).write_text(str(e) + "\n")
-        return 2
+        if int(os.environ.get("RANK", "0")) == 0 and not isinstance(e, RunFolderBusy):
+            folder.logs.mkdir(parents=True, exist_ok=True)
+            folder.user_error.write_text(str(e) + "\n")
+        return EXIT_USER_ERROR
     finally:
         shutdown()
+        lock.release()
 
 
 def main() -> None:

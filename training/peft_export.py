@@ -7,7 +7,7 @@ PEFT's format in OUT/adapter, so that
 gives our logits. PEFT's format: adapter_config.json (peft_type LORA, r, lora_alpha, the wrapped modules by
 their Llama names) and adapter_model.safetensors whose keys are the Llama names under PEFT's prefix:
 `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight` for our `layers.0.attention.wq.lora_A.weight`.
-With --merge (or for a run without LoRA) the export is one plain Llama folder (model/hf.py's export_hf,
+With --merge (or for a run without LoRA) the export is one plain Llama folder (training/hf_export.py's export_hf,
 which reads a LoRA checkpoint as its base with the adapters merged).
 """
 
@@ -22,29 +22,28 @@ PEFT_PREFIX = "base_model.model."
 
 def export(source: str | Path, out_dir: str | Path, merge: bool = False) -> tuple[Path, str]:
     """(out_dir, what was written)."""
-    from model.hf import _load_run_config, _resolve_source, export_hf
+    from training.hf_export import export_hf
     from training.lora_checkpoint import base_of, verify_base
+    from training.run_folder import resolve_checkpoint, run_config, tokenizer_file
 
-    run_dir, ckpt_dir = _resolve_source(Path(source))
+    run_dir, ckpt_dir = resolve_checkpoint(source)
     record = base_of(ckpt_dir)
     if record is None or merge:
-        kind = (_load_run_config(run_dir).get("kind") or "")
+        kind = (run_config(run_dir).get("kind") or "")
         what = "LoRA adapters merged into the base" if record else "Hugging Face Llama layout"
         return export_hf(ckpt_dir, out_dir), what + (", sequence classification" if kind == "classify" else "")
-    if _load_run_config(run_dir).get("kind") == "classify":
+    if run_config(run_dir).get("kind") == "classify":
         raise ValueError(f"{source} is a LoRA classify run: export it with --merge (a LlamaForSequenceClassification "
                          "folder); the PEFT adapter form is written for causal language models")
-    from training.posttrain.source import run_tokenizer
-
     base = verify_base(record, ckpt_dir)
-    out = export_hf(base, out_dir, tokenizer=run_tokenizer(_load_run_config(run_dir), run_dir))
+    out = export_hf(base, out_dir, tokenizer=tokenizer_file(run_dir))
     write_adapter(ckpt_dir, record, out / ADAPTER_DIR)
     return out, f"base model in the Llama layout, PEFT LoRA adapter in {out / ADAPTER_DIR}"
 
 
 def peft_name(ours: str) -> str:
     """layers.0.attention.wq.lora_A.weight -> base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"""
-    from model.hf import to_hf_name
+    from model.state_dict_adapter import to_hf_name
 
     for part in (".lora_A.", ".lora_B."):
         if part in ours:
@@ -56,7 +55,7 @@ def peft_name(ours: str) -> str:
 def write_adapter(ckpt_dir: Path, record: dict, out: Path) -> Path:
     from safetensors.torch import save_file
 
-    from model.hf import read_checkpoint_model
+    from training.run_folder import read_checkpoint_model
 
     state = read_checkpoint_model(ckpt_dir, merge_lora=False)
     tensors = {peft_name(k): v.float().contiguous() for k, v in state.items()}

@@ -9,24 +9,25 @@ from __future__ import annotations
 
 import hashlib
 import json
-import signal
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
+from jobspec.contract import EXIT_OK, EXIT_REQUEUE
 from model.config import GPTConfig
 from model.gpt import GPT, flops_per_token
 from model.parallelize import parallelize
 from training import checkpoint as ckpt
+from training import run_folder
 from training.metrics import MetricsLogger, peak_flops, say
 from training.optim import build_optimizer, lr_at
-
-# Exit status of a run stopped by a signal after saving: the executor requeues it.
-EXIT_REQUEUE = 3
+from training.signals import StopFlag
+from training.tasks.base import Task
 # With train.time_budget_min, the steps timed (after warm-up) to fit the LR schedule into the budget,
 # and the share of the budget left for steps (the rest: validation, checkpoints, the final save).
 CALIBRATION_STEPS = (10, 30)
@@ -47,30 +48,10 @@ def config_hash(cfg) -> str:
     return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
 
 
-class StopFlag:
-    """Set by SIGTERM/SIGUSR2/SIGINT (preemption, time limit, Ctrl-C); checked between steps."""
-
-    def __init__(self):
-        self.signal = None
-        for sig in (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.signal = signum
-
-    def agreed(self, world_size: int, device) -> bool:
-        """All ranks must stop at the same step, or the checkpoint collective would hang."""
-        if world_size == 1:
-            return self.signal is not None
-        flag = torch.tensor([0 if self.signal is None else 1], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-
-def model_config(cfg, task) -> GPTConfig:
+def model_config(cfg, task: Task) -> GPTConfig:
     """The model's shape: the task's when it starts from an existing model (post-training
     takes the shape of the checkpoint it starts from), else the job's `model:` section."""
-    if getattr(task, "model_cfg", None) is not None:
+    if task.model_cfg is not None:
         return task.model_cfg
     model_cfg = GPTConfig(**OmegaConf.to_container(cfg.model))
     if model_cfg.vocab_size is None:
@@ -110,10 +91,10 @@ def load_weights(model, init_from: str, is_main: bool = True) -> None:
     """Load `checkpoint.init_from` (a run folder, a checkpoint folder or a Hugging Face folder) into a
     built model. Used for the trained model, and by tasks for frozen copies (DPO's reference)."""
     src = Path(init_from)
-    from model.hf import is_hf_folder, load_hf_state_dict, read_checkpoint_model
-
-    if is_hf_folder(src):  # an outside Llama-layout checkpoint: full tensors, sharded on load
+    if run_folder.is_hf_folder(src):  # an outside Llama-layout checkpoint: full tensors, sharded on load
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        from training.hf_import import load_hf_state_dict
 
         _, state = load_hf_state_dict(src)
         set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
@@ -127,7 +108,7 @@ def load_weights(model, init_from: str, is_main: bool = True) -> None:
     if base_of(source) is not None:  # a LoRA run's adapters: its base with them merged, as full tensors
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        state = read_checkpoint_model(source)
+        state = run_folder.read_checkpoint_model(source)
         set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
     else:  # every tensor, also into a LoRA model (whose own checkpoints hold only its adapters)
         ckpt.load_checkpoint(source, model, optimizer=None, whole=True)
@@ -148,7 +129,8 @@ def precision(cfg, dist_info) -> tuple[torch.dtype, object]:
 
 
 class Trainer:
-    def __init__(self, cfg, dist_info, run_dir: Path, task):
+    def __init__(self, cfg, dist_info, run_dir: Path, task: Task, stop: Optional[StopFlag] = None):
+        """stop: set by the entry point's signal handlers (training/signals.py); None = nothing stops us early."""
         self.cfg, self.dist, self.run_dir, self.task = cfg, dist_info, run_dir, task
         device = dist_info.device
         self.param_dtype, self.autocast = precision(cfg, dist_info)
@@ -156,8 +138,7 @@ class Trainer:
         self.model_cfg = model_config(cfg, task)
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True)
-        self.model = build_model(self.model_cfg, cfg, dist_info, self.param_dtype,
-                                 model_class=getattr(task, "model_class", GPT))
+        self.model = build_model(self.model_cfg, cfg, dist_info, self.param_dtype, model_class=task.model_class)
         self.n_params = self.model.num_params()
         self.lora_base = None  # LoRA: the base checkpoint's record (training/lora_checkpoint.py)
         self.flops_per_token = flops_per_token(self.model_cfg, cfg.data.seq_len)
@@ -167,7 +148,7 @@ class Trainer:
         # The step the LR schedule ends at: train.max_steps, or fewer when train.time_budget_min can't fit them.
         self.max_steps = cfg.train.max_steps
         self.metrics = MetricsLogger(run_dir, dist_info.is_main, cfg.train.max_steps)
-        self.stop = StopFlag()
+        self.stop = stop or StopFlag()
         self.peak = peak_flops(device)
         self.saver = None
         if cfg.checkpoint.async_save:
@@ -273,6 +254,8 @@ class Trainer:
 
     def fit(self) -> int:
         cfg, is_main = self.cfg, self.dist.is_main
+        if is_main:  # what this run trains, for whoever reads the folder later (training/run_folder.py)
+            run_folder.write_artifacts(self.run_dir, self.model_cfg, self.task.tokenizer_file)
         self.resume_or_init()
         if self.lora_base:
             from model.lora import trainable_share
@@ -308,7 +291,7 @@ class Trainer:
                                   "mfu": mfu, "eta_s": per_step * (self.max_steps - self.step),
                                   "max_steps": self.max_steps,
                                   # a task's own numbers since the last log (DPO's rewards/*, GRPO's reward and KL)
-                                  **(self.task.train_metrics() if hasattr(self.task, "train_metrics") else {})})
+                                  **self.task.train_metrics()})
                 window_start, window_tokens = time.time(), 0
             if cfg.train.val_every and self.step % cfg.train.val_every == 0 and self.step < self.max_steps:
                 self.validate()
@@ -332,7 +315,7 @@ class Trainer:
         self.metrics.close()
         if self.saver is not None:
             self.saver.close()
-        return 0
+        return EXIT_OK
 
     def fit_schedule_to_budget(self, seconds_left: float, per_step: float) -> None:
         """On a machine too slow for train.max_steps within train.time_budget_min, end the LR schedule

@@ -1,97 +1,165 @@
-"""The local executor: runs a job on this machine, detached from the terminal that submitted it.
+"""The local executor: runs jobs on this machine, detached from the terminal that submitted them.
 
-`orch submit` starts a supervisor process in its own session (it survives the terminal closing)
-and returns. The supervisor launches the trainer (`torchrun` when several processes are asked for),
-records state transitions in the registry, and restarts a failed attempt under the retry policy;
-the trainer resumes from its newest checkpoint by itself.
+`orch submit` starts a supervisor process (local_supervisor.py) in its own session and returns. The
+supervisor launches the trainer, records each state change in the registry, restarts a failed attempt
+under the retry policy and a requeued one (exit 3) under the requeue allowance; the trainer resumes
+from its newest checkpoint by itself. A pipeline gets one more process (local_pipeline.py) that runs its
+stages one after another.
+
+What this machine can tell about a run without asking anyone: whether its supervisor (pid + start time)
+is alive, and whether a trainer holds the run folder's lock. `observe` reads those; it never writes.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Sequence
 
-from orchestrator.registry import Registry, Run, now
+from omegaconf import DictConfig
 
-EXIT_REQUEUE = 3  # training.trainer.EXIT_REQUEUE: stopped by a signal after saving a checkpoint
+from jobspec.contract import RunFolder
+from jobspec.processes import process_start, same_process, signal_process
+from jobspec.run_lock import describe, holder
+from orchestrator.executors.base import Observation
+from orchestrator.registry import TERMINAL, Registry, Run, now
 
-
-def trainer_command(run: Run, nproc: int) -> list[str]:
-    config = str(Path(run.run_dir) / "config.yaml")
-    if nproc > 1:
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                "-m", "training.main", config, "--run-dir", run.run_dir]
-    return [sys.executable, "-m", "training.main", config, "--run-dir", run.run_dir]
-
-
-def launch(run: Run, registry: Registry) -> int:
-    """Start the supervisor for a registered run; returns its pid."""
-    return start_supervisor(run, registry).pid
+CANCELLED_BY_USER = "cancelled by user"
 
 
-def start_supervisor(run: Run, registry: Registry) -> subprocess.Popen:
-    """Start the supervisor process (records its pid); a pipeline's supervisor waits on it."""
-    log_dir = Path(run.run_dir) / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
+def _block_stop_signals() -> None:
+    """In a new supervisor, before it runs Python: SIGTERM/SIGINT wait (blocked) until it has installed its
+    handlers, so an `orch cancel` that arrives during start-up is handled, not fatal."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+
+
+def spawn_detached(argv: list[str], log_path: Path, registry: Registry) -> subprocess.Popen:
+    """A process in its own session (it outlives the terminal), its output appended to log_path."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, ORCH_HOME=str(registry.path.parent), PYTHONUNBUFFERED="1")
-    with open(log_dir / "supervisor.log", "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "orchestrator.executors.local", run.id],
-                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, env=env)
-    registry.update(run.id, pid=proc.pid)
-    return proc
+    with open(log_path, "ab") as log:
+        return subprocess.Popen([sys.executable, "-m", *argv], stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True, env=env,
+                                preexec_fn=_block_stop_signals)
 
 
-def supervise(run_id: str) -> int:
-    """Body of the detached supervisor: run attempts until success, cancellation or retries run out."""
-    from omegaconf import OmegaConf
-
-    registry = Registry()
-    run = registry.get(run_id)
-    cfg = OmegaConf.load(Path(run.run_dir) / "config.yaml")
-    nproc = cfg.resources.nproc_per_node
-    max_attempts = 1 + cfg.resources.max_retries
-    log_path = Path(run.run_dir) / "logs" / "train.log"
-    child = None
-
-    def forward(signum, frame):  # `orch cancel` signals us; the trainer checkpoints and stops
-        registry.update(run_id, state="CANCELLED", reason="cancelled by user", ended_at=now())
-        if child and child.poll() is None:
-            os.killpg(child.pid, signal.SIGTERM)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    code = 1
-    for attempt in range(1, max_attempts + 1):
-        if registry.get(run_id).state == "CANCELLED":
-            return 1
-        registry.update(run_id, state="RUNNING", attempts=attempt, started_at=run.started_at or now())
-        user_error = Path(run.run_dir) / "logs" / "user_error.txt"  # training.main.USER_ERROR
-        user_error.unlink(missing_ok=True)  # left by an earlier attempt, perhaps since fixed
-        with open(log_path, "ab") as log:
-            if attempt > 1:
-                log.write(f"\n[orch] attempt {attempt}: restarting after exit code {code}\n".encode())
-                log.flush()
-            child = subprocess.Popen(trainer_command(run, nproc), stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
-            code = child.wait()
-        if registry.get(run_id).state == "CANCELLED":
-            registry.update(run_id, exit_code=code)
-            return code
-        if code == 0:
-            registry.update(run_id, state="COMPLETED", exit_code=0, ended_at=now())
-            return 0
-        if user_error.is_file():  # a bad config, bad data, no valid checkpoint: retrying won't help
-            registry.update(run_id, state="FAILED", exit_code=code, ended_at=now(),
-                            reason=user_error.read_text().strip())
-            return code
-    registry.update(run_id, state="FAILED", exit_code=code, ended_at=now(),
-                    reason=f"exit code {code}; see {log_path}")
-    return code
+def pipeline_files(registry: Registry, pipeline_id: str) -> tuple[Path, Path]:
+    """(log, pid file) of a local pipeline's supervisor."""
+    folder = registry.path.parent / "pipelines"
+    return folder / f"{pipeline_id}.log", folder / f"{pipeline_id}.pid"
 
 
-if __name__ == "__main__":
-    sys.exit(supervise(sys.argv[1]))
+# `orch submit` writes a pipeline's pid file right after registering its stages; a pipeline older than
+# this without one lost its submitter before the supervisor started.
+PIPELINE_START_GRACE_S = 60
+
+
+def pipeline_supervisor_gone(registry: Registry, run: Run) -> bool:
+    """True when the local pipeline supervisor that should start this stage is known to be gone."""
+    _, pid_file = pipeline_files(registry, run.pipeline_id)
+    try:
+        pid, start, host = pid_file.read_text().split()
+    except (OSError, ValueError):
+        return now() - run.created_at > PIPELINE_START_GRACE_S
+    return same_process(int(pid), start, host) is False
+
+
+class LocalExecutor:
+    name = "local"
+
+    def __init__(self, registry: Registry):
+        self.registry = registry
+
+    # ------------------------------------------------------------ starting
+
+    def start(self, run: Run) -> subprocess.Popen:
+        """Start the run's supervisor and record it (pid, start time, host); a pipeline waits on the process."""
+        proc = spawn_detached(["orchestrator.executors.local_supervisor", run.id],
+                              RunFolder(run.run_dir).logs / "supervisor.log", self.registry)
+        self.registry.update(run.id, pid=proc.pid, pid_start=process_start(proc.pid), host=socket.gethostname())
+        return proc
+
+    def submit(self, run: Run, cfg: DictConfig) -> str:
+        self.start(run)
+        return "local"
+
+    def submit_pipeline(self, pipeline_id: str, runs: Sequence[Run], cfgs: dict[str, DictConfig]) -> None:
+        """One detached process runs the stages in order (local_pipeline.py); its pid file names it."""
+        log, pid_file = pipeline_files(self.registry, pipeline_id)
+        proc = spawn_detached(["orchestrator.executors.local_pipeline", pipeline_id], log, self.registry)
+        pid_file.write_text(f"{proc.pid} {process_start(proc.pid)} {socket.gethostname()}\n")
+
+    def resume(self, run: Run) -> str:
+        busy = holder(run.run_dir)
+        if busy is not None:
+            raise RuntimeError(f"{run.id} can't be resumed: a trainer still holds {run.run_dir} "
+                               f"({describe(busy)}); `orch cancel {run.id}` stops it after a checkpoint")
+        if not self.registry.transition(run.id, TERMINAL, state="PENDING", ended_at=None, exit_code=None,
+                                        reason=None, pid=None, pid_start=None):
+            raise RuntimeError(f"{run.id} was resumed by someone else meanwhile ({self.registry.get(run.id).state})")
+        self.start(self.registry.get(run.id))
+        return "local"
+
+    # ------------------------------------------------------------ stopping
+
+    def cancel(self, run: Run) -> None:
+        """PENDING with no supervisor (a pipeline stage not started): CANCELLED at once. Otherwise CANCELLING,
+        and the supervisor is told (SIGTERM); it stops the trainer after a checkpoint and records CANCELLED."""
+        alive = same_process(run.pid, run.pid_start, run.host)
+        if run.state == "PENDING" and not alive:
+            if self.registry.transition(run.id, ("PENDING",), state="CANCELLED", reason=CANCELLED_BY_USER,
+                                        ended_at=now()):
+                return
+            run = self.registry.get(run.id)  # it started meanwhile: cancel it as a running one
+        if run.finished:
+            return
+        self.registry.transition(run.id, ("PENDING", "RUNNING"), state="CANCELLING", reason=CANCELLED_BY_USER)
+        if signal_process(run.pid, run.pid_start, signal.SIGTERM):
+            return
+        trainer = holder(run.run_dir)  # no supervisor: a trainer it left behind still gets the message
+        if trainer and trainer.get("host") == socket.gethostname():
+            signal_process(trainer.get("pid"), trainer.get("pid_start"), signal.SIGTERM)
+
+    # ------------------------------------------------------------ looking
+
+    def observe(self, runs: Sequence[Run]) -> dict[str, Observation]:
+        seen = {}
+        for run in runs:
+            if run.executor != self.name or run.finished:
+                continue
+            if run.state == "PENDING" and run.pid is None:  # a pipeline stage waiting for its turn
+                if run.pipeline_id and pipeline_supervisor_gone(self.registry, run):
+                    log, _ = pipeline_files(self.registry, run.pipeline_id)
+                    seen[run.id] = Observation("CANCELLED", f"the pipeline's supervisor is gone (see {log}); "
+                                                            "submit the pipeline again")
+                continue
+            if same_process(run.pid, run.pid_start, run.host) is not False:  # alive, or on another host
+                seen[run.id] = Observation(run.state, where="local")
+                continue
+            trainer = holder(run.run_dir)
+            if trainer is not None:
+                seen[run.id] = Observation(run.state, f"its supervisor is gone; its trainer ({describe(trainer)}) "
+                                                      "still runs", where="local")
+            elif run.state == "CANCELLING":
+                seen[run.id] = Observation("CANCELLED", CANCELLED_BY_USER)
+            else:
+                seen[run.id] = Observation("LOST", f"its supervisor (pid {run.pid}) and trainer are gone "
+                                                   f"(killed, or the machine restarted); `orch resume {run.id}` "
+                                                   "continues from its checkpoint")
+        return seen
+
+    def refresh(self, runs: Sequence[Run]) -> None:
+        for run_id, seen in self.observe(runs).items():
+            if seen.state == "LOST":
+                self.registry.transition(run_id, ("PENDING", "RUNNING"), state="FAILED", reason=seen.reason,
+                                         ended_at=now())
+            elif seen.state == "CANCELLED" and seen.reason:
+                self.registry.transition(run_id, ("PENDING", "CANCELLING"), state="CANCELLED", reason=seen.reason,
+                                         ended_at=now())
+
+    def log_path(self, run: Run) -> Path:
+        return RunFolder(run.run_dir).train_log

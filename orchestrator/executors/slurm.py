@@ -1,8 +1,9 @@
 """The Slurm executor: submits a run as one Slurm job through submitit, and reads its state back from sacct.
 
-    submit(run, registry, cfg, dependency_job_ids=())  -> Slurm job id (recorded, state PENDING)
-    refresh(registry, runs)                             -> registry states from ONE `sacct --parsable2` call
-    cancel(run)                                         -> scancel
+    SlurmExecutor(registry).submit(run, cfg)   -> Slurm job id (recorded, state PENDING)
+    .submit_pipeline(id, runs, cfgs)           -> every stage at once, each held with --dependency=afterok
+    .observe(runs) / .refresh(runs)            -> states from ONE `sacct --parsable2` call (refresh records them)
+    .cancel(run)                               -> scancel (the trainer checkpoints on the SIGTERM it brings)
 
 The job runs one srun task per process (resources.nodes x resources.nproc_per_node), each calling the same
 entry point as torchrun (see slurm_job.TrainingJob). Slurm sends SIGUSR2 `signal_delay_s` before the time
@@ -22,7 +23,10 @@ from typing import Iterable, Optional, Sequence
 
 from omegaconf import OmegaConf
 
-from orchestrator.registry import Registry, Run, now
+from jobspec.contract import RunFolder
+from orchestrator.dependencies import dependency_reason, parents_first_runs
+from orchestrator.executors.base import Observation
+from orchestrator.registry import TERMINAL, Registry, Run, now
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -36,6 +40,9 @@ STATES = {
     "COMPLETED": "COMPLETED",
     "CANCELLED": "CANCELLED",
 }
+
+
+SACCT_TIMEOUT_S = 15  # a dashboard refresh waits this long at most for a slow slurmctld/slurmdbd
 
 
 class SlurmError(RuntimeError):
@@ -90,38 +97,11 @@ def executor_parameters(run: Run, resources, dependency_job_ids: Sequence[str] =
             params[key] = getattr(resources, key)
     if dependency_job_ids:
         params["dependency"] = "afterok:" + ":".join(str(j) for j in dependency_job_ids)
+        # a parent that failed can never satisfy afterok: Slurm then cancels this job instead of keeping it
+        # PENDING forever (whatever the cluster's kill_invalid_depend), so no process of ours must watch
+        params["additional_parameters"]["kill-on-invalid-dep"] = "yes"
     params["additional_parameters"].update(sbatch_extra_parameters(resources.sbatch_extra))
     return params
-
-
-def submit(run: Run, registry: Registry, cfg, dependency_job_ids: Sequence[str] = ()) -> str:
-    """Submit a registered run as a Slurm job; records its job id, state PENDING, executor "slurm"."""
-    import submitit
-
-    from orchestrator.executors.slurm_job import TrainingJob
-
-    run_dir = Path(run.run_dir)
-    slurm_dir = run_dir / "slurm"
-    slurm_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "logs").mkdir(exist_ok=True)
-    if not (run_dir / "config.yaml").is_file():
-        OmegaConf.save(cfg, run_dir / "config.yaml")
-    try:
-        executor = submitit.SlurmExecutor(folder=slurm_dir, max_num_timeout=cfg.resources.max_requeues)
-        executor.update_parameters(**executor_parameters(run, cfg.resources, dependency_job_ids))
-        job = executor.submit(TrainingJob(str(run_dir)))
-    except (subprocess.CalledProcessError, RuntimeError) as e:  # submitit's FailedJobError carries sbatch's stderr
-        detail = getattr(e, "stderr", None) or str(e)
-        detail = detail.decode(errors="replace") if isinstance(detail, bytes) else str(detail)
-        detail = "; ".join(line.strip() for line in detail.splitlines() if line.strip()) or repr(e)
-        error = SlurmError(f"sbatch refused run {run.id} ({run_dir}/config.yaml): {detail}")
-        registry.update(run.id, state="FAILED", reason=str(error), ended_at=now())
-        raise error from None
-    except ValueError as e:  # a bad resources.sbatch_extra entry
-        registry.update(run.id, state="FAILED", reason=str(e), ended_at=now())
-        raise ValueError(f"{run_dir}/config.yaml: {e}") from None
-    registry.update(run.id, executor="slurm", state="PENDING", slurm_job_id=str(job.job_id))
-    return str(job.job_id)
 
 
 def _timestamp(value: str) -> Optional[float]:
@@ -141,10 +121,10 @@ def _exit_code(value: str) -> Optional[int]:
 
 def sacct_records(job_ids: Sequence[str]) -> dict[str, list[dict]]:
     """Every record of each job, oldest first: one per start (-D keeps the records of requeued starts)."""
-    fields = ["JobIDRaw", "State", "ExitCode", "Start", "End", "Reason"]
+    fields = ["JobIDRaw", "State", "ExitCode", "Start", "End", "Reason", "NodeList"]
     cmd = ["sacct", "--parsable2", "--noheader", "-X", "-D", "-j", ",".join(job_ids), "-o", ",".join(fields)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=SACCT_TIMEOUT_S)
     except (OSError, subprocess.TimeoutExpired) as e:
         raise SlurmError(f"`{' '.join(cmd)}` failed: {e}") from None
     if proc.returncode != 0:
@@ -159,67 +139,13 @@ def sacct_records(job_ids: Sequence[str]) -> dict[str, list[dict]]:
     return records
 
 
-def refresh(registry: Registry, runs: Sequence[Run]) -> None:
-    """Bring the registry up to date for these Slurm runs, from one sacct call."""
-    runs = [r for r in runs if r.executor == "slurm" and r.slurm_job_id]
-    if not runs:
-        return
-    try:
-        records = sacct_records([r.slurm_job_id for r in runs])
-    except SlurmError as e:
-        print(f"warning: Slurm states not refreshed: {e}", file=sys.stderr)
-        return
-    for run in runs:
-        history = records.get(run.slurm_job_id)
-        if not history:  # submitted moments ago: slurmdbd has not heard of it yet
-            continue
-        last = history[-1]
-        slurm_state = last["State"].split()[0]  # "CANCELLED by 0" -> "CANCELLED"
-        state = STATES.get(slurm_state, "FAILED")
-        values = dict(state=state, attempts=sum(1 for r in history if _timestamp(r["Start"])),
-                      started_at=_timestamp(history[0]["Start"]) or run.started_at)
-        if state in ("COMPLETED", "FAILED", "CANCELLED"):
-            values.update(ended_at=_timestamp(last["End"]) or now(), exit_code=_exit_code(last["ExitCode"]))
-        if state == "FAILED":
-            values["reason"] = failure_reason(run, slurm_state, last["ExitCode"])
-        elif state == "CANCELLED":
-            values["reason"] = run.reason if run.state == "CANCELLED" and run.reason else "cancelled (scancel)"
-        elif state == "PENDING" and last["Reason"] not in ("", "None"):
-            values["reason"] = f"Slurm: {last['Reason']}"  # e.g. Resources, Dependency, BeginTime
-        else:
-            values["reason"] = None
-        registry.update(run.id, **values)
-
-
 def failure_reason(run: Run, slurm_state: str, exit_code: str) -> str:
-    from orchestrator.executors.slurm_job import FINAL_REASON, USER_ERROR
+    from orchestrator.executors.slurm_job import FINAL_REASON
 
-    for path in (Path(run.run_dir) / "logs" / USER_ERROR, Path(run.run_dir) / "slurm" / FINAL_REASON):
+    for path in (RunFolder(run.run_dir).user_error, Path(run.run_dir) / "slurm" / FINAL_REASON):
         if path.is_file():
             return path.read_text().strip()
     return f"Slurm job {run.slurm_job_id} {slurm_state} (exit {exit_code}); see `orch logs {run.id}`"
-
-
-def cancel(run: Run) -> None:
-    """scancel the run's job (the trainer checkpoints on the SIGTERM it brings); refresh records CANCELLED."""
-    if not run.slurm_job_id:
-        return
-    proc = subprocess.run(["scancel", str(run.slurm_job_id)], capture_output=True, text=True, timeout=60)
-    if proc.returncode != 0:
-        raise SlurmError(f"scancel {run.slurm_job_id} failed: {proc.stderr.strip()}")
-
-
-def resume(run: Run, registry: Registry) -> str:
-    """Submit a finished run again on the same folder: a new job that resumes from the newest checkpoint,
-    with fresh requeue and retry allowances."""
-    from orchestrator.executors.slurm_job import FINAL_REASON, RESTARTS
-
-    run_dir = Path(run.run_dir)
-    for name in (RESTARTS, FINAL_REASON):
-        (run_dir / "slurm" / name).unlink(missing_ok=True)
-    cfg = OmegaConf.load(run_dir / "config.yaml")
-    registry.update(run.id, state="PENDING", ended_at=None, exit_code=None, reason=None, attempts=0)
-    return submit(registry.get(run.id), registry, cfg)
 
 
 def log_file(run: Run) -> Optional[Path]:
@@ -230,3 +156,138 @@ def log_file(run: Run) -> Optional[Path]:
         return slurm_dir / f"{run.slurm_job_id}_0_log.out"
     logs = sorted(slurm_dir.glob("*_0_log.out"), key=lambda p: p.stat().st_mtime)
     return logs[-1] if logs else None
+
+
+class SlurmExecutor:
+    name = "slurm"
+
+    def __init__(self, registry: Registry):
+        self.registry = registry
+
+    def submit(self, run: Run, cfg, dependency_job_ids: Sequence[str] = ()) -> str:
+        """Submit a registered run as a Slurm job; records its job id, state PENDING, executor "slurm"."""
+        import submitit
+
+        from orchestrator.executors.slurm_job import TrainingJob
+
+        run_dir = Path(run.run_dir)
+        slurm_dir = run_dir / "slurm"
+        slurm_dir.mkdir(parents=True, exist_ok=True)
+        RunFolder(run_dir).logs.mkdir(exist_ok=True)
+        try:
+            executor = submitit.SlurmExecutor(folder=slurm_dir, max_num_timeout=cfg.resources.max_requeues)
+            executor.update_parameters(**executor_parameters(run, cfg.resources, dependency_job_ids))
+            job = executor.submit(TrainingJob(str(run_dir)))
+        except (subprocess.CalledProcessError, RuntimeError) as e:  # submitit's FailedJobError carries sbatch's stderr
+            detail = getattr(e, "stderr", None) or str(e)
+            detail = detail.decode(errors="replace") if isinstance(detail, bytes) else str(detail)
+            detail = "; ".join(line.strip() for line in detail.splitlines() if line.strip()) or repr(e)
+            error = SlurmError(f"sbatch refused run {run.id} ({run_dir}/config.yaml): {detail}")
+            self.registry.update(run.id, state="FAILED", reason=str(error), ended_at=now())
+            raise error from None
+        except ValueError as e:  # a bad resources.sbatch_extra entry
+            self.registry.update(run.id, state="FAILED", reason=str(e), ended_at=now())
+            raise ValueError(f"{run_dir}/config.yaml: {e}") from None
+        self.registry.update(run.id, executor="slurm", state="PENDING", slurm_job_id=str(job.job_id))
+        return f"slurm job {job.job_id}"
+
+    def submit_pipeline(self, pipeline_id: str, runs: Sequence[Run], cfgs: dict) -> None:
+        """Submit the stages, parents first, each depending on its parent's job. If one submission fails, the
+        ones already submitted are cancelled and every stage is marked so, then the error is raised."""
+        job_ids: dict[str, str] = {}
+        try:
+            for run in runs:
+                deps = (job_ids[run.depends_on],) if run.depends_on else ()
+                self.submit(run, cfgs[run.stage], dependency_job_ids=deps)
+                job_ids[run.id] = self.registry.get(run.id).slurm_job_id
+        except BaseException as e:
+            why = f"the pipeline could not be submitted: {str(e).splitlines()[0] if str(e) else repr(e)}"
+            for run in runs:
+                if run.id in job_ids:
+                    self._scancel(job_ids[run.id])
+                self.registry.update(run.id, state="CANCELLED", ended_at=now(), reason=why)
+            raise
+
+    def resume(self, run: Run) -> str:
+        """Submit a finished run again on the same folder: a new job that resumes from the newest checkpoint,
+        with fresh requeue and retry allowances."""
+        from orchestrator.executors.slurm_job import FINAL_REASON, RESTARTS
+
+        run_dir = Path(run.run_dir)
+        if not self.registry.transition(run.id, TERMINAL, state="PENDING", ended_at=None, exit_code=None,
+                                        reason=None, attempts=0):
+            raise RuntimeError(f"{run.id} was resumed by someone else meanwhile ({self.registry.get(run.id).state})")
+        for name in (RESTARTS, FINAL_REASON):
+            (run_dir / "slurm" / name).unlink(missing_ok=True)
+        cfg = OmegaConf.load(RunFolder(run_dir).config)
+        return self.submit(self.registry.get(run.id), cfg)
+
+    def cancel(self, run: Run) -> None:
+        """scancel the run's job (the trainer checkpoints on the SIGTERM it brings): CANCELLING until sacct
+        says the job has ended."""
+        self.registry.transition(run.id, ("PENDING", "RUNNING"), state="CANCELLING", reason="cancelled by user")
+        if run.slurm_job_id:
+            self._scancel(run.slurm_job_id)
+
+    def _scancel(self, job_id: str) -> None:
+        proc = subprocess.run(["scancel", str(job_id)], capture_output=True, text=True, timeout=60)
+        if proc.returncode != 0:
+            raise SlurmError(f"scancel {job_id} failed: {proc.stderr.strip()}")
+
+    def _read(self, runs: Sequence[Run]) -> dict[str, tuple[Observation, list[dict]]]:
+        """(observation, sacct records oldest first) per unfinished Slurm run, from one sacct call."""
+        runs = [r for r in runs if r.executor == self.name and r.slurm_job_id and not r.finished]
+        if not runs:
+            return {}
+        try:
+            records = sacct_records([r.slurm_job_id for r in runs])
+        except SlurmError as e:
+            print(f"warning: Slurm states not read: {e}", file=sys.stderr)
+            return {}
+        seen = {}
+        for run in runs:
+            history = records.get(run.slurm_job_id)
+            if not history:  # submitted moments ago: slurmdbd has not heard of it yet
+                continue
+            last = history[-1]
+            slurm_state = last["State"].split()[0]  # "CANCELLED by 0" -> "CANCELLED"
+            state = STATES.get(slurm_state, "FAILED")
+            reason = None
+            if state == "FAILED":
+                reason = failure_reason(run, slurm_state, last["ExitCode"])
+            elif state == "CANCELLED":
+                reason = run.reason if run.state in ("CANCELLING", "CANCELLED") and run.reason else "cancelled (scancel)"
+            elif run.state == "CANCELLING":
+                state, reason = "CANCELLING", run.reason  # scancel sent; the job is still saving
+            elif state == "PENDING" and last["Reason"] not in ("", "None"):
+                reason = f"Slurm: {last['Reason']}"  # e.g. Resources, Dependency, BeginTime
+            attempts = sum(1 for r in history if _timestamp(r["Start"]))
+            where = last["NodeList"] if last["NodeList"] not in ("", "None assigned") else None
+            seen[run.id] = (Observation(state, reason, attempts, word=slurm_state, where=where), history)
+        return seen
+
+    def observe(self, runs: Sequence[Run]) -> dict[str, Observation]:
+        return {run_id: o for run_id, (o, _) in self._read(runs).items()}
+
+    def refresh(self, runs: Sequence[Run]) -> None:
+        """Record what sacct says. A pipeline stage that Slurm cancelled before it ever started (its parent
+        failed: --kill-on-invalid-dep) is recorded with the reason "dependency <stage> failed"."""
+        seen = self._read(runs)
+        for run in parents_first_runs(runs):
+            if run.id not in seen:
+                continue
+            o, history = seen[run.id]
+            values = dict(state=o.state, attempts=o.attempts, reason=o.reason,
+                          started_at=_timestamp(history[0]["Start"]) or run.started_at)
+            if o.state in TERMINAL:
+                values.update(ended_at=_timestamp(history[-1]["End"]) or now(),
+                              exit_code=_exit_code(history[-1]["ExitCode"]))
+            parent = self.registry.get(run.depends_on) if run.depends_on else None
+            if (o.state == "CANCELLED" and not o.attempts and run.state not in ("CANCELLING", "CANCELLED")
+                    and parent is not None and parent.state in ("FAILED", "CANCELLED")):
+                values["reason"] = dependency_reason(parent)
+            # only if nobody moved the run meanwhile (`orch cancel` between our read and this write)
+            self.registry.transition(run.id, (run.state,), **values)
+
+    def log_path(self, run: Run) -> Path:
+        return log_file(run) or Path(run.run_dir) / "slurm" / f"{run.slurm_job_id}_0_log.out"

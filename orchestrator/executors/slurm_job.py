@@ -10,7 +10,7 @@ Two pieces, both in the job's batch script that submitit writes:
    `--dependency=afterok` on it still holds), like the local supervisor's retry loop:
 
    - exit 0: done (COMPLETED);
-   - logs/user_error.txt: a bad config or data; retrying won't help (FAILED);
+   - a user error (logs/user_error.txt, exit 2): a bad config or data; retrying won't help (FAILED);
    - the trainer stopped on SIGUSR2/SIGTERM after saving a checkpoint (exit 3, the time-limit warning):
      requeue, at most `resources.max_requeues` times;
    - anything else (a task killed by SIGKILL, a crash): requeue, at most `resources.max_retries` times.
@@ -31,8 +31,7 @@ from pathlib import Path
 
 from submitit.helpers import Checkpointable
 
-EXIT_REQUEUE = 3  # training.trainer.EXIT_REQUEUE: stopped by a signal after saving a checkpoint
-USER_ERROR = "user_error.txt"  # training.main.USER_ERROR, in run_dir/logs/
+from jobspec.contract import EXIT_REQUEUE, EXIT_USER_ERROR, RunFolder
 
 # Files under run_dir/slurm/ (beside submitit's own): our bookkeeping, JSON and text, never pickle.
 TRAINER_EXIT = "trainer_exit.txt"  # rank 0's exit code from training.main.run, read by after_srun
@@ -83,9 +82,9 @@ class TrainingJob(Checkpointable):
         os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("SLURM_CPUS_PER_TASK", "1"))
         from training.main import run
 
-        config = str(Path(self.run_dir) / "config.yaml")
+        config = str(RunFolder(self.run_dir).config)
         if job.global_rank == 0:  # left by an earlier attempt, perhaps since fixed (`orch resume`)
-            (Path(self.run_dir) / "logs" / USER_ERROR).unlink(missing_ok=True)
+            RunFolder(self.run_dir).user_error.unlink(missing_ok=True)
         code = run([config, "--run-dir", self.run_dir])
         if job.global_rank == 0:
             (Path(self.run_dir) / "slurm" / TRAINER_EXIT).write_text(f"{code}\n")
@@ -112,10 +111,12 @@ def after_srun(srun_code: int, run_dir: Path) -> int:
     trainer_exit_file.unlink(missing_ok=True)
     if srun_code == 0:
         return 0
-    if (run_dir / "logs" / USER_ERROR).is_file():
-        print(f"[orch] user error, not retrying: {(run_dir / 'logs' / USER_ERROR).read_text().strip()}", flush=True)
+    user_error = RunFolder(run_dir).user_error
+    if user_error.is_file() or trainer_code == EXIT_USER_ERROR:
+        why = user_error.read_text().strip() if user_error.is_file() else f"exit code {trainer_code}"
+        print(f"[orch] user error, not retrying: {why}", flush=True)
         return srun_code
-    resources = OmegaConf.load(run_dir / "config.yaml").resources
+    resources = OmegaConf.load(RunFolder(run_dir).config).resources
     restarts = read_restarts(run_dir)
     if trainer_code == EXIT_REQUEUE:
         kind, noun, limit = "requeues", "requeue", resources.max_requeues

@@ -1,9 +1,10 @@
 """The dashboard's facts, as plain dataclasses: no terminal needed, so tests and `--json` use them directly.
 
 One `Collector.collect()` is one refresh. It reads the run registry, the bytes appended to each run's
-metrics.jsonl since the previous refresh (MetricsTail), and asks Slurm two questions in total, never
-one per job (slurm_query). Runs that have ended are read once more after they end and then cached, so
-a registry of 1,000 old runs costs a dictionary lookup each.
+metrics.jsonl since the previous refresh (MetricsTail), what each executor observes of the unfinished runs
+(a dead local supervisor), and asks Slurm two questions in total, never one per job (slurm_query). Runs
+that have ended are read once more after they end and then cached, so a registry of 1,000 old runs costs
+a dictionary lookup each. Looking changes nothing: no registry write, no signal, no scancel.
 """
 
 from __future__ import annotations
@@ -12,11 +13,14 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import yaml
 
-from orchestrator.pipeline import check_pipelines
+from jobspec.contract import RunFolder, checkpoint_step
+from jobspec.pipeline_file import parents_first
+from orchestrator import executors
+from orchestrator.executors import Observation
 from orchestrator.registry import TERMINAL, Registry, Run
 from orchestrator.status import slurm_query
 from orchestrator.status.metrics_tail import MetricsTail
@@ -83,24 +87,13 @@ class Frame:
         return asdict(self)
 
 
-def _slurm_log_path() -> Optional[Callable[[Run], object]]:
-    """The slurm executor's own idea of where a run's log is, when it has one."""
-    try:
-        from orchestrator.executors import slurm
-    except Exception:  # not written yet, or broken: the train.log fallback still works
-        return None
-    for name in ("log_file", "log_path"):  # slurm.log_file(run): rank 0's submitit log, or None
-        if callable(getattr(slurm, name, None)):
-            return getattr(slurm, name)
-    return None
-
-
 def newest_checkpoint(run_dir: str) -> Optional[str]:
     try:
-        names = [e.name for e in os.scandir(Path(run_dir) / "checkpoints") if e.name.startswith("step_") and e.is_dir()]
+        names = [e.name for e in os.scandir(RunFolder(run_dir).checkpoints)
+                 if checkpoint_step(e.name) is not None and e.is_dir()]
     except OSError:
         return None
-    return max(names, key=lambda n: int(n.split("_")[1]) if n.split("_")[1].isdigit() else -1, default=None)
+    return max(names, key=checkpoint_step, default=None)
 
 
 def read_tail(path: Path, lines: int = LOG_LINES, max_bytes: int = 32 << 10) -> list[str]:
@@ -124,7 +117,6 @@ class Collector:
         self.metrics = MetricsTail()
         self._max_steps: dict[str, Optional[int]] = {}
         self._done: dict[str, tuple[tuple, JobRow]] = {}   # ended runs: (registry fields, their row)
-        self._log_path = _slurm_log_path()
 
     # ---------------------------------------------------------------- which runs
 
@@ -146,7 +138,7 @@ class Collector:
     def max_steps(self, run_dir: str) -> Optional[int]:
         if run_dir not in self._max_steps:  # the config never changes once written: read it once
             try:
-                with open(Path(run_dir) / "config.yaml") as f:
+                with open(RunFolder(run_dir).config) as f:
                     cfg = yaml.load(f, Loader=_Loader) or {}
                 # an eval job measures, it takes no steps: its row shows none
                 self._max_steps[run_dir] = None if cfg.get("kind") == "eval" else int(cfg["train"]["max_steps"])
@@ -154,25 +146,23 @@ class Collector:
                 self._max_steps[run_dir] = None
         return self._max_steps[run_dir]
 
-    def job_row(self, run: Run, slurm_job: Optional[slurm_query.JobFacts]) -> JobRow:
+    def job_row(self, run: Run, seen: Optional[Observation]) -> JobRow:
         state = run.state
-        if slurm_job is not None and run.state not in TERMINAL:
-            state = slurm_job.state
-        finished = state in TERMINAL or run.state in TERMINAL
+        if seen is not None and run.state not in TERMINAL:
+            state = seen.word or seen.state  # the backend's own word (REQUEUED, TIMEOUT) when it has one
+        finished = run.state in TERMINAL or (seen is not None and seen.state in TERMINAL)
         key = (run.state, state, run.attempts, run.slurm_job_id, run.ended_at, run.reason)
         cached = self._done.get(run.id)
         if cached and cached[0] == key:
             return cached[1]
-        nodes = slurm_job.nodes if slurm_job and slurm_job.nodes not in ("", "None assigned") else (
-            "local" if run.executor == "local" else "-")
-        slurm_reason = slurm_job.reason if slurm_job and slurm_job.reason not in ("None", "") else None
+        nodes = seen.where if seen is not None and seen.where else "-"
         row = JobRow(run_id=run.id, name=run.name, kind=run.kind, executor=run.executor, state=state,
                      registry_state=run.state, slurm_job_id=run.slurm_job_id, nodes=nodes, attempts=run.attempts,
                      pipeline_id=run.pipeline_id, stage=run.stage, depends_on=run.depends_on,
                      created_at=run.created_at, started_at=run.started_at, ended_at=run.ended_at,
-                     reason=run.reason or slurm_reason,
+                     reason=run.reason or (seen.reason if seen is not None else None),
                      run_dir=run.run_dir, max_steps=self.max_steps(run.run_dir), finished=finished)
-        m = self.metrics.read(os.path.join(run.run_dir, "metrics.jsonl"))
+        m = self.metrics.read(str(RunFolder(run.run_dir).metrics))
         train = m.last_train
         row.step = m.latest.get("step")
         row.loss = train.get("loss")
@@ -191,15 +181,13 @@ class Collector:
     # ---------------------------------------------------------------- the frame
 
     def collect(self) -> Frame:
-        # Cancel the dependents of a failed pipeline stage (Slurm would leave them PENDING forever) while
-        # someone watches: one registry query when no pipeline is active.
-        check_pipelines(self.registry)
         runs = self.runs()
         cluster = slurm_query.cluster_nodes() if self.use_slurm else slurm_query.this_machine(
             "absent", "Slurm not consulted: showing this machine")
-        live_slurm = [r.slurm_job_id for r in runs if r.slurm_job_id and r.state not in TERMINAL]
-        slurm_jobs = slurm_query.job_states(live_slurm) if self.use_slurm and cluster.slurm == "up" else {}
-        jobs = [self.job_row(r, slurm_jobs.get(r.slurm_job_id or "")) for r in runs]
+        # what each backend sees of the unfinished runs: a dead local supervisor, Slurm's word and nodes
+        live = [r for r in runs if not r.finished and (self.use_slurm and cluster.slurm == "up" or not r.slurm_job_id)]
+        seen = executors.observe_all(self.registry, live)
+        jobs = [self.job_row(r, seen.get(r.id)) for r in runs]
         jobs.sort(key=lambda j: (j.finished, j.state != "RUNNING", -(j.started_at or j.created_at)))
         return Frame(time=time.time(), target=self.target, cluster=cluster, jobs=jobs,
                      pipelines=pipelines_of(jobs), log=self.log_tail(runs, jobs))
@@ -211,14 +199,7 @@ class Collector:
         running = [j for j in jobs if j.state == "RUNNING"]
         pick = max(running or jobs, key=lambda j: j.ended_at or j.started_at or j.created_at)
         run = next(r for r in runs if r.id == pick.run_id)
-        path = Path(run.run_dir) / "logs" / "train.log"
-        if run.executor == "slurm" and self._log_path is not None:
-            try:
-                candidate = self._log_path(run)
-                if candidate is not None and Path(candidate).is_file():
-                    path = Path(candidate)
-            except Exception:  # a helper that can't answer for this run: train.log still may
-                pass
+        path = executors.executor_for(run.executor, self.registry).log_path(run)
         return LogTail(run_id=run.id, path=str(path), running=bool(running), lines=read_tail(path))
 
 
@@ -230,20 +211,8 @@ def pipelines_of(jobs: list[JobRow]) -> list[PipelineFacts]:
             groups.setdefault(job.pipeline_id, []).append(job)
     result = []
     for pid, members in groups.items():
-        by_id = {j.run_id: j for j in members}
-        ordered: list[JobRow] = []
-        seen: set[str] = set()
-
-        def visit(job: JobRow) -> None:
-            if job.run_id in seen:
-                return
-            seen.add(job.run_id)
-            if job.depends_on in by_id:
-                visit(by_id[job.depends_on])
-            ordered.append(job)
-
-        for job in sorted(members, key=lambda j: j.created_at):
-            visit(job)
+        ordered = parents_first(sorted(members, key=lambda j: j.created_at), key=lambda j: j.run_id,
+                                parent=lambda j: j.depends_on)
         result.append(PipelineFacts(pid, [{"run_id": j.run_id, "stage": j.stage or j.name, "depends_on": j.depends_on,
                                            "state": j.state, "step": j.step, "max_steps": j.max_steps,
                                            "reason": j.reason}

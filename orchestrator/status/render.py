@@ -21,7 +21,7 @@ from orchestrator.status.collect import Frame, JobRow
 
 BLOCKS = "▁▂▃▄▅▆▇█"
 STATE_STYLE = {"RUNNING": "bold green", "PENDING": "yellow", "COMPLETED": "cyan", "FAILED": "bold red",
-               "CANCELLED": "magenta", "TIMEOUT": "red", "PREEMPTED": "yellow", "REQUEUED": "yellow",
+               "CANCELLED": "magenta", "CANCELLING": "magenta", "LOST": "bold red", "TIMEOUT": "red", "PREEMPTED": "yellow", "REQUEUED": "yellow",
                "IDLE": "green", "MIXED": "yellow", "ALLOCATED": "bold yellow", "DOWN": "bold red"}
 
 

@@ -1,9 +1,7 @@
-"""The dashboard's two Slurm questions, asked once per refresh whatever the number of jobs.
+"""The dashboard's view of the cluster: one `scontrol show node -o` per refresh (every node on one line).
 
-`cluster_nodes()` runs one `scontrol show node -o` (every node on one line); `job_states(ids)` runs one
-`sacct` for every job id at once. sacct, not squeue, because it still knows a job after it has ended
-(squeue forgets it MinJobAge seconds later) and because it answers for running and pending jobs too.
-Neither raises: a missing or silent Slurm comes back as a sentence for the dashboard to show.
+The jobs' states are the Slurm executor's one `sacct` call for every job (executors/slurm.py, observe). Nothing
+here raises: a missing or silent Slurm comes back as a sentence for the dashboard to show.
 """
 
 from __future__ import annotations
@@ -12,7 +10,7 @@ import re
 import shutil
 import subprocess
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Optional
 
 TIMEOUT_S = 5.0
 _PAIR = re.compile(r"(\w+)=(\S*)")
@@ -107,28 +105,3 @@ def cluster_nodes() -> ClusterFacts:
     busy = sum(n.cpus_alloc for n in nodes)
     total = sum(n.cpus_total for n in nodes)
     return ClusterFacts(slurm="up", message=f"Slurm up: {len(nodes)} nodes, {busy}/{total} CPUs allocated", nodes=nodes)
-
-
-@dataclass
-class JobFacts:
-    state: str       # first word of sacct's State: "CANCELLED by 0" -> "CANCELLED"
-    nodes: str
-    reason: str
-
-
-def job_states(job_ids: Sequence[str]) -> dict[str, JobFacts]:
-    """One sacct call for every job id; {} when there are none or sacct can't answer."""
-    ids = sorted({j for j in job_ids if j})
-    if not ids or shutil.which("sacct") is None:
-        return {}
-    try:
-        proc = subprocess.run(["sacct", "-X", "-P", "-n", "-o", "JobIDRaw,State,NodeList,Reason",
-                               "-j", ",".join(ids)], capture_output=True, text=True, timeout=TIMEOUT_S)
-    except (OSError, subprocess.TimeoutExpired):
-        return {}
-    found = {}
-    for line in proc.stdout.splitlines():  # a requeued job has several lines: the last one is current
-        parts = line.split("|")
-        if len(parts) >= 4 and parts[1]:
-            found[parts[0]] = JobFacts(state=parts[1].split()[0], nodes=parts[2], reason=parts[3])
-    return found

@@ -38,7 +38,7 @@ BATCH_BYTES = 1 << 20  # documents per encode_batch call: ~1 MiB of text, split 
 
 def config_dict(cfg) -> dict:
     """A DataConfig (dataclass or OmegaConf node) as plain JSON-able values."""
-    from orchestrator.spec.schema import DataConfig
+    from jobspec.schema import DataConfig
 
     out = {}
     for f in dataclasses.fields(DataConfig):

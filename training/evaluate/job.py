@@ -21,9 +21,8 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from model.hf import is_hf_folder
-from training.evaluate.load import EvalError, is_chat_model, load_model, resolve_checkpoint
-from training.evaluate.tasks import Task, load_task
+from training.evaluate.tasks import EvalError, Task, load_task
+from training.run_folder import is_chat_model, is_hf_folder, load_model, resolve_checkpoint
 
 
 def _stages(cfg) -> list[tuple[str, str]]:

@@ -33,7 +33,10 @@ from typing import Any, Optional
 
 import yaml
 
-from training.evaluate.load import EvalError
+
+class EvalError(ValueError):
+    """A task file or eval setting we can't use; the message names the file, key and value."""
+
 
 REPO = Path(__file__).resolve().parents[2]
 OUTPUT_TYPES = ("multiple_choice", "generate_until")

@@ -15,7 +15,6 @@ the logits at position t predict, -100 where nothing is learned.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -25,7 +24,6 @@ from training.data.tokenizer import IM_END, IM_START, PAD_ID
 
 IGNORE = -100
 ROLES = ("system", "user", "assistant")
-TEMPLATE_FILE = "chat_template.jinja"  # beside tokenizer.json, where transformers looks for it
 
 # The same format as a Jinja template, for transformers' apply_chat_template on exported models.
 CHAT_TEMPLATE = (
@@ -42,18 +40,6 @@ def render_chat(messages: Sequence[dict], add_generation_prompt: bool = False) -
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     return env.from_string(CHAT_TEMPLATE).render(messages=list(messages), add_generation_prompt=add_generation_prompt)
-
-
-def save_chat_template(tokenizer_json) -> Path:
-    """Write chat_template.jinja beside tokenizer_json (atomically; the same bytes every time)."""
-    import os
-
-    dest = Path(tokenizer_json).parent / TEMPLATE_FILE
-    if not dest.is_file() or dest.read_text() != CHAT_TEMPLATE:
-        tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
-        tmp.write_text(CHAT_TEMPLATE)
-        os.replace(tmp, dest)
-    return dest
 
 
 def special_ids(tokenizer) -> tuple[int, int]:

@@ -19,8 +19,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from orchestrator.spec.schema import GRPO_LOSS_TYPES as LOSS_TYPES
-from orchestrator.spec.schema import GRPO_SCALE_REWARDS as SCALE_REWARDS
+from jobspec.schema import GRPO_LOSS_TYPES as LOSS_TYPES
+from jobspec.schema import GRPO_SCALE_REWARDS as SCALE_REWARDS
 
 IGNORE = -100  # the label of a token that carries no loss (prompt tokens, padding)
 

@@ -12,7 +12,7 @@ from training.data.tokenizer import PAD_ID, load_tokenizer
 from training.posttrain.chat import encode_examples
 from training.posttrain.examples import ExampleStream, data_files, eval_batches, pad_right
 from training.posttrain.jsonl import read_jsonl
-from training.posttrain.source import resolve_source
+from training.run_folder import starting_point
 
 KEYS = ("prompt", "chosen", "rejected")
 
@@ -22,7 +22,8 @@ class PreferenceData:
         section = cfg[section_name]
         self.dist = dist_info
         # The model's shape and tokenizer are the source's (checkpoint.init_from), not the job's model: section.
-        self.model_cfg, tokenizer_path = resolve_source(cfg.checkpoint.init_from, cfg.data.tokenizer)
+        self.model_cfg, tokenizer_path = starting_point(cfg.checkpoint.init_from, cfg.data.tokenizer)
+        self.tokenizer_file = tokenizer_path
         self.tokenizer = load_tokenizer(tokenizer_path)
         self.max_len = min(cfg.data.seq_len, self.model_cfg.max_seq_len)
         train, val = data_files(section, section_name, "pref", tokenizer_path, self.max_len, dist_info,

@@ -23,7 +23,7 @@ from training.classify.metrics import baselines, scores, write_report
 from training.data.tokenizer import EOS_ID, PAD_ID, load_tokenizer
 from training.metrics import say
 from training.posttrain.examples import ExampleStream, eval_batches, pad_right
-from training.posttrain.source import resolve_source
+from training.run_folder import starting_point
 
 LABELS_FILE = "labels.json"
 
@@ -35,7 +35,8 @@ class ClassifyTask:
         if dist_info.tp > 1:
             raise ValueError(f"parallel.tp={dist_info.tp}: the classification head is not tensor-parallel; "
                              "use parallel.tp=1 (data parallel) for classify jobs")
-        self.model_cfg, tokenizer_path = resolve_source(cfg.checkpoint.init_from, cfg.data.tokenizer)
+        self.model_cfg, tokenizer_path = starting_point(cfg.checkpoint.init_from, cfg.data.tokenizer)
+        self.tokenizer_file = tokenizer_path
         self.vocab_size = self.model_cfg.vocab_size
         self.tokenizer = load_tokenizer(tokenizer_path)
         self.max_len = min(cfg.data.seq_len, self.model_cfg.max_seq_len)
@@ -88,6 +89,9 @@ class ClassifyTask:
 
     def tokens_per_batch(self, batch) -> int:
         return batch["tokens"].numel()
+
+    def train_metrics(self) -> dict:
+        return {}
 
     @torch.no_grad()
     def evaluate(self, model) -> dict:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from model.gpt import GPT
 from model.lora import adapters_disabled
 from training.posttrain.losses import dpo_loss, sequence_logprobs
 from training.posttrain.metric_sums import MetricSums
@@ -19,6 +20,8 @@ from training.posttrain.pairs import PreferenceData
 
 
 class DPOTask:
+    model_class = GPT
+
     def __init__(self, cfg, dist_info):
         from training.trainer import build_model, load_weights, precision
 
@@ -28,6 +31,7 @@ class DPOTask:
             raise ValueError(f"dpo.beta={self.beta} must be positive (typical values 0.05 to 0.5)")
         self.data = PreferenceData(cfg, dist_info, "dpo")
         self.model_cfg = self.data.model_cfg  # the trainer builds the policy in the source's shape
+        self.tokenizer_file = self.data.tokenizer_file
         self.vocab_size = self.model_cfg.vocab_size
         self.reference = None  # with LoRA the reference is the policy with its adapters off: no second copy
         if not cfg.lora.enabled:
@@ -43,7 +47,7 @@ class DPOTask:
         """Sequence log-probs of the answers under the model and under the reference, [2B] each."""
         policy = sequence_logprobs(model(batch["tokens"]), batch["labels"])
         with torch.no_grad(), adapters_disabled(model):
-            reference = self.reference if self.reference is not None else model
+            reference = model if self.reference is None else self.reference
             reference = sequence_logprobs(reference(batch["tokens"]), batch["labels"])
         return policy, reference
 

@@ -30,6 +30,7 @@ from typing import Optional
 import torch
 
 from model.generate import generate
+from model.gpt import GPT
 from model.lora import adapters_disabled
 from training.data.tokenizer import PAD_ID, load_tokenizer
 from training.metrics import say
@@ -40,7 +41,7 @@ from training.posttrain.losses import (IGNORE, frac_reward_zero_std, group_advan
                                        sampled_logprobs)
 from training.posttrain.metric_sums import MetricSums
 from training.posttrain.rewards import defines_function, load_reward_fn, python_parses
-from training.posttrain.source import resolve_source
+from training.run_folder import starting_point
 
 KEYS = ("prompt", "signature")
 COLLAPSE_DISTINCT = 0.5  # under half the completions of a group distinct: the policy says one thing
@@ -58,6 +59,10 @@ def collapse_stats(texts: list[str], group_size: int, references: list[Optional[
 
 
 class GRPOTask:
+    model_class = GPT
+
+    model_class = GPT
+
     def __init__(self, cfg, dist_info):
         from training.trainer import build_model, load_weights, precision
 
@@ -68,8 +73,9 @@ class GRPOTask:
             raise ValueError(f"grpo.max_new_tokens={g.max_new_tokens} must be >= 1 and grpo.temperature="
                              f"{g.temperature} > 0 (sampling is what explores)")
         self.cfg, self.dist = cfg, dist_info
-        self.model_cfg, tokenizer_path = resolve_source(cfg.checkpoint.init_from, cfg.data.tokenizer)
+        self.model_cfg, tokenizer_path = starting_point(cfg.checkpoint.init_from, cfg.data.tokenizer)
         self.vocab_size = self.model_cfg.vocab_size
+        self.tokenizer_file = tokenizer_path
         self.tokenizer = load_tokenizer(tokenizer_path)
         self.stop_id = end_of_turn_id(self.tokenizer)
         self.max_len = min(cfg.data.seq_len, self.model_cfg.max_seq_len)
@@ -88,9 +94,9 @@ class GRPOTask:
             if dist_info.tp > 1:
                 raise ValueError(f"grpo.reward={g.reward!r} is a reward model, whose head is not tensor-parallel: "
                                  f"use parallel.tp=1 with it (parallel.tp is {dist_info.tp})")
-            from training.tasks.rm import RewardModel
+            from model.reward import RewardModel
 
-            rm_cfg, _ = resolve_source(g.reward, key="grpo.reward")
+            rm_cfg, _ = starting_point(g.reward, key="grpo.reward")
             self.reward_model = build_model(rm_cfg, cfg, dist_info, param_dtype, trainable=False,
                                             model_class=RewardModel)
             load_weights(self.reward_model, g.reward, dist_info.is_main)

@@ -9,13 +9,17 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from model.gpt import GPT
 from training.data.loader import TokenLoader, iter_val_batches
 from training.data.prepare import ensure_data
 from training.data.tokenizer import load_tokenizer, token_byte_lengths
 
 
 class PretrainTask:
-    """What the trainer asks of a task: batches, a loss, an evaluation, and resumable data state."""
+    """The smallest Task (training/tasks/base.py): batches, a loss, an evaluation, and resumable data state."""
+
+    model_cfg = None  # the job's model: section, sized to the tokenizer
+    model_class = GPT
 
     def __init__(self, cfg, dist_info):
         self.cfg, self.dist = cfg, dist_info
@@ -25,7 +29,8 @@ class PretrainTask:
         dist_info.barrier()
         if not dist_info.is_main:
             self.meta = ensure_data(cfg.data, progress=False)  # prepared by rank 0: only reads meta.json
-        self.tokenizer = load_tokenizer(str(data_dir / "tokenizer.json"))
+        self.tokenizer_file = data_dir / "tokenizer.json"
+        self.tokenizer = load_tokenizer(str(self.tokenizer_file))
         self.vocab_size = self.tokenizer.get_vocab_size()
         self.byte_lengths = torch.tensor(token_byte_lengths(self.tokenizer), dtype=torch.float64)
         # Tensor-parallel peers must see the same batch: streaming's replication gives
@@ -47,6 +52,9 @@ class PretrainTask:
 
     def tokens_per_batch(self, batch) -> int:
         return batch[1].numel()
+
+    def train_metrics(self) -> dict:
+        return {}
 
     @torch.no_grad()
     def evaluate(self, model) -> dict:

@@ -10,32 +10,11 @@ Evaluation: held-out pairwise accuracy, the share of pairs whose chosen answer s
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from model.gpt import GPT, _fill
+from model.reward import RewardModel
 from training.posttrain.losses import bradley_terry_loss
 from training.posttrain.metric_sums import MetricSums
 from training.posttrain.pairs import PreferenceData
-
-
-class RewardModel(GPT):
-    # Absent from a language model's checkpoint: kept at their init when loading one (training/checkpoint.py).
-    fresh_keys = ("value_head.weight",)
-
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        self.value_head = nn.Linear(cfg.d_model, 1, bias=False)
-
-    @torch.no_grad()
-    def init_weights(self, seed=None) -> None:
-        super().init_weights(seed)
-        _fill(self.value_head.weight, torch.zeros(self.value_head.weight.shape))
-
-    def forward(self, tokens: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-        """tokens [batch, seq], last [batch] (index of each row's last real token) -> rewards [batch], float32.
-        (The forward, not a separate method, so that FSDP gathers the parameters as for any forward.)"""
-        h = self.hidden(tokens)
-        return self.value_head(h[torch.arange(h.shape[0], device=h.device), last]).squeeze(-1).float()
 
 
 class RewardModelTask:
@@ -48,6 +27,7 @@ class RewardModelTask:
         self.cfg, self.dist = cfg, dist_info
         self.data = PreferenceData(cfg, dist_info, "rm")
         self.model_cfg = self.data.model_cfg
+        self.tokenizer_file = self.data.tokenizer_file
         self.vocab_size = self.model_cfg.vocab_size
         self.metrics = MetricSums()
 

@@ -19,28 +19,27 @@ import torch.nn.functional as F
 
 from training.data.tokenizer import PAD_ID, load_tokenizer
 from training.metrics import say
-from training.posttrain.chat import IGNORE, collate, document_mask, encode_examples, pack, save_chat_template, to_messages
+from model.gpt import GPT
+from training.posttrain.chat import IGNORE, collate, document_mask, encode_examples, pack, to_messages
 from training.posttrain.examples import data_files
 from training.posttrain.jsonl import read_jsonl
-from training.posttrain.source import resolve_source
+from training.run_folder import starting_point
 
 
 class SFTTask:
+    model_class = GPT
+
     def __init__(self, cfg, dist_info):
         self.cfg, self.dist = cfg, dist_info
         # The model's shape and tokenizer are the source's (checkpoint.init_from), not the job's model: section.
-        self.model_cfg, tokenizer_path = resolve_source(cfg.checkpoint.init_from, cfg.data.tokenizer)
+        self.model_cfg, tokenizer_path = starting_point(cfg.checkpoint.init_from, cfg.data.tokenizer)
         self.vocab_size = self.model_cfg.vocab_size
+        self.tokenizer_file = tokenizer_path
         self.tokenizer = load_tokenizer(tokenizer_path)
         self.seq_len = cfg.data.seq_len
         if self.seq_len > self.model_cfg.max_seq_len:
             raise ValueError(f"key 'data.seq_len' has the value {self.seq_len}, but the model of checkpoint.init_from="
                              f"{cfg.checkpoint.init_from!r} was built for at most {self.model_cfg.max_seq_len} tokens")
-        if dist_info.is_main:
-            try:  # so that `orch export --hf` of this run ships the chat format with the tokenizer
-                save_chat_template(tokenizer_path)
-            except OSError:
-                pass  # a read-only source folder: the export still writes its own copy
         self.packing = cfg.sft.packing
         self.batch_size = cfg.train.micro_batch_size
         train_path, val_path = data_files(cfg.sft, "sft", "sft", tokenizer_path, self.seq_len, dist_info)
@@ -110,6 +109,9 @@ class SFTTask:
 
     def tokens_per_batch(self, batch) -> int:
         return batch["input_ids"].numel()
+
+    def train_metrics(self) -> dict:
+        return {}
 
     # ------------------------------------------------------------ evaluation
 

@@ -15,9 +15,9 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from orchestrator.spec.schema import GRPO_LOSS_TYPES as LOSS_TYPES
-from orchestrator.spec.schema import GRPO_SCALE_REWARDS as SCALE_REWARDS
-from orchestrator.spec.schema import KINDS
+from jobspec.schema import GRPO_LOSS_TYPES as LOSS_TYPES
+from jobspec.schema import GRPO_SCALE_REWARDS as SCALE_REWARDS
+from jobspec.schema import KINDS
 
 
 class SpecError(Exception):
@@ -39,12 +39,12 @@ def schema_keys(schema, prefix: str = "") -> list[str]:
     return keys
 
 
-def _did_you_mean(key: str, candidates: Iterable[str]) -> str:
+def did_you_mean(key: str, candidates: Iterable[str]) -> str:
     close = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.6)
     return f" Did you mean '{close[0]}'?" if close else ""
 
 
-def _read_yaml(path: str) -> dict:
+def read_yaml(path: str) -> dict:
     if not os.path.exists(path):
         raise SpecError(f"{path}: no such job file.")
     try:
@@ -91,7 +91,7 @@ def _check_known(key: str, value, source: str, valid_keys: list[str]) -> None:
     if not parent:
         siblings = sorted(set(siblings) | {s for s in sections if "." not in s})
     where = f"under '{parent}'" if parent else "at the top level"
-    raise SpecError(f"{source}: unknown key '{key}' (value {value!r}).{_did_you_mean(key, valid_keys)} "
+    raise SpecError(f"{source}: unknown key '{key}' (value {value!r}).{did_you_mean(key, valid_keys)} "
                     f"Valid keys {where}: {', '.join(siblings)}.")
 
 
@@ -105,13 +105,13 @@ def _explain(e: OmegaConfBaseException, source: str) -> SpecError:
 
 def load_spec(path: str, overrides: Sequence[str] = ()) -> DictConfig:
     """YAML file + overrides -> typed config (struct mode: unknown keys are errors)."""
-    raw = _read_yaml(path)
+    raw = read_yaml(path)
     kind = raw.get("kind", "pretrain")
     for ov in overrides:
         if ov.startswith("kind="):
             kind = ov.split("=", 1)[1]
     if kind not in KINDS:
-        raise SpecError(f"{path}: key 'kind' has the value {kind!r}, which is not a job kind.{_did_you_mean(kind, KINDS)} "
+        raise SpecError(f"{path}: key 'kind' has the value {kind!r}, which is not a job kind.{did_you_mean(kind, KINDS)} "
                         f"Known kinds: {', '.join(sorted(KINDS))}.")
     schema = KINDS[kind]
     valid_keys = schema_keys(schema)
@@ -235,3 +235,17 @@ def _check_classify(c: DictConfig, bad) -> None:
     for key in ("train_file", "val_file"):
         if c[key] and not os.path.isfile(c[key]):
             raise bad(f"classify.{key}", c[key], "but no such file exists")
+
+
+def save_config(cfg: DictConfig, path) -> None:
+    """Write a resolved config as YAML atomically: a reader sees the old file or the new one, never half of one
+    (a crash mid-write would otherwise leave an empty config that loads as the defaults)."""
+    from pathlib import Path
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(OmegaConf.to_yaml(cfg))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,6 +1,6 @@
 """Build the shipped task data from the demo corpus' held-out modules (json and email: never trained on).
 
-    python -m training.evaluate.make_tasks          # rewrites jobs/tasks/data/stdlib_*.jsonl
+    python scripts/make_eval_tasks.py          # rewrites jobs/tasks/data/stdlib_*.jsonl
 
 stdlib_continuation: a function's first lines, then four candidate next lines: the real one and three
 lines taken from other functions, re-indented like the real one so indentation gives nothing away.
@@ -14,11 +14,13 @@ from __future__ import annotations
 import ast
 import json
 import random
+import sys
 from pathlib import Path
 
-from training.data.corpus import demo_files
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+from training.data.corpus import demo_files  # noqa: E402
 
-OUT = Path(__file__).resolve().parents[2] / "jobs" / "tasks" / "data"
+OUT = Path(__file__).resolve().parents[1] / "jobs" / "tasks" / "data"
 
 
 def _functions(path: Path) -> list[list[str]]:

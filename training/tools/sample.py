@@ -40,7 +40,7 @@ def _sampling(args) -> dict:
 
 
 def _load(args):
-    from training.evaluate.load import load_model
+    from training.run_folder import load_model
 
     return load_model(args.source, args.device)
 
@@ -71,27 +71,14 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def chat_format():
-    """(encode(tokenizer, messages) -> ids, end-of-turn id or None): the post-training chat template
-    when training/posttrain/chat.py is there, else a plain "User: ... / Assistant:" transcript."""
-    try:
-        from training.posttrain.chat import encode_prompt, end_of_turn_id
-    except ImportError:
-        def encode_plain(tokenizer, messages):
-            text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant:"
-            return tokenizer.encode(text).ids
-
-        return encode_plain, lambda tokenizer: None
-    return encode_prompt, end_of_turn_id
-
-
 def cmd_chat(args) -> int:
     from model.generate import TextStream
     from training.data.tokenizer import EOS_ID
 
+    from training.posttrain.chat import encode_prompt, end_of_turn_id
+
     model, tokenizer = _load(args)
-    encode, end_of_turn = chat_format()
-    stops = [EOS_ID] + [t for t in [end_of_turn(tokenizer)] if t is not None]
+    stops = [EOS_ID, end_of_turn_id(tokenizer)]
     sampling = _sampling(args)
     messages: list[dict] = []
     print(f"chatting with {args.source} (empty line or Ctrl-D to quit)", file=sys.stderr)
@@ -103,10 +90,10 @@ def cmd_chat(args) -> int:
         if not said.strip():
             break
         messages.append({"role": "user", "content": said})
-        ids = encode(tokenizer, messages)
+        ids = encode_prompt(tokenizer, messages)
         while len(ids) >= model.cfg.max_seq_len and len(messages) > 1:  # forget the oldest turns first
             messages = messages[2:] if len(messages) > 2 else messages[1:]
-            ids = encode(tokenizer, messages)
+            ids = encode_prompt(tokenizer, messages)
         ids = ids[-(model.cfg.max_seq_len - 1):]
         sys.stdout.write("model> ")
         reply = _print_stream(TextStream(model, tokenizer, ids, args.max_new_tokens,

@@ -1,0 +1,101 @@
+"""The contract between the planes: what a run folder holds and what the trainer's exit codes mean.
+
+The control plane (orchestrator/) writes a run folder and launches the trainer on it; the data plane
+(training/) fills it and exits with one of the codes below; the control plane then reads both. This file
+is the one place where either side learns those names and numbers.
+
+    <runs_dir>/<run id>/
+        config.yaml          the resolved job config (written once, atomically, before the trainer starts)
+        model.json           the model's shape as trained (post-training takes its source's), by the trainer
+        tokenizer.json       the tokenizer the run trained with, copied in by the trainer
+        metrics.jsonl        one JSON object per logged step (loss, lr, validation, ...), by rank 0
+        summary.json         the final step, checkpoint and validation numbers, by rank 0 at the end
+        checkpoints/step_NNNNNNNN/   committed checkpoints (training/checkpoint.py)
+        logs/train.log       the trainer's output (local executor)
+        logs/user_error.txt  written when the trainer stops on a user error: executors must not retry
+        .lock                held (flock) by the trainer for its whole life: one trainer per run folder
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# Exit codes of `python -m training.main`.
+EXIT_OK = 0
+EXIT_USER_ERROR = 2  # a bad config, bad data, no valid checkpoint, a run folder in use: retrying won't help
+EXIT_REQUEUE = 3  # stopped by a signal (preemption, time limit, cancel) after saving a checkpoint: requeue
+
+CONFIG = "config.yaml"
+MODEL = "model.json"
+TOKENIZER = "tokenizer.json"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+CHECKPOINTS = "checkpoints"
+LOGS = "logs"
+TRAIN_LOG = "train.log"
+USER_ERROR = "user_error.txt"
+LOCK = ".lock"
+CHECKPOINT_PREFIX = "step_"
+
+
+class RunFolder:
+    """Paths inside one run folder. Pure path arithmetic: nothing is read or created."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
+
+    @property
+    def config(self) -> Path:
+        return self.path / CONFIG
+
+    @property
+    def model(self) -> Path:
+        return self.path / MODEL
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.path / TOKENIZER
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / METRICS
+
+    @property
+    def summary(self) -> Path:
+        return self.path / SUMMARY
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / CHECKPOINTS
+
+    @property
+    def logs(self) -> Path:
+        return self.path / LOGS
+
+    @property
+    def train_log(self) -> Path:
+        return self.logs / TRAIN_LOG
+
+    @property
+    def user_error(self) -> Path:
+        return self.logs / USER_ERROR
+
+    @property
+    def lock(self) -> Path:
+        return self.path / LOCK
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{step:08d}"
+
+
+def checkpoint_step(name: str) -> int | None:
+    """The step of a committed checkpoint folder's name (step_00000100 -> 100); None for any other name,
+    so that a user's `step_00000100.bak` is never taken for one of ours."""
+    digits = name[len(CHECKPOINT_PREFIX):]
+    if not name.startswith(CHECKPOINT_PREFIX) or len(digits) < 8 or not digits.isdigit():
+        return None
+    return int(digits)

@@ -1,0 +1,53 @@
+"""What every executor provides: how runs are started, stopped, observed and followed on one kind of backend.
+
+A backend is one file implementing this Protocol (local.py: this machine; slurm.py: a Slurm cluster) and one
+line in executors/__init__.py. Callers never branch on the backend's name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Protocol, Sequence
+
+from omegaconf import DictConfig
+
+from orchestrator.registry import Registry, Run
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What is true of a run right now, as the backend sees it (the registry may lag behind)."""
+
+    state: str  # PENDING | RUNNING | CANCELLING | COMPLETED | FAILED | CANCELLED | LOST
+    reason: Optional[str] = None
+    attempts: Optional[int] = None  # starts so far, when the backend counts them
+    word: Optional[str] = None  # the backend's own word for the state, when it has a finer one (REQUEUED, TIMEOUT)
+    where: Optional[str] = None  # where it runs: "local", a Slurm node list
+
+
+class Executor(Protocol):
+    name: str
+    registry: Registry
+
+    def submit(self, run: Run, cfg: DictConfig) -> str:
+        """Start a registered PENDING run; returns how to refer to it in messages ("slurm job 12")."""
+
+    def submit_pipeline(self, pipeline_id: str, runs: Sequence[Run], cfgs: dict[str, DictConfig]) -> None:
+        """Start a pipeline's registered stages (parents first in `runs`), each after its parent COMPLETED.
+        `cfgs` maps a stage's name to its config."""
+
+    def cancel(self, run: Run) -> None:
+        """Ask an unfinished run to stop (it saves a checkpoint first). Returns at once."""
+
+    def resume(self, run: Run) -> str:
+        """Start a finished run again on its folder: it continues from its newest checkpoint."""
+
+    def observe(self, runs: Sequence[Run]) -> dict[str, Observation]:
+        """The current state of each unfinished run, by id. Reads only: the registry is left as it is."""
+
+    def refresh(self, runs: Sequence[Run]) -> None:
+        """Record what `observe` sees in the registry. Called by the processes that own runs."""
+
+    def log_path(self, run: Run) -> Path:
+        """The log `orch logs` shows: the trainer's, or rank 0's."""

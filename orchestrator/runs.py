@@ -1,0 +1,38 @@
+"""Registering a run: its id, its folder with config.yaml, and its registry row (state PENDING).
+
+`orch submit` registers one run, a pipeline one per stage; an executor then starts them.
+"""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import DictConfig
+
+from jobspec.contract import RunFolder
+from jobspec.loading import save_config
+from orchestrator.registry import Registry, Run, now
+
+
+def new_run_id(name: str) -> str:
+    return f"{name}-{secrets.token_hex(3)}"
+
+
+def run_folder(cfg: DictConfig, run_id: str) -> Path:
+    return (Path(cfg.runs_dir) / run_id).resolve()
+
+
+def register_run(registry: Registry, cfg: DictConfig, executor: str, run_id: Optional[str] = None, *,
+                 pipeline_id: Optional[str] = None, stage: Optional[str] = None,
+                 depends_on: Optional[str] = None) -> Run:
+    """Create the run folder (it must not exist), write its config.yaml, add the PENDING row."""
+    run_id = run_id or new_run_id(cfg.name)
+    folder = RunFolder(run_folder(cfg, run_id))
+    folder.path.mkdir(parents=True)
+    save_config(cfg, folder.config)
+    run = Run(id=run_id, name=cfg.name, kind=cfg.kind, executor=executor, state="PENDING", run_dir=str(folder.path),
+              created_at=now(), pipeline_id=pipeline_id, stage=stage, depends_on=depends_on)
+    registry.add(run)
+    return run

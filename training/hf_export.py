@@ -1,0 +1,163 @@
+"""Hugging Face Llama folders: export a run's checkpoint as one (training/hf_import.py reads them).
+
+    export_hf(run_or_checkpoint, out_dir)  -> a folder `LlamaForCausalLM.from_pretrained` reads
+
+The tensor names and config.json are model/state_dict_adapter.py's; what a run folder holds is
+training/run_folder.py's. Nothing here needs `transformers`, and nothing unpickles: weights are read and
+written as safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from jobspec.contract import checkpoint_step
+from model.state_dict_adapter import DTYPE_NAMES, WEIGHTS, HFError, check_shapes, hf_config, to_hf_name
+from training import run_folder
+from training.run_folder import read_checkpoint_model
+
+EXPORT_MARKER = "orch_export.json"  # written into every export: marks a folder export_hf may replace
+
+
+# ---------------------------------------------------------------- export
+
+def _tokenizer_files(tokenizer_json: Path, max_len: int) -> tuple[dict, dict, dict[str, dict]]:
+    """(special token ids, tokenizer_config.json, other JSON files) for our byte-level BPE."""
+    from tokenizers import Tokenizer
+
+    from training.data.tokenizer import EOS, IM_END, IM_START, PAD
+
+    try:
+        tok = Tokenizer.from_file(str(tokenizer_json))
+    except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception on bad JSON
+        raise HFError(f"{tokenizer_json} is not a Hugging Face tokenizer.json ({e})") from None
+    eos = tok.token_to_id(EOS)
+    if eos is None:
+        raise HFError(f"{tokenizer_json} has no {EOS} token, which our models use as BOS and EOS")
+    pad = tok.token_to_id(PAD)
+    extra = [t for t in (IM_START, IM_END) if tok.token_to_id(t) is not None]
+    special = {"bos_token": EOS, "eos_token": EOS, **({"pad_token": PAD} if pad is not None else {}),
+               "additional_special_tokens": extra}
+    tokenizer_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **special,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "model_max_length": max_len,
+        "clean_up_tokenization_spaces": False,
+        # As in training (encode_special_tokens): "<|endoftext|>" inside text is ordinary characters.
+        "split_special_tokens": True,
+    }
+    ids = {"bos": eos, "eos": eos, "pad": pad, "end_of_turn": tok.token_to_id(IM_END)}
+    return ids, tokenizer_config, {"special_tokens_map.json": special}
+
+
+def _chat_template(tokenizer_json: Path, run_kind: str) -> Optional[str]:
+    """The chat template to ship: chat_template.jinja beside the tokenizer (SFT writes it there), else
+    the built-in one for a post-trained run; None for a pretrained model, which has no chat format."""
+    beside = tokenizer_json.parent / "chat_template.jinja"
+    if beside.is_file():
+        return beside.read_text()
+    if run_kind != "pretrain":
+        from training.posttrain.chat import CHAT_TEMPLATE
+
+        return CHAT_TEMPLATE
+    return None
+
+
+def _is_previous_export(folder: Path) -> bool:
+    return (folder / EXPORT_MARKER).is_file()
+
+
+def export_hf(source: str | Path, out_dir: str | Path, *, tokenizer: str | Path | None = None,
+              dtype: torch.dtype = torch.float32) -> Path:
+    """Write a run's newest valid checkpoint (or the given checkpoint folder) as a Hugging Face
+    LlamaForCausalLM folder. Written beside out_dir and renamed into place; replaces only an empty
+    folder or an earlier export. Returns out_dir."""
+    from safetensors.torch import save_file
+
+    if dtype not in DTYPE_NAMES:
+        raise HFError(f"dtype {dtype} can't be exported; use one of {list(DTYPE_NAMES)}")
+    out = Path(out_dir).resolve()
+    if out.exists() and not out.is_dir():
+        raise HFError(f"out_dir {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not _is_previous_export(out):
+        raise HFError(f"out_dir {out} is not empty and is not an earlier export (no {EXPORT_MARKER}): "
+                      "refusing to overwrite it; choose another folder or empty it")
+
+    run_dir, ckpt_dir = run_folder.resolve_checkpoint(source)
+    run_kind = run_folder.run_config(run_dir).get("kind", "pretrain")
+    state = read_checkpoint_model(ckpt_dir)
+    if "tok_embeddings.weight" not in state:
+        raise HFError(f"{ckpt_dir / 'model'} has no tok_embeddings.weight: not a GPT checkpoint")
+    cfg = run_folder.model_config(ckpt_dir)
+    real_vocab = state["tok_embeddings.weight"].shape[0]
+    if cfg.vocab_size != real_vocab:
+        raise HFError(f"{run_dir}: the run's model has vocab_size {cfg.vocab_size} but the checkpoint's embedding "
+                      f"has {real_vocab} rows")
+    head = state.pop("score.weight", None)  # a classify run: LlamaForSequenceClassification's head
+    check_shapes(cfg, state, ckpt_dir / "model")
+
+    tok_path = Path(tokenizer) if tokenizer is not None else run_folder.tokenizer_file(ckpt_dir)
+    if tok_path.is_dir():
+        tok_path = tok_path / "tokenizer.json"
+    ids, tokenizer_config, token_files = _tokenizer_files(tok_path, cfg.max_seq_len)
+    chat_template = _chat_template(tok_path, run_kind)
+    if chat_template is not None:
+        # The template spells <|im_start|> / <|im_end|> as text: they must encode as their special ids.
+        # (A user's text that contains them then does too: a rare case, unlike every chat turn.)
+        tokenizer_config["split_special_tokens"] = False
+
+    tensors = {to_hf_name(k): v.to(dtype).contiguous() for k, v in state.items()}
+    config = hf_config(cfg, dtype, ids["bos"], ids["eos"], ids["pad"])
+    if head is not None:
+        from training.classify.export import classifier_config
+
+        tensors["score.weight"] = head.to(dtype).contiguous()
+        config.update(classifier_config(run_dir, head.shape[0]))
+    step = checkpoint_step(ckpt_dir.name)
+    generation = {"bos_token_id": ids["bos"], "eos_token_id": ids["eos"], "pad_token_id": ids["pad"],
+                  "max_length": cfg.max_seq_len}
+    if chat_template is not None and ids.get("end_of_turn") is not None:  # a chat reply ends at <|im_end|>
+        generation["eos_token_id"] = [ids["eos"], ids["end_of_turn"]]
+    files = {
+        "config.json": config,
+        "generation_config.json": generation,
+        "tokenizer_config.json": tokenizer_config,
+        **token_files,
+        EXPORT_MARKER: {"source": str(ckpt_dir), "step": step, "model": asdict(cfg)},
+    }
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)  # ours: left by an earlier crash of a process with this pid
+    tmp.mkdir()
+    try:
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        shutil.copyfile(tok_path, tmp / "tokenizer.json")
+        if chat_template is not None:  # where transformers >= 4.47 reads a tokenizer's chat template
+            (tmp / "chat_template.jinja").write_text(chat_template)
+        for name, obj in files.items():
+            (tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
+        if out.is_dir() and any(out.iterdir()):  # an earlier export: swap it out, then drop it
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+            try:
+                os.replace(tmp, out)
+            except OSError:
+                os.replace(old, out)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)  # also replaces an empty folder
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
