@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from model.config import GPTConfig
-from model.gpt import GPT, _fill
+from model.gpt import GPT, fill_param as _fill
 
 
 class GPTClassifier(GPT):

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.gpt import _fill
+from model.gpt import fill_param as _fill
 
 
 class LoRALinear(nn.Linear):

@@ -23,12 +23,15 @@ from training import checkpoint as ckpt
 BASE_KEY = "lora_base"
 
 
+def _is_hf(folder: Path) -> bool:
+    # training/run_folder.is_hf_folder's test, not imported: run_folder reads LoRA checkpoints through this module
+    return (Path(folder) / "config.json").is_file()
+
+
 def _digest(folder: Path) -> str:
     """Our checkpoint: its manifest's xxh64 (the manifest hashes every file). A Hugging Face folder:
     the xxh64 of its config and weight files' own hashes."""
-    from training.run_folder import is_hf_folder
-
-    if is_hf_folder(folder):
+    if _is_hf(folder):
         names = ["config.json", *sorted(p.name for p in folder.glob("*.safetensors"))]
         return xxhash.xxh64("".join(ckpt._file_hashes([folder / n for n in names])).encode()).hexdigest()
     return ckpt._file_hash(folder / ckpt.MANIFEST)
@@ -37,10 +40,8 @@ def _digest(folder: Path) -> str:
 def source_checkpoint(init_from: str | Path) -> Path:
     """The folder checkpoint.init_from's weights come from: a Hugging Face folder, a checkpoint folder,
     or a run folder's newest valid checkpoint."""
-    from training.run_folder import is_hf_folder
-
     src = Path(init_from)
-    if is_hf_folder(src) or not (src / "checkpoints").is_dir():
+    if _is_hf(src) or not (src / "checkpoints").is_dir():
         return src.resolve()
     found = ckpt.find_resumable(src)
     if found is None:
@@ -75,18 +76,18 @@ def base_of(ckpt_dir: str | Path) -> Optional[dict]:
     return json.loads(state.read_text()).get(BASE_KEY)
 
 
-def with_base(ckpt_dir: str | Path, state: dict) -> dict:
+def with_base(ckpt_dir: str | Path, state: dict, read_checkpoint) -> dict:
     """A checkpoint's full model tensors: `state` as read from it, or for a LoRA checkpoint, its base's
-    tensors with each adapter merged (W + B @ A * alpha / rank) and modules_to_save replaced."""
+    tensors (read_checkpoint(base folder), which merges further bases) with each adapter merged
+    (W + B @ A * alpha / rank) and modules_to_save replaced."""
     record = base_of(ckpt_dir)
     if record is None:
         return state
-    from training.hf_import import load_hf_state_dict
-    from training.run_folder import is_hf_folder, read_checkpoint_model
     from model.lora import merged_weight
+    from training.hf_import import load_hf_state_dict
 
     base_dir = verify_base(record, Path(ckpt_dir))
-    full = load_hf_state_dict(base_dir)[1] if is_hf_folder(base_dir) else read_checkpoint_model(base_dir)
+    full = load_hf_state_dict(base_dir)[1] if _is_hf(base_dir) else read_checkpoint(base_dir)
     scaling = record["alpha"] / record["rank"]
     for key, value in state.items():
         if ".lora_A." in key:

@@ -205,7 +205,7 @@ def read_checkpoint_model(ckpt_dir: str | Path, merge_lora: bool = True) -> dict
         dcp.load(state, storage_reader=HuggingFaceStorageReader(folder))
     from training.lora_checkpoint import with_base  # a LoRA checkpoint holds only its adapters
 
-    return with_base(ckpt_dir, state) if merge_lora else state
+    return with_base(ckpt_dir, state, read_checkpoint_model) if merge_lora else state
 
 
 def load_model(source: str | Path, device: str | torch.device = "cpu", tokenizer: Optional[str | Path] = None):
