@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from jobspec.checks import SpecError, check_launch, check_plain_values, check_values
-from jobspec.schema import KINDS
+from jobspec.kinds import KINDS
 
 
 def schema_keys(schema, prefix: str = "") -> list[str]:

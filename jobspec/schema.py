@@ -7,7 +7,7 @@ Every key a user can write in a job YAML is a field below, with its default.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import List, Optional
 
 from model.config import GPTConfig
 
@@ -126,10 +126,25 @@ class SFTConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """Low-rank adapters (model/lora.py): the base model is frozen and only the adapters (and
+    modules_to_save) train; checkpoints hold those plus a reference to the base checkpoint."""
+
+    enabled: bool = False
+    rank: int = 16
+    alpha: float = 32.0  # the update is scaled by alpha / rank
+    dropout: float = 0.0  # on the adapters' input
+    # our projection names (or longer suffixes such as layers.3.attention.wq); the default is every one
+    target_modules: List[str] = field(default_factory=lambda: ["wq", "wk", "wv", "wo", "w1", "w2", "w3"])
+    modules_to_save: List[str] = field(default_factory=list)  # whole modules trained and saved too, e.g. [norm]
+
+
+@dataclass
 class SFTJobSpec(JobSpec):
     kind: str = "sft"
     name: str = "sft"
     sft: SFTConfig = field(default_factory=SFTConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 @dataclass
@@ -147,6 +162,10 @@ class DPOConfig(PreferenceConfig):
     beta: float = 0.1  # strength of the pull towards the reference model (higher = stay closer)
 
 
+GRPO_LOSS_TYPES = ("grpo", "dr_grpo", "dapo")  # training/posttrain/losses.py: grpo_policy_loss
+GRPO_SCALE_REWARDS = ("group", "batch", "none")  # training/posttrain/losses.py: group_advantages
+
+
 @dataclass
 class GRPOConfig:
     """Group-relative policy optimization over prompts: JSON lines of {"prompt", "signature"}."""
@@ -158,12 +177,30 @@ class GRPOConfig:
     max_new_tokens: int = 64
     temperature: float = 1.0
     top_k: Optional[int] = None
-    clip_eps: float = 0.2  # PPO-style ratio clip
-    kl_coef: float = 0.04  # weight of the k3 KL penalty to the frozen reference (the starting model)
+    clip_eps: float = 0.2  # PPO-style ratio clip: ratio kept within [1 - clip_eps, 1 + epsilon_high] (TRL: epsilon)
+    epsilon_high: Optional[float] = None  # the upper clip; None = clip_eps. DAPO recommends 0.28 (clip-higher)
+    kl_coef: float = 0.04  # weight of the k3 KL penalty to the frozen reference (TRL: beta, default 0.0)
+    num_iterations: int = 1  # policy updates per sampled batch (TRL's num_iterations, mu in DeepSeekMath)
+    loss_type: str = "dapo"  # grpo | dr_grpo | dapo: how token losses are averaged (training/posttrain/losses.py)
+    scale_rewards: str = "group"  # group | batch | none: what the centred rewards are divided by
+    mask_truncated_completions: bool = False  # completions cut at max_new_tokens carry no loss (DAPO)
     # `module:function` called as fn(completion_text, record) -> float, or a trained `rm` run folder
     reward: str = "training.posttrain.rewards:python_parses"
     val_prompts: int = 64  # held-out prompts evaluated (0 = all)
     val_temperature: float = 0.0  # 0 = greedy completions at evaluation
+
+
+@dataclass
+class ClassifyConfig:
+    """Sequence classification: JSON lines of {"text", "label"} (labels are strings)."""
+
+    train_file: Optional[str] = None  # None = the demo task (which stdlib package a function comes from)
+    val_file: Optional[str] = None
+    demo_dir: str = "data/classify"  # where the demo files are written when no files are given
+    train_last_blocks: Optional[int] = None  # None = every block trains; N = only the last N (+ final norm, head)
+    class_weights: str = "none"  # none | balanced (each class weighs n / (classes * its count) in the loss)
+    baselines: bool = True  # also fit the majority class and TF-IDF + logistic regression, for comparison
+    val_max: int = 0  # held-out examples evaluated (0 = all)
 
 
 @dataclass
@@ -178,6 +215,7 @@ class DPOJobSpec(JobSpec):
     kind: str = "dpo"
     name: str = "dpo"
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 @dataclass
@@ -185,6 +223,15 @@ class GRPOJobSpec(JobSpec):
     kind: str = "grpo"
     name: str = "grpo"
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+
+
+@dataclass
+class ClassifyJobSpec(JobSpec):
+    kind: str = "classify"
+    name: str = "classify"
+    classify: ClassifyConfig = field(default_factory=ClassifyConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 @dataclass
@@ -210,150 +257,3 @@ class EvalJobSpec(JobSpec):
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-# ------------------------------------------------------------------ data curation (training/data/curate/, docs/data.md)
-
-@dataclass
-class ReadingConfig:
-    normalization: str = "NFC"  # Unicode normalization of every document: NFC, NFKC, NFD, NFKD or none
-    suffixes: List[str] = field(default_factory=lambda: [".py", ".txt", ".jsonl", ".parquet"])  # files read in folders
-
-
-@dataclass
-class ExactDedupConfig:
-    enabled: bool = True
-    normalize_whitespace: bool = True  # hash after stripping line ends and collapsing blank lines and runs of spaces
-
-
-@dataclass
-class NearDedupConfig:
-    enabled: bool = True
-    threshold: float = 0.8  # estimated Jaccard similarity of n-gram sets at or above which documents are near copies
-    num_perm: int = 128  # MinHash permutations (signature length)
-    bands: int = 16  # LSH bands of num_perm / bands rows: the S-curve 1-(1-s^r)^b (docs/data.md)
-    ngram: int = 5  # shingle length, in units
-    unit: str = "word"  # word: runs of letters/digits/_ (lowercased); token: also each punctuation character
-    seed: int = 1
-
-
-@dataclass
-class GopherQualityConfig:
-    """Rae et al. 2021 (Gopher), appendix A: prose heuristics. They reject nearly all code (docs/data.md)."""
-
-    enabled: bool = False
-    min_words: int = 50
-    max_words: int = 100_000
-    min_mean_word_length: float = 3.0
-    max_mean_word_length: float = 10.0
-    max_symbol_word_ratio: float = 0.1  # '#' and '...' per word
-    max_bullet_lines_ratio: float = 0.9
-    max_ellipsis_lines_ratio: float = 0.3
-    min_alpha_words_ratio: float = 0.8  # words with at least one letter
-    min_stop_words: int = 2  # of: the, be, to, of, and, that, have, with
-
-
-@dataclass
-class GopherRepetitionConfig:
-    """Gopher's repetition removal: duplicated lines, paragraphs and n-grams."""
-
-    enabled: bool = False
-    max_dup_line_fraction: float = 0.3
-    max_dup_para_fraction: float = 0.3
-    max_dup_line_char_fraction: float = 0.2
-    max_dup_para_char_fraction: float = 0.2
-    top_ngram_char_fractions: List[float] = field(default_factory=lambda: [0.20, 0.18, 0.16])  # n = 2, 3, 4
-    dup_ngram_char_fractions: List[float] = field(default_factory=lambda: [0.15, 0.14, 0.13, 0.12, 0.11, 0.10])  # 5..10
-
-
-@dataclass
-class C4Config:
-    """Raffel et al. 2020 (C4): drop lines without terminal punctuation or with few words, then whole-page rules."""
-
-    enabled: bool = False
-    min_words_per_line: int = 3
-    min_sentences: int = 5
-    max_word_length: int = 1000
-    reject_lorem_ipsum: bool = True
-    reject_curly_bracket: bool = True
-    drop_javascript_lines: bool = True
-    drop_policy_lines: bool = True
-
-
-@dataclass
-class FineWebConfig:
-    """Penedo et al. 2024 (FineWeb): line-level statistics of a page."""
-
-    enabled: bool = False
-    min_line_punct_ratio: float = 0.12  # lines ending in terminal punctuation
-    max_short_line_ratio: float = 0.67  # lines shorter than short_line_chars
-    short_line_chars: int = 30
-    max_dup_line_char_ratio: float = 0.01  # characters in duplicated lines
-    max_newline_word_ratio: float = 0.3  # line breaks per word (lists)
-
-
-@dataclass
-class CodeFilterConfig:
-    """The Stack / StarCoder file filters (Kocetkov et al. 2022, Li et al. 2023)."""
-
-    enabled: bool = True
-    max_line_length: int = 1000
-    max_mean_line_length: float = 100.0
-    min_alnum_fraction: float = 0.25
-    autogenerated_lines: int = 5  # first lines searched for a marker; 0 = no auto-generated check
-    autogenerated_markers: List[str] = field(default_factory=lambda: [
-        "auto-generated", "autogenerated", "automatically generated", "generated automatically",
-        "this file is generated", "generated by", "generated from", "do not edit"])
-    max_data_fraction: float = 0.5  # share of characters in encoded data (base64, hex bytes, \\u escapes)
-    max_data_chars: int = 1024
-
-
-@dataclass
-class QualityFiltersConfig:
-    code: CodeFilterConfig = field(default_factory=CodeFilterConfig)
-    gopher_quality: GopherQualityConfig = field(default_factory=GopherQualityConfig)
-    gopher_repetition: GopherRepetitionConfig = field(default_factory=GopherRepetitionConfig)
-    c4: C4Config = field(default_factory=C4Config)
-    fineweb: FineWebConfig = field(default_factory=FineWebConfig)
-
-
-@dataclass
-class PIIConfig:
-    enabled: bool = True
-    emails: bool = True  # -> <EMAIL>
-    ip_addresses: bool = True  # public (global) IPv4/IPv6 addresses -> <IP_ADDRESS>; private, loopback, ... stay
-    secrets: bool = True  # API keys, tokens, private keys, high-entropy password assignments -> <KEY>
-
-
-@dataclass
-class DecontamConfig:
-    enabled: bool = True
-    ngram: int = 13  # words; a document sharing one such n-gram with the references is removed
-    tasks: List[str] = field(default_factory=lambda: ["jobs/tasks/stdlib_continuation.yaml",
-                                                      "jobs/tasks/python_functions.yaml",
-                                                      "jobs/tasks/stdlib_bodies.yaml"])
-    heldout: bool = True  # also the held-out (val) split of data.sources
-
-
-@dataclass
-class CurateConfig:
-    """The data job's steps, in order; each can be switched off. The held-out split passes through untouched."""
-
-    read: ReadingConfig = field(default_factory=ReadingConfig)
-    exact_dedup: ExactDedupConfig = field(default_factory=ExactDedupConfig)
-    near_dedup: NearDedupConfig = field(default_factory=NearDedupConfig)
-    filters: QualityFiltersConfig = field(default_factory=QualityFiltersConfig)
-    pii: PIIConfig = field(default_factory=PIIConfig)
-    decontamination: DecontamConfig = field(default_factory=DecontamConfig)
-    shards: int = 0  # input shards (tasks); 0 = about 4 per worker, at least one per 64 MiB
-    workers: int = 0  # local processes; 0 = every core this process may use
-    report_examples: int = 3  # removed documents shown per reason in report.md
-
-
-@dataclass
-class DataJobSpec(JobSpec):
-    kind: str = "data"
-    name: str = "data"
-    curate: CurateConfig = field(default_factory=CurateConfig)
-
-
-KINDS: dict[str, Any] = {"pretrain": JobSpec, "sft": SFTJobSpec, "rm": RMJobSpec, "dpo": DPOJobSpec, "grpo": GRPOJobSpec,
-                         "eval": EvalJobSpec, "data": DataJobSpec}

@@ -17,7 +17,7 @@ from conftest import REPO, env_for
 from test_slurm_cluster import slurm_cluster, wait_until  # noqa: F401  (the session fixture)
 
 from jobspec import load_spec
-from jobspec.schema import (C4Config, CodeFilterConfig, FineWebConfig, GopherQualityConfig,
+from jobspec.curate_schema import (C4Config, CodeFilterConfig, FineWebConfig, GopherQualityConfig,
                                       GopherRepetitionConfig, PIIConfig)
 from training.data.corpus import demo_files, is_val
 from training.data.curate import decontam, pii
