@@ -83,9 +83,13 @@ class ClassifyTask:
     def next_batch(self) -> dict:
         return self.encode(self.stream.next())
 
-    def loss(self, model, batch) -> torch.Tensor:
+    def loss(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-entropy summed over the rows, each weighted by its class (classify.class_weights), and the
+        sum of those weights: the trainer's mean over the step is then cross_entropy's weighted mean."""
         logits = model(batch["tokens"], batch["last"])
-        return F.cross_entropy(logits, batch["labels"], weight=self.weights)
+        total = F.cross_entropy(logits, batch["labels"], weight=self.weights, reduction="sum")
+        count = self.weights[batch["labels"]].sum() if self.weights is not None else batch["labels"].numel()
+        return total, count
 
     def tokens_per_batch(self, batch) -> int:
         return batch["tokens"].numel()
