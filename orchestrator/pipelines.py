@@ -109,7 +109,8 @@ def reconcile(registry: Registry, pipeline_id: Optional[str] = None) -> None:
             continue
         for name in {r.executor for r in live}:
             executors.executor_for(name, registry).refresh([r for r in runs if r.executor == name])
-        cancel_dependents(registry, runs)
+        # and tell each backend (Slurm may not have cancelled the job itself yet)
+        cancel_dependents(registry, runs, cancel_one=lambda r: executors.executor_for(r.executor, registry).cancel(r))
 
 
 def wait(registry: Registry, pipeline_id: str, *, stream: bool = True, timeout: Optional[float] = None,
