@@ -150,7 +150,7 @@ class Trainer:
         device = dist_info.device
         self.param_dtype, self.autocast = precision(cfg, dist_info)
         # Under tensor parallelism the loss is computed on logits sharded over the vocabulary, if the task can.
-        vocab_parallel = dist_info.tp > 1 and getattr(task, "vocab_parallel_loss", False)
+        vocab_parallel = dist_info.tp > 1 and task.vocab_parallel_loss
         self.loss_context = vocab_parallel_loss if vocab_parallel else nullcontext
 
         self.model_cfg = model_config(cfg, task)

@@ -21,6 +21,7 @@ from training.posttrain.pairs import PreferenceData
 
 class DPOTask:
     model_class = GPT
+    vocab_parallel_loss = False
 
     def __init__(self, cfg, dist_info):
         from training.trainer import build_model, load_weights, precision

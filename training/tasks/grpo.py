@@ -60,8 +60,7 @@ def collapse_stats(texts: list[str], group_size: int, references: list[Optional[
 
 class GRPOTask:
     model_class = GPT
-
-    model_class = GPT
+    vocab_parallel_loss = False
 
     def __init__(self, cfg, dist_info):
         from training.trainer import build_model, load_weights, precision

@@ -19,6 +19,7 @@ from training.posttrain.pairs import PreferenceData
 
 class RewardModelTask:
     model_class = RewardModel  # the trainer builds this instead of a plain GPT
+    vocab_parallel_loss = False
 
     def __init__(self, cfg, dist_info):
         # parallel.tp > 1 is refused when the job is loaded (jobspec/checks.py): the head is not tensor-parallel.
