@@ -30,6 +30,7 @@ LABELS_FILE = "labels.json"
 
 class ClassifyTask:
     vocab_parallel_loss = False
+
     def __init__(self, cfg, dist_info):
         c = self.c = cfg.classify
         self.cfg, self.dist = cfg, dist_info
