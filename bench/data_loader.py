@@ -38,7 +38,8 @@ def trainer_tokens_per_s(cfg, steps: int) -> float:
     from training.trainer import Trainer
 
     dist_info = init_distributed(cfg.parallel, cfg.train.device)
-    trainer = Trainer(cfg, dist_info, Path(tempfile.mkdtemp()), PretrainTask(cfg, dist_info))
+    run_dir = Path(tempfile.mkdtemp())
+    trainer = Trainer(cfg, dist_info, run_dir, PretrainTask(cfg, dist_info, run_dir))
     trainer.train_step()
     start = time.perf_counter()
     tokens = sum(trainer.train_step()[2] for _ in range(steps))

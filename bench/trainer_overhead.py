@@ -61,7 +61,7 @@ def main() -> None:
     cfg = load_spec(str(REPO / "jobs" / "pretrain.yaml"), ["train.log_every=1", *args.overrides])
     run_dir = Path(tempfile.mkdtemp(prefix="orch-bench-"))
     dist_info = init_distributed(cfg.parallel, cfg.train.device)
-    task = PretrainTask(cfg, dist_info)
+    task = PretrainTask(cfg, dist_info, run_dir)
     trainer = Trainer(cfg, dist_info, run_dir, task)
     batches = [task.next_batch() for _ in range(args.steps)]
     tokens = args.steps * batches[0][1].numel()

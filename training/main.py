@@ -87,9 +87,7 @@ def run(argv=None) -> int:
         record_config(cfg, args.config, folder, dist_info.is_main)
         if cfg.kind in RUNNERS:
             return _load(RUNNERS[cfg.kind])(cfg, dist_info, folder.path)
-        task = _load(TASKS[cfg.kind])(cfg, dist_info)
-        if hasattr(task, "attach_run_dir"):  # a task that writes files of its own there (classify: labels.json)
-            task.attach_run_dir(folder.path)
+        task = _load(TASKS[cfg.kind])(cfg, dist_info, folder.path)
         return Trainer(cfg, dist_info, folder.path, task, stop=stop).fit()
     except (SpecError, DataError, ckpt.CheckpointError, RunFolderBusy, ValueError) as e:
         # A user error: retrying won't help. torchrun turns every failure into exit code 1,

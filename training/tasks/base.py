@@ -15,6 +15,9 @@ from model.config import GPTConfig
 
 
 class Task(Protocol):
+    """Built as Task(cfg, dist_info, run_dir): the job's config, the process group, and the run folder, where a
+    task may write files of its own (classify: its label set and evaluation report)."""
+
     # The model's shape when the task starts from an existing model (post-training takes its source's),
     # else None: the trainer builds the job's `model:` section with `vocab_size` rows.
     model_cfg: Optional[GPTConfig]

@@ -31,7 +31,7 @@ LABELS_FILE = "labels.json"
 class ClassifyTask:
     vocab_parallel_loss = False
 
-    def __init__(self, cfg, dist_info):
+    def __init__(self, cfg, dist_info, run_dir: Path):
         c = self.c = cfg.classify
         self.cfg, self.dist = cfg, dist_info
         if dist_info.tp > 1:
@@ -63,13 +63,9 @@ class ClassifyTask:
             else {}
         for name, b in self.baselines.items():
             say(f"baseline {name}: held-out accuracy {b['accuracy']:.4f}, macro-F1 {b['macro_f1']:.4f}", True)
-        self.run_dir = None
-        self.evaluations = 0
-
-    def attach_run_dir(self, run_dir: Path) -> None:
-        """training/main.py hands over the run folder: the label set goes there (export reads it)."""
         self.run_dir = run_dir
-        if self.dist.is_main:
+        self.evaluations = 0
+        if dist_info.is_main:  # the label set, which export reads, and the baselines' figures
             (run_dir / LABELS_FILE).write_text(json.dumps(self.labels) + "\n")
             if self.baselines:
                 (run_dir / "baselines.json").write_text(json.dumps(self.baselines, indent=1) + "\n")
@@ -119,7 +115,7 @@ class ClassifyTask:
             confusion, nats = both[:-1].cpu().view(k, k), both[-1].cpu()
         result = {"val_loss": (nats / confusion.sum()).item(), **{f"val_{m}": v for m, v in scores(confusion).items()}}
         self.evaluations += 1
-        if self.dist.is_main and self.run_dir is not None:
+        if self.dist.is_main:
             write_report(self.run_dir, self.evaluations, self.labels, confusion, result, self.baselines)
         result.update({f"baseline_{n}_macro_f1": b["macro_f1"] for n, b in self.baselines.items()})
         return result

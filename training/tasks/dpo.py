@@ -10,6 +10,8 @@ reward beta * (log pi - log ref).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from model.gpt import GPT
@@ -23,7 +25,7 @@ class DPOTask:
     model_class = GPT
     vocab_parallel_loss = False
 
-    def __init__(self, cfg, dist_info):
+    def __init__(self, cfg, dist_info, run_dir: Path):
         from training.trainer import build_model, load_weights, precision
 
         self.cfg, self.dist = cfg, dist_info

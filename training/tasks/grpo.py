@@ -62,7 +62,7 @@ class GRPOTask:
     model_class = GPT
     vocab_parallel_loss = False
 
-    def __init__(self, cfg, dist_info):
+    def __init__(self, cfg, dist_info, run_dir: Path):
         from training.trainer import build_model, load_weights, precision
 
         g = self.g = cfg.grpo

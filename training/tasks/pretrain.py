@@ -23,7 +23,7 @@ class PretrainTask:
     model_class = GPT
     vocab_parallel_loss = True  # loss() takes logits sharded over the vocabulary under tensor parallelism
 
-    def __init__(self, cfg, dist_info):
+    def __init__(self, cfg, dist_info, run_dir: Path):
         self.cfg, self.dist = cfg, dist_info
         data_dir = Path(cfg.data.dir)
         if dist_info.is_main:

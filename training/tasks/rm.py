@@ -9,6 +9,8 @@ Evaluation: held-out pairwise accuracy, the share of pairs whose chosen answer s
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from model.reward import RewardModel
@@ -21,7 +23,7 @@ class RewardModelTask:
     model_class = RewardModel  # the trainer builds this instead of a plain GPT
     vocab_parallel_loss = False
 
-    def __init__(self, cfg, dist_info):
+    def __init__(self, cfg, dist_info, run_dir: Path):
         # parallel.tp > 1 is refused when the job is loaded (jobspec/checks.py): the head is not tensor-parallel.
         self.cfg, self.dist = cfg, dist_info
         self.data = PreferenceData(cfg, dist_info, "rm")

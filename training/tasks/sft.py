@@ -13,6 +13,8 @@ checkpoint, so a resumed run draws exactly the batches the uninterrupted one wou
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -32,7 +34,7 @@ class SFTTask:
     model_class = GPT
     vocab_parallel_loss = True  # loss() takes logits sharded over the vocabulary under tensor parallelism
 
-    def __init__(self, cfg, dist_info):
+    def __init__(self, cfg, dist_info, run_dir: Path):
         self.cfg, self.dist = cfg, dist_info
         # The model's shape and tokenizer are the source's (checkpoint.init_from), not the job's model: section.
         self.model_cfg, tokenizer_path = starting_point(cfg.checkpoint.init_from, cfg.data.tokenizer)
