@@ -15,6 +15,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Iterator, Optional
 
+from jobspec.faults import fault
+
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED")
 # PENDING -> RUNNING -> COMPLETED | FAILED, or -> CANCELLING (asked to stop, still saving) -> CANCELLED.
 UNFINISHED = ("PENDING", "RUNNING", "CANCELLING")
@@ -103,6 +105,8 @@ class Registry:
             db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             try:
                 yield db
+                if write:
+                    fault("registry.write")  # a writer killed here dies holding the write lock, mid-transaction
             except BaseException:
                 db.execute("ROLLBACK")
                 raise

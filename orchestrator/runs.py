@@ -12,6 +12,7 @@ from typing import Optional
 from omegaconf import DictConfig
 
 from jobspec.contract import RunFolder
+from jobspec.faults import fault
 from jobspec.loading import save_config
 from orchestrator.registry import Registry, Run, now
 
@@ -32,6 +33,7 @@ def register_run(registry: Registry, cfg: DictConfig, executor: str, run_id: Opt
     folder = RunFolder(run_folder(cfg, run_id))
     folder.path.mkdir(parents=True)
     save_config(cfg, folder.config)
+    fault("submit.run_folder")
     run = Run(id=run_id, name=cfg.name, kind=cfg.kind, executor=executor, state="PENDING", run_dir=str(folder.path),
               created_at=now(), pipeline_id=pipeline_id, stage=stage, depends_on=depends_on)
     registry.add(run)

@@ -24,6 +24,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from jobspec.contract import EXIT_REQUEUE, EXIT_USER_ERROR, RunFolder
+from jobspec.faults import fault
 from orchestrator.executors.local import CANCELLED_BY_USER
 from orchestrator.registry import Registry, Run, now
 
@@ -83,6 +84,7 @@ class Supervisor:
     def run_attempts(self) -> int:
         retries = requeues = 0
         code, note = 0, ""
+        fault("supervisor.started")
         for number in range(1, 2 + self.resources.max_retries + self.resources.max_requeues):
             if self.cancelled():
                 return self.finish("CANCELLED", code, CANCELLED_BY_USER)
@@ -90,6 +92,7 @@ class Supervisor:
                                             started_at=self.run.started_at or now()):
                 return self.finish("CANCELLED", code, CANCELLED_BY_USER)  # cancelled between the check and here
             code = self.attempt(number, note)
+            fault("supervisor.trainer_exited")
             if self.cancelled():
                 return self.finish("CANCELLED", code, CANCELLED_BY_USER)
             if code == 0:
