@@ -1,0 +1,132 @@
+"""What happens while a fault runs, seen from outside: the trainers' log lines as they appear (with the time
+they were first seen) and the process table (never two trainers on one run folder).
+
+A Watch polls every quarter of a second in a thread of the benchmark's process; it only reads.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from bench.chaos.workspace import Workspace
+
+EVENTS = {
+    "fault": re.compile(r"^\[orch fault\] (\S+)", re.MULTILINE),
+    "resumed": re.compile(r"resumed from \S+ at step (\d+)"),
+    "started": re.compile(r"^model: ([\d.]+)M parameters", re.MULTILINE),  # printed once resumed or initialized
+    "saved": re.compile(r"checkpoint saved: \S*step_(\d+)"),
+    "retry": re.compile(r"restarting after exit code|failed \(srun exit code \d+\): requeueing"),
+    "requeue": re.compile(r"requeued after a stop signal|stopped by a signal after saving a checkpoint: requeueing"),
+}
+
+
+@dataclass
+class Proc:
+    pid: int
+    cmdline: list[str]
+    env: dict
+
+    @property
+    def text(self) -> str:
+        return " ".join(self.cmdline)
+
+
+def _read(path: str) -> Optional[bytes]:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def processes_of(ws: Workspace) -> list[Proc]:
+    """Live (not zombie) processes that belong to this fault: started with its ORCH_HOME, or naming its folder."""
+    home, root = f"ORCH_HOME={ws.home}".encode(), str(ws.root).encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == _SELF:
+            continue
+        cmdline, stat = _read(f"/proc/{entry.name}/cmdline"), _read(f"/proc/{entry.name}/stat")
+        if not cmdline or not stat or stat[stat.rindex(b")") + 2:][:1] == b"Z":
+            continue
+        environ = _read(f"/proc/{entry.name}/environ") or b""
+        if home not in environ.split(b"\0") and root not in cmdline:
+            continue
+        env = dict(kv.split("=", 1) for kv in environ.decode(errors="replace").split("\0") if "=" in kv)
+        found.append(Proc(int(entry.name), cmdline.decode(errors="replace").split("\0")[:-1], env))
+    return found
+
+
+_SELF = __import__("os").getpid()
+
+
+def trainer_folder(proc: Proc) -> Optional[tuple[str, int]]:
+    """(run folder, rank) of a trainer process (torchrun's workers, a lone trainer, a Slurm task); else None."""
+    args = proc.cmdline
+    if "training.main" in args and "torch.distributed.run" not in proc.text and "--run-dir" in args:
+        return args[args.index("--run-dir") + 1], int(proc.env.get("RANK", "0"))
+    if any("submitit.core._submit" in a for a in args):
+        return str(Path(args[-1]).parent), int(proc.env.get("SLURM_PROCID", "0"))
+    return None
+
+
+@dataclass
+class Watch:
+    ws: Workspace
+    events: list = field(default_factory=list)  # (seconds since start, event, value, run id)
+    two_trainers: list = field(default_factory=list)  # (seconds, run folder, pids) each time it was seen
+
+    def __post_init__(self):
+        self.started = time.monotonic()
+        self._seen: dict[tuple, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="chaos-watch")
+
+    def __enter__(self) -> "Watch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.tick()  # the last lines
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.25):
+            self.tick()
+
+    def tick(self) -> None:
+        now = time.monotonic() - self.started
+        for run in self.ws.registry.list():
+            text = self.ws.log_text(run)
+            for name, pattern in EVENTS.items():
+                hits = pattern.findall(text)
+                for value in hits[self._seen.get((run.id, name), 0):]:
+                    self.events.append((now, name, value, run.id))
+                self._seen[(run.id, name)] = len(hits)
+        rank0: dict[str, list[int]] = {}
+        for proc in processes_of(self.ws):
+            where = trainer_folder(proc)
+            if where and where[1] == 0:
+                rank0.setdefault(str(Path(where[0]).resolve()), []).append(proc.pid)
+        for folder, pids in rank0.items():
+            trainers = [pid for pid in pids if _parent(pid) not in pids]  # a trainer's forked helpers are not another
+            if len(trainers) > 1:
+                self.two_trainers.append((now, folder, trainers))
+
+    def first(self, name: str, after: float = 0.0, run_id: Optional[str] = None) -> Optional[tuple]:
+        return next((e for e in self.events if e[1] == name and e[0] >= after and (run_id is None or e[3] == run_id)),
+                    None)
+
+    def values(self, name: str, run_id: Optional[str] = None) -> list[str]:
+        return [e[2] for e in self.events if e[1] == name and (run_id is None or e[3] == run_id)]
+
+
+def _parent(pid: int) -> Optional[int]:
+    stat = _read(f"/proc/{pid}/stat")
+    return int(stat[stat.rindex(b")") + 2:].split()[1]) if stat else None
