@@ -35,13 +35,15 @@ class Outcome:
     leftovers: int = 0
     wrong_state: bool = False
     two_trainers: int = 0  # times the process table showed two trainers on one run folder
+    bound_exceeded: bool = False  # a hung rank was noticed later than its documented bound
     recovery_s: Optional[float] = None  # from the fault to training going again
     notes: list = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return (self.finished and self.bitwise_equal and not self.checkpoints_lost and not self.crash_loops
-                and not self.orphans and not self.leftovers and not self.wrong_state and not self.two_trainers)
+                and not self.orphans and not self.leftovers and not self.wrong_state and not self.two_trainers
+                and not self.bound_exceeded)
 
     def problems(self) -> list[str]:
         found = [] if self.finished else ["not finished"]
@@ -49,7 +51,7 @@ class Outcome:
         found += [f"{k.replace('_', ' ')}: {v}" for k, v in (("checkpoints_lost", self.checkpoints_lost),
                   ("crash_loops", self.crash_loops), ("orphans", self.orphans), ("leftovers", self.leftovers),
                   ("two_trainers", self.two_trainers)) if v]
-        return found + (["wrong state"] if self.wrong_state else [])
+        return found + (["wrong state"] if self.wrong_state else []) + (["bound exceeded"] if self.bound_exceeded else [])
 
     def row(self) -> dict:
         row = asdict(self)

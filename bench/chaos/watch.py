@@ -85,6 +85,7 @@ class Watch:
         self.started = time.monotonic()
         self._seen: dict[tuple, int] = {}
         self._stop = threading.Event()
+        self._lock = threading.Lock()  # the harness ticks too, when it waits for an event
         self._thread = threading.Thread(target=self._loop, daemon=True, name="chaos-watch")
 
     def __enter__(self) -> "Watch":
@@ -101,6 +102,10 @@ class Watch:
             self.tick()
 
     def tick(self) -> None:
+        with self._lock:
+            self._tick()
+
+    def _tick(self) -> None:
         now = time.monotonic() - self.started
         for run in self.ws.registry.list():
             text = self.ws.log_text(run)
@@ -122,6 +127,16 @@ class Watch:
     def first(self, name: str, after: float = 0.0, run_id: Optional[str] = None) -> Optional[tuple]:
         return next((e for e in self.events if e[1] == name and e[0] >= after and (run_id is None or e[3] == run_id)),
                     None)
+
+    def wait(self, name: str, run_id: Optional[str] = None, after: float = 0.0, timeout: float = 300) -> float:
+        """Seconds (on this watch) at which `name` was first seen in a log after `after`, waiting for it."""
+        from bench.chaos.workspace import wait_for
+
+        def seen():
+            self.tick()
+            return self.first(name, after, run_id)
+
+        return wait_for(seen, f"{name!r} in the logs", timeout)[0]
 
     def values(self, name: str, run_id: Optional[str] = None) -> list[str]:
         return [e[2] for e in self.events if e[1] == name and (run_id is None or e[3] == run_id)]
