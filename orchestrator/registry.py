@@ -58,7 +58,10 @@ class Run:
     created_at: float
     started_at: Optional[float] = None
     ended_at: Optional[float] = None
-    pid: Optional[int] = None  # the local supervisor's pid, with its start time and host: one process, never a reused pid
+    # The process that owns the run now, with its start time and host (one process, never a reused pid): the
+    # `orch submit` or `orch resume` starting it until its executor has, then the local supervisor. A pipeline's
+    # stage has none until its pipeline's supervisor starts it.
+    pid: Optional[int] = None
     pid_start: Optional[str] = None
     host: Optional[str] = None
     slurm_job_id: Optional[str] = None

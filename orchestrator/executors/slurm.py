@@ -24,6 +24,7 @@ from typing import Iterable, Optional, Sequence
 from omegaconf import OmegaConf
 
 from jobspec.contract import RunFolder
+from jobspec.processes import same_process, this_process
 from orchestrator.dependencies import dependency_reason, parents_first_runs
 from orchestrator.executors.base import Observation
 from orchestrator.registry import TERMINAL, Registry, Run, now
@@ -139,6 +140,18 @@ def sacct_records(job_ids: Sequence[str]) -> dict[str, list[dict]]:
     return records
 
 
+def jobs_named(names: Sequence[str]) -> set[str]:
+    """Which of these job names Slurm has seen in the last month (our jobs are named after their run id)."""
+    cmd = ["sacct", "--parsable2", "--noheader", "-X", "-S", "now-30days", "--name", ",".join(names), "-o", "JobName"]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=SACCT_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise SlurmError(f"`{' '.join(cmd)}` failed: {e}") from None
+    if proc.returncode != 0:
+        raise SlurmError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}): {proc.stderr.strip()}")
+    return set(proc.stdout.split())
+
+
 def failure_reason(run: Run, slurm_state: str, exit_code: str) -> str:
     from orchestrator.executors.slurm_job import FINAL_REASON
 
@@ -215,7 +228,8 @@ class SlurmExecutor:
 
         run_dir = Path(run.run_dir)
         if not self.registry.transition(run.id, TERMINAL, state="PENDING", ended_at=None, exit_code=None,
-                                        reason=None, attempts=0):
+                                        reason=None, attempts=0, slurm_job_id=None,
+                                        **this_process()):  # ours until sbatch has taken it
             raise RuntimeError(f"{run.id} was resumed by someone else meanwhile ({self.registry.get(run.id).state})")
         for name in (RESTARTS, FINAL_REASON):
             (run_dir / "slurm" / name).unlink(missing_ok=True)
@@ -225,6 +239,9 @@ class SlurmExecutor:
     def cancel(self, run: Run) -> None:
         """scancel the run's job (the trainer checkpoints on the SIGTERM it brings): CANCELLING until sacct
         says the job has ended."""
+        if not run.slurm_job_id and same_process(run.pid, run.pid_start, run.host) is False:  # never reached sbatch
+            self.registry.transition(run.id, ("PENDING",), state="CANCELLED", reason="cancelled by user", ended_at=now())
+            return
         self.registry.transition(run.id, ("PENDING", "RUNNING"), state="CANCELLING", reason="cancelled by user")
         if run.slurm_job_id:
             self._scancel(run.slurm_job_id)
@@ -266,12 +283,29 @@ class SlurmExecutor:
             seen[run.id] = (Observation(state, reason, attempts, word=slurm_state, where=where), history)
         return seen
 
+    def _never_submitted(self, runs: Sequence[Run]) -> dict[str, Observation]:
+        """Runs the `orch` command starting them died with before sbatch took them (no job id, their owner
+        gone, no job of their name): LOST, never PENDING forever."""
+        runs = [r for r in runs if r.executor == self.name and r.state == "PENDING" and not r.slurm_job_id
+                and r.pid and same_process(r.pid, r.pid_start, r.host) is False]
+        if not runs:
+            return {}
+        try:
+            named = jobs_named([r.id for r in runs])
+        except SlurmError as e:
+            print(f"warning: Slurm states not read: {e}", file=sys.stderr)
+            return {}
+        return {r.id: Observation("LOST", f"the orch command submitting it (pid {r.pid}) died before sbatch; "
+                                          f"`orch resume {r.id}` submits it") for r in runs if r.id not in named}
+
     def observe(self, runs: Sequence[Run]) -> dict[str, Observation]:
-        return {run_id: o for run_id, (o, _) in self._read(runs).items()}
+        return {**{run_id: o for run_id, (o, _) in self._read(runs).items()}, **self._never_submitted(runs)}
 
     def refresh(self, runs: Sequence[Run]) -> None:
         """Record what sacct says. A pipeline stage that Slurm cancelled before it ever started (its parent
         failed: --kill-on-invalid-dep) is recorded with the reason "dependency <stage> failed"."""
+        for run_id, o in self._never_submitted(runs).items():
+            self.registry.transition(run_id, ("PENDING",), state="FAILED", reason=o.reason, ended_at=now())
         seen = self._read(runs)
         for run in parents_first_runs(runs):
             if run.id not in seen:
