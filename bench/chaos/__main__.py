@@ -69,7 +69,8 @@ def main(argv=None) -> int:
     command = "python -m bench.chaos " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     if args.seed is None and args.fault_seed is None:
         command += f" --seed {seed}"
-    print(f"[chaos] seed {seed}: {len(faults)} faults; replay: {command}", flush=True)
+    what = f"kind {kinds[0]}, fault seed {args.fault_seed}" if args.fault_seed is not None else f"seed {seed}"
+    print(f"[chaos] {what}: {len(faults)} faults; replay: {command}", flush=True)
     ctx = context(Path(args.work))
     rows = []
     for i, fault in enumerate(faults, 1):

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import random
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -46,8 +47,9 @@ class Context:
 
     def workspace(self, fault: Fault) -> Workspace:
         self.count += 1
-        return Workspace(self.root / "faults" / f"{self.count:03d}-k{fault.kind}-{fault.seed}", self.data_dir,
-                         fault.executor)
+        folder = self.root / "faults" / f"{self.count:03d}-k{fault.kind}-{fault.seed}"
+        shutil.rmtree(folder, ignore_errors=True)  # a kept folder of an earlier benchmark: its fault already fired
+        return Workspace(folder, self.data_dir, fault.executor)
 
 
 @dataclass
