@@ -35,9 +35,10 @@ def prepare_data(root: Path) -> Path:
     return data_dir
 
 
-def context(root: Path) -> Context:
+def context(root: Path, data_dir: Path | None = None) -> Context:
+    """The benchmark's shared state under `root`; data_dir: the chaos job's data, prepared already (tests)."""
     root.mkdir(parents=True, exist_ok=True)
-    data_dir = prepare_data(root)
+    data_dir = data_dir or prepare_data(root)
     return Context(root, data_dir, References(root, data_dir))
 
 

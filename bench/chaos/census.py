@@ -166,7 +166,8 @@ def settle(ws: Workspace, watch: Watch, run_id: str, reference: Path, out: Outco
     if retries > retries_expected:
         out.crash_loops += retries - retries_expected
         out.notes.append(f"{retries} retries for {retries_expected} expected")
-    if fault_at is not None:  # training going again: the first resume after the fault, else a fresh start
+    if fault_at is not None and (resume_floor is not None or retries_expected):
+        # training going again after a restart: the first resume after the fault, else a fresh start
         resumed = watch.first("resumed", after=fault_at, run_id=run_id)
         again = resumed or watch.first("started", after=fault_at, run_id=run_id)
         out.recovery_s = round(again[0] - fault_at, 2) if again else None

@@ -23,7 +23,7 @@ from typing import Iterable, Optional, Sequence
 
 from omegaconf import OmegaConf
 
-from jobspec.contract import RunFolder
+from jobspec.contract import RunFolder, user_error
 from jobspec.processes import same_process, this_process
 from orchestrator.dependencies import dependency_reason, parents_first_runs
 from orchestrator.executors.base import Observation
@@ -155,9 +155,12 @@ def jobs_named(names: Sequence[str]) -> set[str]:
 def failure_reason(run: Run, slurm_state: str, exit_code: str) -> str:
     from orchestrator.executors.slurm_job import FINAL_REASON
 
-    for path in (RunFolder(run.run_dir).user_error, Path(run.run_dir) / "slurm" / FINAL_REASON):
-        if path.is_file():
-            return path.read_text().strip()
+    why = user_error(RunFolder(run.run_dir))
+    if why:
+        return why
+    final = Path(run.run_dir) / "slurm" / FINAL_REASON
+    if final.is_file():
+        return final.read_text().strip()
     return f"Slurm job {run.slurm_job_id} {slurm_state} (exit {exit_code}); see `orch logs {run.id}`"
 
 

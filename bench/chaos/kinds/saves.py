@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -101,7 +102,9 @@ def run_disk_full(fault: Fault, ctx: Context) -> Outcome:
         ws.orch("resume", run_id, check=True)
         return struck
 
-    def teardown(ws):
+    def teardown(ws):  # the run folders go with the tmpfs: their logs are kept beside it for a person to read
+        shutil.copytree(ws.runs_dir, ws.root / "runs-on-the-full-disk", ignore=shutil.ignore_patterns("filler"),
+                        dirs_exist_ok=True)
         subprocess.run(["umount", "-l", str(ws.runs_dir)], capture_output=True)
 
     floor = committed_before(p["step"]) - (EVERY if p["async"] else 0)
