@@ -10,6 +10,7 @@ Some cases are the tests of the defects the suite found (named in their comments
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,10 @@ from test_slurm_cluster import slurm_cluster  # noqa: F401  (the session fixture
 
 from bench.chaos.__main__ import context
 from bench.chaos.kinds import KINDS
+from bench.chaos.kinds.control import listed_state
+from bench.chaos.kinds.saves import fill
 from bench.chaos.run import draw, draw_one
+from bench.chaos.workspace import Workspace, wait_for
 from jobspec.faults import FAULT_POINTS
 
 pytestmark = pytest.mark.slow
@@ -66,3 +70,36 @@ def test_faults_are_drawn_from_the_seed_alone():
     assert {f.kind for f in a} == set(KINDS), "two rounds visit every kind"
     replayed = draw_one(a[5].kind, a[5].seed, "slurm")
     assert replayed.label == a[5].label
+
+
+# ---------------------------------------------------------------- defects the suite found, each on its own
+
+
+def test_a_submit_killed_after_registering_shows_lost_not_pending_forever(chaos, tmp_path):
+    ws = Workspace(tmp_path, chaos.data_dir)
+    _, result = ws.submit(env=ws.env("submit.registered:kill"), check=False)
+    assert result.returncode == 137, result.stderr
+    (run,) = ws.registry.list()
+    assert listed_state(ws, run.id) == "LOST"
+    assert ws.run(run.id).state == "PENDING", "looking must not change the registry"
+    ws.orch("reconcile", run.id, check=True)
+    assert ws.run(run.id).state == "FAILED" and "gone" in ws.run(run.id).reason
+
+
+def test_a_trainer_that_died_of_a_full_disk_fails_once_saying_so(chaos, tmp_path):
+    ws = Workspace(tmp_path, chaos.data_dir)
+    ws.runs_dir.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(ws.runs_dir)]).returncode:
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        run_id, _ = ws.submit("resources.nproc_per_node=1", "resources.max_retries=2",
+                              env=ws.env("supervisor.started:wait"))
+        log = Path(ws.run(run_id).run_dir) / "logs" / "supervisor.log"
+        wait_for(lambda: log.is_file() and "[orch fault]" in log.read_text(), "the supervisor to be held")
+        fill(ws.runs_dir)  # before the trainer starts: it can't even write its lock file's note
+        ws.release()
+        run = ws.wait_finished(run_id, 300)
+        assert run.state == "FAILED" and run.attempts == 1, (run.state, run.attempts, run.reason)
+        assert "full" in run.reason, run.reason
+    finally:
+        subprocess.run(["umount", "-l", str(ws.runs_dir)])

@@ -67,8 +67,11 @@ class Supervisor:
         self.folder.user_error.unlink(missing_ok=True)  # left by an earlier attempt, perhaps since fixed
         with open(self.folder.train_log, "ab") as log:
             if note:
-                log.write(f"\n[orch] attempt {number}: {note}\n".encode())
-                log.flush()
+                try:
+                    log.write(f"\n[orch] attempt {number}: {note}\n".encode())
+                    log.flush()
+                except OSError:  # a full disk: the attempt still runs, and its outcome goes to the registry
+                    pass
             self.child = subprocess.Popen(trainer_command(self.run, self.resources.nproc_per_node), stdout=log,
                                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                           preexec_fn=_die_with_parent)
@@ -91,7 +94,10 @@ class Supervisor:
             if not self.registry.transition(self.run.id, ("PENDING", "RUNNING"), state="RUNNING", attempts=number,
                                             started_at=self.run.started_at or now()):
                 return self.finish("CANCELLED", code, CANCELLED_BY_USER)  # cancelled between the check and here
-            code = self.attempt(number, note)
+            try:
+                code = self.attempt(number, note)
+            except OSError as e:  # the log can't even be opened: nothing can run in this folder
+                return self.finish("FAILED", EXIT_USER_ERROR, user_error(self.folder) or f"{self.folder.train_log}: {e}")
             fault("supervisor.trainer_exited")
             if self.cancelled():
                 return self.finish("CANCELLED", code, CANCELLED_BY_USER)
