@@ -78,7 +78,7 @@ def main(argv=None) -> int:
         out, seconds = run_one(fault, ctx)
         rows.append(row_of(fault, out, seconds))
         print_row(i, len(faults), rows[-1])
-        workspace = Path(args.work) / "faults" / f"{ctx.count:03d}-k{fault.kind}-{fault.seed}"
+        workspace = Path(args.work) / "faults" / f"{ctx.count:03d}-k{fault.kind}-{fault.seed}-{ctx.started}"
         if out.ok and not args.keep:
             shutil.rmtree(workspace, ignore_errors=True)
     figures = tabulate(rows)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -131,18 +132,31 @@ def leftovers(ws: Workspace, shm_before: set[str]) -> tuple[int, list[str]]:
 
 # ---------------------------------------------------------------- orphans
 
+def slurm_jobs_left(ws: Workspace) -> list[str]:
+    """The fault's Slurm jobs that Slurm still holds (pending, requeued, running)."""
+    ids = [r.slurm_job_id for r in ws.registry.list() if r.slurm_job_id]
+    if not ids:
+        return []
+    out = subprocess.run(["squeue", "-h", "-j", ",".join(ids), "-o", "%i"], capture_output=True, text=True, timeout=60)
+    return out.stdout.split()
+
+
 def orphans(ws: Workspace, grace_s: float = 30) -> tuple[int, list[str]]:
     """Processes of the fault still alive `grace_s` after its runs ended (a process that is exiting gets that
-    long); they are then killed, so that the next fault starts clean."""
+    long), and Slurm jobs still queued; they are then killed and cancelled, so that the next fault starts clean."""
     deadline = time.monotonic() + grace_s
-    while (left := processes_of(ws)) and time.monotonic() < deadline:
+    while (processes_of(ws) or slurm_jobs_left(ws)) and time.monotonic() < deadline:
         time.sleep(0.5)
+    left, jobs = processes_of(ws), slurm_jobs_left(ws)
     for proc in left:
         try:
             os.kill(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    return len(left), [f"orphan pid {p.pid}: {p.text[:120]}" for p in left]
+    if jobs:
+        subprocess.run(["scancel", *jobs], capture_output=True, timeout=60)
+    return len(left) + len(jobs), ([f"orphan pid {p.pid}: {p.text[:120]}" for p in left]
+                                   + [f"Slurm job {j} still queued" for j in jobs])
 
 
 # ---------------------------------------------------------------- one run, measured

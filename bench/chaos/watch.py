@@ -68,9 +68,12 @@ _SELF = __import__("os").getpid()
 def trainer_folder(proc: Proc) -> Optional[tuple[str, int]]:
     """(run folder, rank) of a trainer process (torchrun's workers, a lone trainer, a Slurm task); else None."""
     args = proc.cmdline
-    if "training.main" in args and "torch.distributed.run" not in proc.text and "--run-dir" in args:
+    if not args or not Path(args[0]).name.startswith("python") or "-m" not in args:  # srun, bash: launchers
+        return None
+    module = args[args.index("-m") + 1] if args.index("-m") + 1 < len(args) else ""
+    if module == "training.main" and "--run-dir" in args:
         return args[args.index("--run-dir") + 1], int(proc.env.get("RANK", "0"))
-    if any("submitit.core._submit" in a for a in args):
+    if module == "submitit.core._submit":
         return str(Path(args[-1]).parent), int(proc.env.get("SLURM_PROCID", "0"))
     return None
 

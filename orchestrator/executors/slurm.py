@@ -140,6 +140,19 @@ def sacct_records(job_ids: Sequence[str]) -> dict[str, list[dict]]:
     return records
 
 
+def queued_states(job_ids: Sequence[str]) -> dict[str, str]:
+    """squeue's word for each of these jobs that Slurm still holds (PENDING, RUNNING, REQUEUED, ...). A job that
+    Slurm requeued after a node failure or a preemption has a terminal last record in sacct (NODE_FAIL, PREEMPTED)
+    until it starts again: only squeue says it is coming back. {} if squeue can't be asked."""
+    try:
+        proc = subprocess.run(["squeue", "-h", "-o", "%i|%T"], capture_output=True, text=True, timeout=SACCT_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    wanted = set(job_ids)
+    pairs = (line.split("|", 1) for line in proc.stdout.splitlines() if "|" in line)
+    return {job: state for job, state in pairs if job in wanted and STATES.get(state) in ("PENDING", "RUNNING")}
+
+
 def jobs_named(names: Sequence[str]) -> set[str]:
     """Which of these job names Slurm has seen in the last month (our jobs are named after their run id)."""
     cmd = ["sacct", "--parsable2", "--noheader", "-X", "-S", "now-30days", "--name", ",".join(names), "-o", "JobName"]
@@ -264,6 +277,7 @@ class SlurmExecutor:
         except SlurmError as e:
             print(f"warning: Slurm states not read: {e}", file=sys.stderr)
             return {}
+        queued = queued_states([r.slurm_job_id for r in runs])
         seen = {}
         for run in runs:
             history = records.get(run.slurm_job_id)
@@ -271,8 +285,11 @@ class SlurmExecutor:
                 continue
             last = history[-1]
             slurm_state = last["State"].split()[0]  # "CANCELLED by 0" -> "CANCELLED"
-            state = STATES.get(slurm_state, "FAILED")
             reason = None
+            if run.slurm_job_id in queued and STATES.get(slurm_state) not in ("PENDING", "RUNNING"):
+                reason = f"Slurm requeued it after {slurm_state}"  # a node failure, a preemption: not the end
+                slurm_state = queued[run.slurm_job_id]
+            state = STATES.get(slurm_state, "FAILED")
             if state == "FAILED":
                 reason = failure_reason(run, slurm_state, last["ExitCode"])
             elif state == "CANCELLED":

@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import random
-import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -44,11 +44,12 @@ class Context:
     data_dir: Path
     references: References
     count: int = 0
+    started: str = field(default_factory=lambda: time.strftime("%H%M%S"))
 
     def workspace(self, fault: Fault) -> Workspace:
         self.count += 1
-        folder = self.root / "faults" / f"{self.count:03d}-k{fault.kind}-{fault.seed}"
-        shutil.rmtree(folder, ignore_errors=True)  # a kept folder of an earlier benchmark: its fault already fired
+        # a folder of its own: a job of an earlier benchmark that Slurm requeued still names its old folder
+        folder = self.root / "faults" / f"{self.count:03d}-k{fault.kind}-{fault.seed}-{self.started}"
         return Workspace(folder, self.data_dir, fault.executor)
 
 
