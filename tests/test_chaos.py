@@ -30,7 +30,18 @@ REPO = Path(__file__).resolve().parents[1]
 # The fault of each kind that CI runs: its seed, and what that seed draws (checked below, so that a change to a
 # kind's drawing can't silently swap the case for another).
 CASES = {
-    1: (0, "checkpoint.commit"),
+    1: (9, "checkpoint.commit#3:kill {'keep_last': 1, 'async': True"),  # the commit of the newest, with keep_last 1
+    2: (9, "'signal': 'cancel+resume', 'phase': 'sync_save'"),  # `orch cancel` during a save, `orch resume` at once
+    3: (0, "train.after_optimizer_step#13:wait"),  # a node lost (kind 3 Slurm defect: NODE_FAIL read as FAILED)
+    4: (0, "train.after_optimizer_step#14:wait"),  # a full disk (defect: an empty reason, retries burned on it)
+    5: (13, "'target': 'model shard', 'damage': 'bitflip', 'restart': 'kill'"),
+    6: (5, "supervisor SIGKILL"),
+    7: (2, "cancel; gap; resume"),
+    8: (0, "registry.write#2:kill"),
+    9: (9, "checkpoint.shard_write@1#6:hang"),  # a hung background writer (defect: the job held for 30 minutes)
+    10: (1, "train.loss#19:nan"),
+    11: (0, "'jump_h': 1"),
+    12: (0, "'user_step': 100"),
 }
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Optional
 
 from bench.chaos.workspace import Workspace
+from jobspec.processes import same_process
+from jobspec.run_lock import holder
 
 EVENTS = {
     "fault": re.compile(r"^\[orch fault\] (\S+)", re.MULTILINE),
@@ -83,6 +85,7 @@ class Watch:
     ws: Workspace
     events: list = field(default_factory=list)  # (seconds since start, event, value, run id)
     two_trainers: list = field(default_factory=list)  # (seconds, run folder, pids) each time it was seen
+    wrong_holder: list = field(default_factory=list)  # (seconds, run folder, lock holder, trainers): not the trainer
 
     def __post_init__(self):
         self.started = time.monotonic()
@@ -126,6 +129,9 @@ class Watch:
             trainers = [pid for pid in pids if _parent(pid) not in pids]  # a trainer's forked helpers are not another
             if len(trainers) > 1:
                 self.two_trainers.append((now, folder, trainers))
+            held = holder(folder)  # the lock file must name the trainer that runs, when one holds it
+            if held and held.get("pid") not in pids and same_process(held.get("pid"), held.get("pid_start")):
+                self.wrong_holder.append((now, folder, held.get("pid"), trainers))
 
     def first(self, name: str, after: float = 0.0, run_id: Optional[str] = None) -> Optional[tuple]:
         return next((e for e in self.events if e[1] == name and e[0] >= after and (run_id is None or e[3] == run_id)),

@@ -77,6 +77,8 @@ def run_stop_signal(fault: Fault, ctx: Context) -> Outcome:
 
 HANG_POINTS = ("train.loss", "train.before_optimizer_step", "train.after_optimizer_step", "checkpoint.shard_write")
 HUNG_TIMEOUT_S = 20  # parallel.collective_timeout_s for these faults: the bound on noticing a silent rank
+# The attempt ends within 2 T + G (docs/reliability.md): torchrun's G is 30 s; 15 s more for a loaded machine.
+HUNG_BOUND_S = 2 * HUNG_TIMEOUT_S + 30 + 15
 
 
 def draw_hung_rank(rng: random.Random, executor: str) -> Fault:
@@ -102,10 +104,10 @@ def run_hung_rank(fault: Fault, ctx: Context) -> Outcome:
             pid = wait_for(lambda: next((proc.pid for proc in processes_of(ws) if (w := trainer_folder(proc))
                                          and w[1] == p["rank"]), None), f"rank {p['rank']}'s process")
             os.kill(pid, signal.SIGSTOP)
-        ended = watch.wait("retry", run_id, after=struck, timeout=600) - struck
+        ended = watch.wait("retry", run_id, after=struck, timeout=HUNG_BOUND_S + 120) - struck
         out.notes.append(f"the hung attempt ended {ended:.1f}s after the rank stopped answering "
                          f"(collective timeout {HUNG_TIMEOUT_S}s)")
-        if ended > HUNG_TIMEOUT_S + 45:
+        if ended > HUNG_BOUND_S:
             out.bound_exceeded = True
         return struck
 
