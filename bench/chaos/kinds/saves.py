@@ -18,6 +18,7 @@ from bench.chaos.census import Outcome
 from bench.chaos.config import EVERY, JOB, MAX_STEPS, SHARDS_PER_SAVE, committed_before
 from bench.chaos.kinds import Context, Fault, one_run
 from bench.chaos.watch import processes_of, trainer_folder
+from bench.chaos.workspace import wait_for
 from jobspec.contract import checkpoint_name
 from training.checkpoint import step_dirs, verify
 
@@ -173,6 +174,22 @@ def run_corruption(fault: Fault, ctx: Context) -> Outcome:
 
 # ---------------------------------------------------------------- 12: stale leftovers and the user's own files
 
+def kill_a_loader(ws) -> None:
+    """A real trainer of the same data, held after its first step and then SIGKILLed with every process of its
+    session (its resource tracker too), as srun or a cgroup's OOM killer does: its /dev/shm blocks stay behind."""
+    log = ws.root / "killed-loader.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "training.main", str(JOB), *ws.job_overrides(), "--run-dir",
+                                 str(ws.root / "killed-loader")], cwd=ws.root, stdout=out, stderr=subprocess.STDOUT,
+                                env=ws.env("train.after_optimizer_step#1:wait", ORCH_FAULT_ONCE="",
+                                           ORCH_FAULT_RELEASE=str(ws.root / "never")), start_new_session=True)
+    try:
+        wait_for(lambda: "[orch fault]" in log.read_text(), "the loader to be held", 300)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def draw_leftovers(rng: random.Random, executor: str) -> Fault:
     return Fault(12, 0, "local", "model.build#1:wait", {"tmp_step": EVERY * rng.randint(1, 5),
                                                         "user_step": rng.choice([4, 100, 24])})
@@ -186,10 +203,7 @@ def run_leftovers(fault: Fault, ctx: Context) -> Outcome:
     user = {}
 
     def setup(ws):
-        killed = ws.root / "killed-loader"  # a real loader of the same data, killed with its shared memory
-        subprocess.run([sys.executable, "-m", "training.main", str(JOB), *ws.job_overrides(), "--run-dir", str(killed)],
-                       env=ws.env("train.after_optimizer_step#1:kill", ORCH_FAULT_ONCE=""), cwd=ws.root,
-                       capture_output=True, timeout=600)
+        kill_a_loader(ws)
         user["shm"] = Path("/dev/shm") / f"chaos-user-{fault.seed}"
         user["shm"].write_text("the user's own shared memory\n")
 
