@@ -94,9 +94,10 @@ def test_default_pipeline_runs_every_stage_and_compares_them(tmp_path, tiny_data
         assert f"{png}" in report, f"report.md doesn't show {png}"
 
 
-def test_the_status_dashboard_cancels_stages_that_can_no_longer_run(tmp_path):
-    """`orch status` brings pipelines up to date on each refresh: here a local pipeline whose supervisor is
-    gone (no pid file, registered 2 minutes ago) has its PENDING stages cancelled, saying why."""
+def test_the_status_dashboard_shows_stages_that_can_no_longer_run_and_changes_nothing(tmp_path):
+    """`orch status` shows a local pipeline whose supervisor is gone (no pid file, registered 2 minutes ago) with
+    its PENDING stages as cancelled, saying why, without writing: `orch pipeline reconcile` records it."""
+    from orchestrator.pipelines import reconcile
     from orchestrator.status.collect import Collector
 
     registry = Registry(tmp_path / ".orch" / "registry.db")
@@ -113,5 +114,9 @@ def test_the_status_dashboard_cancels_stages_that_can_no_longer_run(tmp_path):
 
     states = {job.stage: job.state for job in frame.jobs}
     assert states == {"pretrain": "FAILED", "sft": "CANCELLED", "dpo": "CANCELLED"}
+    assert "supervisor is gone" in next(j.reason for j in frame.jobs if j.stage == "dpo")
+    assert registry.get("p-0a0b0c-dpo").state == "PENDING", "looking must not change the registry"
+    reconcile(registry)  # what `orch pipeline reconcile` (or a resumed owner) does
+    assert registry.get("p-0a0b0c-dpo").state == "CANCELLED"
     assert "supervisor is gone" in registry.get("p-0a0b0c-dpo").reason
-    assert registry.active_pipelines() == []  # the next refresh has nothing to check
+    assert registry.active_pipelines() == []  # the next reconcile has nothing to check
