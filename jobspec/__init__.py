@@ -10,6 +10,7 @@ without loading the data plane.
 """
 
 from jobspec.loading import SpecError, load_spec, schema_keys
-from jobspec.schema import KINDS, JobSpec
+from jobspec.kinds import KINDS
+from jobspec.schema import JobSpec
 
 __all__ = ["SpecError", "load_spec", "schema_keys", "KINDS", "JobSpec"]

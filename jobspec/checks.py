@@ -15,6 +15,8 @@ from typing import Callable, Iterator, Optional
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from jobspec.contract import RunFolder
+from jobspec.curate_checks import check_curate
+from jobspec.posttrain_checks import check_classify, check_grpo, check_lora
 
 Where = Callable[[str], str]  # key -> "jobs/x.yaml, line 12" or "command line override 'k=v'"
 
@@ -109,6 +111,14 @@ def check_values(cfg: DictConfig, where: Where) -> None:
     _check_vocab(cfg, bad)
     _check_slurm_strings(cfg, bad)
     _check_reward_model_parallelism(cfg, bad)
+    if cfg.kind == "data":
+        check_curate(cfg, bad)
+    if "lora" in cfg:
+        check_lora(cfg, bad)
+    if "grpo" in cfg:
+        check_grpo(cfg, bad)
+    if "classify" in cfg:
+        check_classify(cfg, bad)
 
 
 def _tokenizer_size(path: str) -> Optional[int]:

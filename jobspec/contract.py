@@ -38,6 +38,10 @@ TRAIN_LOG = "train.log"
 USER_ERROR = "user_error.txt"
 LOCK = ".lock"
 CHECKPOINT_PREFIX = "step_"
+# A data run (kind: data): the cleaned corpus (train/ and val/ .jsonl, what a pretrain stage after it reads) and,
+# in a pipeline, where the stages after it tokenize that corpus (their data.dir).
+CURATED_CORPUS = "corpus"
+TOKENIZED = "tokenized"
 
 
 class RunFolder:

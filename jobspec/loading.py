@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from jobspec.checks import SpecError, check_launch, check_plain_values, check_values
-from jobspec.schema import KINDS
+from jobspec.kinds import KINDS
 
 
 def schema_keys(schema, prefix: str = "") -> list[str]:
@@ -97,16 +97,14 @@ def _flatten(raw: dict, prefix: str = "") -> dict:
 
 def _check_known(key: str, value, source: str, valid_keys: list[str]) -> None:
     """An unknown key is an error naming it, its value, the nearest valid key and its siblings."""
-    sections = {k.rsplit(".", 1)[0] for k in valid_keys if "." in k}
+    sections = {k.rsplit(".", i)[0] for k in valid_keys for i in range(1, k.count(".") + 1)}  # every enclosing one
     if key in valid_keys or key in sections:
         return
     parent = key.rsplit(".", 1)[0] if "." in key else ""
-    if parent and parent not in sections:
-        parent = ""
-    siblings = sorted(k[len(parent) + 1:] if parent else k for k in valid_keys
-                      if (k.rsplit(".", 1)[0] if "." in k else "") == parent)
-    if not parent:
-        siblings = sorted(set(siblings) | {s for s in sections if "." not in s})
+    while parent and parent not in sections:  # the nearest section that exists (curate.filters for a bad filter name)
+        parent = parent.rsplit(".", 1)[0] if "." in parent else ""
+    under = lambda k: (k.rsplit(".", 1)[0] if "." in k else "") == parent  # noqa: E731
+    siblings = sorted({k[len(parent) + 1:] if parent else k for k in [*valid_keys, *sections] if under(k)})
     where = f"under '{parent}'" if parent else "at the top level"
     raise SpecError(f"{source}: unknown key '{key}' (value {value!r}).{did_you_mean(key, valid_keys)} "
                     f"Valid keys {where}: {', '.join(siblings)}.")

@@ -7,7 +7,7 @@ Every key a user can write in a job YAML is a field below, with its default.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import List, Optional
 
 from model.config import GPTConfig
 
@@ -16,7 +16,8 @@ from model.config import GPTConfig
 class DataConfig:
     # "demo" = the Python standard library's own source files on this machine
     # (held-out modules form the validation split); otherwise a list of local
-    # .txt / .jsonl / .parquet files or folders.
+    # .txt / .jsonl / .parquet files or folders. A folder with train/ and val/ subfolders (a data job's corpus/)
+    # is read as already split.
     sources: List[str] = field(default_factory=lambda: ["demo"])
     text_field: str = "text"  # the column read from .jsonl / .parquet records
     tokenizer: Optional[str] = None  # a tokenizer.json to use; None = train a BPE one
@@ -125,10 +126,25 @@ class SFTConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """Low-rank adapters (model/lora.py): the base model is frozen and only the adapters (and
+    modules_to_save) train; checkpoints hold those plus a reference to the base checkpoint."""
+
+    enabled: bool = False
+    rank: int = 16
+    alpha: float = 32.0  # the update is scaled by alpha / rank
+    dropout: float = 0.0  # on the adapters' input
+    # our projection names (or longer suffixes such as layers.3.attention.wq); the default is every one
+    target_modules: List[str] = field(default_factory=lambda: ["wq", "wk", "wv", "wo", "w1", "w2", "w3"])
+    modules_to_save: List[str] = field(default_factory=list)  # whole modules trained and saved too, e.g. [norm]
+
+
+@dataclass
 class SFTJobSpec(JobSpec):
     kind: str = "sft"
     name: str = "sft"
     sft: SFTConfig = field(default_factory=SFTConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 @dataclass
@@ -146,6 +162,10 @@ class DPOConfig(PreferenceConfig):
     beta: float = 0.1  # strength of the pull towards the reference model (higher = stay closer)
 
 
+GRPO_LOSS_TYPES = ("grpo", "dr_grpo", "dapo")  # training/posttrain/losses.py: grpo_policy_loss
+GRPO_SCALE_REWARDS = ("group", "batch", "none")  # training/posttrain/losses.py: group_advantages
+
+
 @dataclass
 class GRPOConfig:
     """Group-relative policy optimization over prompts: JSON lines of {"prompt", "signature"}."""
@@ -157,12 +177,30 @@ class GRPOConfig:
     max_new_tokens: int = 64
     temperature: float = 1.0
     top_k: Optional[int] = None
-    clip_eps: float = 0.2  # PPO-style ratio clip
-    kl_coef: float = 0.04  # weight of the k3 KL penalty to the frozen reference (the starting model)
+    clip_eps: float = 0.2  # PPO-style ratio clip: ratio kept within [1 - clip_eps, 1 + epsilon_high] (TRL: epsilon)
+    epsilon_high: Optional[float] = None  # the upper clip; None = clip_eps. DAPO recommends 0.28 (clip-higher)
+    kl_coef: float = 0.04  # weight of the k3 KL penalty to the frozen reference (TRL: beta, default 0.0)
+    num_iterations: int = 1  # policy updates per sampled batch (TRL's num_iterations, mu in DeepSeekMath)
+    loss_type: str = "dapo"  # grpo | dr_grpo | dapo: how token losses are averaged (training/posttrain/losses.py)
+    scale_rewards: str = "group"  # group | batch | none: what the centred rewards are divided by
+    mask_truncated_completions: bool = False  # completions cut at max_new_tokens carry no loss (DAPO)
     # `module:function` called as fn(completion_text, record) -> float, or a trained `rm` run folder
     reward: str = "training.posttrain.rewards:python_parses"
     val_prompts: int = 64  # held-out prompts evaluated (0 = all)
     val_temperature: float = 0.0  # 0 = greedy completions at evaluation
+
+
+@dataclass
+class ClassifyConfig:
+    """Sequence classification: JSON lines of {"text", "label"} (labels are strings)."""
+
+    train_file: Optional[str] = None  # None = the demo task (which stdlib package a function comes from)
+    val_file: Optional[str] = None
+    demo_dir: str = "data/classify"  # where the demo files are written when no files are given
+    train_last_blocks: Optional[int] = None  # None = every block trains; N = only the last N (+ final norm, head)
+    class_weights: str = "none"  # none | balanced (each class weighs n / (classes * its count) in the loss)
+    baselines: bool = True  # also fit the majority class and TF-IDF + logistic regression, for comparison
+    val_max: int = 0  # held-out examples evaluated (0 = all)
 
 
 @dataclass
@@ -177,6 +215,7 @@ class DPOJobSpec(JobSpec):
     kind: str = "dpo"
     name: str = "dpo"
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 @dataclass
@@ -184,6 +223,15 @@ class GRPOJobSpec(JobSpec):
     kind: str = "grpo"
     name: str = "grpo"
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+
+
+@dataclass
+class ClassifyJobSpec(JobSpec):
+    kind: str = "classify"
+    name: str = "classify"
+    classify: ClassifyConfig = field(default_factory=ClassifyConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 @dataclass
@@ -209,4 +257,3 @@ class EvalJobSpec(JobSpec):
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-KINDS: dict[str, Any] = {"pretrain": JobSpec, "sft": SFTJobSpec, "rm": RMJobSpec, "dpo": DPOJobSpec, "grpo": GRPOJobSpec, "eval": EvalJobSpec}

@@ -19,14 +19,14 @@ import torch
 import torch.distributed as dist
 
 
-def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
-                top_p: Optional[float] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """logits [batch, vocab] -> next token ids [batch]. temperature 0 = greedy (argmax)."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
+def sampling_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
+                    top_p: Optional[float] = None) -> torch.Tensor:
+    """The logits of the distribution sample_next draws from, float32, [..., vocab]: divided by the
+    temperature (> 0), tokens outside the top_k and the top_p nucleus at -inf. Its log_softmax is the
+    log-probability of a sampled token (GRPO's ratio and KL need exactly that distribution)."""
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         # Nucleus: keep the most likely tokens until their mass reaches top_p (always at least one).
@@ -35,7 +35,15 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[
         outside = probs.cumsum(dim=-1) - probs >= top_p
         sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(dim=-1)
+    return logits
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
+                top_p: Optional[float] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """logits [batch, vocab] -> next token ids [batch]. temperature 0 = greedy (argmax)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = sampling_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
     if generator is not None and generator.device != probs.device:
         return torch.multinomial(probs.to(generator.device), 1, generator=generator).squeeze(-1).to(probs.device)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
@@ -57,64 +65,83 @@ def _model_device(model) -> torch.device:
 @torch.no_grad()
 def _steps(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float,
            top_k: Optional[int], top_p: Optional[float], stop_tokens: Sequence[int],
-           generator: Optional[torch.Generator], use_cache: bool) -> Iterator[torch.Tensor]:
-    """Yield the next token of every row [batch] per step, until all rows (on all ranks) have stopped."""
+           generator: Optional[torch.Generator], use_cache: bool, samples: int = 1) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row [batch] per step, until all rows (on all ranks) have stopped.
+
+    The rows are each prompt `samples` times in a row. With the cache, a prompt is read once and its
+    keys and values copied to its samples, and rows that have stopped leave the batch (their filler
+    token is 0): each step costs only the rows still sampling."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (start with <|endoftext|> for none)")
     device = _model_device(model)
     max_len = model.cfg.max_seq_len
-    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    lengths = torch.tensor([len(p) for p in prompts for _ in range(samples)], device=device)
     width = int(lengths.max())
     if width > max_len:
         raise ValueError(f"a prompt of {width} tokens exceeds model.max_seq_len={max_len}")
     # The sequence can't grow past max_seq_len; ranks agree on the step count so their collectives match.
     steps = _all_ranks(min(max_new_tokens, max_len - width), dist.ReduceOp.MIN, device)
+    n = len(lengths)
     pad = width - lengths  # left padding per row
-    tokens = torch.zeros(len(prompts), width + steps, dtype=torch.long, device=device)
+    tokens = torch.zeros(n, width + steps, dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
-        tokens[i, int(pad[i]):width] = torch.tensor(p, dtype=torch.long)
+        tokens[i * samples:(i + 1) * samples, width - len(p):width] = torch.tensor(p, dtype=torch.long)
     columns = torch.arange(width + steps, device=device)
     padded = bool(pad.any())
     key_ok = columns[None, :] >= pad[:, None]  # [batch, total]: False on padding
     positions = (columns[None, :] - pad[:, None]).clamp(min=0)
     stops = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=device)
-    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    done = torch.zeros(n, dtype=torch.bool, device=device)
 
-    def logits_for(start: int, end: int, cache) -> torch.Tensor:
-        """Logits of the last position, feeding tokens[:, start:end] (after `start` cached ones)."""
+    def logits_for(rows: torch.Tensor, start: int, end: int, cache) -> torch.Tensor:
+        """Logits of the last position of these rows, feeding tokens[rows, start:end] (after `start` cached ones)."""
+        kwargs = {"cache": cache} if cache is not None else {}
         if not padded:
-            return model(tokens[:, start:end], cache=cache)[:, -1] if cache is not None else model(tokens[:, :end])[:, -1]
+            return model(tokens[rows, start:end], **kwargs)[:, -1]
         causal = torch.ones(end - start, end, dtype=torch.bool, device=device).tril(diagonal=start)
         # Padding queries attend to themselves only: a row with no key at all would give NaN.
         self_only = columns[None, :end] == columns[start:end, None]
-        mask = (causal & key_ok[:, None, None, :end]) | self_only
-        kwargs = {"cache": cache} if cache is not None else {}
-        return model(tokens[:, start:end], position_ids=positions[:, start:end], mask=mask, **kwargs)[:, -1]
+        mask = (causal & key_ok[rows, None, None, :end]) | self_only
+        return model(tokens[rows, start:end], position_ids=positions[rows, start:end], mask=mask, **kwargs)[:, -1]
 
     cache = model.new_cache(width + steps) if use_cache else None
+    active = torch.arange(n, device=device)  # the rows computed this step (with the cache: those still sampling)
     for t in range(steps):
         end = width + t
-        logits = logits_for(0 if cache is None or t == 0 else end - 1, end, cache)
-        nxt = sample_next(logits, temperature, top_k, top_p, generator)
-        nxt = torch.where(done, torch.zeros_like(nxt), nxt)  # finished rows keep a filler token
+        if cache is None:
+            logits = logits_for(active, 0, end, None)
+        elif t == 0:  # each prompt once, then its keys and values for every sample of it
+            logits = logits_for(active[::samples], 0, end, cache).repeat_interleave(samples, 0)
+            if samples > 1:
+                cache.select(active // samples)
+        else:
+            logits = logits_for(active, end - 1, end, cache)
+        nxt = torch.zeros(n, dtype=torch.long, device=device)  # finished rows keep a filler token
+        nxt[active] = sample_next(logits, temperature, top_k, top_p, generator)
+        nxt = torch.where(done, torch.zeros_like(nxt), nxt)
         tokens[:, end] = nxt
         yield nxt
         done |= torch.isin(nxt, stops)
         if _all_ranks(int(done.all()), dist.ReduceOp.MIN, device):
             return
+        if cache is not None and bool(done[active].any()) and not bool(done.all()):
+            keep = ~done[active]  # rows that stopped leave the batch, and their keys and values the cache
+            cache.select(keep.nonzero().squeeze(1))
+            active = active[keep]
 
 
 def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 1.0,
              top_k: Optional[int] = None, top_p: Optional[float] = None, stop_tokens: Sequence[int] = (),
-             generator: Optional[torch.Generator] = None, use_cache: bool = True) -> list[list[int]]:
+             generator: Optional[torch.Generator] = None, use_cache: bool = True, samples: int = 1) -> list[list[int]]:
     """The new tokens of each prompt, each ending at (and including) its first stop token.
 
     At most max_new_tokens, and no further than model.max_seq_len allows for the longest prompt.
+    samples: completions per prompt (GRPO's group), returned consecutively: len(prompts) * samples lists.
     """
-    out: list[list[int]] = [[] for _ in prompts]
-    finished = [False] * len(prompts)
+    out: list[list[int]] = [[] for _ in range(len(prompts) * samples)]
+    finished = [False] * len(out)
     for nxt in _steps(model, prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                      stop_tokens=stop_tokens, generator=generator, use_cache=use_cache):
+                      stop_tokens=stop_tokens, generator=generator, use_cache=use_cache, samples=samples):
         for i, tok in enumerate(nxt.tolist()):
             if not finished[i]:
                 out[i].append(tok)

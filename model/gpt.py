@@ -55,6 +55,12 @@ class KVCache:
         self.layers = [LayerKV(max_len) for _ in range(n_layer)]
         self.length = 0  # tokens cached; the next token's rotary position when none are given
 
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep these batch rows, in this order (an index may repeat: rows sharing a prompt)."""
+        for layer in self.layers:
+            if layer.k is not None:
+                layer.k, layer.v = layer.k[rows], layer.v[rows]
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: GPTConfig):

@@ -30,8 +30,11 @@ def _fail(msg: str, code: int = 2) -> int:
 
 def cmd_config(args) -> int:
     if is_pipeline_file(args.config):  # each stage's resolved config (init_from is filled in at submit time)
-        for stage in load_pipeline(args.config, args.overrides).stages:
-            after = f" (after {stage.after}: checkpoint.init_from = its run folder)" if stage.after else ""
+        pipeline = load_pipeline(args.config, args.overrides)
+        kinds = {s.name: s.cfg.kind for s in pipeline.stages}
+        for stage in pipeline.stages:
+            takes = "data.sources = its corpus" if kinds.get(stage.after) == "data" else "checkpoint.init_from = its run folder"
+            after = f" (after {stage.after}: {takes})" if stage.after else ""
             print(f"# ---- stage {stage.name}: {stage.job}{after}")
             print(OmegaConf.to_yaml(stage.cfg), end="")
         return 0
@@ -136,13 +139,27 @@ def cmd_runs(args) -> int:
 
 
 def cmd_cancel(args) -> int:
+    """Ask the run to stop; then (unless --no-wait) wait until it has saved and stopped, recording that, so that
+    an `orch resume` right after finds it CANCELLED."""
     registry = Registry()
     run = registry.find(args.run)
     if run.finished:
         print(f"{run.id} already {run.state}")
         return 0
-    executors.executor_for(run.executor, registry).cancel(run)
-    print(f"cancelling {run.id} ({registry.get(run.id).state}: it saves a checkpoint, then stops)")
+    executor = executors.executor_for(run.executor, registry)
+    executor.cancel(run)
+    print(f"cancelling {run.id}: it saves a checkpoint, then stops", flush=True)
+    deadline = time.monotonic() + args.timeout
+    while not args.no_wait:
+        executor.refresh([registry.get(run.id)])
+        run = registry.get(run.id)
+        if run.finished:
+            print(f"{run.id} {run.state}")
+            break
+        if time.monotonic() > deadline:
+            print(f"{run.id} is still {run.state} after {args.timeout:.0f}s; `orch runs` shows when it has stopped")
+            break
+        time.sleep(1)  # polling the backend (the supervisor's record, sacct): its state decides when we stop
     return 0
 
 
@@ -247,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("cancel", help="cancel a run (it checkpoints first)")
     s.add_argument("run")
+    s.add_argument("--no-wait", action="store_true", help="return at once; the run is CANCELLING until it has stopped")
+    s.add_argument("--timeout", type=float, default=600, help="seconds to wait for it to stop (default 600)")
     s.set_defaults(func=cmd_cancel)
 
     s = sub.add_parser("resume", help="start a finished or failed run again; it continues from its checkpoint")

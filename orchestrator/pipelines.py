@@ -2,7 +2,9 @@
 executor, cancel them, follow them, and settle the states of stages that can no longer run.
 
 Each stage with `after: X` gets `checkpoint.init_from` = X's run folder (the trainer starts from its newest
-checkpoint); an eval stage with no `eval.compare` compares every stage it descends from.
+checkpoint); an eval stage with no `eval.compare` compares every model stage it descends from. When X is a data
+stage (kind: data) the stage gets `data.sources` = X's cleaned corpus (X/corpus) instead, and it and every stage
+after it get `data.dir` = X/tokenized: pretraining tokenizes the corpus there, eval reads its val split.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from jobspec.contract import CURATED_CORPUS, TOKENIZED
 from jobspec.faults import fault
 from jobspec.pipeline_file import Pipeline, Stage
 from orchestrator import executors
@@ -33,10 +36,16 @@ def submit(pipeline: Pipeline, registry: Registry) -> tuple[str, list[Run]]:
     for stage in pipeline.stages:
         run_id = f"{pipeline_id}-{stage.name}"
         stage.cfg.executor = executor
-        if stage.after:  # the trainer loads the newest valid checkpoint of this folder
+        if stage.after and _by_name(pipeline, stage.after).cfg.kind == "data":
+            # A data stage's output is a corpus, not a checkpoint: this stage reads it
+            stage.cfg.data.sources = [str(Path(run_dirs[stage.after]) / CURATED_CORPUS)]
+        elif stage.after:  # the trainer loads the newest valid checkpoint of this folder
             stage.cfg.checkpoint.init_from = run_dirs[stage.after]
             if stage.cfg.kind == "eval" and not stage.cfg.eval.compare:
                 stage.cfg.eval.compare = _ancestors(pipeline, stage, run_dirs)
+        curated = _data_ancestor(pipeline, stage)
+        if curated is not None:  # its tokenized form lives beside it: pretraining writes it, eval reads its val split
+            stage.cfg.data.dir = str(Path(run_dirs[curated.name]) / TOKENIZED)
         run_dirs[stage.name] = str(run_folder(stage.cfg, run_id))
         parent = f"{pipeline_id}-{stage.after}" if stage.after else None
         runs.append(register_run(registry, stage.cfg, executor, run_id, pipeline_id=pipeline_id, stage=stage.name,
@@ -48,14 +57,30 @@ def submit(pipeline: Pipeline, registry: Registry) -> tuple[str, list[Run]]:
 
 
 def _ancestors(pipeline: Pipeline, stage: Stage, run_dirs: dict[str, str]) -> list[str]:
-    """["pretrain=RUN_FOLDER", "sft=RUN_FOLDER", ...]: the stages an eval stage descends from, first to
-    last, so that its report.md compares every stage of the chain on every metric."""
+    """["pretrain=RUN_FOLDER", "sft=RUN_FOLDER", ...]: the model stages an eval stage descends from, first to
+    last, so that its report.md compares every stage of the chain on every metric (a data stage has no model)."""
     by_name = {s.name: s for s in pipeline.stages}
     chain, name = [], stage.after
     while name is not None:
-        chain.append(f"{name}={run_dirs[name]}")
+        if by_name[name].cfg.kind != "data":
+            chain.append(f"{name}={run_dirs[name]}")
         name = by_name[name].after
     return list(reversed(chain))
+
+
+def _by_name(pipeline: Pipeline, name: str) -> Stage:
+    return next(s for s in pipeline.stages if s.name == name)
+
+
+def _data_ancestor(pipeline: Pipeline, stage: Stage) -> Optional[Stage]:
+    """The nearest data stage this one descends from (through `after`), if any."""
+    name = stage.after
+    while name is not None:
+        parent = _by_name(pipeline, name)
+        if parent.cfg.kind == "data":
+            return parent
+        name = parent.after
+    return None
 
 
 def stages(registry: Registry, pipeline_id: str) -> list[Run]:
@@ -86,7 +111,8 @@ def reconcile(registry: Registry, pipeline_id: Optional[str] = None) -> None:
             continue
         for name in {r.executor for r in live}:
             executors.executor_for(name, registry).refresh([r for r in runs if r.executor == name])
-        cancel_dependents(registry, runs)
+        # and tell each backend (Slurm may not have cancelled the job itself yet)
+        cancel_dependents(registry, runs, cancel_one=lambda r: executors.executor_for(r.executor, registry).cancel(r))
 
 
 def wait(registry: Registry, pipeline_id: str, *, stream: bool = True, timeout: Optional[float] = None,

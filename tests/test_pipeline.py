@@ -115,7 +115,7 @@ def test_an_override_for_an_unknown_stage_is_refused(tmp_path):
 
 def test_the_shipped_pipelines_load(tmp_path):
     """jobs/pipeline-pretrain-chain.yaml resolves; jobs/pipeline.yaml names only stages whose job files exist
-    or says which one is missing."""
+    or says which one is missing, and its pretrain stage reads the data stage's corpus."""
     result = orch(tmp_path, "config", str(REPO / "jobs" / "pipeline-pretrain-chain.yaml"), "train.max_steps=7")
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("# ---- stage") == 4 and result.stdout.count("max_steps: 7") == 4
@@ -125,7 +125,8 @@ def test_the_shipped_pipelines_load(tmp_path):
         assert result.returncode == 2 and f"stages.{missing[0]}.job" in result.stderr, result.stderr
     else:
         assert result.returncode == 0, result.stderr
-        assert result.stdout.count("# ---- stage") == 5
+        assert result.stdout.count("# ---- stage") == 6  # data, pretrain, sft, dpo, grpo, eval
+        assert "# ---- stage pretrain" in result.stdout and "(after data: data.sources = its corpus)" in result.stdout
 
 
 # ------------------------------------------------------------------ the local executor

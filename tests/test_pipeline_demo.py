@@ -1,7 +1,8 @@
-"""The default pipeline end to end: `orch submit jobs/pipeline.yaml --follow` runs pretrain -> sft -> dpo ->
-grpo -> eval on this machine, each stage starting from its parent's final checkpoint, and the eval stage's
-report.md compares every stage. Tiny model, few steps per stage: the point is that the stages fit together
-(shapes, tokenizer, init_from chain, eval.compare), not what they learn."""
+"""The default pipeline end to end: `orch submit jobs/pipeline.yaml --follow` runs data -> pretrain -> sft -> dpo ->
+grpo -> eval on this machine: pretrain reads the data stage's cleaned corpus, each later stage starts from its
+parent's final checkpoint, and the eval stage's report.md compares every model stage. Tiny model, few steps per
+stage: the point is that the stages fit together (corpus, shapes, tokenizer, init_from chain, eval.compare), not
+what they learn."""
 
 from __future__ import annotations
 
@@ -23,12 +24,13 @@ STAGES = ["pretrain", "sft", "dpo", "grpo"]
 SEQ = 128
 
 
-def pipeline_overrides(tmp_path: Path, data_dir: str) -> list[str]:
+def pipeline_overrides(tmp_path: Path) -> list[str]:
     every_stage = [*TINY, f"model.max_seq_len={SEQ}", "train.max_steps=6", "train.val_batches=2", "checkpoint.every=0",
                    f"runs_dir={tmp_path / 'runs'}", "resources.max_retries=0", "executor=local"]
-    # Only pretraining and eval read data.dir: post-training stages keep the default (data/demo, absent here), so
-    # eval must find their tokenizer by following checkpoint.init_from back to the pretraining run.
-    one_stage = [f"stages.pretrain.data.dir={data_dir}", f"stages.eval.data.dir={data_dir}"] + [
+    # Pretraining and eval read data.dir, which the pipeline points at the data stage's tokenized/ (pretraining
+    # prepares it from the cleaned corpus); eval finds the post-trained models' tokenizer by following
+    # checkpoint.init_from back to the pretraining run.
+    one_stage = [
         f"stages.{stage}.data.seq_len={SEQ}" for stage in ("sft", "dpo", "grpo")] + [
         "stages.pretrain.train.max_steps=20",
         "stages.dpo.dpo.val_max=8",
@@ -61,16 +63,28 @@ def _header_for(report: str, row: str) -> list[str]:
     return [c.strip() for c in lines[i].strip().strip("|").split("|")]
 
 
-def test_default_pipeline_runs_every_stage_and_compares_them(tmp_path, tiny_data):
+def test_default_pipeline_runs_every_stage_and_compares_them(tmp_path):
     result = subprocess.run([sys.executable, "-m", "orchestrator.cli", "submit", "--follow",
-                             str(REPO / "jobs" / "pipeline.yaml"), *pipeline_overrides(tmp_path, tiny_data)],
+                             str(REPO / "jobs" / "pipeline.yaml"), *pipeline_overrides(tmp_path)],
                             cwd=tmp_path, env=env_for(tmp_path), capture_output=True, text=True, timeout=600)
     log = result.stdout[-4000:] + result.stderr[-3000:]
     assert result.returncode == 0, log
 
     runs = {r.stage: r for r in Registry(tmp_path / ".orch" / "registry.db").list()}
-    assert sorted(runs) == sorted([*STAGES, "eval"]), log
+    assert sorted(runs) == sorted(["data", *STAGES, "eval"]), log
     assert {stage: r.state for stage, r in runs.items()} == {stage: "COMPLETED" for stage in runs}, log
+
+    # pretrain read the data stage's cleaned corpus, and tokenized it beside it, where eval reads the val split
+    data_dir = Path(runs["data"].run_dir)
+    stats = json.loads((data_dir / "stats.json").read_text())
+    assert stats["output_docs"] > 0 and (data_dir / "report.md").is_file()
+    pretrain_cfg = OmegaConf.load(Path(runs["pretrain"].run_dir) / "config.yaml")
+    assert list(pretrain_cfg.data.sources) == [str(data_dir / "corpus")]
+    assert pretrain_cfg.checkpoint.init_from is None
+    for stage in ("pretrain", "eval"):
+        assert OmegaConf.load(Path(runs[stage].run_dir) / "config.yaml").data.dir == str(data_dir / "tokenized")
+    meta = json.loads((data_dir / "tokenized" / "meta.json").read_text())
+    assert meta["splits"]["train"]["documents"] == stats["output_docs"]
 
     # each stage started from its parent's run folder; eval compares the whole chain, in order
     chain = [*STAGES, "eval"]

@@ -208,7 +208,7 @@ def test_cancel_then_resume_at_once_never_runs_two_trainers(tmp_path, tiny_data,
                               fault="checkpoint.manifest#1:wait")
     run_dir = registry.get(run_id).run_dir
     wait_for(lambda: (Path(run_dir) / "metrics.jsonl").exists(), "training to start")
-    assert orch(tmp_path, "cancel", run_id).returncode == 0
+    assert orch(tmp_path, "cancel", run_id, "--no-wait").returncode == 0
     wait_for(lambda: "[orch fault] checkpoint.manifest" in (Path(run_dir) / "logs" / "train.log").read_text(),
              "the trainer to be saving")
     refused = orch(tmp_path, "resume", run_id)  # the trainer is still saving

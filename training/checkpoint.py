@@ -180,12 +180,16 @@ def set_rng_state(state: dict) -> None:
 
 # ---------------------------------------------------------------- save
 
-def _model_tensors(model) -> dict:
+def _model_tensors(model, whole: bool = False) -> dict:
     """The model's state dict, with a tied output head left out: it is the embedding matrix,
-    and safetensors refuses two names for one storage. Tying restores it on load."""
+    and safetensors refuses two names for one storage. Tying restores it on load.
+    A model with `checkpoint_keys` (LoRA: what it trains) saves and resumes only those, unless whole."""
     state = get_model_state_dict(model)
     if getattr(getattr(model, "cfg", None), "tie_embeddings", False):
         state.pop("output.weight", None)
+    keys = getattr(model, "checkpoint_keys", None)
+    if keys is not None and not whole:
+        state = {k: v for k, v in state.items() if k in keys}
     return state
 
 
@@ -424,10 +428,11 @@ def _dcp_load(state: dict, folder: Path) -> None:
                               ) from None
 
 
-def load_checkpoint(path: Path, model, optimizer=None) -> dict:
-    """Load weights (and optimizer moments) into an already-parallelized model, on any mesh."""
+def load_checkpoint(path: Path, model, optimizer=None, whole: bool = False) -> dict:
+    """Load weights (and optimizer moments) into an already-parallelized model, on any mesh.
+    whole: every tensor of the model (a base checkpoint into a LoRA model), not only its checkpoint_keys."""
     rank, _ = _world()
-    model_sd = _model_tensors(model)
+    model_sd = _model_tensors(model, whole)
     fresh = [k for k in getattr(model, "fresh_keys", ()) if k in model_sd]
     if fresh:  # parameters a task adds to a pretrained model (a reward head) keep their init if the source lacks them
         stored = HuggingFaceStorageReader(str(path / "model")).read_metadata().state_dict_metadata

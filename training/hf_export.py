@@ -102,6 +102,7 @@ def export_hf(source: str | Path, out_dir: str | Path, *, tokenizer: str | Path 
     if cfg.vocab_size != real_vocab:
         raise HFError(f"{run_dir}: the run's model has vocab_size {cfg.vocab_size} but the checkpoint's embedding "
                       f"has {real_vocab} rows")
+    head = state.pop("score.weight", None)  # a classify run: LlamaForSequenceClassification's head
     check_shapes(cfg, state, ckpt_dir / "model")
 
     tok_path = Path(tokenizer) if tokenizer is not None else run_folder.tokenizer_file(ckpt_dir)
@@ -115,13 +116,19 @@ def export_hf(source: str | Path, out_dir: str | Path, *, tokenizer: str | Path 
         tokenizer_config["split_special_tokens"] = False
 
     tensors = {to_hf_name(k): v.to(dtype).contiguous() for k, v in state.items()}
+    config = hf_config(cfg, dtype, ids["bos"], ids["eos"], ids["pad"])
+    if head is not None:
+        from training.classify.export import classifier_config
+
+        tensors["score.weight"] = head.to(dtype).contiguous()
+        config.update(classifier_config(run_dir, head.shape[0]))
     step = checkpoint_step(ckpt_dir.name)
     generation = {"bos_token_id": ids["bos"], "eos_token_id": ids["eos"], "pad_token_id": ids["pad"],
                   "max_length": cfg.max_seq_len}
     if chat_template is not None and ids.get("end_of_turn") is not None:  # a chat reply ends at <|im_end|>
         generation["eos_token_id"] = [ids["eos"], ids["end_of_turn"]]
     files = {
-        "config.json": hf_config(cfg, dtype, ids["bos"], ids["eos"], ids["pad"]),
+        "config.json": config,
         "generation_config.json": generation,
         "tokenizer_config.json": tokenizer_config,
         **token_files,

@@ -39,11 +39,13 @@ TASKS = {
     "rm": "training.tasks.rm:RewardModelTask",
     "dpo": "training.tasks.dpo:DPOTask",
     "grpo": "training.tasks.grpo:GRPOTask",
+    "classify": "training.tasks.classify:ClassifyTask",
 }
 
 # Kinds that don't train: a function run(cfg, dist_info, run_dir) -> exit code instead of a task.
 RUNNERS = {
     "eval": "training.evaluate.job:run_eval",
+    "data": "training.data.curate.job:run_curate",
 }
 
 
@@ -103,6 +105,8 @@ def run(argv=None) -> int:
         if cfg.kind in RUNNERS:
             return _load(RUNNERS[cfg.kind])(cfg, dist_info, folder.path)
         task = _load(TASKS[cfg.kind])(cfg, dist_info)
+        if hasattr(task, "attach_run_dir"):  # a task that writes files of its own there (classify: labels.json)
+            task.attach_run_dir(folder.path)
         return Trainer(cfg, dist_info, folder.path, task, stop=stop).fit()
     except (SpecError, DataError, ckpt.CheckpointError, RunFolderBusy, ValueError, OSError) as e:
         if isinstance(e, OSError) and e.errno not in (errno.ENOSPC, errno.EDQUOT):

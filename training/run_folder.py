@@ -101,6 +101,14 @@ def checkpoint_vocab(ckpt_dir: Path) -> int:
     """Rows of the embedding, read from the checkpoint's metadata (no tensor is loaded)."""
     from torch.distributed.checkpoint import HuggingFaceStorageReader
 
+    from training.lora_checkpoint import base_of
+
+    record = base_of(ckpt_dir)
+    if record is not None:  # a LoRA run's checkpoint holds adapters only: the embedding is its base's
+        base = Path(record["checkpoint"])
+        if is_hf_folder(base):
+            return int(json.loads((base / "config.json").read_text())["vocab_size"])
+        return checkpoint_vocab(base)
     meta = HuggingFaceStorageReader(str(ckpt_dir / "model")).read_metadata()
     emb = meta.state_dict_metadata.get("tok_embeddings.weight")
     if emb is None:
@@ -183,8 +191,9 @@ def starting_point(init_from, tokenizer: Optional[str] = None, key: str = "check
     return StartingPoint(model_config(init_from), Path(tokenizer) if tokenizer else tokenizer_file(init_from))
 
 
-def read_checkpoint_model(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
-    """Full model tensors of a checkpoint, reassembled from every rank's slices, in one process."""
+def read_checkpoint_model(ckpt_dir: str | Path, merge_lora: bool = True) -> dict[str, torch.Tensor]:
+    """Full model tensors of a checkpoint, reassembled from every rank's slices, in one process.
+    A LoRA checkpoint's are its base's with the adapters merged (merge_lora=False: the adapters as saved)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageReader
 
@@ -194,7 +203,9 @@ def read_checkpoint_model(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, storage_reader=HuggingFaceStorageReader(folder))
-    return state
+    from training.lora_checkpoint import with_base  # a LoRA checkpoint holds only its adapters
+
+    return with_base(ckpt_dir, state, read_checkpoint_model) if merge_lora else state
 
 
 def load_model(source: str | Path, device: str | torch.device = "cpu", tokenizer: Optional[str | Path] = None):

@@ -31,6 +31,7 @@ from model.config import GPTConfig
 from model.gpt import GPT, flops_per_token
 from model.parallelize import parallelize
 from training import checkpoint as ckpt
+from training import lora_checkpoint
 from training import run_folder
 from training.metrics import MetricsLogger, Throughput, peak_flops, say
 from training.optim import build_optimizer, lr_at
@@ -79,11 +80,21 @@ def build_model(model_cfg: GPTConfig, cfg, dist_info, param_dtype: torch.dtype, 
     subclass with extra parameters (the reward model's value head); a task names it as `task.model_class`."""
     with torch.device("meta"):
         model = model_class(model_cfg)
+    lora = cfg.get("lora")
+    if trainable and lora is not None and lora.enabled:  # adapters join before FSDP shards the blocks
+        from model.lora import apply_lora
+
+        apply_lora(model, lora.rank, lora.alpha, list(lora.target_modules), lora.dropout,
+                   [*lora.modules_to_save, *getattr(model, "lora_modules_to_save", ())])
     model = parallelize(model, dist_info.mesh, param_dtype=param_dtype,
                         compile=cfg.train.compile and trainable,
                         activation_checkpointing=cfg.train.activation_checkpointing and trainable)
     model.to_empty(device=dist_info.device)
     model.init_weights(seed=cfg.seed)
+    if getattr(model, "checkpoint_keys", None) is not None:
+        from model.lora import init_lora_weights
+
+        init_lora_weights(model, seed=cfg.seed)
     if not trainable:
         model.requires_grad_(False)
         model.eval()
@@ -106,7 +117,15 @@ def load_weights(model, init_from: str, is_main: bool = True) -> None:
     source = ckpt.find_resumable(src) if (src / "checkpoints").is_dir() else src
     if source is None:
         raise ckpt.CheckpointError(f"checkpoint.init_from={init_from!r} has no valid checkpoint")
-    ckpt.load_checkpoint(source, model, optimizer=None)
+    from training.lora_checkpoint import base_of
+
+    if base_of(source) is not None:  # a LoRA run's adapters: its base with them merged, as full tensors
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        state = run_folder.read_checkpoint_model(source)
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+    else:  # every tensor, also into a LoRA model (whose own checkpoints hold only its adapters)
+        ckpt.load_checkpoint(source, model, optimizer=None, whole=True)
     say(f"initialized weights from {source}", is_main)
 
 
@@ -136,6 +155,7 @@ class Trainer:
         self.model = build_model(self.model_cfg, cfg, dist_info, self.param_dtype, model_class=task.model_class)
         fault("model.build")
         self.n_params = self.model.num_params()
+        self.lora_base = None  # LoRA: the base checkpoint's record (training/lora_checkpoint.py)
         self.flops_per_token = flops_per_token(self.model_cfg, cfg.data.seq_len)
         self.optimizer = build_optimizer(self.model, cfg.optim, device)
         self.step = 0
@@ -165,7 +185,8 @@ class Trainer:
         return {"step": self.step, "tokens_seen": self.tokens_seen, "config_hash": config_hash(self.cfg),
                 "max_steps": self.max_steps, "configured_max_steps": self.cfg.train.max_steps,
                 "world_size": self.dist.world_size, "skipped_steps": self.skipped_steps,
-                "budget_used_s": self.budget.used(), "task": self.task.state_dict()}
+                "budget_used_s": self.budget.used(), "task": self.task.state_dict(),
+                **({lora_checkpoint.BASE_KEY: self.lora_base} if self.lora_base else {})}
 
     def resume_or_init(self) -> None:
         """Resume from this run's newest valid checkpoint, or start from init_from, or from scratch."""
@@ -173,8 +194,14 @@ class Trainer:
             for stale in ckpt.clean_unfinished(self.run_dir):
                 say(f"removed {stale.name}: a save that a crash interrupted", True)
         self.dist.barrier()
+        lora = self.cfg.get("lora")
+        lora_enabled = lora is not None and lora.enabled
         path = ckpt.find_resumable(self.run_dir, set_damaged_aside=True)
         if path is not None:
+            # LoRA: the checkpoint holds adapters only; first the very base they were trained on, checked
+            self.lora_base = lora_checkpoint.base_to_resume(path, lora_enabled)
+            if self.lora_base is not None:
+                load_weights(self.model, self.lora_base["checkpoint"], self.dist.is_main)
             state = ckpt.load_checkpoint(path, self.model, self.optimizer)
             if state.get("config_hash") not in (None, config_hash(self.cfg)):
                 say(f"warning: {path} was saved with another model/data config; resuming anyway", self.dist.is_main)
@@ -187,8 +214,12 @@ class Trainer:
             self.task.load_state_dict(state["task"])
             say(f"resumed from {path} at step {self.step}", self.dist.is_main)
             return
+        if lora_enabled and not self.cfg.checkpoint.init_from:
+            raise ValueError("lora.enabled needs checkpoint.init_from: adapters train on top of an existing model")
         if self.cfg.checkpoint.init_from:
             load_weights(self.model, self.cfg.checkpoint.init_from, self.dist.is_main)
+            if lora_enabled:
+                self.lora_base = lora_checkpoint.base_record(self.cfg.checkpoint.init_from, lora.rank, lora.alpha)
 
     def save(self, background: bool = False) -> Path | None:
         """Write a checkpoint of this step (never twice the same step, never a non-finite state).
@@ -303,6 +334,12 @@ class Trainer:
         if is_main:  # what this run trains, for whoever reads the folder later (training/run_folder.py)
             run_folder.write_artifacts(self.run_dir, self.model_cfg, self.task.tokenizer_file)
         self.resume_or_init()
+        if self.lora_base:
+            from model.lora import trainable_share
+
+            trainable, total = trainable_share(self.model)
+            say(f"LoRA: {trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%); base "
+                f"{self.lora_base['checkpoint']}", is_main)
         say(f"model: {self.n_params / 1e6:.2f}M parameters, {self.flops_per_token / 1e6:.1f} MFLOP/token; "
             f"world {self.dist.world_size} = dp_replicate {self.dist.dp_replicate} x dp_shard {self.dist.dp_shard} "
             f"x tp {self.dist.tp}; {self.dist.device}, {cfg.train.dtype}", is_main)

@@ -195,6 +195,11 @@ class SlurmExecutor:
 
     def submit(self, run: Run, cfg, dependency_job_ids: Sequence[str] = ()) -> str:
         """Submit a registered run as a Slurm job; records its job id, state PENDING, executor "slurm"."""
+        if cfg.kind == "data":  # the curation stage: job arrays over its shards (slurm_array.py)
+            from orchestrator.executors import slurm_array
+
+            ids = slurm_array.submit(run, self.registry, cfg, executor_parameters, dependency_job_ids)
+            return f"slurm array jobs {ids['analyze']} and {ids['write']}, report job {ids['report']}"
         import submitit
 
         from orchestrator.executors.slurm_job import TrainingJob
@@ -260,6 +265,9 @@ class SlurmExecutor:
             return
         self.registry.transition(run.id, ("PENDING", "RUNNING"), state="CANCELLING", reason="cancelled by user")
         if run.slurm_job_id:
+            from orchestrator.executors.slurm_array import cancel_ids, job_ids
+
+            cancel_ids(job_ids(run))  # a data run's array and dedup jobs, before its report job
             self._scancel(run.slurm_job_id)
 
     def _scancel(self, job_id: str) -> None:

@@ -141,8 +141,9 @@ class Collector:
             try:
                 with open(RunFolder(run_dir).config) as f:
                     cfg = yaml.load(f, Loader=_Loader) or {}
-                # an eval job measures, it takes no steps: its row shows none
-                self._max_steps[run_dir] = None if cfg.get("kind") == "eval" else int(cfg["train"]["max_steps"])
+                # an eval job measures, it takes no steps: its row shows none; a data job's total (documents to
+                # read) comes with its first metrics record
+                self._max_steps[run_dir] = None if cfg.get("kind") in ("eval", "data") else int(cfg["train"]["max_steps"])
             except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError):
                 self._max_steps[run_dir] = None
         return self._max_steps[run_dir]
@@ -171,8 +172,9 @@ class Collector:
         row.tokens_per_s = train.get("tokens_per_s")
         row.mfu = train.get("mfu")
         row.eta_s = None if finished else train.get("eta_s")
-        if isinstance(train.get("max_steps"), int):  # the trainer may end the schedule early (time_budget_min)
-            row.max_steps = train["max_steps"]
+        # the trainer may end the schedule early (time_budget_min); a data job counts documents, not steps
+        if isinstance(m.latest.get("max_steps"), int):
+            row.max_steps = m.latest["max_steps"]
         row.val_loss = m.latest.get("val_loss")
         row.skipped_steps = train.get("skipped_steps")
         row.last_checkpoint = newest_checkpoint(run.run_dir)

@@ -46,28 +46,34 @@ def demo_files(split: str) -> list[Path]:
     return files
 
 
-def source_files(src: str) -> list[tuple[Path, str]]:
+def source_files(src: str, suffixes: tuple[str, ...] = SUFFIXES) -> list[tuple[Path, str]]:
     """The files of one user source as (path, name), name being stable wherever the data lives."""
-    expected = "expected 'demo', or a .txt, .jsonl or .parquet file, or a folder of them"
+    kinds = ", ".join(suffixes[:-1]) + f" or {suffixes[-1]}" if len(suffixes) > 1 else suffixes[0]
+    expected = f"expected 'demo', or a {kinds} file, or a folder of them"
     if "://" in src:
         raise DataError(f"key 'data.sources' has the value {src!r}, but remote sources are not read "
                         f"directly: download them first ({expected})")
     path = Path(src)
     if path.is_file():
-        if path.suffix not in SUFFIXES:
+        if path.suffix not in suffixes:
             raise DataError(f"key 'data.sources' has the value {src!r}, but that is a "
                             f"{path.suffix or 'extension-less'} file ({expected})")
         return [(path, path.name)]
     if path.is_dir():
         # Files of other types (README.md, .DS_Store, ...) in a folder are skipped, not errors.
         files = [(f, f.relative_to(path).as_posix()) for f in sorted(path.rglob("*"))
-                 if f.is_file() and f.suffix in SUFFIXES
+                 if f.is_file() and f.suffix in suffixes
                  and not any(p.startswith(".") for p in f.relative_to(path).parts)]
         if not files:
             raise DataError(f"key 'data.sources' has the value {src!r}, but that folder holds no "
-                            f".txt, .jsonl or .parquet files ({expected})")
+                            f"{kinds} files ({expected})")
         return files
     raise DataError(f"key 'data.sources' has the value {src!r}, but no such file or folder exists ({expected})")
+
+
+def is_presplit(src: str) -> bool:
+    """A folder with train/ and val/ subfolders (what a data job writes) is read as already split."""
+    return src != "demo" and (Path(src) / "train").is_dir() and (Path(src) / "val").is_dir()
 
 
 def is_val(name: str, index: int, val_fraction: float) -> bool:
@@ -80,6 +86,11 @@ def _source_documents(cfg, src: str, split: str) -> Iterator[str]:
     if src == "demo":
         for path in demo_files(split):
             yield _read_text(path)
+        return
+    if is_presplit(src):
+        for path, _ in source_files(str(Path(src) / split)):
+            for _, text in _read_records(path, cfg.text_field):
+                yield text
         return
     for path, name in source_files(src):
         for index, text in _read_records(path, cfg.text_field):
@@ -94,7 +105,7 @@ def _read_text(path: Path) -> str:
 
 def _read_records(path: Path, field: str) -> Iterator[tuple[int, str]]:
     """(index, text) of each document in one file; the index feeds the train/val hash."""
-    if path.suffix == ".txt":
+    if path.suffix not in (".jsonl", ".parquet"):  # a text file (.txt; .py and others in a data job's corpus)
         yield 0, _read_text(path)
     elif path.suffix == ".jsonl":
         with open(path, encoding="utf-8", errors="replace") as f:

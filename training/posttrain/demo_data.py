@@ -5,7 +5,7 @@ and docstring", answered by its real source. From those, three kinds of records:
 
     sft_{train,val}.jsonl    {"prompt", "completion"}                 supervised fine-tuning
     pref_{train,val}.jsonl   {"prompt", "chosen", "rejected", "corruption"}   reward model / DPO
-    grpo_{train,val}.jsonl   {"prompt", "signature"}                  GRPO (reward: does it parse, right signature)
+    grpo_{train,val}.jsonl   {"prompt", "signature", "reference"}     GRPO (reward: parses, resembles the reference)
 
 The split is the pretraining demo's (training/data/corpus.py): functions of the held-out packages
 (json, email) only ever appear in the val files, so evaluation is on code no stage trained on.
@@ -33,7 +33,7 @@ from training.data import DataError
 from training.data.corpus import DEMO_VAL_PACKAGES, demo_files
 from training.posttrain.jsonl import write_jsonl
 
-FORMAT_VERSION = 1  # bump when the records change: older folders are then derived again
+FORMAT_VERSION = 2  # bump when the records change: older folders are then derived again
 NAMES = ("sft_train", "sft_val", "pref_train", "pref_val", "grpo_train", "grpo_val")
 MAX_LINES = 30  # longest function kept, docstring included: fits a small model's context
 MAX_CHARS = 1200
@@ -76,7 +76,7 @@ def write_demo_data(out_dir, tokenizer_path=None, max_docs: Optional[int] = None
         counts[f"pref_{split}"] = write_jsonl(paths[f"pref_{split}"], (
             p for p in (_preference(f, rng, names) for f in fs) if p is not None))
         counts[f"grpo_{split}"] = write_jsonl(paths[f"grpo_{split}"], (
-            {"prompt": f["prompt"], "signature": f["signature"]} for f in fs))
+            {"prompt": f["prompt"], "signature": f["signature"], "reference": f["source"]} for f in fs))
     meta = {"format": FORMAT_VERSION, "fingerprint": fp, "counts": counts, "val_packages": list(DEMO_VAL_PACKAGES),
             "tokenizer": str(tokenizer_path) if tokenizer_path else None, "max_docs": max_docs, "seed": seed,
             "max_tokens": max_tokens}

@@ -96,6 +96,22 @@ def python_parses_partial(completion: str, example: dict) -> float:
     return 0.75 if wanted is not None and any(f.name == wanted[0] for f in functions) else 0.5
 
 
+def parses_and_resembles(completion: str, example: dict) -> float:
+    """python_parses_partial (the parse gate with partial credit) times the similarity of the completion
+    to the record's reference implementation (difflib's ratio, 0..1). A policy that answers every prompt
+    with one short body that parses (`return self`) scores near 0 here: parsing alone pays nothing.
+    Needs records with a "reference" (the demo's grpo files have one)."""
+    if "reference" not in example:
+        raise ValueError("parses_and_resembles needs records with a 'reference' key (the function's real source); "
+                         "the demo's grpo_*.jsonl have it, derived again by training/posttrain/demo_data.py")
+    gate = python_parses_partial(completion, example)
+    if not gate:
+        return 0.0
+    import difflib
+
+    return gate * difflib.SequenceMatcher(None, completion.strip(), example["reference"].strip(), autojunk=False).ratio()
+
+
 def load_reward_fn(spec: str) -> RewardFn:
     """`package.module:function` -> the function; a ValueError naming the spec when it can't be found."""
     module_name, _, name = spec.partition(":")

@@ -2,7 +2,8 @@
 relative to a frozen copy of the starting model (Rafailov et al. 2023).
 
 The policy starts from checkpoint.init_from (normally an SFT run); the reference is the same
-weights, frozen, and its log-probs are computed alongside, without gradients. Evaluation is the
+weights, frozen, and its log-probs are computed alongside, without gradients. With lora.enabled the
+reference is the policy itself with its adapters off (the base), so no second copy is built. Evaluation is the
 held-out preference accuracy: the share of pairs whose chosen answer gets the higher implicit
 reward beta * (log pi - log ref).
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from model.gpt import GPT
+from model.lora import adapters_disabled
 from training.posttrain.losses import dpo_loss, sequence_logprobs
 from training.posttrain.metric_sums import MetricSums
 from training.posttrain.pairs import PreferenceData
@@ -31,9 +33,11 @@ class DPOTask:
         self.model_cfg = self.data.model_cfg  # the trainer builds the policy in the source's shape
         self.tokenizer_file = self.data.tokenizer_file
         self.vocab_size = self.model_cfg.vocab_size
-        param_dtype, _ = precision(cfg, dist_info)
-        self.reference = build_model(self.model_cfg, cfg, dist_info, param_dtype, trainable=False)
-        load_weights(self.reference, cfg.checkpoint.init_from, dist_info.is_main)
+        self.reference = None  # with LoRA the reference is the policy with its adapters off: no second copy
+        if not cfg.lora.enabled:
+            param_dtype, _ = precision(cfg, dist_info)
+            self.reference = build_model(self.model_cfg, cfg, dist_info, param_dtype, trainable=False)
+            load_weights(self.reference, cfg.checkpoint.init_from, dist_info.is_main)
         self.metrics = MetricSums()
 
     def next_batch(self) -> dict:
@@ -42,8 +46,9 @@ class DPOTask:
     def _logprobs(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Sequence log-probs of the answers under the model and under the reference, [2B] each."""
         policy = sequence_logprobs(model(batch["tokens"]), batch["labels"])
-        with torch.no_grad():
-            reference = sequence_logprobs(self.reference(batch["tokens"]), batch["labels"])
+        with torch.no_grad(), adapters_disabled(model):
+            reference = model if self.reference is None else self.reference
+            reference = sequence_logprobs(reference(batch["tokens"]), batch["labels"])
         return policy, reference
 
     def loss(self, model, batch) -> tuple[torch.Tensor, int]:

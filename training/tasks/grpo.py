@@ -1,41 +1,66 @@
 """GRPO, Group Relative Policy Optimization (Shao et al. 2024): sample a group of completions per
 prompt, score them, and push up those better than their group's average.
 
-Each micro-batch: micro_batch_size prompts per rank, grpo.group_size completions each, sampled
-from the current policy (KV-cached, model/generate.py) with a generator seeded by (seed, draw,
-data-parallel rank), so a resumed run samples exactly what the uninterrupted one would have.
-Rewards come from grpo.reward: a `module:function` (default: does the completion parse as Python
-and keep the requested signature) or a trained `rm` run folder. Advantages are the rewards
-normalized within each group; the loss is the clipped-ratio policy loss plus a k3 KL penalty to
-the frozen starting model. One update per batch of samples, so the ratio is 1 in value (not in
-gradient) and the clip matters only if several updates are made per batch.
+Each sampling round: micro_batch_size prompts per rank, grpo.group_size completions each, sampled
+from the current policy in one batched, KV-cached call (model/generate.py: each prompt is read once,
+stopped rows leave the batch) with a generator seeded by (seed, draw, data-parallel rank), so a
+resumed run samples exactly what the uninterrupted one would have. Rewards come from grpo.reward:
+a `module:function` or a trained `rm` run folder. Advantages are the rewards centred per group and
+scaled as grpo.scale_rewards says; the loss (training/posttrain/losses.py) is the clipped-ratio
+policy loss plus a k3 KL penalty to the starting model (with LoRA: the policy with adapters off),
+aggregated as grpo.loss_type says.
 
-Evaluation: greedy completions (grpo.val_temperature=0) of held-out prompts; val_parses is the
-share that parse as Python and define a function, val_signature the share that also keep the
-requested signature (the default reward), val_reward the mean of grpo.reward.
+grpo.num_iterations updates are made per sampled batch (TRL's num_iterations): the completions and
+the log-probs they were sampled with are kept, so from the second update on the ratio moves away
+from 1 and the clip (clip_eps, epsilon_high) acts; clip_frac says how often. Log-probs, old and new,
+are those of the distribution that sampled: logits / temperature, restricted to the top_k.
+
+Collapse: a policy can learn to satisfy a reward with one short answer for everything (the demo
+once collapsed to `return self`). The logs carry distinct_frac (distinct completions per group) and,
+when records hold their reference, len_ratio (completion length over the reference's); a warning is
+printed when they fall below COLLAPSE_DISTINCT / COLLAPSE_LENGTH. Evaluation: greedy completions of
+held-out prompts: val_parses, val_signature, val_reward, val_distinct, val_len_ratio.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from model.generate import generate
 from model.gpt import GPT
+from model.lora import adapters_disabled
 from training.data.tokenizer import PAD_ID, load_tokenizer
+from training.metrics import say
 from training.posttrain.chat import encode_prompt, end_of_turn_id
 from training.posttrain.examples import ExampleStream, data_files, eval_batches, pad_right
 from training.posttrain.jsonl import read_jsonl
-from training.posttrain.losses import IGNORE, frac_reward_zero_std, group_advantages, grpo_policy_loss, token_logprobs
+from training.posttrain.losses import (IGNORE, frac_reward_zero_std, group_advantages, grpo_policy_loss,
+                                       sampled_logprobs)
 from training.posttrain.metric_sums import MetricSums
 from training.posttrain.rewards import defines_function, load_reward_fn, python_parses
 from training.run_folder import starting_point
 
 KEYS = ("prompt", "signature")
+COLLAPSE_DISTINCT = 0.5  # under half the completions of a group distinct: the policy says one thing
+COLLAPSE_LENGTH = 0.3  # completions under 30% of the reference's length: it stopped writing the function
+
+
+def collapse_stats(texts: list[str], group_size: int, references: list[Optional[str]]) -> dict[str, float]:
+    """distinct_frac: distinct completions per group over the group size, averaged; len_ratio: mean
+    completion length over mean reference length (only when every record has a reference)."""
+    groups = [texts[i:i + group_size] for i in range(0, len(texts), group_size)]
+    stats = {"distinct_frac": sum(len(set(g)) / len(g) for g in groups) / len(groups)}
+    if references and all(r is not None for r in references):
+        stats["len_ratio"] = sum(map(len, texts)) / max(1, sum(map(len, references)))
+    return stats
 
 
 class GRPOTask:
+    model_class = GPT
+
     model_class = GPT
 
     def __init__(self, cfg, dist_info):
@@ -60,10 +85,15 @@ class GRPOTask:
         self.stream = ExampleStream(self.train, cfg.train.micro_batch_size, dist_info.dp_rank, dist_info.dp_size,
                                     cfg.seed, "grpo.train_file")
         param_dtype, _ = precision(cfg, dist_info)
-        self.reference = build_model(self.model_cfg, cfg, dist_info, param_dtype, trainable=False)
-        load_weights(self.reference, cfg.checkpoint.init_from, dist_info.is_main)
+        self.reference = None  # with LoRA the reference is the policy with its adapters off
+        if not cfg.lora.enabled:
+            self.reference = build_model(self.model_cfg, cfg, dist_info, param_dtype, trainable=False)
+            load_weights(self.reference, cfg.checkpoint.init_from, dist_info.is_main)
         self.reward_model = None
         if Path(g.reward).is_dir():  # a trained reward model scores prompt + completion
+            if dist_info.tp > 1:
+                raise ValueError(f"grpo.reward={g.reward!r} is a reward model, whose head is not tensor-parallel: "
+                                 f"use parallel.tp=1 with it (parallel.tp is {dist_info.tp})")
             from model.reward import RewardModel
 
             rm_cfg, _ = starting_point(g.reward, key="grpo.reward")
@@ -72,7 +102,10 @@ class GRPOTask:
             load_weights(self.reward_model, g.reward, dist_info.is_main)
         else:
             self.reward_fn = load_reward_fn(g.reward)
-        self.draws = 0  # micro-batches sampled on this rank so far: part of the sampler's seed
+        self.draws = 0  # sampling rounds on this rank so far: part of the sampler's seed
+        self.calls = 0  # loss() calls so far: which update of which sampled batch this is
+        self.accum = cfg.train.grad_accum_steps
+        self.rollouts: dict[int, dict] = {}  # micro-batch slot -> its sampled batch, reused num_iterations times
         self.metrics = MetricSums()
 
     # ------------------------------------------------------------ sampling and scoring
@@ -83,15 +116,15 @@ class GRPOTask:
         return torch.Generator().manual_seed(seed % (2 ** 63))
 
     def _complete(self, model, records: list[dict], copies: int, temperature: float, generator) -> tuple:
-        """(prompt ids, completion ids) per row: each record's prompt repeated `copies` times."""
-        prompts = [encode_prompt(self.tokenizer, r["prompt"]) for r in records for _ in range(copies)]
-        room = self.max_len - max(len(p) for p in prompts)
+        """(prompt ids, completion ids) per row: each record's prompt `copies` times, consecutively."""
+        unique = [encode_prompt(self.tokenizer, r["prompt"]) for r in records]
+        room = self.max_len - max(len(p) for p in unique)
         if room < 1:
             raise ValueError(f"a prompt of {self.max_len - room} tokens leaves no room to answer in data.seq_len="
                              f"{self.max_len} (the model's max_seq_len is {self.model_cfg.max_seq_len})")
-        completions = generate(model, prompts, min(self.g.max_new_tokens, room), temperature=temperature,
-                               top_k=self.g.top_k, stop_tokens=[self.stop_id], generator=generator)
-        return prompts, completions
+        completions = generate(model, unique, min(self.g.max_new_tokens, room), temperature=temperature,
+                               top_k=self.g.top_k, stop_tokens=[self.stop_id], generator=generator, samples=copies)
+        return [p for p in unique for _ in range(copies)], completions
 
     def _text(self, completion: list[int]) -> str:
         ids = completion[:-1] if completion and completion[-1] == self.stop_id else completion
@@ -108,6 +141,10 @@ class GRPOTask:
         tokens, labels = pad_right(rows, PAD_ID, labels)
         return tokens.to(self.dist.device), labels.to(self.dist.device)
 
+    def policy_logprobs(self, model, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-token log-probs of the labels under the distribution that sampled them (temperature, top_k)."""
+        return sampled_logprobs(model(tokens), labels, self.g.temperature, self.g.top_k)
+
     @torch.no_grad()
     def _rewards(self, records, copies, prompts, completions) -> torch.Tensor:
         if self.reward_model is not None:
@@ -119,39 +156,82 @@ class GRPOTask:
         rewards = [float(self.reward_fn(t, records[i // copies])) for i, t in enumerate(texts)]
         return torch.tensor(rewards, device=self.dist.device)
 
-    # ------------------------------------------------------------ the trainer's interface
-
-    def next_batch(self) -> list[dict]:
-        return self.stream.next()  # prompts; completions are sampled in loss(), which has the model
-
-    def loss(self, model, records: list[dict]) -> tuple[torch.Tensor, int]:
+    def _rollout(self, model, records: list[dict]) -> dict:
+        """Sample a group per prompt, score it, and (for num_iterations > 1) keep the sampling log-probs."""
         g = self.g
         prompts, completions = self._complete(model, records, g.group_size, g.temperature, self._generator(self.draws))
         self.draws += 1
         rewards = self._rewards(records, g.group_size, prompts, completions)
-        advantages = group_advantages(rewards, g.group_size)
-        tokens, labels = self._rows(prompts, completions)
-        logp = token_logprobs(model(tokens), labels)
-        with torch.no_grad():
-            ref_logp = token_logprobs(self.reference(tokens), labels)
-        loss, m = grpo_policy_loss(logp, logp.detach(), ref_logp, advantages, labels != IGNORE,
-                                   clip_eps=g.clip_eps, kl_coef=g.kl_coef)
+        rollout = {"prompts": prompts, "completions": completions, "rewards": rewards.tolist(), "old_logp": None,
+                   "references": [records[i // g.group_size].get("reference") for i in range(len(completions))]}
+        if g.num_iterations > 1:  # the log-probs they were sampled with: the ratio's denominator for every update
+            tokens, labels = self._rows(prompts, completions)
+            with torch.no_grad():
+                rollout["old_logp"] = self.policy_logprobs(model, tokens, labels).tolist()
+        return rollout
+
+    # ------------------------------------------------------------ the trainer's interface
+
+    def _fresh(self) -> bool:
+        """Whether this call starts a new sampled batch (every num_iterations optimizer steps)."""
+        return (self.calls // self.accum) % self.g.num_iterations == 0
+
+    def next_batch(self) -> Optional[list[dict]]:
+        # prompts when this micro-batch samples anew (in loss(), which has the model); None when it reuses them
+        return self.stream.next() if self._fresh() else None
+
+    def loss(self, model, records: Optional[list[dict]]) -> tuple[torch.Tensor, int]:
+        g = self.g
+        slot = self.calls % self.accum
+        if self._fresh() or slot not in self.rollouts:
+            if records is None:  # resumed mid-cycle without the kept batch (see load_state_dict): sample now
+                records = self.stream.next()
+            self.rollouts[slot] = self._rollout(model, records)
+        self.calls += 1
+        r = self.rollouts[slot]
+        rewards = torch.tensor(r["rewards"], device=self.dist.device)
+        advantages = group_advantages(rewards, g.group_size, g.scale_rewards)
+        tokens, labels = self._rows(r["prompts"], r["completions"])
+        mask = labels != IGNORE
+        if g.mask_truncated_completions:  # a completion cut at max_new_tokens is no evidence either way (DAPO)
+            ended = torch.tensor([bool(c) and c[-1] == self.stop_id for c in r["completions"]], device=mask.device)
+            mask = mask & ended.unsqueeze(1)
+        logp = self.policy_logprobs(model, tokens, labels)
+        old = logp.detach() if r["old_logp"] is None else torch.tensor(r["old_logp"], device=logp.device)
+        with torch.no_grad(), adapters_disabled(model):
+            ref_logp = self.policy_logprobs(model if self.reference is None else self.reference, tokens, labels)
+        loss, m = grpo_policy_loss(logp, old, ref_logp, advantages, mask, clip_eps=g.clip_eps, kl_coef=g.kl_coef,
+                                   clip_eps_high=g.epsilon_high, loss_type=g.loss_type,
+                                   max_completion_length=g.max_new_tokens)
+        texts = [self._text(c) for c in r["completions"]]
         self.metrics.add({"reward_mean": rewards.mean(), "reward_std": rewards.std(), **m,
-                          "completion_len": sum(map(len, completions)) / len(completions),
-                          "frac_reward_zero_std": frac_reward_zero_std(rewards, g.group_size)})
-        self._last_tokens = sum(map(len, completions))
-        return loss * len(completions), len(completions)  # the mean over completions, as a sum
+                          "completion_len": sum(map(len, r["completions"])) / len(r["completions"]),
+                          "frac_reward_zero_std": frac_reward_zero_std(rewards, g.group_size),
+                          **collapse_stats(texts, g.group_size, r["references"])})
+        self._last_tokens = sum(map(len, r["completions"]))
+        # as a sum and its count, so the trainer averages over the whole step: DAPO's mean is over every
+        # completion token of the step, GRPO's and Dr. GRPO's over completions (losses.py has the formulas)
+        count = int(mask.sum()) if g.loss_type == "dapo" else len(r["completions"])
+        return loss * count, count
 
     def tokens_per_batch(self, batch) -> int:
         return self._last_tokens  # the sampled tokens: the part that costs
 
     def train_metrics(self) -> dict:
-        return self.metrics.mean(self.dist.device, self.dist.world_size)
+        metrics = self.metrics.mean(self.dist.device, self.dist.world_size)
+        collapsed = [f"{k} {metrics[k]:.2f} < {limit}" for k, limit in
+                     (("distinct_frac", COLLAPSE_DISTINCT), ("len_ratio", COLLAPSE_LENGTH))
+                     if metrics.get(k) is not None and metrics[k] < limit]
+        if collapsed:
+            say(f"warning: GRPO completions are collapsing ({', '.join(collapsed)}): the reward may be satisfied "
+                "by one short answer; check samples before trusting reward_mean", self.dist.is_main)
+        return metrics
 
     @torch.no_grad()
     def evaluate(self, model) -> dict:
         sums = MetricSums()
         batch_size = self.cfg.train.micro_batch_size * self.g.group_size
+        texts, references = [], []
         for i, (records, weights) in enumerate(eval_batches(self.val, batch_size, self.dist.dp_rank,
                                                             self.dist.dp_size)):
             prompts, completions = self._complete(model, records, 1, self.g.val_temperature,
@@ -159,13 +239,27 @@ class GRPOTask:
             rewards = self._rewards(records, 1, prompts, completions).tolist()
             for record, completion, reward, w in zip(records, completions, rewards, weights):
                 text = self._text(completion)
+                if w:
+                    texts.append(text)
+                    references.append(record.get("reference"))
                 sums.add({"val_parses": defines_function(text, record), "val_signature": python_parses(text, record),
                           "val_reward": reward, "val_completion_len": len(completion)}, w)
+        if texts:  # distinct completions over all held-out prompts: greedy answers, one per prompt
+            stats = collapse_stats(texts, len(texts), references)
+            sums.add({f"val_{k}": v for k, v in stats.items()}, float(len(texts)))
         return sums.mean(self.dist.device, self.dist.world_size)
 
     def state_dict(self) -> dict:
-        return {"stream": self.stream.state_dict(), "draws": self.draws}
+        # The kept batches (token ids, rewards, sampling log-probs) too, so that a resume between two updates
+        # of one batch makes the same update. Rank 0 writes the state: other ranks' batches are not in it.
+        return {"stream": self.stream.state_dict(), "draws": self.draws, "calls": self.calls,
+                "rollouts": {str(k): v for k, v in self.rollouts.items()} if self.dist.dp_size == 1 else {}}
 
     def load_state_dict(self, state: dict) -> None:
         self.stream.load_state_dict(state["stream"])
         self.draws = state["draws"]
+        self.calls = state.get("calls", 0)
+        self.rollouts = {int(k): v for k, v in state.get("rollouts", {}).items()}
+        if not self._fresh() and not self.rollouts:
+            say("note: resumed between two updates of one sampled batch on several data-parallel ranks: the "
+                "batch is sampled afresh (only a single process keeps it in its checkpoint)", self.dist.is_main)

@@ -3,7 +3,8 @@ training/, beside training/main.py (the trainer). orchestrator/cli.py imports th
 
     orch generate SOURCE --prompt ...    sample.py: stream a continuation
     orch chat SOURCE                     sample.py: talk to a fine-tuned model in its chat format
-    orch export SOURCE --hf OUT          training/hf_export.py: the Hugging Face Llama layout
+    orch export SOURCE --hf OUT          training/hf_export.py: the Hugging Face Llama layout (a LoRA run:
+                                         training/peft_export.py, the base + a PEFT adapter, or --merge)
     orch data prepare [JOB] [k=v ...]    training/data/prepare.py: tokenize data.sources into MDS shards
 
 Nothing here imports torch until a command runs, so `orch --help` stays fast.
@@ -32,6 +33,8 @@ def add_commands(sub) -> None:
     s = sub.add_parser("export", help="export a run or checkpoint to the Hugging Face Llama layout")
     s.add_argument("source", help="a run folder or a checkpoint folder")
     s.add_argument("--hf", required=True, metavar="OUT", help="output folder")
+    s.add_argument("--merge", action="store_true",
+                   help="a LoRA run: write its base with the adapters merged in, instead of base + PEFT adapter")
     s.set_defaults(func=cmd_export)
 
     data = sub.add_parser("data", help="data preparation").add_subparsers(dest="data_command", required=True)
@@ -42,10 +45,10 @@ def add_commands(sub) -> None:
 
 
 def cmd_export(args) -> int:
-    from training.hf_export import export_hf
+    from training.peft_export import export
 
-    out = export_hf(args.source, args.hf)
-    print(f"exported {args.source} -> {out} (Hugging Face Llama layout)")
+    out, what = export(args.source, args.hf, merge=args.merge)
+    print(f"exported {args.source} -> {out} ({what})")
     return 0
 
 

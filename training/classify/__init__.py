@@ -1,0 +1,1 @@
+"""Sequence classification: data (files and the demo task), baselines and metrics."""
