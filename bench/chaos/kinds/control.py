@@ -150,6 +150,7 @@ def draw_storm(rng: random.Random, executor: str) -> Fault:
     gaps = [round(rng.uniform(0, 10), 1) for _ in range(cycles)]
     return Fault(7, 0, "local", "cancel; gap; resume", {"gaps_s": gaps, "double_resume": rng.randrange(cycles),
                                                       "cancel_after_s": [round(rng.uniform(0, 3), 1) for _ in gaps],
+                                                      "no_wait": [rng.random() < 0.5 for _ in gaps],
                                                       "async": rng.random() < 0.5})
 
 
@@ -190,7 +191,8 @@ def run_storm(fault: Fault, ctx: Context) -> Outcome:
                 break
             time.sleep(p["cancel_after_s"][i])  # the storm's own timing: this is the fault, not synchronization
             fault_at = fault_at if fault_at is not None else time.monotonic() - watch.started
-            ws.orch("cancel", run_id, check=True)
+            # `orch cancel` waits until the run has stopped; --no-wait returns at once, and a resume may meet it CANCELLING
+            ws.orch("cancel", *(["--no-wait"] if p["no_wait"][i] else []), run_id, check=True)
             time.sleep(gap)
             if i == p["double_resume"]:
                 double_resume(ws, run_id, out)
@@ -280,7 +282,7 @@ def check_contention(ws: Workspace, results: list, main_id: str, out: Outcome) -
         out.notes.append(f"`orch runs` lists {len(listed)} runs ({len(set(listed))} distinct) for {len(submitted)} "
                          "submitted")
     for run_id in submitted[1:]:  # the held runs: cancelled before they train, then let go
-        ws.orch("cancel", run_id, check=True)
+        ws.orch("cancel", "--no-wait", run_id, check=True)
     ws.release()
     for run_id in submitted[1:]:
         if ws.wait_finished(run_id, 300).state != "CANCELLED":

@@ -64,7 +64,7 @@ def run_stop_signal(fault: Fault, ctx: Context) -> Outcome:
             subprocess.run(["scontrol", "requeue", job], check=True, capture_output=True, timeout=60)
             ws.release()
             return struck
-        ws.orch("cancel", run_id, check=True)
+        ws.orch("cancel", "--no-wait", run_id, check=True)  # it can only stop once we let it go on
         ws.release()
         ws.wait_state(run_id, ("CANCELLED", "COMPLETED", "FAILED"))
         ws.orch("resume", run_id, check=True)
