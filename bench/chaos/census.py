@@ -64,14 +64,15 @@ class Outcome:
 
 def tensors(checkpoint: Path) -> dict[tuple[str, str], bytes]:
     """Every tensor of a checkpoint's model/ and optim/ safetensors files, as raw bytes, by (file, name)."""
+    import torch
     from safetensors import safe_open
 
     out = {}
     for path in sorted(checkpoint.glob("*/*.safetensors")):
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():
-                t = f.get_tensor(name)
-                out[(str(path.relative_to(checkpoint)), name)] = t.contiguous().view(-1).view(__import__("torch").uint8).numpy().tobytes()
+                raw = f.get_tensor(name).contiguous().view(-1).view(torch.uint8)  # bits, so NaN == NaN
+                out[(str(path.relative_to(checkpoint)), name)] = raw.numpy().tobytes()
     return out
 
 

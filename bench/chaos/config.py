@@ -51,11 +51,6 @@ def math_key(items: list[str]) -> list[str]:
     return sorted(last.values())
 
 
-def saves_before(step: int) -> int:
-    """How many periodic saves come before the save of `step` (which must be a save step)."""
-    return step // EVERY - 1
-
-
 def committed_before(step: int) -> int:
     """The newest checkpoint committed before training step `step` runs (sync saves): 0 = none."""
     return ((step - 1) // EVERY) * EVERY

@@ -6,7 +6,6 @@ import random
 import statistics
 import time
 import traceback
-from pathlib import Path
 
 from bench.chaos.census import Outcome
 from bench.chaos.kinds import KINDS, Context, Fault, executor_for

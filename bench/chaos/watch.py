@@ -6,6 +6,7 @@ A Watch polls every quarter of a second in a thread of the benchmark's process; 
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 import time
@@ -64,7 +65,7 @@ def processes_of(ws: Workspace) -> list[Proc]:
     return found
 
 
-_SELF = __import__("os").getpid()
+_SELF = os.getpid()  # the benchmark itself shares the fault's environment variables
 
 
 def trainer_folder(proc: Proc) -> Optional[tuple[str, int]]:

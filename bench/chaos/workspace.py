@@ -109,7 +109,3 @@ class Workspace:
 
     def log_text(self, run: Run) -> str:
         return "".join(p.read_text(errors="replace") for p in self.log_files(run))
-
-    def wait_log(self, run_id: str, pattern: str, timeout: float = 300) -> re.Match:
-        return wait_for(lambda: re.search(pattern, self.log_text(self.run(run_id))),
-                        f"{pattern!r} in the log of {run_id}", timeout)

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 from bench.chaos.census import Outcome, settle
 from bench.chaos.config import JOB, MAX_STEPS, committed_before
