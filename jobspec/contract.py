@@ -18,7 +18,9 @@ is the one place where either side learns those names and numbers.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Optional
 
 # Exit codes of `python -m training.main`.
 EXIT_OK = 0
@@ -90,6 +92,40 @@ class RunFolder:
     @property
     def lock(self) -> Path:
         return self.path / LOCK
+
+
+# Below this much free space, a run folder's disk counts as full: a trainer that died there may not have had room
+# to write logs/user_error.txt, and a restart would only fail again.
+DISK_FULL_BYTES = 1 << 20
+
+
+def disk_full(path: str | Path) -> Optional[str]:
+    """A sentence saying the file system holding `path` is full, or None."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    free = st.f_bavail * st.f_frsize
+    if free >= DISK_FULL_BYTES:
+        return None
+    return (f"the disk holding {path} is full ({free} bytes free): the trainer could not write there. Free space "
+            "(or lower checkpoint.keep_last), then resume; its checkpoints are untouched")
+
+
+def user_error(folder: RunFolder) -> Optional[str]:
+    """Why the trainer stopped on an error that retrying can't fix, or None: its own sentence in logs/user_error.txt,
+    else a full disk (where the trainer may have had no room to write that sentence). The executors ask this after
+    an attempt fails, and don't retry when it answers."""
+    try:
+        said = folder.user_error.read_text().strip()
+    except OSError:
+        said = None
+    if said:
+        return said
+    full = disk_full(folder.path)
+    if full or said is None:
+        return full
+    return f"the trainer stopped on a user error but {folder.user_error} is empty; see {folder.logs}"
 
 
 def checkpoint_name(step: int) -> str:

@@ -38,6 +38,11 @@ def same_process(pid: Optional[int], start: Optional[str], host: Optional[str] =
     return start is None or fields[19] == start
 
 
+def this_process() -> dict:
+    """This process's identity as the registry records an owner: pid, pid_start, host."""
+    return {"pid": os.getpid(), "pid_start": process_start(os.getpid()), "host": socket.gethostname()}
+
+
 def signal_process(pid: Optional[int], start: Optional[str], sig: int) -> bool:
     """Send `sig` to the process only if it is still the same process; True if sent."""
     if not same_process(pid, start):

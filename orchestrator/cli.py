@@ -16,6 +16,7 @@ import time
 from omegaconf import OmegaConf
 
 from jobspec import SpecError, load_spec
+from jobspec.faults import fault
 from jobspec.pipeline_file import is_pipeline_file, load_pipeline
 from orchestrator import executors, pipelines
 from orchestrator.registry import Registry
@@ -49,6 +50,7 @@ def cmd_submit(args) -> int:
     name = executors.resolve(cfg.executor)
     cfg.executor = name
     run = register_run(registry, cfg, name)
+    fault("submit.registered")
     handle = executors.executor_for(name, registry).submit(run, cfg)
     print(f"submitted {run.id} ({handle}): {run.run_dir}")
     if not args.follow:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from jobspec.contract import CURATED_CORPUS, TOKENIZED
+from jobspec.faults import fault
 from jobspec.pipeline_file import Pipeline, Stage
 from orchestrator import executors
 from orchestrator.dependencies import cancel_dependents, parents_first_runs
@@ -49,6 +50,7 @@ def submit(pipeline: Pipeline, registry: Registry) -> tuple[str, list[Run]]:
         parent = f"{pipeline_id}-{stage.after}" if stage.after else None
         runs.append(register_run(registry, stage.cfg, executor, run_id, pipeline_id=pipeline_id, stage=stage.name,
                                  depends_on=parent))
+    fault("submit.registered")
     executors.executor_for(executor, registry).submit_pipeline(pipeline_id, runs,
                                                                 {s.name: s.cfg for s in pipeline.stages})
     return pipeline_id, [registry.get(r.id) for r in runs]

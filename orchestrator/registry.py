@@ -15,6 +15,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Iterator, Optional
 
+from jobspec.faults import fault
+
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED")
 # PENDING -> RUNNING -> COMPLETED | FAILED, or -> CANCELLING (asked to stop, still saving) -> CANCELLED.
 UNFINISHED = ("PENDING", "RUNNING", "CANCELLING")
@@ -56,7 +58,10 @@ class Run:
     created_at: float
     started_at: Optional[float] = None
     ended_at: Optional[float] = None
-    pid: Optional[int] = None  # the local supervisor's pid, with its start time and host: one process, never a reused pid
+    # The process that owns the run now, with its start time and host (one process, never a reused pid): the
+    # `orch submit` or `orch resume` starting it until its executor has, then the local supervisor. A pipeline's
+    # stage has none until its pipeline's supervisor starts it.
+    pid: Optional[int] = None
     pid_start: Optional[str] = None
     host: Optional[str] = None
     slurm_job_id: Optional[str] = None
@@ -103,6 +108,8 @@ class Registry:
             db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             try:
                 yield db
+                if write:
+                    fault("registry.write")  # a writer killed here dies holding the write lock, mid-transaction
             except BaseException:
                 db.execute("ROLLBACK")
                 raise

@@ -19,6 +19,7 @@ A save that failed (a full disk) raises its error in the training thread at that
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import timedelta
 from pathlib import Path
 from typing import Optional
 
@@ -56,9 +57,13 @@ def _copy(tensor: torch.Tensor, buffers: dict, key: str) -> torch.Tensor:
 
 
 class AsyncSaver:
-    def __init__(self, device: torch.device | str = "cpu"):
+    def __init__(self, device: torch.device | str = "cpu", timeout_s: Optional[float] = None):
+        """timeout_s: parallel.collective_timeout_s. The saver's group must give up on a silent rank as soon as the
+        training group does: torch's default for a new group is 30 minutes, and a process whose writer waits on it
+        can't exit, so a hung peer would hold the whole job that long (docs/reliability.md)."""
         # Created by every rank at the same point (a collective), before the first save.
-        self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        timeout = timedelta(seconds=timeout_s) if timeout_s else None
+        self.group = dist.new_group(backend="gloo", timeout=timeout) if dist.is_initialized() else None
         # The copy and the write are separate tasks on two threads: the step waits for the first only.
         self.copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="orch-checkpoint-copy")
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="orch-checkpoint-write")

@@ -12,6 +12,7 @@ error (logs/user_error.txt says which; retrying won't help), 3 stopped by a sign
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -61,6 +62,22 @@ def record_config(cfg, config_arg: str, folder: RunFolder, is_main: bool) -> Non
         save_config(cfg, folder.config)
 
 
+def report_user_error(message: str, folder: RunFolder, note: bool) -> None:
+    """A user error (retrying won't help): on stderr, and, from rank 0, in logs/user_error.txt, where the executors
+    learn it (torchrun turns every failure into exit code 1). On a full disk either may fail: the executors then
+    find the full disk themselves (jobspec.contract.user_error)."""
+    try:
+        print(f"error: {message}", file=sys.stderr)
+    except OSError:
+        pass
+    if note:
+        try:
+            folder.logs.mkdir(parents=True, exist_ok=True)
+            folder.user_error.write_text(message + "\n")
+        except OSError:
+            pass
+
+
 def run(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -89,13 +106,13 @@ def run(argv=None) -> int:
             return _load(RUNNERS[cfg.kind])(cfg, dist_info, folder.path)
         task = _load(TASKS[cfg.kind])(cfg, dist_info, folder.path)
         return Trainer(cfg, dist_info, folder.path, task, stop=stop).fit()
-    except (SpecError, DataError, ckpt.CheckpointError, RunFolderBusy, ValueError) as e:
-        # A user error: retrying won't help. torchrun turns every failure into exit code 1,
-        # so the executors learn it from this file instead.
-        print(f"error: {e}", file=sys.stderr)
-        if int(os.environ.get("RANK", "0")) == 0 and not isinstance(e, RunFolderBusy):
-            folder.logs.mkdir(parents=True, exist_ok=True)
-            folder.user_error.write_text(str(e) + "\n")
+    except (SpecError, DataError, ckpt.CheckpointError, RunFolderBusy, ValueError, OSError) as e:
+        if isinstance(e, OSError) and e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        message = str(e) if not isinstance(e, OSError) else (
+            f"the disk holding {folder.path} is full ({e.strerror}: {e.filename}): free space, then resume; "
+            "its checkpoints are untouched")
+        report_user_error(message, folder, int(os.environ.get("RANK", "0")) == 0 and not isinstance(e, RunFolderBusy))
         return EXIT_USER_ERROR
     finally:
         shutdown()

@@ -177,7 +177,7 @@ class Trainer:
         if cfg.checkpoint.async_save:
             from training.async_checkpoint import AsyncSaver
 
-            self.saver = AsyncSaver(device)
+            self.saver = AsyncSaver(device, timeout_s=cfg.parallel.collective_timeout_s)
             if device.type == "cpu":
                 say("note: checkpoint.async_save on a CPU run: the background write competes with training for the "
                     "cores, so the steps lose about what a synchronous save takes (docs/performance.md); it pays "

@@ -23,7 +23,7 @@ from typing import Sequence
 from omegaconf import DictConfig
 
 from jobspec.contract import RunFolder
-from jobspec.processes import process_start, same_process, signal_process
+from jobspec.processes import process_start, same_process, signal_process, this_process
 from jobspec.run_lock import describe, holder
 from orchestrator.executors.base import Observation
 from orchestrator.registry import TERMINAL, Registry, Run, now
@@ -99,7 +99,7 @@ class LocalExecutor:
             raise RuntimeError(f"{run.id} can't be resumed: a trainer still holds {run.run_dir} "
                                f"({describe(busy)}); `orch cancel {run.id}` stops it after a checkpoint")
         if not self.registry.transition(run.id, TERMINAL, state="PENDING", ended_at=None, exit_code=None,
-                                        reason=None, pid=None, pid_start=None):
+                                        reason=None, **this_process()):  # ours until its supervisor runs
             raise RuntimeError(f"{run.id} was resumed by someone else meanwhile ({self.registry.get(run.id).state})")
         self.start(self.registry.get(run.id))
         return "local"
@@ -147,9 +147,9 @@ class LocalExecutor:
             elif run.state == "CANCELLING":
                 seen[run.id] = Observation("CANCELLED", CANCELLED_BY_USER)
             else:
-                seen[run.id] = Observation("LOST", f"its supervisor (pid {run.pid}) and trainer are gone "
-                                                   f"(killed, or the machine restarted); `orch resume {run.id}` "
-                                                   "continues from its checkpoint")
+                seen[run.id] = Observation("LOST", f"its supervisor (or the orch command starting it; pid {run.pid}) "
+                                                   "and its trainer are gone (killed, or the machine restarted); "
+                                                   f"`orch resume {run.id}` continues from its checkpoint")
         return seen
 
     def refresh(self, runs: Sequence[Run]) -> None:

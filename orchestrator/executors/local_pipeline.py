@@ -12,6 +12,7 @@ from __future__ import annotations
 import signal
 import sys
 
+from jobspec.faults import fault
 from orchestrator.dependencies import cancel_dependents, parents_first_runs
 from orchestrator.executors.local import LocalExecutor
 from orchestrator.registry import Registry
@@ -30,7 +31,9 @@ def supervise(pipeline_id: str) -> int:
         if run is None or run.state != "PENDING":
             continue
         print(f"[pipeline] starting stage {run.stage} ({run.id})", flush=True)
-        executor.start(run).wait()
+        supervisor = executor.start(run)
+        fault("pipeline.stage_started")
+        supervisor.wait()
         print(f"[pipeline] stage {run.stage} {registry.get(run.id).state}", flush=True)
     ok = all(registry.get(s.id).state == "COMPLETED" for s in stages)
     return 0 if ok else 1

@@ -5,7 +5,7 @@
 It runs the trainer (torchrun when several processes are asked for) until it succeeds, is cancelled, or
 its allowances run out, recording each state change in the registry:
   - exit 0: COMPLETED;
-  - a user error (exit 2 or logs/user_error.txt): FAILED with the trainer's sentence, never retried;
+  - a user error (exit 2, logs/user_error.txt, or a full disk): FAILED with the trainer's sentence, never retried;
   - exit 3, stopped by a signal after saving (not a cancel): restarted, at most resources.max_requeues times;
   - anything else (a crash, SIGKILL): restarted, at most resources.max_retries times.
 On SIGTERM (`orch cancel`) the run is CANCELLING until the trainer has saved and exited, then CANCELLED.
@@ -23,7 +23,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from jobspec.contract import EXIT_REQUEUE, EXIT_USER_ERROR, RunFolder
+from jobspec.contract import EXIT_REQUEUE, EXIT_USER_ERROR, RunFolder, user_error
+from jobspec.faults import fault
 from orchestrator.executors.local import CANCELLED_BY_USER
 from orchestrator.registry import Registry, Run, now
 
@@ -66,8 +67,11 @@ class Supervisor:
         self.folder.user_error.unlink(missing_ok=True)  # left by an earlier attempt, perhaps since fixed
         with open(self.folder.train_log, "ab") as log:
             if note:
-                log.write(f"\n[orch] attempt {number}: {note}\n".encode())
-                log.flush()
+                try:
+                    log.write(f"\n[orch] attempt {number}: {note}\n".encode())
+                    log.flush()
+                except OSError:  # a full disk: the attempt still runs, and its outcome goes to the registry
+                    pass
             self.child = subprocess.Popen(trainer_command(self.run, self.resources.nproc_per_node), stdout=log,
                                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                           preexec_fn=_die_with_parent)
@@ -83,21 +87,25 @@ class Supervisor:
     def run_attempts(self) -> int:
         retries = requeues = 0
         code, note = 0, ""
+        fault("supervisor.started")
         for number in range(1, 2 + self.resources.max_retries + self.resources.max_requeues):
             if self.cancelled():
                 return self.finish("CANCELLED", code, CANCELLED_BY_USER)
             if not self.registry.transition(self.run.id, ("PENDING", "RUNNING"), state="RUNNING", attempts=number,
                                             started_at=self.run.started_at or now()):
                 return self.finish("CANCELLED", code, CANCELLED_BY_USER)  # cancelled between the check and here
-            code = self.attempt(number, note)
+            try:
+                code = self.attempt(number, note)
+            except OSError as e:  # the log can't even be opened: nothing can run in this folder
+                return self.finish("FAILED", EXIT_USER_ERROR, user_error(self.folder) or f"{self.folder.train_log}: {e}")
+            fault("supervisor.trainer_exited")
             if self.cancelled():
                 return self.finish("CANCELLED", code, CANCELLED_BY_USER)
             if code == 0:
                 return self.finish("COMPLETED", 0, None)
-            if code == EXIT_USER_ERROR or self.folder.user_error.is_file():
-                error = self.folder.user_error
-                why = error.read_text().strip() if error.is_file() else f"exit code {code}; see {self.folder.train_log}"
-                return self.finish("FAILED", code, why)
+            why = user_error(self.folder)
+            if code == EXIT_USER_ERROR or why:
+                return self.finish("FAILED", code, why or f"exit code {code}; see {self.folder.train_log}")
             if code == EXIT_REQUEUE:
                 requeues += 1
                 if requeues > self.resources.max_requeues:

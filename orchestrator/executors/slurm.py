@@ -23,7 +23,8 @@ from typing import Iterable, Optional, Sequence
 
 from omegaconf import OmegaConf
 
-from jobspec.contract import RunFolder
+from jobspec.contract import RunFolder, user_error
+from jobspec.processes import same_process, this_process
 from orchestrator.dependencies import dependency_reason, parents_first_runs
 from orchestrator.executors.base import Observation
 from orchestrator.registry import TERMINAL, Registry, Run, now
@@ -139,12 +140,40 @@ def sacct_records(job_ids: Sequence[str]) -> dict[str, list[dict]]:
     return records
 
 
+def queued_states(job_ids: Sequence[str]) -> dict[str, str]:
+    """squeue's word for each of these jobs that Slurm still holds (PENDING, RUNNING, REQUEUED, ...). A job that
+    Slurm requeued after a node failure or a preemption has a terminal last record in sacct (NODE_FAIL, PREEMPTED)
+    until it starts again: only squeue says it is coming back. {} if squeue can't be asked."""
+    try:
+        proc = subprocess.run(["squeue", "-h", "-o", "%i|%T"], capture_output=True, text=True, timeout=SACCT_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    wanted = set(job_ids)
+    pairs = (line.split("|", 1) for line in proc.stdout.splitlines() if "|" in line)
+    return {job: state for job, state in pairs if job in wanted and STATES.get(state) in ("PENDING", "RUNNING")}
+
+
+def jobs_named(names: Sequence[str]) -> set[str]:
+    """Which of these job names Slurm has seen in the last month (our jobs are named after their run id)."""
+    cmd = ["sacct", "--parsable2", "--noheader", "-X", "-S", "now-30days", "--name", ",".join(names), "-o", "JobName"]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=SACCT_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise SlurmError(f"`{' '.join(cmd)}` failed: {e}") from None
+    if proc.returncode != 0:
+        raise SlurmError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}): {proc.stderr.strip()}")
+    return set(proc.stdout.split())
+
+
 def failure_reason(run: Run, slurm_state: str, exit_code: str) -> str:
     from orchestrator.executors.slurm_job import FINAL_REASON
 
-    for path in (RunFolder(run.run_dir).user_error, Path(run.run_dir) / "slurm" / FINAL_REASON):
-        if path.is_file():
-            return path.read_text().strip()
+    why = user_error(RunFolder(run.run_dir))
+    if why:
+        return why
+    final = Path(run.run_dir) / "slurm" / FINAL_REASON
+    if final.is_file():
+        return final.read_text().strip()
     return f"Slurm job {run.slurm_job_id} {slurm_state} (exit {exit_code}); see `orch logs {run.id}`"
 
 
@@ -220,7 +249,8 @@ class SlurmExecutor:
 
         run_dir = Path(run.run_dir)
         if not self.registry.transition(run.id, TERMINAL, state="PENDING", ended_at=None, exit_code=None,
-                                        reason=None, attempts=0):
+                                        reason=None, attempts=0, slurm_job_id=None,
+                                        **this_process()):  # ours until sbatch has taken it
             raise RuntimeError(f"{run.id} was resumed by someone else meanwhile ({self.registry.get(run.id).state})")
         for name in (RESTARTS, FINAL_REASON):
             (run_dir / "slurm" / name).unlink(missing_ok=True)
@@ -230,6 +260,9 @@ class SlurmExecutor:
     def cancel(self, run: Run) -> None:
         """scancel the run's job (the trainer checkpoints on the SIGTERM it brings): CANCELLING until sacct
         says the job has ended."""
+        if not run.slurm_job_id and same_process(run.pid, run.pid_start, run.host) is False:  # never reached sbatch
+            self.registry.transition(run.id, ("PENDING",), state="CANCELLED", reason="cancelled by user", ended_at=now())
+            return
         self.registry.transition(run.id, ("PENDING", "RUNNING"), state="CANCELLING", reason="cancelled by user")
         if run.slurm_job_id:
             from orchestrator.executors.slurm_array import cancel_ids, job_ids
@@ -252,6 +285,7 @@ class SlurmExecutor:
         except SlurmError as e:
             print(f"warning: Slurm states not read: {e}", file=sys.stderr)
             return {}
+        queued = queued_states([r.slurm_job_id for r in runs])
         seen = {}
         for run in runs:
             history = records.get(run.slurm_job_id)
@@ -259,8 +293,11 @@ class SlurmExecutor:
                 continue
             last = history[-1]
             slurm_state = last["State"].split()[0]  # "CANCELLED by 0" -> "CANCELLED"
-            state = STATES.get(slurm_state, "FAILED")
             reason = None
+            if run.slurm_job_id in queued and STATES.get(slurm_state) not in ("PENDING", "RUNNING"):
+                reason = f"Slurm requeued it after {slurm_state}"  # a node failure, a preemption: not the end
+                slurm_state = queued[run.slurm_job_id]
+            state = STATES.get(slurm_state, "FAILED")
             if state == "FAILED":
                 reason = failure_reason(run, slurm_state, last["ExitCode"])
             elif state == "CANCELLED":
@@ -274,12 +311,29 @@ class SlurmExecutor:
             seen[run.id] = (Observation(state, reason, attempts, word=slurm_state, where=where), history)
         return seen
 
+    def _never_submitted(self, runs: Sequence[Run]) -> dict[str, Observation]:
+        """Runs the `orch` command starting them died with before sbatch took them (no job id, their owner
+        gone, no job of their name): LOST, never PENDING forever."""
+        runs = [r for r in runs if r.executor == self.name and r.state == "PENDING" and not r.slurm_job_id
+                and r.pid and same_process(r.pid, r.pid_start, r.host) is False]
+        if not runs:
+            return {}
+        try:
+            named = jobs_named([r.id for r in runs])
+        except SlurmError as e:
+            print(f"warning: Slurm states not read: {e}", file=sys.stderr)
+            return {}
+        return {r.id: Observation("LOST", f"the orch command submitting it (pid {r.pid}) died before sbatch; "
+                                          f"`orch resume {r.id}` submits it") for r in runs if r.id not in named}
+
     def observe(self, runs: Sequence[Run]) -> dict[str, Observation]:
-        return {run_id: o for run_id, (o, _) in self._read(runs).items()}
+        return {**{run_id: o for run_id, (o, _) in self._read(runs).items()}, **self._never_submitted(runs)}
 
     def refresh(self, runs: Sequence[Run]) -> None:
         """Record what sacct says. A pipeline stage that Slurm cancelled before it ever started (its parent
         failed: --kill-on-invalid-dep) is recorded with the reason "dependency <stage> failed"."""
+        for run_id, o in self._never_submitted(runs).items():
+            self.registry.transition(run_id, ("PENDING",), state="FAILED", reason=o.reason, ended_at=now())
         seen = self._read(runs)
         for run in parents_first_runs(runs):
             if run.id not in seen:

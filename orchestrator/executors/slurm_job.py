@@ -10,7 +10,7 @@ Two pieces, both in the job's batch script that submitit writes:
    `--dependency=afterok` on it still holds), like the local supervisor's retry loop:
 
    - exit 0: done (COMPLETED);
-   - a user error (logs/user_error.txt, exit 2): a bad config or data; retrying won't help (FAILED);
+   - a user error (logs/user_error.txt, exit 2, a full disk): a bad config or data; retrying won't help (FAILED);
    - the trainer stopped on SIGUSR2/SIGTERM after saving a checkpoint (exit 3, the time-limit warning):
      requeue, at most `resources.max_requeues` times;
    - anything else (a task killed by SIGKILL, a crash): requeue, at most `resources.max_retries` times.
@@ -31,7 +31,7 @@ from pathlib import Path
 
 from submitit.helpers import Checkpointable
 
-from jobspec.contract import EXIT_REQUEUE, EXIT_USER_ERROR, RunFolder
+from jobspec.contract import EXIT_REQUEUE, EXIT_USER_ERROR, RunFolder, user_error
 
 # Files under run_dir/slurm/ (beside submitit's own): our bookkeeping, JSON and text, never pickle.
 TRAINER_EXIT = "trainer_exit.txt"  # rank 0's exit code from training.main.run, read by after_srun
@@ -111,10 +111,9 @@ def after_srun(srun_code: int, run_dir: Path) -> int:
     trainer_exit_file.unlink(missing_ok=True)
     if srun_code == 0:
         return 0
-    user_error = RunFolder(run_dir).user_error
-    if user_error.is_file() or trainer_code == EXIT_USER_ERROR:
-        why = user_error.read_text().strip() if user_error.is_file() else f"exit code {trainer_code}"
-        print(f"[orch] user error, not retrying: {why}", flush=True)
+    why = user_error(RunFolder(run_dir))
+    if why or trainer_code == EXIT_USER_ERROR:
+        print(f"[orch] user error, not retrying: {why or f'exit code {trainer_code}'}", flush=True)
         return srun_code
     resources = OmegaConf.load(RunFolder(run_dir).config).resources
     restarts = read_restarts(run_dir)

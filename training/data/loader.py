@@ -117,6 +117,7 @@ def _open_split(cfg, split: str, batch_size: int, *, shuffle: bool, seed: int, r
 
     _check_rank_env()
     local = os.path.join(cfg.dir, split)
+    _clear_blocks_of_killed_loaders(local)
     remote = f"{cfg.remote.rstrip('/')}/{split}" if cfg.remote else None
     if remote is None and not os.path.isfile(os.path.join(local, "index.json")):
         raise DataError(f"no prepared {split} split at {local!r} (data.dir): run `orch data prepare` "
@@ -158,8 +159,21 @@ def _check_rank_env() -> None:
                         f"torchrun or srun, which set it, or set it yourself")
 
 
-def _clear_stale_shared_memory() -> int:
-    """Unlink streaming's /dev/shm/<6 digits>_<name> blocks that no other live process maps (Linux).
+def _clear_blocks_of_killed_loaders(local: str) -> None:
+    """Before a split is opened: the node's first rank removes the shared memory that killed loaders of this same
+    split left behind (a process killed with SIGKILL never unlinks it, and nothing else ever does), then every rank
+    goes on together. Memory a live process maps, another split's, and anything not streaming's stays."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and not _OPENED:
+        _clear_stale_shared_memory(only_of=os.path.abspath(local))
+    if dist.is_initialized():
+        dist.barrier()  # no rank may look for a free prefix while the first one is clearing
+
+
+def _clear_stale_shared_memory(only_of: str | None = None) -> int:
+    """Unlink streaming's /dev/shm/<6 digits>_<name> blocks that no other live process maps (Linux); with
+    `only_of`, only the blocks of prefixes whose `_locals` block names that local folder.
 
     This process is left out of the check: streaming has just mapped the stale blocks itself,
     while looking for a free prefix. Returns how many blocks were removed.
@@ -172,8 +186,12 @@ def _clear_stale_shared_memory() -> int:
                 mapped.update(pattern.findall(maps.read_text()))
             except OSError:  # gone, or another user's (whose memory can't clash with ours)
                 pass
+    blocks = [b for b in Path("/dev/shm").glob("[0-9][0-9][0-9][0-9][0-9][0-9]_*") if pattern.match(f"/dev/shm/{b.name}")]
+    if only_of is not None:
+        ours = {b.name[:6] for b in blocks if b.name.endswith("_locals") and _names(b, only_of)}
+        blocks = [b for b in blocks if b.name[:6] in ours]
     removed = 0
-    for block in Path("/dev/shm").glob("[0-9][0-9][0-9][0-9][0-9][0-9]_*"):
+    for block in blocks:
         if block.name not in mapped:
             try:
                 block.unlink()
@@ -181,3 +199,11 @@ def _clear_stale_shared_memory() -> int:
             except OSError:
                 pass
     return removed
+
+
+def _names(locals_block: Path, folder: str) -> bool:
+    """Whether a `<prefix>_locals` block (size, then the local folders and the prefix, NUL-separated) names it."""
+    try:
+        return folder.encode() in locals_block.read_bytes()[4:].split(b"\0")
+    except OSError:
+        return False

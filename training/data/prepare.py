@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jobspec.faults import fault
 from training.data import DataError
 from training.data.corpus import SPLITS, iter_documents, source_files
 from training.data.tokenizer import eos_id, load_tokenizer, token_byte_lengths, train_tokenizer
@@ -75,6 +76,7 @@ def ensure_data(cfg, progress: bool = True) -> dict:
     With data.remote set, data.dir is only a local cache of the remote: the data must have been
     prepared and uploaded already; this fetches its meta.json and tokenizer.json into data.dir.
     """
+    fault("data.prepare")
     if cfg.remote:
         return _fetch_remote(cfg)
     meta = read_meta(cfg)
