@@ -83,9 +83,13 @@ class ClassifyTask:
     def next_batch(self) -> dict:
         return self.encode(self.stream.next())
 
-    def loss(self, model, batch) -> torch.Tensor:
+    def loss(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-entropy summed over the micro-batch's texts, and their number; with class weights, each text's
+        loss times its class's weight, and the weights' sum (so the step's mean is F.cross_entropy's weighted one)."""
         logits = model(batch["tokens"], batch["last"])
-        return F.cross_entropy(logits, batch["labels"], weight=self.weights)
+        total = F.cross_entropy(logits, batch["labels"], weight=self.weights, reduction="sum")
+        count = self.weights[batch["labels"]].sum() if self.weights is not None else batch["labels"].numel()
+        return total, count
 
     def tokens_per_batch(self, batch) -> int:
         return batch["tokens"].numel()
