@@ -8,13 +8,18 @@ Sampling arms, on the same prompts (jobs/grpo.yaml's shape: micro_batch_size pro
 of <= max_new_tokens, its temperature and top_k, bf16 autocast as its train.dtype says):
 
     per_completion  one generate() call per completion: each prompt read group_size times, batch of 1
-    repeated_rows   one call, each prompt repeated group_size times as rows (GRPO's call before the rework)
+    old_path        GRPO before the rework: one call of model/generate.py as it was then (read from git at
+                    OLD_GENERATE_REV), each prompt repeated group_size times as rows, and every row computed
+                    until the last one stops (skipped when git or that commit is missing)
+    repeated_rows   today's generate() with the prompts repeated as rows: rows that stopped leave the batch
     grouped         one call with samples=group_size (GRPO now): each prompt read once, its keys and values
-                    copied to its samples; rows that stopped leave the batch in every arm (model/generate.py)
+                    copied to its samples, and stopped rows leave the batch
 
-The arms alternate round by round (A B C A B C ...), so load that drifts on a shared machine touches each
+The arms alternate round by round (A B C D A B C D ...), so load that drifts on a shared machine touches each
 alike; figures are medians over rounds. Sampled tokens per second of wall time, and per second of this
-process's CPU time (less sensitive to other processes on the machine), with ratios against per_completion.
+process's CPU time (less sensitive to other processes on the machine), with ratios against per_completion and
+old_path. On a machine shared by many processes run it with OMP_NUM_THREADS=1: two threads that wait for each
+other make batch-1 decoding many times slower there.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
+import types
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -35,14 +41,32 @@ REPO = Path(__file__).resolve().parents[1]
 GRPO_JOB = REPO / "jobs" / "grpo.yaml"
 
 
-def sample(model, prompts: list[list[int]], arm: str, g, generator, stop_id: int) -> list[list[int]]:
+OLD_GENERATE_REV = "e7b3645"  # the last commit whose model/generate.py sampled a group as repeated rows
+
+
+def old_generate():
+    """generate() of model/generate.py at OLD_GENERATE_REV, from this repository's git history; None without it."""
+    try:
+        source = subprocess.run(["git", "-C", str(REPO), "show", f"{OLD_GENERATE_REV}:model/generate.py"],
+                                capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    module = types.ModuleType("old_generate")
+    exec(compile(source, f"{OLD_GENERATE_REV}:model/generate.py", "exec"), module.__dict__)
+    return module.generate
+
+
+def sample(model, prompts: list[list[int]], arm: str, g, generator, stop_id: int, old=None) -> list[list[int]]:
     kwargs = dict(temperature=g.temperature, top_k=g.top_k, stop_tokens=[stop_id], generator=generator)
     from model.generate import generate
 
+    repeated = [p for p in prompts for _ in range(g.group_size)]
     if arm == "per_completion":
-        return [generate(model, [p], g.max_new_tokens, **kwargs)[0] for p in prompts for _ in range(g.group_size)]
+        return [generate(model, [p], g.max_new_tokens, **kwargs)[0] for p in repeated]
+    if arm == "old_path":
+        return old(model, repeated, g.max_new_tokens, **kwargs)
     if arm == "repeated_rows":
-        return generate(model, [p for p in prompts for _ in range(g.group_size)], g.max_new_tokens, **kwargs)
+        return generate(model, repeated, g.max_new_tokens, **kwargs)
     return generate(model, prompts, g.max_new_tokens, samples=g.group_size, **kwargs)
 
 
@@ -55,7 +79,8 @@ def sampling_arms(model, tokenizer, cfg, rounds: int) -> dict:
     records = read_jsonl(Path(g.demo_dir) / "grpo_train.jsonl", ("prompt",), what="grpo demo prompts")
     stop_id = end_of_turn_id(tokenizer)
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if cfg.train.dtype == "bf16" else nullcontext
-    arms = ("per_completion", "repeated_rows", "grouped")
+    old = old_generate()
+    arms = ("per_completion", *(("old_path",) if old else ()), "repeated_rows", "grouped")
     runs: dict[str, list[dict]] = {a: [] for a in arms}
     with torch.no_grad(), autocast():
         sample(model, [encode_prompt(tokenizer, records[0]["prompt"])], "grouped", g, None, stop_id)  # warm-up
@@ -63,7 +88,7 @@ def sampling_arms(model, tokenizer, cfg, rounds: int) -> dict:
             prompts = [encode_prompt(tokenizer, rec["prompt"]) for rec in records[r * n:(r + 1) * n]]
             for arm in arms:
                 wall, cpu = time.perf_counter(), time.process_time()
-                completions = sample(model, prompts, arm, g, torch.Generator().manual_seed(r), stop_id)
+                completions = sample(model, prompts, arm, g, torch.Generator().manual_seed(r), stop_id, old)
                 wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
                 tokens = sum(map(len, completions))
                 runs[arm].append({"tokens": tokens, "wall_s": wall, "cpu_s": cpu})
@@ -76,8 +101,10 @@ def sampling_arms(model, tokenizer, cfg, rounds: int) -> dict:
                         "mean_completion_tokens": sum(x["tokens"] for x in runs[arm]) / (rounds * n * g.group_size),
                         "rounds": runs[arm]}
     for arm in arms[1:]:
-        for unit in ("tokens_per_s", "tokens_per_cpu_s"):
-            figures[arm][f"{unit}_over_per_completion"] = figures[arm][unit] / figures["per_completion"][unit]
+        for base in ("per_completion", "old_path"):
+            if base in figures and base != arm:
+                for unit in ("tokens_per_s", "tokens_per_cpu_s"):
+                    figures[arm][f"{unit}_over_{base}"] = figures[arm][unit] / figures[base][unit]
     return figures
 
 
@@ -139,6 +166,7 @@ def main() -> None:
     config = {"model": args.model, "prompts_per_round": cfg.train.micro_batch_size, "group_size": g.group_size,
               "max_new_tokens": g.max_new_tokens, "temperature": g.temperature, "top_k": g.top_k,
               "dtype": cfg.train.dtype, "rounds": args.rounds, "threads": torch.get_num_threads(),
+              "old_generate": OLD_GENERATE_REV,
               "grpo_overrides": args.overrides}
     summary = {a: {k: round(v, 2) for k, v in f.items() if isinstance(v, float)}
                for a, f in figures["sampling"].items()}

@@ -96,7 +96,7 @@ def test_bad_targets_are_named(kw, match):
 # ---------------------------------------------------------------- real runs, from a tiny pretrain
 
 from tests.conftest import env_for, posttrain_command  # noqa: E402
-from tests.test_distributed import final_weights, kill_one_rank_at, losses  # noqa: E402
+from tests.test_distributed import final_weights, killed_at, losses  # noqa: E402
 
 LORA = ["lora.enabled=true", "lora.rank=4", "lora.alpha=8", "lora.target_modules=[wq,wv,w1,w2,w3]"]
 
@@ -135,7 +135,7 @@ def test_lora_sft_on_two_fsdp_ranks_saves_adapters_only_and_resumes_exactly(sour
     record = json.loads((step / "trainer_state.json").read_text())["lora_base"]
     assert Path(record["checkpoint"]).parent.parent == source["run"].resolve() and record["rank"] == 4
     # killed after step 4 on one rank: resumes from step 3's adapters and takes the same steps
-    assert kill_one_rank_at(killed, job("sft", source, killed, *extra, nproc=2), 4) != 0
+    assert killed_at(job("sft", source, killed, *extra, nproc=2), killed, 4) != 0
     output = run_job(job("sft", source, killed, *extra, nproc=2), source["root"])
     assert "step_00000003" in output
     got = losses(killed)
