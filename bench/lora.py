@@ -133,8 +133,8 @@ def main() -> None:
     for name, overrides in arms.items():
         results[name] = run_arm(name, [*common, "lora.enabled=true", *overrides], workdir)
         results[name].update(compare(results[name], full))
-    print(json.dumps({k: {m: v for m, v in r.items() if m in ("val_loss", "val_loss_over_full", "gain_over_full_gain",
-                                                                "trainable_pct")} for k, r in results.items()}, indent=1))
+    shown = ("val_loss", "val_loss_over_full", "gain_over_full_gain", "trainable_pct")
+    print(json.dumps({k: {m: v for m, v in r.items() if m in shown} for k, r in results.items()}, indent=1))
     path = write_result("lora", {"job": "jobs/sft.yaml", "pretrain": args.pretrain, "common": common, "arms": arms},
                         results)
     print(f"wrote {path}")

@@ -59,7 +59,8 @@ def posttrain_source(tmp_path_factory, tiny_data) -> dict:
     root = tmp_path_factory.mktemp("posttrain-source")
     run = root / "pretrain"
     cmd = [sys.executable, "-m", "training.main", str(REPO / "jobs" / "pretrain.yaml"),
-           *tiny_overrides(tiny_data, f"model.max_seq_len={POSTTRAIN_SEQ}", "train.max_steps=20"), "--run-dir", str(run)]
+           *tiny_overrides(tiny_data, f"model.max_seq_len={POSTTRAIN_SEQ}", "train.max_steps=20"),
+           "--run-dir", str(run)]
     result = subprocess.run(cmd, cwd=root, env=env_for(root), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     paths = write_demo_data(root / "posttrain", Path(tiny_data) / "tokenizer.json", max_docs=200,
@@ -75,4 +76,5 @@ def posttrain_command(kind: str, source: dict, run_dir: Path, *extra: str, nproc
                  f"{kind}.val_file={source[val]}", "optim.lr=1e-3", "train.log_every=1", *extra]
     launcher = [sys.executable] if nproc == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    return [*launcher, "-m", "training.main", str(REPO / "jobs" / f"{kind}.yaml"), *overrides, "--run-dir", str(run_dir)]
+    job = str(REPO / "jobs" / f"{kind}.yaml")
+    return [*launcher, "-m", "training.main", job, *overrides, "--run-dir", str(run_dir)]
