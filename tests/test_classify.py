@@ -67,7 +67,8 @@ def source(posttrain_source, tmp_path_factory) -> dict:
 
 def classify(source: dict, run_dir: Path, *extra: str, train=None, val=None) -> subprocess.CompletedProcess:
     overrides = [*TINY, f"model.max_seq_len={POSTTRAIN_SEQ}", f"data.seq_len={SEQ}",
-                 f"checkpoint.init_from={source['run']}", f"classify.train_file={train or source['train']}", f"classify.val_file={val or source['val']}",
+                 f"checkpoint.init_from={source['run']}", f"classify.train_file={train or source['train']}",
+                 f"classify.val_file={val or source['val']}",
                  "train.log_every=1", "classify.val_max=64", *extra]
     cmd = [sys.executable, "-m", "training.main", str(REPO / "jobs" / "classify.yaml"), *overrides,
            "--run-dir", str(run_dir)]
