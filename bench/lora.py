@@ -5,9 +5,12 @@ completion loss (the SFT job's val_loss at its end).
     python -m training.main jobs/pretrain.yaml train.max_steps=300 train.time_budget_min=null   # first
     python -m bench.lora --pretrain runs/pretrain                  # both arms, results in bench/results/
     python -m bench.lora --pretrain runs/pretrain --lora lora.rank=32 optim.lr=3e-3   # other LoRA settings
+    python -m bench.lora --arm r8 lora.rank=8 --arm qv "lora.target_modules=[wq,wv]"  # more LoRA arms
 
 Each arm runs as its own process (so its peak RSS is its own), one after the other; step time is the
 median over the logged windows of seconds per optimizer step (validation and checkpoints excluded).
+Every LoRA arm (`lora`: the job's defaults plus --lora; each --arm NAME: the defaults plus its overrides)
+is compared with the full arm: val_loss ratio, and the share of full fine-tuning's held-out gain it gets.
 """
 
 from __future__ import annotations
@@ -45,8 +48,10 @@ def one_arm(args) -> None:
     peak = (torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available()
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     log = (run_dir / "bench.log").read_text() if (run_dir / "bench.log").exists() else ""
-    print("RESULT " + json.dumps({"exit": code, "val_loss": summary["val_loss"], "step_s": step_s,
-                                  "peak_mb": peak, "steps": summary["step"], "log": log[-200:]}), flush=True)
+    evals = [r["val_loss"] for r in records if "val_loss" in r and r.get("step") == 0]
+    print("RESULT " + json.dumps({"exit": code, "val_loss": summary["val_loss"], "val_loss_start": evals[0] if evals
+                                  else None, "step_s": step_s, "peak_mb": peak, "steps": summary["step"],
+                                  "log": log[-200:]}), flush=True)
 
 
 def trainable_share(overrides: list[str]) -> dict:
@@ -86,13 +91,27 @@ def run_arm(name: str, overrides: list[str], workdir: Path) -> dict:
     return figures
 
 
+def compare(arm: dict, full: dict) -> dict:
+    """A LoRA arm against the full arm: ratios, and the share of full fine-tuning's held-out gain."""
+    out = {"val_loss_over_full": arm["val_loss"] / full["val_loss"],
+           "step_time_over_full": arm["step_s"] / full["step_s"],
+           "peak_memory_over_full": arm["peak_mb"] / full["peak_mb"],
+           "within_5pct": arm["val_loss"] <= 1.05 * full["val_loss"]}
+    start = full.get("val_loss_start")
+    if start is not None and start > full["val_loss"]:
+        out["gain_over_full_gain"] = (start - arm["val_loss"]) / (start - full["val_loss"])
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench.lora", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pretrain", default="runs/pretrain", help="the pretraining run SFT starts from")
-    p.add_argument("--workdir", default="runs/bench-lora", help="where the two SFT runs go (replaced)")
-    p.add_argument("--lora", nargs="*", default=[], help="overrides for the LoRA arm only")
-    p.add_argument("--common", nargs="*", default=[], help="overrides for both arms, e.g. train.max_steps=50")
+    p.add_argument("--workdir", default="runs/bench-lora", help="where the SFT runs go (replaced)")
+    p.add_argument("--lora", nargs="*", default=[], help="overrides for the `lora` arm (the job's LoRA defaults)")
+    p.add_argument("--arm", nargs="+", action="append", default=[], metavar=("NAME", "OVERRIDE"),
+                   help="one more LoRA arm: its name, then its overrides (repeatable)")
+    p.add_argument("--common", nargs="*", default=[], help="overrides for every arm, e.g. train.max_steps=50")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--run-dir", help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help=argparse.SUPPRESS)
@@ -108,16 +127,16 @@ def main() -> None:
     workdir.mkdir(parents=True)
     common = [f"checkpoint.init_from={args.pretrain}", "train.time_budget_min=null", "checkpoint.every=0",
               *args.common]
+    arms = {"lora": args.lora, **{name: overrides for name, *overrides in args.arm}}
     full = run_arm("full", common, workdir)
-    lora = run_arm("lora", [*common, "lora.enabled=true", *args.lora], workdir)
-    ratios = {"val_loss_lora_over_full": lora["val_loss"] / full["val_loss"],
-              "step_time_lora_over_full": lora["step_s"] / full["step_s"],
-              "peak_memory_lora_over_full": lora["peak_mb"] / full["peak_mb"],
-              "within_5pct": lora["val_loss"] <= 1.05 * full["val_loss"]}
-    print(json.dumps(ratios, indent=1))
-    path = write_result("lora", {"job": "jobs/sft.yaml", "pretrain": args.pretrain, "common": common,
-                                 "lora_overrides": args.lora},
-                        {"full": full, "lora": lora, **ratios})
+    results = {"full": full}
+    for name, overrides in arms.items():
+        results[name] = run_arm(name, [*common, "lora.enabled=true", *overrides], workdir)
+        results[name].update(compare(results[name], full))
+    shown = ("val_loss", "val_loss_over_full", "gain_over_full_gain", "trainable_pct")
+    print(json.dumps({k: {m: v for m, v in r.items() if m in shown} for k, r in results.items()}, indent=1))
+    path = write_result("lora", {"job": "jobs/sft.yaml", "pretrain": args.pretrain, "common": common, "arms": arms},
+                        results)
     print(f"wrote {path}")
 
 

@@ -5,7 +5,7 @@
 stdlib_continuation: a function's first lines, then four candidate next lines: the real one and three
 lines taken from other functions, re-indented like the real one so indentation gives nothing away.
 stdlib_bodies: a function's signature and docstring (no final newline); the model writes the body,
-which must parse.
+which must parse. Each record keeps the real body as "reference" (the report compares lengths with it).
 The files are shipped so every machine scores the same questions whatever its Python version.
 """
 
@@ -96,7 +96,9 @@ def body_prompts(functions: list[list[str]], n: int, rng: random.Random) -> list
             continue
         # No final newline: "\n" + indentation is one token to a BPE trained on code, so a prompt cut
         # after the "\n" would leave the model at a token boundary it has rarely seen.
-        prompts.append({"prompt": "\n".join(func[:doc.end_lineno]), "instruction": instruction(node)})
+        # reference: the real body, which the eval report's len_ratio compares completions with
+        prompts.append({"prompt": "\n".join(func[:doc.end_lineno]), "instruction": instruction(node),
+                        "reference": "\n" + "\n".join(func[doc.end_lineno:])})
         if len(prompts) == n:
             break
     return prompts

@@ -42,3 +42,39 @@ def tiny_data(tmp_path_factory) -> str:
 
 def tiny_overrides(data_dir: str, *extra: str) -> list[str]:
     return [*TINY, f"data.dir={data_dir}", *extra]
+
+
+POSTTRAIN_SEQ = 256  # post-training rows; the tiny source model is pretrained with rotary tables this long
+DEMO_FILES = {"sft": ("sft_train", "sft_val"), "dpo": ("pref_train", "pref_val"), "rm": ("pref_train", "pref_val"),
+              "grpo": ("grpo_train", "grpo_val")}
+
+
+@pytest.fixture(scope="session")
+def posttrain_source(tmp_path_factory, tiny_data) -> dict:
+    """The starting point of every post-training test, made once per session: a tiny pretraining run (20
+    steps of the TINY model, rotary tables of POSTTRAIN_SEQ) and the demo SFT, preference and GRPO files
+    derived from the 200 standard-library files of tiny_data. Each module runs its jobs in a folder of its own."""
+    from training.posttrain.demo_data import write_demo_data
+
+    root = tmp_path_factory.mktemp("posttrain-source")
+    run = root / "pretrain"
+    cmd = [sys.executable, "-m", "training.main", str(REPO / "jobs" / "pretrain.yaml"),
+           *tiny_overrides(tiny_data, f"model.max_seq_len={POSTTRAIN_SEQ}", "train.max_steps=20"),
+           "--run-dir", str(run)]
+    result = subprocess.run(cmd, cwd=root, env=env_for(root), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    paths = write_demo_data(root / "posttrain", Path(tiny_data) / "tokenizer.json", max_docs=200,
+                            max_tokens=POSTTRAIN_SEQ)
+    return {"run": run, "tokenizer": Path(tiny_data) / "tokenizer.json", **paths}
+
+
+def posttrain_command(kind: str, source: dict, run_dir: Path, *extra: str, nproc: int = 1) -> list[str]:
+    """A tiny post-training job of this kind from posttrain_source, on its demo files, logging every step."""
+    train, val = DEMO_FILES[kind]
+    overrides = [*TINY, f"model.max_seq_len={POSTTRAIN_SEQ}", f"data.seq_len={POSTTRAIN_SEQ}",
+                 f"checkpoint.init_from={source['run']}", f"{kind}.train_file={source[train]}",
+                 f"{kind}.val_file={source[val]}", "optim.lr=1e-3", "train.log_every=1", *extra]
+    launcher = [sys.executable] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    job = str(REPO / "jobs" / f"{kind}.yaml")
+    return [*launcher, "-m", "training.main", job, *overrides, "--run-dir", str(run_dir)]

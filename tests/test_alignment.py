@@ -7,13 +7,12 @@ import json
 import math
 import random
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import REPO, TINY, env_for, tiny_overrides
+from tests.conftest import env_for, posttrain_command
 from tests.test_distributed import final_weights, killed_at, losses
 
 from training.posttrain.losses import (
@@ -168,38 +167,14 @@ def test_example_stream_shards_ranks_apart_and_resumes_exactly():
 
 # ---------------------------------------------------------------- end to end, from a tiny pretrain
 
-SEQ = 256  # post-training rows; the tiny source model is pretrained with rotary tables this long
-
-
-def letter_share(completion: str, example: dict) -> float:
-    """A reward for the tests: varied even for a barely trained model, so GRPO has something to learn."""
-    return sum(c.isalpha() for c in completion) / max(1, len(completion))
-
-
 @pytest.fixture(scope="module")
-def source(tmp_path_factory, tiny_data) -> dict:
-    """A tiny pretraining run, and the demo preference and GRPO files derived from 200 stdlib files."""
-    from training.posttrain.demo_data import write_demo_data
-
-    root = tmp_path_factory.mktemp("align-source")
-    run = root / "pretrain"
-    cmd = [sys.executable, "-m", "training.main", str(REPO / "jobs" / "pretrain.yaml"),
-           *tiny_overrides(tiny_data, f"model.max_seq_len={SEQ}", "train.max_steps=20"), "--run-dir", str(run)]
-    result = subprocess.run(cmd, cwd=root, env=env_for(root), capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    paths = write_demo_data(root / "posttrain", Path(tiny_data) / "tokenizer.json", max_docs=200, max_tokens=SEQ)
-    return {"run": run, "root": root, **paths}
+def source(posttrain_source, tmp_path_factory) -> dict:
+    """The session's tiny pretrain and demo files; this module's runs go in a folder of its own."""
+    return dict(posttrain_source, root=tmp_path_factory.mktemp("alignment"))
 
 
 def command(kind: str, source: dict, run_dir: Path, *extra: str, nproc: int = 1) -> list[str]:
-    files = {"grpo": ("grpo_train", "grpo_val")}.get(kind, ("pref_train", "pref_val"))
-    overrides = [*TINY, f"model.max_seq_len={SEQ}", f"data.seq_len={SEQ}", f"checkpoint.init_from={source['run']}",
-                 f"{kind}.train_file={source[files[0]]}", f"{kind}.val_file={source[files[1]]}", "optim.lr=1e-3",
-                 "train.log_every=1", *extra]
-    launcher = [sys.executable] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    job = str(REPO / "jobs" / f"{kind}.yaml")
-    return [*launcher, "-m", "training.main", job, *overrides, "--run-dir", str(run_dir)]
+    return posttrain_command(kind, source, run_dir, *extra, nproc=nproc)
 
 
 def run(kind: str, source: dict, run_dir: Path, *extra: str, nproc: int = 1) -> str:
@@ -259,21 +234,6 @@ def test_dpo_on_two_processes_resumes_bitwise_after_sigkill(source):
     assert sorted(got) == list(range(1, 13))
     for step in range(resumed_from + 1, 13):
         assert got[step] == ref[step], f"step {step}: {got[step]!r} != {ref[step]!r} (killed at {kill_step})"
-
-
-@pytest.mark.slow
-def test_grpo_samples_groups_and_learns_from_their_spread(source):
-    grpo = source["root"] / "grpo"
-    run("grpo", source, grpo, "train.max_steps=4", "train.micro_batch_size=2", "grpo.max_new_tokens=16",
-        "grpo.val_prompts=4", "grpo.reward=tests.test_alignment:letter_share")
-    train, evals = records(grpo)
-    keys = {"reward_mean", "reward_std", "kl", "completion_len", "frac_reward_zero_std", "clip_frac"}
-    assert [r["step"] for r in train] == [1, 2, 3, 4] and all(keys <= set(r) for r in train)
-    assert all(0 < r["completion_len"] <= 16 and r["reward_std"] > 0 for r in train)
-    assert all(r["grad_norm"] > 0 for r in train), "rewards that differ within a group give a gradient"
-    assert train[0]["kl"] == 0 and train[-1]["kl"] > 0, "the policy leaves its reference"
-    assert [r["step"] for r in evals] == [0, 4]  # jobs/grpo.yaml: val_at_start, then at the end
-    assert all({"val_parses", "val_signature", "val_reward", "val_completion_len"} <= set(r) for r in evals)
 
 
 @pytest.mark.slow

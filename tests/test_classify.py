@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, TINY, env_for, tiny_overrides
+from tests.conftest import POSTTRAIN_SEQ, REPO, TINY, env_for
 from training.classify.metrics import scores
 
-SEQ = 128
+SEQ = 128  # texts are cut to this (the source model's rotary tables are longer)
 
 
 def test_scores_match_scikit_learn():
@@ -33,23 +33,42 @@ def test_scores_match_scikit_learn():
     assert got["macro_f1"] == pytest.approx(f1_score(truth, guess, average="macro", zero_division=0))
 
 
+def test_loss_is_a_sum_and_a_count_so_micro_batches_add_up_to_the_weighted_mean():
+    """The trainer divides the step's summed loss by its summed count: with class weights the count is the
+    weights' sum, so two micro-batches give exactly F.cross_entropy's weighted mean over the whole batch."""
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+
+    from training.tasks.classify import ClassifyTask
+
+    gen = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(10, 3, generator=gen), torch.tensor([0, 0, 0, 0, 0, 0, 1, 1, 2, 0])
+    weights = torch.tensor([0.4, 1.5, 3.0])
+    model = lambda tokens, last: logits[tokens]  # noqa: E731  (the "model": the logits of these rows)
+    for task_weights, expected in ((weights, F.cross_entropy(logits, labels, weight=weights)),
+                                   (None, F.cross_entropy(logits, labels))):
+        task = SimpleNamespace(weights=task_weights)
+        parts = [ClassifyTask.loss(task, model, {"tokens": rows, "last": None, "labels": labels[rows]})
+                 for rows in (torch.arange(0, 3), torch.arange(3, 10))]
+        total, count = (sum(x) for x in zip(*parts))
+        assert (total / count).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
 @pytest.fixture(scope="module")
-def source(tmp_path_factory, tiny_data) -> dict:
+def source(posttrain_source, tmp_path_factory) -> dict:
+    """The session's tiny pretrain, and the demo classification files derived from 200 stdlib files."""
     from training.classify.data import write_demo
 
-    root = tmp_path_factory.mktemp("classify-source")
-    run = root / "pretrain"
-    cmd = [sys.executable, "-m", "training.main", str(REPO / "jobs" / "pretrain.yaml"),
-           *tiny_overrides(tiny_data, f"model.max_seq_len={SEQ}", "train.max_steps=20"), "--run-dir", str(run)]
-    result = subprocess.run(cmd, cwd=root, env=env_for(root), capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    train, val = write_demo(root / "classify", Path(tiny_data) / "tokenizer.json", SEQ, max_docs=200)
-    return {"run": run, "root": root, "train": train, "val": val}
+    root = tmp_path_factory.mktemp("classify")
+    train, val = write_demo(root / "classify", posttrain_source["tokenizer"], SEQ, max_docs=200)
+    return {"run": posttrain_source["run"], "root": root, "train": train, "val": val}
 
 
 def classify(source: dict, run_dir: Path, *extra: str, train=None, val=None) -> subprocess.CompletedProcess:
-    overrides = [*TINY, f"model.max_seq_len={SEQ}", f"data.seq_len={SEQ}", f"checkpoint.init_from={source['run']}",
-                 f"classify.train_file={train or source['train']}", f"classify.val_file={val or source['val']}",
+    overrides = [*TINY, f"model.max_seq_len={POSTTRAIN_SEQ}", f"data.seq_len={SEQ}",
+                 f"checkpoint.init_from={source['run']}", f"classify.train_file={train or source['train']}",
+                 f"classify.val_file={val or source['val']}",
                  "train.log_every=1", "classify.val_max=64", *extra]
     cmd = [sys.executable, "-m", "training.main", str(REPO / "jobs" / "classify.yaml"), *overrides,
            "--run-dir", str(run_dir)]

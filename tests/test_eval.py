@@ -95,6 +95,9 @@ def test_eval_json_has_every_metric(eval_run, pretrain_run):
                 "python_functions/passes"):
         assert 0 <= pre[key] < math.inf, key
     assert pre["stdlib_continuation/n"] == 20 and pre["three_questions/n"] == 3 and pre["python_functions/n"] == 12
+    # generation tasks carry the collapse numbers (python_functions' records have reference bodies)
+    assert 0 < pre["python_functions/distinct_frac"] <= 1 and pre["python_functions/len_ratio"] > 0
+    assert "three_questions/distinct_frac" not in pre, "multiple choice generates nothing"
     assert pre["val/perplexity"] == pytest.approx(math.exp(pre["val/loss"]))
     # The same 4 batches of 8 as the pretraining's last validation: the same bits per byte.
     last_val = [json.loads(l) for l in (pretrain_run / "metrics.jsonl").read_text().splitlines() if "val_bpb" in l][-1]

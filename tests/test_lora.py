@@ -95,36 +95,21 @@ def test_bad_targets_are_named(kw, match):
 
 # ---------------------------------------------------------------- real runs, from a tiny pretrain
 
-from tests.conftest import REPO, TINY, env_for, tiny_overrides  # noqa: E402
+from tests.conftest import env_for, posttrain_command  # noqa: E402
 from tests.test_distributed import final_weights, killed_at, losses  # noqa: E402
 
-SEQ = 256
 LORA = ["lora.enabled=true", "lora.rank=4", "lora.alpha=8", "lora.target_modules=[wq,wv,w1,w2,w3]"]
 
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory, tiny_data) -> dict:
-    """A tiny pretraining run, and the demo SFT and preference files derived from 200 stdlib files."""
-    from training.posttrain.demo_data import write_demo_data
-
-    root = tmp_path_factory.mktemp("lora-source")
-    run = root / "pretrain"
-    cmd = [sys.executable, "-m", "training.main", str(REPO / "jobs" / "pretrain.yaml"),
-           *tiny_overrides(tiny_data, f"model.max_seq_len={SEQ}", "train.max_steps=20"), "--run-dir", str(run)]
-    result = subprocess.run(cmd, cwd=root, env=env_for(root), capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    paths = write_demo_data(root / "posttrain", Path(tiny_data) / "tokenizer.json", max_docs=200, max_tokens=SEQ)
-    return {"run": run, "root": root, **paths}
+def source(posttrain_source, tmp_path_factory) -> dict:
+    """The session's tiny pretrain and demo files; this module's runs go in a folder of its own."""
+    return dict(posttrain_source, root=tmp_path_factory.mktemp("lora"))
 
 
 def job(kind: str, source: dict, run_dir: Path, *extra: str, nproc: int = 1) -> list[str]:
-    files = {"sft": ("sft_train", "sft_val"), "dpo": ("pref_train", "pref_val")}[kind]
-    overrides = [*TINY, f"model.max_seq_len={SEQ}", f"data.seq_len={SEQ}", f"checkpoint.init_from={source['run']}",
-                 f"{kind}.train_file={source[files[0]]}", f"{kind}.val_file={source[files[1]]}", "optim.lr=3e-3",
-                 "train.log_every=1", "train.val_at_start=false", *LORA, *extra]
-    launcher = [sys.executable] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    return [*launcher, "-m", "training.main", str(REPO / "jobs" / f"{kind}.yaml"), *overrides, "--run-dir", str(run_dir)]
+    return posttrain_command(kind, source, run_dir, "optim.lr=3e-3", "train.val_at_start=false", *LORA, *extra,
+                             nproc=nproc)
 
 
 def run_job(cmd: list[str], cwd: Path, expect: int = 0) -> str:

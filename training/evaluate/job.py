@@ -22,6 +22,8 @@ import torch
 from omegaconf import OmegaConf
 
 from training.evaluate.tasks import EvalError, Task, load_task
+from training.posttrain.collapse import STATS as COLLAPSE_STATS
+from training.posttrain.collapse import collapsed_tasks
 from training.run_folder import is_chat_model, is_hf_folder, load_model, resolve_checkpoint
 
 
@@ -116,7 +118,8 @@ def evaluate_model(model, tokenizer, source: str, heldout_sets, tasks: list[Task
         else:
             result = scoring.generation(model, tokenizer, task, batch, autocast, chat=chat)
             samples[task.name] = result.pop("samples")
-        metrics.update({f"{task.name}/{k}": v for k, v in result.items() if k in task.metrics or k == "n"})
+        metrics.update({f"{task.name}/{k}": v for k, v in result.items()
+                        if k in task.metrics or k == "n" or k in COLLAPSE_STATS})
     return {"metrics": metrics, "samples": samples, "loglikelihoods": loglikelihoods}
 
 
@@ -146,6 +149,9 @@ def run_eval(cfg, dist_info, run_dir: Path) -> int:
         shown = ", ".join(f"{k} {v:.4g}" for k, v in measured["metrics"].items() if not k.endswith("/n")
                           and k.rsplit("/", 1)[1] in ("perplexity", "bpb", "acc", "acc_norm", "parses", "passes"))
         print(f"{name}: {shown} ({time.time() - start:.0f}s)", flush=True)
+        for task, reasons in collapsed_tasks(measured["metrics"]).items():
+            print(f"warning: {name}'s completions on {task} have collapsed ({', '.join(reasons)}): its "
+                  f"{task}/parses is no progress", flush=True)
         del model
     last = list(results["stages"])[-1]
     results["metrics"] = results["stages"][last]["metrics"]  # the source's, or the last stage's

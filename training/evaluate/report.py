@@ -1,6 +1,10 @@
 """report.md: every stage of a pipeline (pretrain, SFT, DPO, GRPO, ...) side by side on every metric,
 with PNG plots: one bar chart per metric, and each stage's training curves from its metrics.jsonl.
 
+A stage whose completions on a generation task collapsed (one answer for every prompt, or answers far
+shorter than the real ones: training/posttrain/collapse.py) is flagged at the top, its parses and passes
+on that task are marked "collapsed" in the table and drawn hatched in grey: hollow, not progress.
+
     write_report(run_dir, results)      # results = the eval job's eval.json content
     python -m training.evaluate.report RUN_DIR    # again, from a finished eval run's eval.json
 """
@@ -13,10 +17,13 @@ import sys
 import time
 from pathlib import Path
 
+from training.posttrain.collapse import DISTINCT_MIN, LENGTH_MIN, collapsed_tasks
+
 # Shown first, in this order; any other metric follows in eval.json's order.
 HEADLINE = ("perplexity", "bpb", "acc", "acc_norm", "parses", "passes")
 LOWER_IS_BETTER = ("perplexity", "bpb", "loss")
-RATES = ("acc", "acc_norm", "parses", "passes")  # fractions: drawn on a 0..1 axis
+RATES = ("acc", "acc_norm", "parses", "passes", "distinct_frac")  # fractions: drawn on a 0..1 axis
+HOLLOW_WHEN_COLLAPSED = ("parses", "passes")  # what a collapsed model can score without writing functions
 CURVES = ("loss", "val_loss", "reward", "val_reward")
 
 
@@ -46,14 +53,24 @@ def read_curves(run_dir: str | None) -> dict[str, list[tuple[int, float]]]:
     return curves
 
 
-def _plot_metrics(stages: dict, names: list[str], out: Path, plt) -> None:
+def _hollow(collapsed: dict, stage: str, name: str) -> bool:
+    """Whether this stage's metric is a parses/passes of a task on which its completions collapsed."""
+    task, _, metric = name.rpartition("/")
+    return metric in HOLLOW_WHEN_COLLAPSED and task in collapsed.get(stage, {})
+
+
+def _plot_metrics(stages: dict, names: list[str], out: Path, plt, collapsed: dict) -> None:
     cols = min(3, len(names))
     rows = math.ceil(len(names) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
     labels = list(stages)
     for ax, name in zip(axes.flat, names):
         values = [stages[s]["metrics"].get(name, float("nan")) for s in labels]
-        bars = ax.bar(labels, values, color=[f"C{i}" for i in range(len(labels))])
+        hollow = [_hollow(collapsed, s, name) for s in labels]
+        bars = ax.bar(labels, values, color=["lightgrey" if h else f"C{i}" for i, h in enumerate(hollow)])
+        for bar, h in zip(bars, hollow):
+            if h:
+                bar.set_hatch("xx")
         ax.bar_label(bars, fmt="%.3g", fontsize=7)
         if name.rsplit("/", 1)[-1] in RATES:
             ax.set_ylim(0, 1.08)
@@ -88,11 +105,36 @@ def _fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def _collapse_lines(stages: dict, collapsed: dict) -> list[str]:
+    """The warning for each collapsed stage, and every stage's distinct_frac and len_ratio per task."""
+    lines = []
+    for stage, tasks in collapsed.items():
+        for task, reasons in tasks.items():
+            lines += [f"> **Warning: {stage}'s completions on {task} have collapsed** ({', '.join(reasons)}): one "
+                      f"short answer for (nearly) every prompt. Its {task} parses and passes are not progress: "
+                      "read its samples below. A reward that such answers satisfy has been gamed.", ""]
+    rows = [(stage, key.rsplit("/", 1)[0]) for stage, body in stages.items() for key in body["metrics"]
+            if key.endswith("/distinct_frac")]
+    if rows:
+        lines += ["## Collapse check", "",
+                  f"Distinct greedy completions over prompts (distinct_frac, under {DISTINCT_MIN} = collapsed) and "
+                  f"mean completion length over the reference's (len_ratio, under {LENGTH_MIN} = collapsed).", "",
+                  "| stage | task | distinct_frac | len_ratio | verdict |", "|---|---|---|---|---|"]
+        for stage, task in rows:
+            m = stages[stage]["metrics"]
+            verdict = "**collapsed**" if task in collapsed.get(stage, {}) else "ok"
+            lines.append(f"| {stage} | {task} | {_fmt(m.get(task + '/distinct_frac'))} | "
+                         f"{_fmt(m.get(task + '/len_ratio'))} | {verdict} |")
+        lines.append("")
+    return lines
+
+
 def write_report(run_dir: str | Path, results: dict) -> Path:
     """run_dir/report.md and run_dir/report/*.png from the eval job's results; returns the .md path."""
     run_dir = Path(run_dir)
     stages = results["stages"]
     names = _metric_names(stages)
+    collapsed = {s: tasks for s, body in stages.items() if (tasks := collapsed_tasks(body["metrics"]))}
     curves = {s: read_curves(stages[s].get("run_dir")) for s in stages}
     plots = run_dir / "report"
     plots.mkdir(exist_ok=True)
@@ -102,9 +144,12 @@ def write_report(run_dir: str | Path, results: dict) -> Path:
     for stage, body in stages.items():
         counts = ", ".join(f"{k[:-2]} {v}" for k, v in body["metrics"].items() if k.endswith("/n"))
         lines.append(f"| {stage} | `{body['checkpoint']}` | {counts or '-'} |")
-    lines += ["", "## Metrics", "", "| metric | " + " | ".join(stages) + " |", "|---" * (len(stages) + 1) + "|"]
+    lines += ["", *_collapse_lines(stages, collapsed)]
+    lines += ["## Metrics", "", "| metric | " + " | ".join(stages) + " |", "|---" * (len(stages) + 1) + "|"]
     for name in names:
-        lines.append(f"| {name} | " + " | ".join(_fmt(stages[s]["metrics"].get(name)) for s in stages) + " |")
+        cells = [_fmt(stages[s]["metrics"].get(name)) + (" (collapsed)" if _hollow(collapsed, s, name) else "")
+                 for s in stages]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "Perplexity and bpb (bits per byte): lower is better; acc, acc_norm (multiple choice by "
               "log-likelihood, acc_norm per character of the choice), parses and passes (generated code that parses, "
               "that passes its test): higher is better.", ""]
@@ -117,7 +162,7 @@ def write_report(run_dir: str | Path, results: dict) -> Path:
         lines += ["(No plots: matplotlib is not installed; `pip install matplotlib`.)", ""]
         plt = None
     if plt is not None and names:
-        _plot_metrics(stages, names, plots / "metrics.png", plt)
+        _plot_metrics(stages, names, plots / "metrics.png", plt, collapsed)
         lines += ["## Every metric by stage", "", "![metrics by stage](report/metrics.png)", ""]
     if plt is not None and any(curves.values()):
         _plot_curves(stages, curves, plots / "curves.png", plt)
@@ -129,8 +174,9 @@ def write_report(run_dir: str | Path, results: dict) -> Path:
     for stage, body in stages.items():
         for task, samples in (body.get("samples") or {}).items():
             if samples:
-                lines += [f"### {stage}: a {task} sample", "", "```python", samples[0]["prompt"] + samples[0]["completion"],
-                          "```", ""]
+                note = " (collapsed)" if task in collapsed.get(stage, {}) else ""
+                lines += [f"### {stage}: a {task} sample{note}", "", "```python",
+                          samples[0]["prompt"] + samples[0]["completion"], "```", ""]
     path = run_dir / "report.md"
     path.write_text("\n".join(lines))
     return path

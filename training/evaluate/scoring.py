@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from training.evaluate.sandbox import run_untrusted
 from training.evaluate.tasks import Task
+from training.posttrain.collapse import collapse_stats
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -134,7 +135,8 @@ def prompt_ids(tokenizer, task: Task, doc: dict, chat: bool) -> list[int]:
 def generation(model, tokenizer, task: Task, batch_size: int, autocast=nullcontext, chat: bool = False) -> dict:
     """Greedy completions cut at the task's stop strings; `parses`: prompt + completion is valid Python that
     completes the prompt's code (see parses()); `passes`: and the record's `test` code then runs without
-    error (records without one count as failed). chat: ask in the chat format (see prompt_ids), stopping
+    error (records without one count as failed); distinct_frac and, when every record has a `reference`
+    (the real body), len_ratio: training/posttrain/collapse.py's signs of a collapsed model. chat: ask in the chat format (see prompt_ids), stopping
     at the end of the assistant's turn too."""
     from model.generate import generate
     from training.data.tokenizer import EOS_ID
@@ -162,6 +164,8 @@ def generation(model, tokenizer, task: Task, batch_size: int, autocast=nullconte
             passed += passes_test(program + "\n\n" + doc["test"] + "\n")
     n = len(prompts)
     out = {"parses": parsed / n, "n": n, "samples": [{"prompt": p, "completion": c} for p, c in zip(prompts[:3], completions[:3])]}
+    # one answer for every prompt, or answers far shorter than the real ones: parses would be hollow
+    out.update(collapse_stats(completions, n, [doc.get("reference") for doc in task.docs]))
     if "passes" in task.metrics:
         out["passes"] = passed / n
     return out

@@ -15,11 +15,11 @@ the log-probs they were sampled with are kept, so from the second update on the 
 from 1 and the clip (clip_eps, epsilon_high) acts; clip_frac says how often. Log-probs, old and new,
 are those of the distribution that sampled: logits / temperature, restricted to the top_k.
 
-Collapse: a policy can learn to satisfy a reward with one short answer for everything (the demo
-once collapsed to `return self`). The logs carry distinct_frac (distinct completions per group) and,
-when records hold their reference, len_ratio (completion length over the reference's); a warning is
-printed when they fall below COLLAPSE_DISTINCT / COLLAPSE_LENGTH. Evaluation: greedy completions of
-held-out prompts: val_parses, val_signature, val_reward, val_distinct, val_len_ratio.
+Collapse (training/posttrain/collapse.py): a policy can learn to satisfy a reward with one short answer
+for everything (the demo once collapsed to `return self`). The logs carry distinct_frac (distinct
+completions per group) and, when records hold their reference, len_ratio (completion length over the
+reference's); a warning is printed when either falls below its limit. Evaluation: greedy completions of
+held-out prompts: val_parses, val_signature, val_reward, val_distinct_frac, val_len_ratio.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from model.lora import adapters_disabled
 from training.data.tokenizer import PAD_ID, load_tokenizer
 from training.metrics import say
 from training.posttrain.chat import encode_prompt, end_of_turn_id
+from training.posttrain.collapse import collapse_reasons, collapse_stats
 from training.posttrain.examples import ExampleStream, data_files, eval_batches, pad_right
 from training.posttrain.jsonl import read_jsonl
 from training.posttrain.losses import (IGNORE, frac_reward_zero_std, group_advantages, grpo_policy_loss,
@@ -44,18 +45,6 @@ from training.posttrain.rewards import defines_function, load_reward_fn, python_
 from training.run_folder import starting_point
 
 KEYS = ("prompt", "signature")
-COLLAPSE_DISTINCT = 0.5  # under half the completions of a group distinct: the policy says one thing
-COLLAPSE_LENGTH = 0.3  # completions under 30% of the reference's length: it stopped writing the function
-
-
-def collapse_stats(texts: list[str], group_size: int, references: list[Optional[str]]) -> dict[str, float]:
-    """distinct_frac: distinct completions per group over the group size, averaged; len_ratio: mean
-    completion length over mean reference length (only when every record has a reference)."""
-    groups = [texts[i:i + group_size] for i in range(0, len(texts), group_size)]
-    stats = {"distinct_frac": sum(len(set(g)) / len(g) for g in groups) / len(groups)}
-    if references and all(r is not None for r in references):
-        stats["len_ratio"] = sum(map(len, texts)) / max(1, sum(map(len, references)))
-    return stats
 
 
 class GRPOTask:
@@ -218,9 +207,7 @@ class GRPOTask:
 
     def train_metrics(self) -> dict:
         metrics = self.metrics.mean(self.dist.device, self.dist.world_size)
-        collapsed = [f"{k} {metrics[k]:.2f} < {limit}" for k, limit in
-                     (("distinct_frac", COLLAPSE_DISTINCT), ("len_ratio", COLLAPSE_LENGTH))
-                     if metrics.get(k) is not None and metrics[k] < limit]
+        collapsed = collapse_reasons(metrics)
         if collapsed:
             say(f"warning: GRPO completions are collapsing ({', '.join(collapsed)}): the reward may be satisfied "
                 "by one short answer; check samples before trusting reward_mean", self.dist.is_main)
@@ -246,7 +233,12 @@ class GRPOTask:
         if texts:  # distinct completions over all held-out prompts: greedy answers, one per prompt
             stats = collapse_stats(texts, len(texts), references)
             sums.add({f"val_{k}": v for k, v in stats.items()}, float(len(texts)))
-        return sums.mean(self.dist.device, self.dist.world_size)
+        result = sums.mean(self.dist.device, self.dist.world_size)
+        collapsed = collapse_reasons(result, prefix="val_")
+        if collapsed:
+            say(f"warning: GRPO's held-out completions have collapsed ({', '.join(collapsed)}): val_parses and "
+                "val_reward say little about writing functions", self.dist.is_main)
+        return result
 
     def state_dict(self) -> dict:
         # The kept batches (token ids, rewards, sampling log-probs) too, so that a resume between two updates
