@@ -308,6 +308,8 @@ def export_hf(source: str | Path, out_dir: str | Path, *, tokenizer: str | Path 
         cfg.validate()
     except ValueError as e:
         raise HFError(f"{run_dir / 'config.yaml'}: {e}") from None
+    if problems := cfg.llama_incompatibilities():
+        raise HFError(f"{run_dir / 'config.yaml'}: can't export as a Hugging Face Llama: {'; '.join(problems)}.")
     _check_shapes(cfg, state, ckpt_dir / "model")
 
     if tokenizer is not None:

@@ -42,6 +42,9 @@ def apply_tensor_parallel(model: GPT, tp_mesh: DeviceMesh) -> None:
     if cfg.tie_embeddings:  # parallelize_module made new Parameters; both are Shard(0) over the vocab
         model.output.weight = model.tok_embeddings.weight
     for block in model.layers:
+        mlp_in = {"feed_forward.w1": ColwiseParallel()}
+        if hasattr(block.feed_forward, "w3"):  # SwiGLU's second input matrix (relu2 has none)
+            mlp_in["feed_forward.w3"] = ColwiseParallel()
         parallelize_module(block, tp_mesh, {
             "attention_norm": SequenceParallel(),
             "attention": PrepareModuleInput(input_layouts=(Shard(1), None, None, None),
@@ -52,8 +55,7 @@ def apply_tensor_parallel(model: GPT, tp_mesh: DeviceMesh) -> None:
             "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
             "ffn_norm": SequenceParallel(),
             "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
-            "feed_forward.w1": ColwiseParallel(),
-            "feed_forward.w3": ColwiseParallel(),
+            **mlp_in,
             "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
         })
 

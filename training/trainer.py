@@ -1,7 +1,7 @@
 """One training loop for every job kind. The task supplies batches, the loss and the evaluation.
 
 The loop: build the model on the meta device, parallelize it over the mesh, materialize,
-initialize or resume, then step: gradient accumulation, clipping, AdamW, a scheduled LR,
+initialize or resume, then step: gradient accumulation, clipping, the optimizer, a scheduled LR,
 metrics, validation, checkpoints, and a clean stop on a preemption signal.
 """
 
@@ -23,7 +23,7 @@ from model.gpt import GPT, flops_per_token
 from model.parallelize import parallelize
 from training import checkpoint as ckpt
 from training.metrics import MetricsLogger, peak_flops, say
-from training.optim import build_optimizer, lr_at
+from training.optim import build_optimizer, lr_at, set_lr
 
 # Exit status of a run stopped by a signal after saving: the executor requeues it.
 EXIT_REQUEUE = 3
@@ -204,9 +204,7 @@ class Trainer:
     def train_step(self) -> tuple[float, float, int]:
         cfg = self.cfg
         accum = cfg.train.grad_accum_steps
-        lr = lr_at(self.step, cfg.optim, self.max_steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.optimizer, self.step, cfg.optim, self.max_steps)
         loss_sum = torch.zeros((), device=self.dist.device)
         tokens = 0
         fsdp = hasattr(self.model, "set_requires_gradient_sync")

@@ -15,7 +15,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from orchestrator.spec.schema import KINDS
+from model.config import MLPS
+from orchestrator.spec.schema import KINDS, OPTIMIZERS, SCHEDULES
 
 
 class SpecError(Exception):
@@ -173,3 +174,10 @@ def check_values(cfg: DictConfig, source: str) -> None:
         raise bad("data.val_fraction", cfg.data.val_fraction, "but it must be in [0, 1)")
     if cfg.model.d_model % cfg.model.n_head:
         raise bad("model.d_model", cfg.model.d_model, f"not divisible by model.n_head={cfg.model.n_head}")
+    for key, choices in (("model.mlp", MLPS), ("optim.name", OPTIMIZERS), ("optim.schedule", SCHEDULES)):
+        if OmegaConf.select(cfg, key) not in choices:
+            raise bad(key, OmegaConf.select(cfg, key), f"but it must be one of {', '.join(choices)}")
+    if cfg.model.logit_softcap is not None and cfg.model.logit_softcap <= 0:
+        raise bad("model.logit_softcap", cfg.model.logit_softcap, "but it must be positive, or null for no cap")
+    if not 0.0 < cfg.optim.decay_fraction <= 1.0:
+        raise bad("optim.decay_fraction", cfg.optim.decay_fraction, "but it must be in (0, 1]")
