@@ -119,6 +119,9 @@ class Block(nn.Module):
         return x + self.feed_forward(self.ffn_norm(x))
 
 
+LOSS_CHUNK_ELEMENTS = 1 << 22  # logits per loss chunk: 16 MB in fp32
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -189,9 +192,23 @@ class GPT(nn.Module):
         return self.norm(h)
 
     def forward(self, tokens: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
-                mask: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None) -> torch.Tensor:
-        """tokens [batch, seq] -> logits [batch, seq, vocab], float32."""
-        logits = self.output(self.hidden(tokens, position_ids, mask, cache)).float()
+                mask: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None,
+                targets: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """tokens [batch, seq] -> logits [batch, seq, vocab], float32; or, given targets [batch, seq],
+        the summed cross-entropy of predicting them (nats), without ever holding all the logits."""
+        h = self.hidden(tokens, position_ids, mask, cache)
+        if targets is None:
+            return self.logits(h)
+        # A few sequences at a time: each chunk's fp32 logits stay near LOSS_CHUNK_ELEMENTS. Memory is the
+        # GPU's reason; on CPUs, glibc maps every block over 32 MB afresh from the kernel, and the page
+        # faults of a step's full logits cost a quarter of the demo's step (docs/performance.md).
+        rows = max(1, LOSS_CHUNK_ELEMENTS // (tokens.shape[1] * self.cfg.vocab_size))
+        return sum(F.cross_entropy(self.logits(h_part).flatten(0, 1), t_part.flatten(), reduction="sum")
+                   for h_part, t_part in zip(h.split(rows), targets.split(rows)))
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Hidden states [..., d_model] -> float32 logits [..., vocab]."""
+        logits = self.output(h).float()
         if self.cfg.logit_softcap is not None:  # smoothly bounded logits: no token's score runs away early on
             cap = self.cfg.logit_softcap
             logits = cap * torch.tanh(logits / cap)

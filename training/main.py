@@ -55,6 +55,9 @@ def build_task(cfg, dist_info):
 
 
 def run(argv=None) -> int:
+    from training.cpu_setup import set_openmp_wait_policy
+
+    set_openmp_wait_policy()  # before torch loads: libgomp reads it then
     args = parse_args(argv)
     try:
         cfg = load_spec(args.config, args.overrides)

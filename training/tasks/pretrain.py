@@ -7,7 +7,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from training.data.loader import TokenLoader, iter_val_batches
 from training.data.prepare import ensure_data
@@ -42,8 +41,7 @@ class PretrainTask:
 
     def loss(self, model, batch) -> torch.Tensor:
         x, y = batch
-        logits = model(x)
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
+        return model(x, targets=y) / y.numel()
 
     def tokens_per_batch(self, batch) -> int:
         return batch[1].numel()
@@ -59,9 +57,7 @@ class PretrainTask:
             if cfg.train.val_batches and i >= cfg.train.val_batches:
                 break
             x, y = x.to(self.dist.device), y.to(self.dist.device)
-            logits = model(x)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), reduction="none")
-            nats += loss.double().sum().cpu()
+            nats += model(x, targets=y).double().cpu()
             tokens += y.numel()
             nbytes += self.byte_lengths[y.view(-1).cpu()].sum()
         if self.dist.world_size > 1:
