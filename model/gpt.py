@@ -197,12 +197,15 @@ class GPT(nn.Module):
         """tokens [batch, seq] -> logits [batch, seq, vocab], float32; or, given targets [batch, seq],
         the summed cross-entropy of predicting them (nats), without ever holding all the logits."""
         h = self.hidden(tokens, position_ids, mask, cache)
-        if targets is None:
-            return self.logits(h)
-        # A few sequences at a time: each chunk's fp32 logits stay near LOSS_CHUNK_ELEMENTS. Memory is the
-        # GPU's reason; on CPUs, glibc maps every block over 32 MB afresh from the kernel, and the page
-        # faults of a step's full logits cost a quarter of the demo's step (docs/performance.md).
-        rows = max(1, LOSS_CHUNK_ELEMENTS // (tokens.shape[1] * self.cfg.vocab_size))
+        return self.logits(h) if targets is None else self.loss(h, targets)
+
+    def loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Summed cross-entropy of hidden states [batch, seq, d_model] against targets [batch, seq].
+
+        A few sequences at a time: each chunk's fp32 logits stay near LOSS_CHUNK_ELEMENTS. Memory is the
+        GPU's reason; on CPUs, glibc maps every block over 32 MB afresh from the kernel, and the page
+        faults of a step's full logits cost a fifth of the demo's step (docs/performance.md)."""
+        rows = max(1, LOSS_CHUNK_ELEMENTS // (h.shape[1] * self.cfg.vocab_size))
         return sum(F.cross_entropy(self.logits(h_part).flatten(0, 1), t_part.flatten(), reduction="sum")
                    for h_part, t_part in zip(h.split(rows), targets.split(rows)))
 
