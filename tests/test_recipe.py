@@ -118,6 +118,33 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     assert sv.median() > 0.5 and sv.max() < 1.5, sv  # a raw gradient's spread over orders of magnitude
 
 
+def test_muon_adamw_steps_exactly_as_torchs_muon_and_adamw():
+    """One optimizer object, but the same arithmetic as torch.optim.Muon on the matrices and
+    torch.optim.AdamW on the rest, used side by side as their docs show."""
+    ocfg = optim_cfg(name="muon", muon_lr=0.05, muon_weight_decay=0.01, weight_decay=0.1)
+    ours, theirs = GPT(tiny()), GPT(tiny())
+    ours.init_weights(seed=3)
+    theirs.load_state_dict(ours.state_dict())
+    opt = build_optimizer(ours, ocfg, torch.device("cpu"))
+    named = list(theirs.named_parameters())
+    matrices = [p for n, p in named if n.startswith("layers.") and p.ndim == 2]
+    muon = torch.optim.Muon(matrices, lr=0.05, weight_decay=0.01, momentum=0.95, nesterov=True)
+    adamw = torch.optim.AdamW([{"params": [p for n, p in named if not n.startswith("layers.") and p.ndim == 2],
+                                "weight_decay": 0.1},
+                               {"params": [p for n, p in named if p.ndim == 1], "weight_decay": 0.0}],
+                              lr=3e-3, betas=(0.9, 0.95), eps=1e-8, foreach=True)
+    torch.manual_seed(0)
+    for _ in range(3):
+        tokens = torch.randint(0, 128, (2, 32))
+        step(ours, opt, tokens)
+        F.cross_entropy(theirs(tokens).flatten(0, 1), tokens.roll(-1, 1).flatten()).backward()
+        muon.step()
+        adamw.step()
+        theirs.zero_grad(set_to_none=True)
+    for (n, a), b in zip(ours.named_parameters(), theirs.parameters()):
+        assert torch.equal(a, b), n
+
+
 def test_wsd_schedule_values_by_hand():
     cfg = optim_cfg(schedule="wsd", warmup_steps=10, decay_fraction=0.2, min_lr_ratio=0.1)
     # warm-up 1/10 .. 10/10; stable to step 80; linear decay over the last 20 steps to 0.1
