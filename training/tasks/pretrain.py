@@ -47,8 +47,12 @@ class PretrainTask:
         return batch[1].numel()
 
     @torch.no_grad()
+    @torch.compiler.set_stance("force_eager")
     def evaluate(self, model) -> dict:
-        """Validation loss (nats/token) and bits per byte over the held-out split."""
+        """Validation loss (nats/token) and bits per byte over the held-out split.
+
+        Eager even when train.compile is on: a few forward passes don't repay compiling the blocks'
+        inference graphs (and the short last batch's) on top of the training ones."""
         cfg = self.cfg
         nats = torch.zeros((), dtype=torch.float64)
         tokens = torch.zeros((), dtype=torch.float64)
