@@ -132,7 +132,7 @@ def test_muon_adamw_steps_exactly_as_torchs_muon_and_adamw():
     adamw = torch.optim.AdamW([{"params": [p for n, p in named if not n.startswith("layers.") and p.ndim == 2],
                                 "weight_decay": 0.1},
                                {"params": [p for n, p in named if p.ndim == 1], "weight_decay": 0.0}],
-                              lr=3e-3, betas=(0.9, 0.95), eps=1e-8, foreach=True)
+                              lr=3e-3, betas=(0.9, 0.95), eps=1e-8, fused=True)
     torch.manual_seed(0)
     for _ in range(3):
         tokens = torch.randint(0, 128, (2, 32))

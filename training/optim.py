@@ -56,7 +56,9 @@ class MuonAdamW(torch.optim.Optimizer):
     """
 
     def __init__(self, groups: list[dict], *, lr: float, betas: tuple[float, float], eps: float):
-        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": 0.0, "muon": False, "momentum": 0.95}
+        # fused: what Optimizer.load_state_dict reads to put AdamW's step counts beside their parameters
+        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": 0.0, "muon": False, "momentum": 0.95,
+                    "fused": True}
         super().__init__(groups, defaults)
         for group in self.param_groups:
             if group["muon"] and any(p.ndim != 2 for p in group["params"]):
@@ -86,14 +88,14 @@ class MuonAdamW(torch.optim.Optimizer):
     def _adamw_step(self, group: dict, params: list[torch.Tensor]) -> None:
         for p in params:
             state = self.state[p]
-            if not state:  # AdamW's own state layout, so its checkpoints read like torch.optim.AdamW's
-                state["step"] = torch.tensor(0.0)
+            if not state:  # fused AdamW's own state layout: checkpoints read like torch.optim.AdamW's
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                 state["exp_avg"] = torch.zeros_like(p)
                 state["exp_avg_sq"] = torch.zeros_like(p)
         states = [self.state[p] for p in params]
         beta1, beta2 = group["betas"]
         adamw(params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-              [], [s["step"] for s in states], foreach=True, amsgrad=False, beta1=beta1, beta2=beta2,
+              [], [s["step"] for s in states], fused=True, amsgrad=False, beta1=beta1, beta2=beta2,
               lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
 
 
