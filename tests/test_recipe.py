@@ -190,9 +190,10 @@ def test_export_refuses_options_a_llama_cannot_represent(tmp_path, option, key):
 def test_muon_on_two_ranks_matches_one_and_resumes_bitwise(tmp_path, tiny_data):
     """FSDP2 shards every matrix over 2 gloo ranks: gathered before orthogonalizing, the losses match one
     process; a run resumed from its step-6 checkpoint repeats steps 7..12 bitwise (Muon's momentum and
-    AdamW's moments restored), with every model option on."""
-    recipe = ["optim.name=muon", "optim.schedule=wsd", "model.qk_norm=true", "model.mlp=relu2",
-              "model.logit_softcap=15", "train.max_steps=12", "checkpoint.every=6", "checkpoint.keep_last=5"]
+    AdamW's moments restored), with every model option on; and the WSD run extends from its stable phase."""
+    recipe = ["optim.name=muon", "optim.schedule=wsd", "optim.decay_fraction=0.5", "model.qk_norm=true",
+              "model.mlp=relu2", "model.logit_softcap=15", "train.max_steps=12", "checkpoint.every=6",
+              "checkpoint.keep_last=5"]
     one, two = tmp_path / "one", tmp_path / "two"
     train(1, one, tiny_data, *recipe)
     train(2, two, tiny_data, *recipe)
@@ -200,6 +201,16 @@ def test_muon_on_two_ranks_matches_one_and_resumes_bitwise(tmp_path, tiny_data):
     assert sorted(got) == list(range(1, 13))
     for s in ref:
         assert got[s] == pytest.approx(ref[s], rel=2e-4), (s, got[s], ref[s])
+    # Extending the WSD run from its stable phase (docs/recipe.md): a new run folder holding the step-6
+    # checkpoint, twice the steps. Its LR is the first run's until the first run's decay lowers it (the
+    # update of step 8): losses through step 8 (weights after 7 updates) repeat, later ones do not.
+    longer = tmp_path / "longer"
+    shutil.copytree(two / "checkpoints" / "step_00000006", longer / "checkpoints" / "step_00000006")
+    train(2, longer, tiny_data, *recipe, "train.max_steps=24")
+    extended = losses(longer)
+    assert sorted(extended) == list(range(7, 25))
+    assert [extended[s] for s in range(7, 9)] == [got[s] for s in range(7, 9)]
+    assert extended[12] != got[12]  # the first run was decaying there; the extended one is not
     shutil.rmtree(two / "checkpoints" / "step_00000012")
     train(2, two, tiny_data, *recipe)
     again = losses(two)
