@@ -11,7 +11,8 @@ training tokens (so machine speed does not enter the comparison), validated once
 whole held-out split (the stdlib's json/ and email/ packages). "baseline" pins today's recipe
 (commit 43dca9c) key by key, so later changes to jobs/pretrain.yaml don't move it; "chosen" is
 jobs/pretrain.yaml as it stands. Runs live in runs/recipe/<tokens>/<row>-s<seed>/: a finished row is
-reused when its overrides are unchanged, an interrupted one resumes from its last checkpoint.
+reused while its resolved config is unchanged (keys that only change speed or bookkeeping aside), an
+interrupted one resumes from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -26,11 +27,15 @@ import time
 from pathlib import Path
 
 from bench.common import write_result
+from orchestrator.spec import load_spec
 
 REPO = Path(__file__).resolve().parents[1]
 JOB = REPO / "jobs" / "pretrain.yaml"
 DOC = REPO / "docs" / "recipe.md"
 FULL_BUDGET = 4_915_200  # the demo's 1,200 steps of 16 x 256 tokens
+# (section, key) that don't change what a row learns: a cached row stays valid when only these change
+NOT_LEARNED = [("train", "compile"), ("train", "log_every"), ("train", "time_budget_min"), ("", "checkpoint"),
+               ("", "resources"), ("", "executor"), ("", "name"), ("", "runs_dir"), ("data", "num_workers")]
 
 # Today's recipe (43dca9c), every key a row below changes, pinned.
 BASELINE = ["optim.name=adamw", "optim.lr=3e-3", "optim.schedule=cosine", "optim.min_lr_ratio=0.1",
@@ -42,7 +47,7 @@ BASELINE = ["optim.name=adamw", "optim.lr=3e-3", "optim.schedule=cosine", "optim
 # name -> (what it changes, overrides on top of BASELINE); "chosen" is the job file alone.
 ROWS: dict[str, tuple[str, list[str]]] = {
     "baseline": ("today's recipe: AdamW 3e-3, cosine, SwiGLU, tied, 16 x 256 tokens, vocab 4096", []),
-    "muon": ("optim.name=muon (muon_lr 0.02)", ["optim.name=muon"]),
+    "muon": ("optim.name=muon, optim.muon_lr=0.01", ["optim.name=muon", "optim.muon_lr=0.01"]),
     "qk_norm": ("model.qk_norm=true", ["model.qk_norm=true"]),
     "relu2": ("model.mlp=relu2 (same parameters)", ["model.mlp=relu2"]),
     "softcap": ("model.logit_softcap=15", ["model.logit_softcap=15"]),
@@ -72,22 +77,30 @@ def row_overrides(name: str, extra: list[str], tokens: int, seed: int) -> list[s
 
 def _resolved(changes: list[str]) -> dict[str, str]:
     """The job file's values of the keys the step count and data folder depend on, after `changes`."""
-    from orchestrator.spec import load_spec
+    from omegaconf import OmegaConf
 
     cfg = load_spec(str(JOB), changes)
     keys = ("train.micro_batch_size", "data.seq_len", "train.grad_accum_steps", "data.vocab_size")
+    return {k: str(OmegaConf.select(cfg, k)) for k in keys}
+
+
+def what_is_learned(overrides: list[str]) -> dict:
+    """The row's resolved config without the keys that change only speed or bookkeeping."""
     from omegaconf import OmegaConf
 
-    return {k: str(OmegaConf.select(cfg, k)) for k in keys}
+    cfg = OmegaConf.to_container(load_spec(str(JOB), overrides))
+    for section, key in NOT_LEARNED:
+        (cfg[section] if section else cfg).pop(key, None)
+    return cfg
 
 
 def run_row(name: str, overrides: list[str], run_dir: Path) -> dict:
     """Train the row (or reuse / resume its run folder) and read its figures."""
-    stamp = run_dir / "bench_row.json"
-    if run_dir.exists() and (not stamp.is_file() or json.loads(stamp.read_text())["overrides"] != overrides):
+    stamp, learned = run_dir / "bench_row.json", what_is_learned(overrides)
+    if run_dir.exists() and (not stamp.is_file() or json.loads(stamp.read_text()).get("config") != learned):
         shutil.rmtree(run_dir)  # made by another definition of this row: start over
     run_dir.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(json.dumps({"row": name, "overrides": overrides}))
+    stamp.write_text(json.dumps({"row": name, "overrides": overrides, "config": learned}))
     summary = run_dir / "summary.json"
     if not summary.is_file():
         print(f"[recipe] {name}: training ({' '.join(overrides)})", flush=True)
