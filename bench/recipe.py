@@ -37,11 +37,16 @@ FULL_BUDGET = 4_915_200  # the demo's 1,200 steps of 16 x 256 tokens
 NOT_LEARNED = [("train", "compile"), ("train", "log_every"), ("train", "time_budget_min"), ("", "checkpoint"),
                ("", "resources"), ("", "executor"), ("", "name"), ("", "runs_dir"), ("data", "num_workers")]
 
-# Today's recipe (43dca9c), every key a row below changes, pinned.
-BASELINE = ["optim.name=adamw", "optim.lr=3e-3", "optim.schedule=cosine", "optim.min_lr_ratio=0.1",
-            "optim.warmup_steps=50", "model.mlp=swiglu", "model.qk_norm=false", "model.logit_softcap=null",
-            "model.tie_embeddings=true", "model.n_layer=4", "model.d_model=256", "model.n_head=4",
-            "model.n_kv_head=2", "model.max_seq_len=256", "data.seq_len=256", "data.vocab_size=4096",
+# Today's recipe (43dca9c), every key that decides what is learned pinned (changes to the job file
+# then move only the "chosen" row).
+BASELINE = ["optim.name=adamw", "optim.lr=3e-3", "optim.schedule=cosine", "optim.decay_fraction=0.2",
+            "optim.min_lr_ratio=0.1", "optim.warmup_steps=50", "optim.weight_decay=0.1", "optim.beta1=0.9",
+            "optim.beta2=0.95", "optim.eps=1e-8", "optim.grad_clip=1.0", "optim.muon_lr=0.01",
+            "optim.muon_momentum=0.95", "optim.muon_weight_decay=0.0",
+            "model.mlp=swiglu", "model.qk_norm=false", "model.logit_softcap=null", "model.tie_embeddings=true",
+            "model.n_layer=4", "model.d_model=256", "model.n_head=4", "model.n_kv_head=2", "model.ffn_hidden=null",
+            "model.max_seq_len=256", "model.vocab_size=null", "model.rope_theta=10000.0", "model.norm_eps=1e-5",
+            "model.init_std=0.02", "data.sources=[demo]", "data.seq_len=256", "data.vocab_size=4096",
             "train.micro_batch_size=16", "train.grad_accum_steps=1", "train.dtype=bf16"]
 
 # name -> (what it changes, overrides on top of BASELINE); "chosen" is the job file alone.
