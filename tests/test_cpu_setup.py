@@ -65,3 +65,17 @@ def test_thread_count_follows_slurm_and_an_explicit_omp_num_threads(tmp_path):
                             timeout=120)
     assert 1 <= int(result.stdout) <= cores, result.stderr  # never more threads than usable cores
     assert run(code, tmp_path=tmp_path, OMP_NUM_THREADS="1") == "1"
+
+
+def test_compile_without_a_cpp_compiler_trains_eager_and_says_so(tmp_path, tiny_data):
+    from tests.conftest import tiny_overrides
+
+    run_dir = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "training.main", str(REPO / "jobs" / "pretrain.yaml"),
+                             *tiny_overrides(tiny_data, "train.max_steps=3", "train.compile=true"),
+                             "--run-dir", str(run_dir)], cwd=tmp_path,
+                            env={**env_for(tmp_path), "CXX": "/nonexistent/g++"}, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "train.compile needs a C++ compiler" in result.stderr
+    assert (run_dir / "summary.json").is_file()

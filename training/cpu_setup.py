@@ -79,3 +79,20 @@ def set_up_cpu_process() -> None:
     """The thread count and memory reuse of a process that computes on CPUs (called by init_distributed)."""
     set_cpu_threads()
     keep_freed_memory()
+
+
+def can_compile(device) -> bool:
+    """torch.compile's CPU backend writes and builds C++: without a compiler (a fresh machine may lack
+    one), say so and train eager rather than fail at the first step."""
+    if device.type != "cpu":
+        return True
+    from torch._inductor.cpp_builder import get_cpp_compiler
+    from torch._inductor.exc import InvalidCxxCompiler
+
+    try:
+        get_cpp_compiler()
+        return True
+    except InvalidCxxCompiler:
+        print("note: train.compile needs a C++ compiler on CPUs (Debian: apt-get install g++); training eager",
+              file=sys.stderr, flush=True)
+        return False

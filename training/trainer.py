@@ -22,6 +22,7 @@ from model.config import GPTConfig
 from model.gpt import GPT, flops_per_token
 from model.parallelize import parallelize
 from training import checkpoint as ckpt
+from training.cpu_setup import can_compile
 from training.metrics import MetricsLogger, peak_flops, say
 from training.optim import build_optimizer, lr_at, set_lr
 
@@ -86,7 +87,7 @@ def build_model(model_cfg: GPTConfig, cfg, dist_info, param_dtype: torch.dtype, 
     with torch.device("meta"):
         model = model_class(model_cfg)
     model = parallelize(model, dist_info.mesh, param_dtype=param_dtype,
-                        compile=cfg.train.compile and trainable,
+                        compile=cfg.train.compile and trainable and can_compile(dist_info.device),
                         activation_checkpointing=cfg.train.activation_checkpointing and trainable)
     model.to_empty(device=dist_info.device)
     model.init_weights(seed=cfg.seed)
