@@ -3,21 +3,25 @@
     python -m bench.trainer_speed                        # against 43dca9c (before issue 18), the demo config
     python -m bench.trainer_speed --steps 20 --rounds 4
 
-Three trainers are kept warm side by side (bench/speed_worker.py), each in its own process and source
+Four trainers are kept warm side by side (bench/speed_worker.py), each in its own process and source
 tree, and take turns running the same number of optimizer steps, so a change in background load hits
 them alike:
-  baseline         the old commit's trainer and its jobs/pretrain.yaml (checked out with git archive);
-  today's recipe   this trainer on the old recipe (AdamW, SwiGLU, ...) with this job file's speed settings:
-                   what the engineering alone buys;
-  new defaults     this trainer and this jobs/pretrain.yaml: what the demo gets, the recipe's own cost
-                   (Muon's orthogonalization) included.
-The figure per trainer is its best round (least disturbed by other processes); user and system CPU
-seconds per step come from getrusage. Start-up (build, data, compile, the first steps) is reported apart.
+  baseline             the old commit's trainer and its jobs/pretrain.yaml (checked out with git archive);
+  todays_recipe_eager  this trainer on the old recipe (pinned in bench/recipe.py), torch.compile off:
+                       what the run-time fixes alone buy (training/cpu_setup.py, the chunked loss, fused AdamW);
+  todays_recipe        the same with this job file's train.compile: what compiling adds;
+  new_defaults         this trainer and this jobs/pretrain.yaml: what the demo gets, the new recipe's own
+                       cost (Muon's orthogonalization, a larger vocabulary) included.
+The figure per trainer is its best round (least disturbed by other processes); user and system CPU time
+and page faults per step come from getrusage. Start-up (build, data, compile, the first steps) is
+reported apart. Last, each trainer's step is profiled (torch.profiler): where the time goes.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
+import json
 import os
 import subprocess
 import sys
@@ -27,6 +31,7 @@ from pathlib import Path
 
 from bench.common import write_result
 from bench.recipe import BASELINE
+from orchestrator.spec import load_spec
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().parent / "speed_worker.py"
@@ -43,7 +48,7 @@ def checkout(ref: str) -> Path:
     if not (tree / "training").is_dir():
         archive = subprocess.run(["git", "archive", "--format=tar", sha], cwd=REPO, capture_output=True, check=True)
         tree.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(fileobj=__import__("io").BytesIO(archive.stdout)) as tar:
+        with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
             tar.extractall(tree, filter="data")
     return tree
 
@@ -65,28 +70,35 @@ class Worker:
     def run(self, steps: int) -> None:
         self.proc.stdin.write(f"run {steps}\n")
         self.proc.stdin.flush()
-        seconds, tokens, user, system = map(float, self._reply("done"))
-        self.rounds.append({"seconds": seconds, "tokens": tokens, "user_s": user, "system_s": system})
+        seconds, tokens, user, system, faults = map(float, self._reply("done"))
+        self.rounds.append({"seconds": seconds, "tokens": tokens, "user_s": user, "system_s": system,
+                            "page_faults": faults})
+
+    def profile(self, steps: int) -> dict:
+        self.proc.stdin.write(f"profile {steps}\n")
+        self.proc.stdin.flush()
+        return json.loads(" ".join(self._reply("profile")))
 
     def figures(self, steps: int) -> dict:
         best = min(self.rounds, key=lambda r: r["seconds"])
         return {"tokens_per_s": round(best["tokens"] / best["seconds"]), "startup_s": round(self.startup_s, 1),
                 "user_ms_per_step": round(1000 * best["user_s"] / steps), "system_ms_per_step":
-                round(1000 * best["system_s"] / steps), "rounds_tokens_per_s":
-                [round(r["tokens"] / r["seconds"]) for r in self.rounds]}
+                round(1000 * best["system_s"] / steps), "page_faults_per_step": round(best["page_faults"] / steps),
+                "rounds_tokens_per_s": [round(r["tokens"] / r["seconds"]) for r in self.rounds]}
 
     def close(self) -> None:
         self.proc.stdin.close()
         self.proc.wait(timeout=60)
 
 
-def speed_settings() -> list[str]:
+def _job_value(key: str):
     from omegaconf import OmegaConf
 
-    from orchestrator.spec import load_spec
+    return OmegaConf.select(load_spec(str(REPO / "jobs" / "pretrain.yaml")), key)
 
-    cfg = load_spec(str(REPO / "jobs" / "pretrain.yaml"))
-    return [f"{k}={OmegaConf.select(cfg, k)}" for k in SPEED_KEYS]
+
+def speed_settings() -> list[str]:
+    return [f"{k}={_job_value(k)}" for k in SPEED_KEYS]
 
 
 def main() -> None:
@@ -94,13 +106,17 @@ def main() -> None:
     ap.add_argument("--baseline-ref", default="43dca9c")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--profile-steps", type=int, default=3)
     ap.add_argument("overrides", nargs="*", help="job overrides for all three, e.g. train.dtype=fp32")
     args = ap.parse_args()
     old = checkout(args.baseline_ref)
-    data = [f"data.dir={REPO / 'data' / 'demo'}"]  # one prepared copy (the data format is unchanged)
+    # The old recipe's data, prepared once for both trees (the format is unchanged); the job file's own.
+    data = [f"data.dir={REPO / 'data' / 'recipe' / 'v4096-s256'}"]
+    new_data = [f"data.dir={REPO / _job_value('data.dir')}"]
     specs = {"baseline": (old, [*data, *args.overrides]),
+             "todays_recipe_eager": (REPO, [*BASELINE, "train.compile=false", *data, *args.overrides]),
              "todays_recipe": (REPO, [*BASELINE, *speed_settings(), *data, *args.overrides]),
-             "new_defaults": (REPO, [*data, *args.overrides])}
+             "new_defaults": (REPO, [*new_data, *args.overrides])}
     workers = []
     for name, (tree, overrides) in specs.items():  # one at a time: start-ups (compiles) don't overlap
         workers.append(Worker(name, tree, overrides))
@@ -110,11 +126,12 @@ def main() -> None:
             w.run(args.steps)
             print(f"[trainer_speed] round {r + 1} {w.name}: "
                   f"{w.rounds[-1]['tokens'] / w.rounds[-1]['seconds']:,.0f} tokens/s", flush=True)
+    profiles = {w.name: w.profile(args.profile_steps) for w in workers}
     for w in workers:
         w.close()
-    figures = {w.name: w.figures(args.steps) for w in workers}
+    figures = {w.name: {**w.figures(args.steps), "profile": profiles[w.name]} for w in workers}
     base = figures["baseline"]["tokens_per_s"]
-    for name in ("todays_recipe", "new_defaults"):
+    for name in ("todays_recipe_eager", "todays_recipe", "new_defaults"):
         figures[f"{name}_ratio"] = round(figures[name]["tokens_per_s"] / base, 3)
     for name, f in figures.items():
         print(f"{name:14s} {f}" if isinstance(f, dict) else f"{name:14s} {f:.3f}")
