@@ -18,6 +18,7 @@ interrupted one resumes from its last checkpoint.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import shutil
 import statistics
@@ -26,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import write_result
+from bench.common import RESULTS, device_slug, write_result
 from orchestrator.spec import load_spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -172,8 +173,11 @@ def main() -> None:
     text = table(results, {n: rows[n][0] for n in names})
     print("\n" + text)
     full = tokens == FULL_BUDGET and names == list(ROWS)  # the whole table: the JSON and doc of record
-    print("wrote", write_result("recipe" if full else "recipe_screen",
-                                {"tokens": tokens, "seed": args.seed, "baseline": BASELINE}, results))
+    bench = "recipe" if full else f"recipe_screen_{tokens}"
+    earlier = RESULTS / f"{bench}-{device_slug()}-{datetime.date.today().isoformat()}.json"
+    if not full and earlier.is_file():  # screens of the same budget on the same day add up to one file
+        results = {**json.loads(earlier.read_text())["figures"], **results}
+    print("wrote", write_result(bench, {"tokens": tokens, "seed": args.seed, "baseline": BASELINE}, results))
     if full:
         write_doc(text)
 
