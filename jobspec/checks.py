@@ -17,6 +17,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from jobspec.contract import RunFolder
 from jobspec.curate_checks import check_curate
 from jobspec.posttrain_checks import check_classify, check_grpo, check_lora
+from jobspec.schema import OPTIMIZERS, SCHEDULES
+from model.config import MLPS
 
 Where = Callable[[str], str]  # key -> "jobs/x.yaml, line 12" or "command line override 'k=v'"
 
@@ -108,6 +110,13 @@ def check_values(cfg: DictConfig, where: Where) -> None:
         raise bad("model.d_model", f"not divisible by model.n_head={cfg.model.n_head}")
     if cfg.model.n_kv_head and cfg.model.n_head % cfg.model.n_kv_head:
         raise bad("model.n_kv_head", f"but it must divide model.n_head={cfg.model.n_head}")
+    for key, choices in (("model.mlp", MLPS), ("optim.name", OPTIMIZERS), ("optim.schedule", SCHEDULES)):
+        if OmegaConf.select(cfg, key) not in choices:
+            raise bad(key, f"but it must be one of {', '.join(choices)}")
+    if cfg.model.logit_softcap is not None and cfg.model.logit_softcap <= 0:
+        raise bad("model.logit_softcap", "but it must be positive, or null for no cap")
+    if not 0.0 < cfg.optim.decay_fraction <= 1.0:
+        raise bad("optim.decay_fraction", "but it must be in (0, 1]")
     _check_vocab(cfg, bad)
     _check_slurm_strings(cfg, bad)
     _check_reward_model_parallelism(cfg, bad)

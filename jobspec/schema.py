@@ -49,11 +49,21 @@ class TrainConfig:
     max_nonfinite_steps: int = 5  # steps in a row with a NaN/inf loss or gradient that are skipped before the run stops
 
 
+OPTIMIZERS = ("adamw", "muon")
+SCHEDULES = ("cosine", "wsd")
+
+
 @dataclass
 class OptimConfig:
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    name: str = "adamw"  # adamw | muon (Muon on the blocks' matrices, AdamW on the rest: training/optim.py)
+    lr: float = 3e-3  # AdamW's peak LR
+    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay: constant, then a linear decay at the end)
+    decay_fraction: float = 0.2  # wsd: the share of the steps spent decaying
+    min_lr_ratio: float = 0.1  # the schedule ends at lr * min_lr_ratio
     warmup_steps: int = 50
+    muon_lr: float = 0.02  # Muon's peak LR (its updates are orthogonalized: another scale than AdamW's)
+    muon_momentum: float = 0.95
+    muon_weight_decay: float = 0.0  # decoupled, times Muon's LR
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95

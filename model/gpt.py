@@ -1,6 +1,7 @@
 """A decoder-only GPT of the current kind: RMSNorm, rotary positions, SwiGLU, grouped-query attention.
 
-The layout is Llama's, so Hugging Face export is a renaming of weights (see model/state_dict_adapter.py).
+The layout is Llama's, so Hugging Face export is a renaming of weights (see model/state_dict_adapter.py). Three
+options depart from it (GPTConfig.mlp, qk_norm, logit_softcap; measured in docs/recipe.md).
 Sizes come from GPTConfig; the same code builds a 1M-parameter test model and a 1B one.
 """
 
@@ -67,6 +68,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
+        self.qk_norm = cfg.qk_norm
         self.wq = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=False)
         self.wk = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
@@ -79,6 +81,8 @@ class Attention(nn.Module):
         q = self.wq(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)
+        if self.qk_norm:  # unit-RMS queries and keys bound the attention logits (no gain: nothing to shard)
+            q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv is not None:  # (this layer's cache, where these tokens start): attend to the cached ones too
             k, v = kv[0].extend(k, v, kv[1])
@@ -95,16 +99,19 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+    """SwiGLU: w2(silu(w1 x) * w3 x); or relu2: w2(relu(w1 x)^2), which has no w3."""
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.w1 = nn.Linear(cfg.d_model, cfg.hidden_dim, bias=False)
-        self.w3 = nn.Linear(cfg.d_model, cfg.hidden_dim, bias=False)
+        if cfg.mlp == "swiglu":
+            self.w3 = nn.Linear(cfg.d_model, cfg.hidden_dim, bias=False)
         self.w2 = nn.Linear(cfg.hidden_dim, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        if hasattr(self, "w3"):
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(F.relu(self.w1(x)).square())
 
 
 class Block(nn.Module):
@@ -118,6 +125,9 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, mask=None, kv=None):
         x = x + self.attention(self.attention_norm(x), cos, sin, mask, kv=kv)
         return x + self.feed_forward(self.ffn_norm(x))
+
+
+LOSS_CHUNK_ELEMENTS = 1 << 22  # logits per loss chunk: 16 MB in fp32
 
 
 class GPT(nn.Module):
@@ -191,9 +201,30 @@ class GPT(nn.Module):
         return self.norm(h)
 
     def forward(self, tokens: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
-                mask: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None) -> torch.Tensor:
-        """tokens [batch, seq] -> logits [batch, seq, vocab], float32."""
-        return self.output(self.hidden(tokens, position_ids, mask, cache)).float()
+                mask: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None,
+                targets: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """tokens [batch, seq] -> logits [batch, seq, vocab], float32; or, given targets [batch, seq],
+        the summed cross-entropy of predicting them (nats), without ever holding all the logits."""
+        h = self.hidden(tokens, position_ids, mask, cache)
+        return self.logits(h) if targets is None else self.loss(h, targets)
+
+    def loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Summed cross-entropy of hidden states [batch, seq, d_model] against targets [batch, seq].
+
+        A few sequences at a time: each chunk's fp32 logits stay near LOSS_CHUNK_ELEMENTS. Memory is the
+        GPU's reason; on CPUs, glibc maps every block over 32 MB afresh from the kernel, and the page
+        faults of a step's full logits cost a fifth of the demo's step (docs/performance.md)."""
+        rows = max(1, LOSS_CHUNK_ELEMENTS // (h.shape[1] * self.cfg.vocab_size))
+        return sum(F.cross_entropy(self.logits(h_part).flatten(0, 1), t_part.flatten(), reduction="sum")
+                   for h_part, t_part in zip(h.split(rows), targets.split(rows)))
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Hidden states [..., d_model] -> float32 logits [..., vocab]."""
+        logits = self.output(h).float()
+        if self.cfg.logit_softcap is not None:  # smoothly bounded logits: no token's score runs away early on
+            cap = self.cfg.logit_softcap
+            logits = cap * torch.tanh(logits / cap)
+        return logits
 
     def new_cache(self, max_len: Optional[int] = None) -> KVCache:
         return KVCache(len(self.layers), max_len or self.cfg.max_seq_len)
@@ -223,6 +254,7 @@ def flops_per_token(cfg: GPTConfig, seq_len: int) -> float:
     attention adds 12 * layers * d_model * seq_len (QK^T and AV, forward and backward).
     """
     d, h, kv, hd = cfg.d_model, cfg.n_head, cfg.kv_heads, cfg.head_dim
-    per_layer = d * h * hd + 2 * d * kv * hd + h * hd * d + 3 * d * cfg.hidden_dim
+    mlp_matrices = 3 if cfg.mlp == "swiglu" else 2
+    per_layer = d * h * hd + 2 * d * kv * hd + h * hd * d + mlp_matrices * d * cfg.hidden_dim
     matmul_params = cfg.n_layer * per_layer + d * cfg.vocab_size
     return 6.0 * matmul_params + 12.0 * cfg.n_layer * d * seq_len

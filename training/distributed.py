@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from training.cpu_setup import set_up_cpu_process
+
 
 @dataclass
 class Dist:
@@ -85,6 +87,7 @@ def init_distributed(parallel_cfg, device_pref: str = "auto") -> Dist:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
+        set_up_cpu_process()
     shape = resolve_mesh_shape(world_size, parallel_cfg.dp_replicate, parallel_cfg.dp_shard, parallel_cfg.tp)
     mesh = None
     if world_size > 1:

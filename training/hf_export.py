@@ -98,6 +98,8 @@ def export_hf(source: str | Path, out_dir: str | Path, *, tokenizer: str | Path 
     if "tok_embeddings.weight" not in state:
         raise HFError(f"{ckpt_dir / 'model'} has no tok_embeddings.weight: not a GPT checkpoint")
     cfg = run_folder.model_config(ckpt_dir)
+    if problems := cfg.llama_incompatibilities():
+        raise HFError(f"{run_dir / 'config.yaml'}: can't export as a Hugging Face Llama: {'; '.join(problems)}.")
     real_vocab = state["tok_embeddings.weight"].shape[0]
     if cfg.vocab_size != real_vocab:
         raise HFError(f"{run_dir}: the run's model has vocab_size {cfg.vocab_size} but the checkpoint's embedding "

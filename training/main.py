@@ -79,6 +79,9 @@ def report_user_error(message: str, folder: RunFolder, note: bool) -> None:
 
 
 def run(argv=None) -> int:
+    from training.cpu_setup import set_openmp_wait_policy
+
+    set_openmp_wait_policy()  # before torch loads: libgomp reads it then
     args = parse_args(argv)
     try:
         cfg = load_spec(args.config, args.overrides)

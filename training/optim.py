@@ -1,32 +1,146 @@
-"""AdamW and its learning-rate schedule: linear warm-up, then cosine decay to a floor."""
+"""The optimizer (`optim.name`) and its learning-rate schedule (`optim.schedule`).
+
+adamw: AdamW on every parameter, weight decay on matrices only.
+muon:  Muon on the hidden matrices (attention and MLP weights inside the blocks), AdamW on the rest
+       (embeddings, output head, norm gains), as modded-nanogpt does: orthogonalized updates suit
+       matrices that map one hidden space to another, not lookup tables or gains.
+
+Both are one torch Optimizer, so checkpoints save and restore them through
+torch.distributed.checkpoint's get/set_optimizer_state_dict like any other.
+"""
 
 from __future__ import annotations
 
 import math
 
 import torch
+# torch.optim.Muon's own Newton-Schulz iteration and its defaults (5 steps, in bf16)
+from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, DEFAULT_NS_STEPS, EPS, _zeropower_via_newtonschulz
+from torch.optim.adamw import adamw
 
-
-def build_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.optim.Optimizer:
     """Weight decay on matrices only: decaying norm gains and biases only hurts."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
+    muon, decay, no_decay = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if cfg.name == "muon" and is_hidden_matrix(name, p):
+            muon.append(p)
+        else:
             (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    # Fused kernels exist for CUDA; on CPU the foreach path is the fast one.
-    fused = device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                             fused=fused, foreach=None if fused else True)
+    adamw_groups = [{"params": decay, "weight_decay": cfg.weight_decay, "base_lr": cfg.lr},
+                    {"params": no_decay, "weight_decay": 0.0, "base_lr": cfg.lr}]
+    if cfg.name == "muon":
+        muon_group = {"params": muon, "muon": True, "lr": cfg.muon_lr, "base_lr": cfg.muon_lr,
+                      "weight_decay": cfg.muon_weight_decay, "momentum": cfg.muon_momentum}
+        return MuonAdamW([muon_group, *adamw_groups], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    # One fused kernel per parameter (CPU and CUDA both have one) reads and writes each tensor once,
+    # instead of once per elementwise op of the foreach path (docs/performance.md).
+    return torch.optim.AdamW(adamw_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
+
+
+def is_hidden_matrix(name: str, p: torch.Tensor) -> bool:
+    """A 2-D weight inside a transformer block: what Muon updates. Embeddings and the head are not."""
+    return p.ndim == 2 and name.startswith("layers.")
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """Muon for the param groups marked {"muon": True}, AdamW (torch's functional form) for the others.
+
+    Muon's step is torch.optim.Muon's (Nesterov momentum, Newton-Schulz orthogonalization, decoupled
+    weight decay, the lr scaled by sqrt(max(1, rows/cols))), with one difference: the orthogonalization
+    needs the whole matrix, so a parameter sharded by FSDP2 or tensor parallelism (a DTensor) has its
+    momentum-averaged gradient gathered first; every rank orthogonalizes the full matrix and keeps its
+    own shard of the result. Simple and exact; the cost is one all-gather per matrix and the
+    orthogonalization repeated on every rank (small next to the step for models that fit a node).
+    """
+
+    def __init__(self, groups: list[dict], *, lr: float, betas: tuple[float, float], eps: float):
+        # fused: what Optimizer.load_state_dict reads to put AdamW's step counts beside their parameters
+        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": 0.0, "muon": False, "momentum": 0.95,
+                    "fused": True}
+        super().__init__(groups, defaults)
+        for group in self.param_groups:
+            if group["muon"] and any(p.ndim != 2 for p in group["params"]):
+                raise ValueError("Muon updates 2-D matrices only")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if group["muon"]:
+                self._muon_step(group, params)
+            else:
+                self._adamw_step(group, params)
+
+    def _muon_step(self, group: dict, params: list[torch.Tensor]) -> None:
+        lr, momentum = group["lr"], group["momentum"]
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["momentum_buffer"] = torch.zeros_like(p)
+            buf = state["momentum_buffer"]
+            buf.lerp_(p.grad, 1 - momentum)
+            update = orthogonalize(p.grad.lerp(buf, momentum))  # Nesterov
+            p.mul_(1 - lr * group["weight_decay"])
+            p.add_(update, alpha=-lr * math.sqrt(max(1.0, p.shape[0] / p.shape[1])))
+
+    def _adamw_step(self, group: dict, params: list[torch.Tensor]) -> None:
+        for p in params:
+            state = self.state[p]
+            if not state:  # fused AdamW's own state layout: checkpoints read like torch.optim.AdamW's
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = torch.zeros_like(p)
+        states = [self.state[p] for p in params]
+        beta1, beta2 = group["betas"]
+        adamw(params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+              [], [s["step"] for s in states], fused=True, amsgrad=False, beta1=beta1, beta2=beta2,
+              lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+
+
+def orthogonalize(update: torch.Tensor) -> torch.Tensor:
+    """torch.optim.Muon's orthogonalization of the full matrix."""
+    ns = dict(ns_coefficients=(DEFAULT_A, DEFAULT_B, DEFAULT_C), ns_steps=DEFAULT_NS_STEPS, eps=EPS)
+    if not hasattr(update, "full_tensor"):
+        return _zeropower_via_newtonschulz(update, **ns).to(update.dtype)
+    from torch.distributed.tensor import distribute_tensor
+
+    full = _zeropower_via_newtonschulz(update.full_tensor(), **ns).to(update.dtype)
+    # Every rank computed the same full matrix: each keeps its own shard, no communication.
+    return distribute_tensor(full, update.device_mesh, update.placements, src_data_rank=None)
+
+
+def lr_scale(step: int, cfg, max_steps: int) -> float:
+    """The schedule's factor on each param group's base LR at optimizer step `step` (0-based).
+
+    Linear warm-up over optim.warmup_steps, then
+      cosine: cosine decay to optim.min_lr_ratio at max_steps;
+      wsd:    warmup-stable-decay: constant, then linear decay to min_lr_ratio over the last
+              optim.decay_fraction of max_steps. Before the decay starts the factor does not
+              depend on max_steps, so a run resumed from a checkpoint of its stable phase with a
+              larger train.max_steps continues as if it had been planned that long (docs/recipe.md).
+    A pure function of the step: a resumed run needs no scheduler state to continue exactly.
+    """
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    floor = cfg.min_lr_ratio
+    if cfg.schedule == "wsd":
+        decay_steps = max(1, round(cfg.decay_fraction * max_steps))
+        progress = min(1.0, max(0.0, (step - (max_steps - decay_steps)) / decay_steps))
+        return 1.0 - (1.0 - floor) * progress
+    span = max(1, max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def lr_at(step: int, cfg, max_steps: int) -> float:
-    """The learning rate for optimizer step `step` (0-based). A pure function of the step,
-    so a resumed run needs no scheduler state to continue exactly."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(1, max_steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
-    floor = cfg.lr * cfg.min_lr_ratio
-    return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    """optim.lr (AdamW's) at step `step`: what the metrics log."""
+    return cfg.lr * lr_scale(step, cfg, max_steps)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, step: int, cfg, max_steps: int) -> None:
+    """Set every param group's LR for step `step`: its base LR (optim.lr, or optim.muon_lr) times the schedule."""
+    scale = lr_scale(step, cfg, max_steps)
+    for group in optimizer.param_groups:
+        group["lr"] = group.get("base_lr", cfg.lr) * scale

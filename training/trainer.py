@@ -1,7 +1,7 @@
 """One training loop for every job kind. The task supplies batches, the loss and the evaluation.
 
 The loop: build the model on the meta device, parallelize it over the mesh, materialize,
-initialize or resume, then step: gradient accumulation, clipping, AdamW, a scheduled LR,
+initialize or resume, then step: gradient accumulation, clipping, the optimizer, a scheduled LR,
 metrics, validation, checkpoints, and a clean stop on a preemption signal or the time budget.
 
 Two rules keep it trustworthy. The loss of a step is the mean over every item (token, pair, ...)
@@ -33,8 +33,9 @@ from model.parallelize import parallelize, vocab_parallel_loss
 from training import checkpoint as ckpt
 from training import lora_checkpoint
 from training import run_folder
+from training.cpu_setup import can_compile
 from training.metrics import MetricsLogger, Throughput, peak_flops, say
-from training.optim import build_optimizer, lr_at
+from training.optim import build_optimizer, lr_at, set_lr
 from training.signals import StopFlag
 from training.tasks.base import Task
 
@@ -87,7 +88,7 @@ def build_model(model_cfg: GPTConfig, cfg, dist_info, param_dtype: torch.dtype, 
         apply_lora(model, lora.rank, lora.alpha, list(lora.target_modules), lora.dropout,
                    [*lora.modules_to_save, *getattr(model, "lora_modules_to_save", ())])
     model = parallelize(model, dist_info.mesh, param_dtype=param_dtype,
-                        compile=cfg.train.compile and trainable,
+                        compile=cfg.train.compile and trainable and can_compile(dist_info.device),
                         activation_checkpointing=cfg.train.activation_checkpointing and trainable)
     model.to_empty(device=dist_info.device)
     model.init_weights(seed=cfg.seed)
@@ -268,9 +269,7 @@ class Trainer:
         """One optimizer step over grad_accum_steps micro-batches: (loss, grad norm, tokens on all ranks).
         A non-finite loss or gradient norm leaves the weights and the optimizer as they were."""
         cfg = self.cfg
-        lr = lr_at(self.step, cfg.optim, self.max_steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.optimizer, self.step, cfg.optim, self.max_steps)
         sums = torch.zeros(2, dtype=torch.float64, device=self.dist.device)  # loss summed over items, items
         tokens = 0
         fsdp = hasattr(self.model, "set_requires_gradient_sync")

@@ -49,7 +49,9 @@ class PretrainTask:
 
     def loss(self, model, batch) -> tuple[torch.Tensor, int]:
         x, y = batch
-        return token_cross_entropy(model(x), y, reduction="sum"), y.numel()
+        if self.dist.tp > 1:  # vocab-sharded logits: the loss reads each rank's shard (vocab_parallel_loss)
+            return token_cross_entropy(model(x), y, reduction="sum"), y.numel()
+        return model(x, targets=y), y.numel()  # in chunks: never all of a step's logits at once
 
     def tokens_per_batch(self, batch) -> int:
         return batch[1].numel()
@@ -58,9 +60,11 @@ class PretrainTask:
         return {}
 
     @torch.no_grad()
+    @torch.compiler.set_stance("force_eager")
     def evaluate(self, model) -> dict:
         """Validation loss (nats/token, every target) and bits per byte (the targets that spell text) over the
-        held-out split."""
+        held-out split. Eager even when train.compile is on: a few forward passes don't repay compiling the
+        blocks' inference graphs (and the short last batch's) on top of the training ones."""
         cfg = self.cfg
         sums = torch.zeros(4, dtype=torch.float64)  # nats, tokens, nats of text targets, their bytes
         for i, (x, y) in enumerate(iter_val_batches(cfg.data, cfg.train.micro_batch_size, replication=self.dist.tp)):
