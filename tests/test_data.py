@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import select
 import subprocess
 import sys
 import sysconfig
@@ -273,6 +274,58 @@ def test_loader_resumes_exactly_in_a_fresh_process(prepared, tmp_path):
         for k, resumed in torch.load(out).items():
             for i, (x, y) in enumerate(resumed):
                 assert torch.equal(x, batches[k + i][0]) and torch.equal(y, batches[k + i][1]), (k, i)
+
+
+OPEN_SCRIPT = """
+import json, os, sys
+from jobspec.schema import DataConfig
+from training.data.loader import TokenLoader
+cfg, pause_fd = DataConfig(**json.loads(sys.argv[1])), int(sys.argv[2])
+if pause_fd >= 0:  # stop between streaming's look for a free shared-memory prefix and its creating it
+    import streaming.base.shared.prefix as prefix
+    look, last = prefix._check_and_find_retrying, prefix.SHM_TO_CLEAN[-1]
+    def look_then_pause(local, remote, shm_name, retry):
+        found = look(local, remote, shm_name, retry)
+        if shm_name == last:
+            print("found", found, flush=True)
+            os.read(pause_fd, 1)  # until the test closes the pipe
+        return found
+    prefix._check_and_find_retrying = look_then_pause
+loader = TokenLoader(cfg, "train", 8, seed=7)
+print("first batch", next(iter(loader))[0].sum().item(), flush=True)
+sys.stdin.read()  # the loader stays open (its shared memory with it) until the test closes stdin
+"""
+
+
+def _waits_on_a_file_lock(pid: int) -> bool:
+    return any(line.split()[1] == "->" and line.split()[5] == str(pid)
+               for line in Path("/proc/locks").read_text().splitlines())
+
+
+def test_two_jobs_opening_their_data_at_once_on_one_machine_both_start(prepared, tmp_path):
+    """Streaming names a dataset's shared memory by the first free prefix: it looks, then creates. Job A is
+    stopped between the two; job B opens its data meanwhile. Without the machine-wide turn B takes the same
+    prefix and A then dies of FileExistsError; with it, B waits for A's turn to end."""
+    cfg, _ = prepared
+    env = dict(os.environ, PYTHONPATH=str(REPO), TMPDIR=str(tmp_path), OMP_NUM_THREADS="1")
+    pause_read, pause_write = os.pipe()
+
+    def job(pause_fd: int) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", OPEN_SCRIPT, json.dumps(asdict(cfg)), str(pause_fd)], env=env,
+                                pass_fds=(pause_read,), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+
+    a = job(pause_read)
+    assert a.stdout.readline().startswith("found"), a.communicate(timeout=60)[0]
+    b = job(-1)
+    # B either opens its data while A is stopped (no turn), or queues for the turn that A holds.
+    while not select.select([b.stdout], [], [], 0.1)[0] and not _waits_on_a_file_lock(b.pid):
+        assert b.poll() is None, b.communicate()[0]
+    os.close(pause_write)  # A goes on
+    out_a = a.communicate("", timeout=300)[0]
+    out_b = b.communicate("", timeout=300)[0]
+    assert a.returncode == 0 and b.returncode == 0, out_a + "\n" + out_b
+    assert out_a.split()[-1] == out_b.split()[-1]  # the same first batch in each
 
 
 def test_val_batches_cover_the_split_in_order(prepared):

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -117,7 +118,6 @@ def _open_split(cfg, split: str, batch_size: int, *, shuffle: bool, seed: int, r
 
     _check_rank_env()
     local = os.path.join(cfg.dir, split)
-    _clear_blocks_of_killed_loaders(local)
     remote = f"{cfg.remote.rstrip('/')}/{split}" if cfg.remote else None
     if remote is None and not os.path.isfile(os.path.join(local, "index.json")):
         raise DataError(f"no prepared {split} split at {local!r} (data.dir): run `orch data prepare` "
@@ -127,8 +127,15 @@ def _open_split(cfg, split: str, batch_size: int, *, shuffle: bool, seed: int, r
     nodes = int(os.environ.get("WORLD_SIZE", "1")) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     kwargs = dict(local=local, remote=remote, batch_size=batch_size, shuffle=shuffle, shuffle_seed=seed,
                   num_canonical_nodes=max(nodes, 1), replication=replication if replication > 1 else None)
+    with _shared_memory_turn(local):
+        dataset = _new_dataset(StreamingDataset, kwargs, cfg, local)
+    _OPENED.append(local)
+    return dataset
+
+
+def _new_dataset(StreamingDataset, kwargs: dict, cfg, local: str):
     try:
-        dataset = StreamingDataset(**kwargs)
+        return StreamingDataset(**kwargs)
     except ValueError as e:
         # With a remote, streaming refuses a local cache folder that other shared memory claims:
         # another process on this machine uses it now, or a killed run left its memory behind.
@@ -143,9 +150,7 @@ def _open_split(cfg, split: str, batch_size: int, *, shuffle: bool, seed: int, r
                 f"machine, or by a killed one. Give this job its own data.dir; or, if no other job runs "
                 f"here, delete the leftovers: rm /dev/shm/[0-9][0-9][0-9][0-9][0-9][0-9]_*") from None
         print(f"data: cleared shared memory left by a killed run that claimed {local!r}")
-        dataset = StreamingDataset(**kwargs)
-    _OPENED.append(local)
-    return dataset
+        return StreamingDataset(**kwargs)
 
 
 _OPENED: list = []  # the splits this process has opened: their shared memory is live, not stale
@@ -159,16 +164,40 @@ def _check_rank_env() -> None:
                         f"torchrun or srun, which set it, or set it yourself")
 
 
-def _clear_blocks_of_killed_loaders(local: str) -> None:
-    """Before a split is opened: the node's first rank removes the shared memory that killed loaders of this same
-    split left behind (a process killed with SIGKILL never unlinks it, and nothing else ever does), then every rank
-    goes on together. Memory a live process maps, another split's, and anything not streaming's stays."""
+SHARED_MEMORY_LOCK = "/dev/shm/orch-streaming.lock"  # one per machine, beside the memory it guards
+
+
+@contextmanager
+def _shared_memory_turn(local: str):
+    """Open a split's dataset while no other job on this machine opens one.
+
+    Streaming names a dataset's shared memory by the first free prefix: it looks, then creates. Two jobs
+    that open datasets at once on one machine pick the same prefix, and one dies (FileExistsError). So
+    the node's first rank takes a machine-wide lock; its other ranks look only after the first barrier
+    and have all found their prefix by the second, before the lock is released. Inside the turn, the
+    first rank also removes the shared memory that killed loaders of this split left behind (a process
+    killed with SIGKILL never unlinks it, and nothing else ever does); memory a live process maps,
+    another split's, and anything not streaming's stays.
+    """
+    import fcntl
+
     import torch.distributed as dist
 
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and not _OPENED:
-        _clear_stale_shared_memory(only_of=os.path.abspath(local))
-    if dist.is_initialized():
-        dist.barrier()  # no rank may look for a free prefix while the first one is clearing
+    lock = None
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        lock = open(SHARED_MEMORY_LOCK if os.path.isdir("/dev/shm") else os.devnull, "a")
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when closed, or when this process dies
+        if not _OPENED:
+            _clear_stale_shared_memory(only_of=os.path.abspath(local))
+    try:
+        if dist.is_initialized():
+            dist.barrier()
+        yield
+        if dist.is_initialized():
+            dist.barrier()
+    finally:
+        if lock is not None:
+            lock.close()
 
 
 def _clear_stale_shared_memory(only_of: str | None = None) -> int:
