@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from bench.common import RESULTS, device_slug, write_result
-from orchestrator.spec import load_spec
+from jobspec import load_spec
 
 REPO = Path(__file__).resolve().parents[1]
 JOB = REPO / "jobs" / "pretrain.yaml"

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from bench.common import write_result
 from bench.recipe import BASELINE
-from orchestrator.spec import load_spec
+from jobspec import load_spec
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().parent / "speed_worker.py"

@@ -14,9 +14,10 @@ from omegaconf import OmegaConf
 
 from model.config import GPTConfig
 from model.gpt import GPT
-from model.hf import HFError, export_hf
-from orchestrator.spec import SpecError, load_spec
-from orchestrator.spec.schema import OptimConfig
+from model.state_dict_adapter import HFError
+from training.hf_export import export_hf
+from jobspec import SpecError, load_spec
+from jobspec.schema import OptimConfig
 from tests.conftest import REPO
 from tests.test_distributed import losses, train
 from training.checkpoint import load_checkpoint, save_checkpoint
