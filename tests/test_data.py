@@ -6,6 +6,7 @@ import json
 import os
 import random
 import select
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -326,6 +327,51 @@ def test_two_jobs_opening_their_data_at_once_on_one_machine_both_start(prepared,
     out_b = b.communicate("", timeout=300)[0]
     assert a.returncode == 0 and b.returncode == 0, out_a + "\n" + out_b
     assert out_a.split()[-1] == out_b.split()[-1]  # the same first batch in each
+
+
+BOTH_SPLITS_SCRIPT = """
+import json, sys
+from jobspec.schema import DataConfig
+from training.data.loader import TokenLoader, iter_val_batches
+cfg = DataConfig(**json.loads(sys.argv[1]))
+next(iter(TokenLoader(cfg, "train", 8, seed=7)))
+next(iter_val_batches(cfg, 4))  # the val split is opened later, as validation does
+print("opened", flush=True)
+sys.stdin.read()
+"""
+
+
+def _blocks_naming(folder: Path) -> set[str]:
+    from training.data.loader import _names
+
+    return {b.name[:6] for b in Path("/dev/shm").glob("[0-9]" * 6 + "_locals") if _names(b, str(folder.resolve()))}
+
+
+def test_a_loader_removes_what_killed_loaders_of_each_split_left(prepared, tmp_path):
+    """A process killed with SIGKILL (its resource tracker too, as srun does) leaves its shared memory behind;
+    the next process to open each split, the later-opened val split included, removes it."""
+    cfg, _ = prepared
+    env = dict(os.environ, PYTHONPATH=str(REPO), TMPDIR=str(tmp_path), OMP_NUM_THREADS="1")
+
+    def job() -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-c", BOTH_SPLITS_SCRIPT, json.dumps(asdict(cfg))], env=env,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        assert proc.stdout.readline().startswith("opened"), proc.communicate(timeout=60)[0]
+        return proc
+
+    killed = job()
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    splits = Path(cfg.dir) / "train", Path(cfg.dir) / "val"
+    left = [_blocks_naming(split) for split in splits]
+    assert all(left), "the killed loader left no memory of a split: nothing to test"
+    again = job()
+    try:
+        for split, stale in zip(splits, left):
+            assert not _blocks_naming(split) & stale, split
+    finally:
+        again.communicate("", timeout=60)
 
 
 def test_val_batches_cover_the_split_in_order(prepared):

@@ -42,6 +42,16 @@ def context(root: Path, data_dir: Path | None = None) -> Context:
     return Context(root, data_dir, References(root, data_dir))
 
 
+def write_results(path: Path, rows: list[dict], *, planned: int, **about) -> dict:
+    record = {"name": "chaos", "device": device_name(), "versions": versions(), **about, "planned": planned,
+              **tabulate(rows), "rows": rows}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    tmp.replace(path)
+    return record
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.chaos", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -74,6 +84,8 @@ def main(argv=None) -> int:
     print(f"[chaos] {what}: {len(faults)} faults; replay: {command}", flush=True)
     ctx = context(Path(args.work))
     rows = []
+    date = datetime.date.today().isoformat()
+    path = RESULTS / f"chaos-{device_slug()}-{date}.json"
     for i, fault in enumerate(faults, 1):
         out, seconds = run_one(fault, ctx)
         rows.append(row_of(fault, out, seconds))
@@ -81,13 +93,10 @@ def main(argv=None) -> int:
         workspace = Path(args.work) / "faults" / f"{ctx.count:03d}-k{fault.kind}-{fault.seed}-{ctx.started}"
         if out.ok and not args.keep:
             shutil.rmtree(workspace, ignore_errors=True)
+        # Rewritten after every fault: an interrupted run of hours keeps the table of the faults it ran.
+        record = write_results(path, rows, date=date, command=command, seed=seed, executor=args.executor,
+                               planned=len(faults))
     figures = tabulate(rows)
-    date = datetime.date.today().isoformat()
-    record = {"name": "chaos", "device": device_name(), "date": date, "versions": versions(), "command": command,
-              "seed": seed, "executor": args.executor, **figures, "rows": rows}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"chaos-{device_slug()}-{date}.json"
-    path.write_text(json.dumps(record, indent=1) + "\n")
     print(f"[chaos] {json.dumps({k: figures[k] for k in ('faults', 'finished', 'bitwise_equal', 'checkpoints_lost', 'crash_loops', 'orphans', 'leftovers', 'wrong_state', 'recovery_s')})}")
     print(f"[chaos] wrote {path}")
     if args.doc:

@@ -187,7 +187,7 @@ def _shared_memory_turn(local: str):
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
         lock = open(SHARED_MEMORY_LOCK if os.path.isdir("/dev/shm") else os.devnull, "a")
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when closed, or when this process dies
-        if not _OPENED:
+        if local not in _OPENED:  # (this process maps no memory of this split: none of it is ours)
             _clear_stale_shared_memory(only_of=os.path.abspath(local))
     try:
         if dist.is_initialized():
