@@ -204,7 +204,7 @@ class GRPOConfig:
 class ClassifyConfig:
     """Sequence classification: JSON lines of {"text", "label"} (labels are strings)."""
 
-    train_file: Optional[str] = None  # None = the demo task (does a stdlib function's docstring belong to it?)
+    train_file: Optional[str] = None  # None = the demo task (is a stdlib function's body in its written order?)
     val_file: Optional[str] = None
     demo_dir: str = "data/classify"  # where the demo files are written when no files are given
     train_last_blocks: Optional[int] = None  # None = every block trains; N = only the last N (+ final norm, head)

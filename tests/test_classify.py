@@ -81,7 +81,12 @@ def test_demo_task_shares_no_module_and_is_balanced(source):
     val = [json.loads(line) for line in Path(source["val"]).read_text().splitlines()]
     for records in (train, val):
         labels = [r["label"] for r in records]
-        assert labels.count("match") == labels.count("swapped") > 10
+        assert labels.count("original") == labels.count("shuffled") > 10
+        # a shuffled body is its original's lines in another order: the same words, only the order differs
+        originals = {tuple(sorted(r["text"].split("\n"))): r["text"] for r in records if r["label"] == "original"}
+        for r in records:
+            if r["label"] == "shuffled":
+                assert originals[tuple(sorted(r["text"].split("\n")))] != r["text"]
     assert not {r["text"] for r in train} & {r["text"] for r in val}
 
 
@@ -91,7 +96,7 @@ def test_classify_run_reports_against_baselines_and_exports_for_transformers(sou
     result = classify(source, run_dir, "train.max_steps=6", "classify.train_last_blocks=1",
                       "classify.class_weights=balanced")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert json.loads((run_dir / "labels.json").read_text()) == ["match", "swapped"]
+    assert json.loads((run_dir / "labels.json").read_text()) == ["original", "shuffled"]
     evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if "lr" not in json.loads(line)]
     final = evals[-1]
     assert {"val_loss", "val_accuracy", "val_macro_f1", "baseline_majority_macro_f1",
@@ -119,7 +124,7 @@ def test_classify_run_reports_against_baselines_and_exports_for_transformers(sou
     from model.classifier import GPTClassifier
 
     hf = LlamaForSequenceClassification.from_pretrained(out).eval()
-    assert hf.config.id2label == {0: "match", 1: "swapped"}
+    assert hf.config.id2label == {0: "original", 1: "shuffled"}
     cfg, _ = load_hf_state_dict_without_head(out)
     ours = GPTClassifier(cfg, num_labels=2)
     ours.init_weights(seed=0)

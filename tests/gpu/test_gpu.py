@@ -48,6 +48,23 @@ def test_nccl_dp2_gives_the_single_gpu_losses(tmp_path, tiny_data):
         assert losses(dp2)[step] == pytest.approx(loss, rel=2e-2), step
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs two GPUs (one rank per GPU)")
+def test_nccl_dp2_resumes(tmp_path, tiny_data):
+    """Twin: test_training_core.py::test_a_device_backend_string_group_reduces_cpu_tensors (the backend choice).
+    Issue 15's first defect: a resume verifies the checkpoint with CPU-tensor collectives, which crashed on an
+    NCCL-only group ("No backend type associated with device type cpu") on every multi-GPU resume."""
+    steps = [*ON_GPU, "train.max_steps=20", "checkpoint.every=10", "checkpoint.keep_last=3"]
+    run = tmp_path / "run"
+    train(2, run, tiny_data, *steps)
+    first = losses(run)
+    (run / "checkpoints" / "step_00000020").rename(tmp_path / "moved")
+    result = train(2, run, tiny_data, *steps)
+    assert "resumed from" in result.stdout + result.stderr
+    again = losses(run)
+    for step in range(11, 21):
+        assert again[step] == pytest.approx(first[step], rel=2e-2), step
+
+
 def test_async_save_copies_on_its_own_stream_before_the_weights_change(tmp_path):
     """Twin: test_checkpoint_files.py::test_async_save_keeps_its_steps_state_when_the_weights_change_after_wait_staged.
     On the GPU the copy into pinned memory runs on a side stream, ordered after the step that produced the

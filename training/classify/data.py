@@ -1,11 +1,11 @@
 """Classification examples: JSON lines of {"text": ..., "label": ...} (labels are strings), and the demo task.
 
-The demo task, derived offline from this machine's standard library: does a function's docstring belong
-to it? Each short documented function appears twice: as written ("match") and with the docstring of
-another function of the same split put in its place ("swapped"). Training functions come from the demo
-corpus' training modules, held-out ones from its held-out packages (json, email): the two splits share
-no module. A bag of words can't tell the classes apart (both hold the same docstrings and bodies); a
-model has to relate the docstring to the code under it.
+The demo task, derived offline from this machine's standard library: is a function's body in the order it
+was written? Each short documented function appears twice: as written ("original") and with the lines of its
+body after the docstring in a random order ("shuffled"). Training functions come from the demo corpus'
+training modules, held-out ones from its held-out packages (json, email): the two splits share no module.
+Both classes hold the same words, so a bag of words sees little (only the word pairs across a line break
+change); a model that has learned how code reads sees a jumbled body at once.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from training.data import DataError
 from training.posttrain.jsonl import read_jsonl, write_jsonl
 
 KEYS = ("text", "label")
-DEMO_LABELS = ("match", "swapped")
-FORMAT_VERSION = 1
+DEMO_LABELS = ("original", "shuffled")
+FORMAT_VERSION = 2
 
 
 def read_examples(path, what: str) -> list[dict]:
@@ -42,21 +42,23 @@ def label_set(train: list[dict], val: list[dict], train_path, val_path) -> list[
     return labels
 
 
-def _swap_docstring(source: str, docstring_from: str) -> Optional[str]:
-    """source with its docstring's lines replaced by those of docstring_from (both dedented functions)."""
-    def doc_lines(text):
-        node = ast.parse(text).body[0]
-        first = node.body[0]
-        return first.lineno - 1, first.end_lineno
-
+def _shuffle_body(source: str, rng: random.Random) -> Optional[str]:
+    """source (a dedented function) with the lines after its docstring in another order; None when it has
+    fewer than three such lines (too few orders to tell apart)."""
     try:
-        a0, a1 = doc_lines(source)
-        b0, b1 = doc_lines(docstring_from)
-    except (SyntaxError, ValueError, IndexError):
+        body = ast.parse(source).body[0].body
+    except (SyntaxError, IndexError):
         return None
-    lines, other = source.split("\n"), docstring_from.split("\n")
-    swapped = "\n".join(lines[:a0] + other[b0:b1] + lines[a1:])
-    return swapped if swapped != source else None
+    if len(body) < 2:
+        return None
+    lines = source.rstrip("\n").split("\n")
+    head, rest = lines[:body[1].lineno - 1], lines[body[1].lineno - 1:]
+    if sum(1 for line in rest if line.strip()) < 3 or len(set(rest)) < 2:
+        return None
+    shuffled = rest[:]
+    while shuffled == rest:
+        rng.shuffle(shuffled)
+    return "\n".join(head + shuffled)
 
 
 def write_demo(out_dir, tokenizer_path, max_tokens: int, seed: int = 0, max_docs: Optional[int] = None
@@ -77,17 +79,16 @@ def write_demo(out_dir, tokenizer_path, max_tokens: int, seed: int = 0, max_docs
     tokenizer = load_tokenizer(tokenizer_path)
     for split, path in zip(("train", "val"), paths):
         functions = _unique(_functions(demo_files(split)[:max_docs]))
-        # whole functions only, with room for a longer swapped-in docstring and the closing <|endoftext|>
+        # whole functions only, with room for the closing <|endoftext|>
         lengths = [len(e.ids) for e in tokenizer.encode_batch([f["source"] for f in functions], add_special_tokens=False)]
-        functions = [f for f, n in zip(functions, lengths) if n <= max_tokens * 3 // 4]
+        functions = [f for f, n in zip(functions, lengths) if n < max_tokens]
         rng = random.Random(f"{seed}-{split}")
         records = []
-        for i, f in enumerate(functions):
-            other = functions[(i + 1 + rng.randrange(len(functions) - 1)) % len(functions)]
-            swapped = _swap_docstring(f["source"], other["source"])
-            if swapped is None:
+        for f in functions:
+            shuffled = _shuffle_body(f["source"], rng)
+            if shuffled is None:
                 continue
-            records += [{"text": f["source"], "label": "match"}, {"text": swapped, "label": "swapped"}]
+            records += [{"text": f["source"].rstrip("\n"), "label": "original"}, {"text": shuffled, "label": "shuffled"}]
         rng.shuffle(records)
         counts[split] = write_jsonl(path, records)
     write_jsonl(meta, [{"fingerprint": fingerprint, "counts": counts}])
