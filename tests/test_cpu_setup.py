@@ -40,7 +40,9 @@ def run(code: str, *args: str, tmp_path, **env) -> str:
 def test_freed_activations_are_reused_instead_of_faulted_in_again(tmp_path):
     default = int(run(FAULTS, "default", tmp_path=tmp_path))
     kept = int(run(FAULTS, "keep", tmp_path=tmp_path))
-    assert default > 10 * 2048  # glibc gave the blocks back: each step faulted its pages in again
+    # glibc gave the blocks back: each step faulted its pages in again, at least once per 2 MB (a transparent
+    # huge page, when the kernel has one to give; 4 KB pages otherwise, 12,288 faults a step)
+    assert default >= 10 * 24, default
     assert kept < default / 10, (kept, default)
 
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from jobspec.processes import same_process
+from jobspec.run_lock import holder
 from orchestrator.registry import Registry
 from tests.conftest import REPO, env_for, tiny_overrides
 from training.checkpoint import find_resumable, prune, save_checkpoint, step_dirs, verify
@@ -245,9 +246,11 @@ def test_a_killed_supervisor_shows_as_lost_and_resume_finishes_the_run(tmp_path,
     run = registry.get(run_id)
     wait_for(lambda: "[orch fault]" in (Path(run.run_dir) / "logs" / "train.log").read_text()
              if (Path(run.run_dir) / "logs" / "train.log").exists() else False, "the trainer to reach step 7")
+    trainer = json.loads((Path(run.run_dir) / ".lock").read_text())
     os.kill(run.pid, signal.SIGKILL)  # the supervisor; its trainer follows it (SIGTERM from the kernel) ...
-    os.kill(int(json.loads((Path(run.run_dir) / ".lock").read_text())["pid"]), signal.SIGKILL)  # ... unless hung
+    os.kill(trainer["pid"], signal.SIGKILL)  # ... unless hung
     wait_for(lambda: same_process(run.pid, run.pid_start) is False, "the supervisor to be gone")
+    wait_for(lambda: holder(run.run_dir) is None, "the trainer to be gone (a dying process holds its lock until it exits)")
     listing = orch(tmp_path, "runs").stdout
     assert any(line.startswith(run_id) and " LOST " in line for line in listing.splitlines()), listing
     assert registry.get(run_id).state == "RUNNING", "looking must not change the registry"

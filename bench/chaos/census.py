@@ -191,6 +191,8 @@ def settle(ws: Workspace, watch: Watch, run_id: str, reference: Path, out: Outco
             out.checkpoints_lost += 1
             out.notes.append(f"resumed from step {step_from}, but step {resume_floor} was committed")
     out.two_trainers = len(watch.two_trainers)
+    if watch.two_trainers:
+        out.notes.append(f"two trainers on one run folder, first seen: {watch.two_trainers[0]}")
     if watch.wrong_holder:
         out.wrong_state = True
         out.notes.append(f"the run folder's lock named another process than its trainer: {watch.wrong_holder[0]}")

@@ -128,8 +128,8 @@ class Watch:
                 rank0.setdefault(str(Path(where[0]).resolve()), []).append(proc.pid)
         for folder, pids in rank0.items():
             trainers = [pid for pid in pids if _parent(pid) not in pids]  # a trainer's forked helpers are not another
-            if len(trainers) > 1:
-                self.two_trainers.append((now, folder, trainers))
+            if len(trainers) > 1:  # with what tells a real second trainer from one starting or ending
+                self.two_trainers.append((now, folder, [_describe(pid, folder) for pid in trainers]))
             held = holder(folder)  # the lock file must name the trainer that runs, when one holds it
             if held and held.get("pid") not in pids and same_process(held.get("pid"), held.get("pid_start")):
                 self.wrong_holder.append((now, folder, held.get("pid"), trainers))
@@ -150,6 +150,16 @@ class Watch:
 
     def values(self, name: str, run_id: Optional[str] = None) -> list[str]:
         return [e[2] for e in self.events if e[1] == name and (run_id is None or e[3] == run_id)]
+
+
+def _describe(pid: int, folder: str) -> dict:
+    """A trainer process as seen now: its parent, when it started (clock ticks since boot), its state, and
+    whether it holds the run folder's lock."""
+    stat = _read(f"/proc/{pid}/stat")
+    fields = stat[stat.rindex(b")") + 2:].split() if stat else []
+    held = holder(folder) or {}
+    return {"pid": pid, "ppid": int(fields[1]) if fields else None, "start": int(fields[19]) if fields else None,
+            "state": fields[0].decode() if fields else None, "holds_lock": held.get("pid") == pid}
 
 
 def _parent(pid: int) -> Optional[int]:
