@@ -4,7 +4,7 @@
     python -m bench.gpu_pretrain --sizes 125m --steps 20
     python -m bench.gpu_pretrain --sizes tiny --device cpu --seq 128 --steps 3   # a smoke run without a GPU
 
-The step is the trainer's: the model built by training.trainer.build_model (per-block torch.compile),
+The step is the trainer's: the model built by training.build.build_model (per-block torch.compile),
 AdamW from training.optim (fused on CUDA), bf16 autocast, one optimizer step per micro-batch, on
 random tokens already on the device (the data loader's cost is bench.data_loader's and
 bench.trainer_overhead's business). MFU = tokens/s x model.gpt.flops_per_token (6N plus attention,
@@ -26,7 +26,7 @@ from jobspec import load_spec
 from training.distributed import init_distributed
 from training.metrics import peak_flops
 from training.optim import build_optimizer
-from training.trainer import build_model, model_config, precision
+from training.build import build_model, model_config, precision
 
 # GPT-3 paper shapes (125M, 350M, 1.3B) with the GPT-2 vocabulary rounded to 64, as LLM Foundry's table uses.
 SIZES = {

@@ -95,7 +95,7 @@ def built(cfg, tie: bool = True):
     """The job's model as the trainer builds it on this rank's mesh, and the rank's Dist."""
     from model.config import GPTConfig
     from training.distributed import init_distributed
-    from training.trainer import build_model, precision
+    from training.build import build_model, precision
 
     dist_info = init_distributed(cfg.parallel, "cpu")
     model_cfg = GPTConfig(**{**dict(cfg.model), "tie_embeddings": tie})
@@ -109,7 +109,7 @@ def test_tensor_parallel_alone_takes_bf16_from_autocast_on_gpus():
     """With tp=2 and dp=1 no FSDP is applied, so FSDP's bf16 policy would be lost: autocast carries it instead.
     (The CUDA device is only named here: deciding needs no GPU.)"""
     from training.distributed import Dist
-    from training.trainer import precision
+    from training.build import precision
 
     cfg = tiny_job("train.dtype=bf16")
     gpu = torch.device("cuda", 0)
@@ -128,7 +128,7 @@ def test_tp2_dp1_computes_in_bf16_over_fp32_master_weights(tmp_path):
 def _tp2_dp1_dtypes(rank: int) -> None:
     from torch.distributed.tensor import DTensor
 
-    from training.trainer import precision
+    from training.build import precision
 
     cfg = tiny_job("train.dtype=bf16", "parallel.tp=2")
     model, dist_info = built(cfg)

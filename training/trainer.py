@@ -27,31 +27,20 @@ from omegaconf import OmegaConf
 
 from jobspec.contract import EXIT_OK, EXIT_REQUEUE
 from jobspec.faults import fault
-from model.config import GPTConfig
-from model.gpt import GPT, flops_per_token
-from model.parallelize import parallelize, vocab_parallel_loss
+from model.gpt import flops_per_token
+from model.parallelize import vocab_parallel_loss
 from training import checkpoint as ckpt
 from training import lora_checkpoint
 from training import run_folder
-from training.cpu_setup import can_compile
+from training.build import build_model, load_weights, model_config, precision
 from training.metrics import MetricsLogger, Throughput, peak_flops, say
 from training.optim import build_optimizer, lr_at, set_lr
 from training.signals import StopFlag
+from training.time_budget import CALIBRATION_STEPS, TimeBudget, steps_within_budget
 from training.tasks.base import Task
-
-# With train.time_budget_min, the steps timed (after warm-up) to fit the LR schedule into the budget,
-# and the share of the budget left for steps (the rest: validation, checkpoints, the final save).
-CALIBRATION_STEPS = (10, 30)
-BUDGET_SHARE_FOR_STEPS = 0.9
-
 
 class NonFiniteError(ValueError):
     """Too many steps in a row with a NaN/inf loss or gradient: a user error (the data, the learning rate)."""
-
-
-def steps_within_budget(step: int, seconds_left: float, per_step: float) -> int:
-    """The last step that fits in seconds_left at per_step seconds a step, leaving a share for the rest."""
-    return step + max(0, int(seconds_left * BUDGET_SHARE_FOR_STEPS / per_step))
 
 
 def config_hash(cfg) -> str:
@@ -61,87 +50,6 @@ def config_hash(cfg) -> str:
 
     keyed = {"model": OmegaConf.to_container(cfg.model), "data": fingerprint(cfg.data)}
     return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def model_config(cfg, task: Task) -> GPTConfig:
-    """The model's shape: the task's when it starts from an existing model (post-training
-    takes the shape of the checkpoint it starts from), else the job's `model:` section."""
-    if task.model_cfg is not None:
-        return task.model_cfg
-    model_cfg = GPTConfig(**OmegaConf.to_container(cfg.model))
-    if model_cfg.vocab_size is None:
-        model_cfg.vocab_size = 64 * ((task.vocab_size + 63) // 64)
-    return model_cfg
-
-
-def build_model(model_cfg: GPTConfig, cfg, dist_info, param_dtype: torch.dtype, *, trainable: bool = True,
-                model_class: type = GPT) -> GPT:
-    """Build on the meta device (no memory), spread over the mesh, then materialize and initialize.
-    Tasks call it too, e.g. for DPO's frozen reference model (trainable=False). model_class: a GPT
-    subclass with extra parameters (the reward model's value head); a task names it as `task.model_class`."""
-    with torch.device("meta"):
-        model = model_class(model_cfg)
-    lora = cfg.get("lora")
-    if trainable and lora is not None and lora.enabled:  # adapters join before FSDP shards the blocks
-        from model.lora import apply_lora
-
-        apply_lora(model, lora.rank, lora.alpha, list(lora.target_modules), lora.dropout,
-                   [*lora.modules_to_save, *getattr(model, "lora_modules_to_save", ())])
-    model = parallelize(model, dist_info.mesh, param_dtype=param_dtype,
-                        compile=cfg.train.compile and trainable and can_compile(dist_info.device),
-                        activation_checkpointing=cfg.train.activation_checkpointing and trainable)
-    model.to_empty(device=dist_info.device)
-    model.init_weights(seed=cfg.seed)
-    if getattr(model, "checkpoint_keys", None) is not None:
-        from model.lora import init_lora_weights
-
-        init_lora_weights(model, seed=cfg.seed)
-    if not trainable:
-        model.requires_grad_(False)
-        model.eval()
-    return model
-
-
-def load_weights(model, init_from: str, is_main: bool = True) -> None:
-    """Load `checkpoint.init_from` (a run folder, a checkpoint folder or a Hugging Face folder) into a
-    built model. Used for the trained model, and by tasks for frozen copies (DPO's reference)."""
-    src = Path(init_from)
-    if run_folder.is_hf_folder(src):  # an outside Llama-layout checkpoint: full tensors, sharded on load
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-        from training.hf_import import load_hf_state_dict
-
-        _, state = load_hf_state_dict(src)
-        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
-        say(f"initialized weights from the Hugging Face folder {src}", is_main)
-        return
-    source = ckpt.find_resumable(src) if (src / "checkpoints").is_dir() else src
-    if source is None:
-        raise ckpt.CheckpointError(f"checkpoint.init_from={init_from!r} has no valid checkpoint")
-    from training.lora_checkpoint import base_of
-
-    if base_of(source) is not None:  # a LoRA run's adapters: its base with them merged, as full tensors
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-        state = run_folder.read_checkpoint_model(source)
-        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
-    else:  # every tensor, also into a LoRA model (whose own checkpoints hold only its adapters)
-        ckpt.load_checkpoint(source, model, optimizer=None, whole=True)
-    say(f"initialized weights from {source}", is_main)
-
-
-def precision(cfg, dist_info) -> tuple[torch.dtype, object]:
-    """(FSDP param dtype, autocast context) for train.dtype on this device.
-
-    Sharded GPU jobs get bf16 from FSDP's mixed-precision policy (bf16 compute, fp32 reductions); every
-    other job gets it from autocast: one process, gloo on CPUs, and tensor parallel without data parallel,
-    where no FSDP is applied (model/parallelize.py) to carry a policy. Master weights stay fp32 either way."""
-    on_gpu = dist_info.device.type == "cuda"
-    want_bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and on_gpu)
-    fsdp_bf16 = want_bf16 and on_gpu and dist_info.dp_size > 1
-    use_autocast = want_bf16 and not fsdp_bf16
-    autocast = torch.autocast(dist_info.device.type, dtype=torch.bfloat16) if use_autocast else nullcontext()
-    return (torch.bfloat16 if fsdp_bf16 else torch.float32), autocast
 
 
 class Trainer:
@@ -429,26 +337,3 @@ class Trainer:
         self.model.train()
         self.metrics.log({"step": self.step, **result})
         return result
-
-
-class TimeBudget:
-    """train.time_budget_min, counted on a monotonic clock and across restarts: each checkpoint records the
-    seconds used so far, and a resumed run starts from there."""
-
-    def __init__(self, minutes: Optional[float], used_before: float = 0.0):
-        self.limit_s = minutes * 60 if minutes else None
-        self.used_before = used_before
-        self.start = time.monotonic()
-
-    @property
-    def limited(self) -> bool:
-        return self.limit_s is not None
-
-    def used(self) -> float:
-        return self.used_before + time.monotonic() - self.start
-
-    def left(self) -> float:
-        return self.limit_s - self.used() if self.limited else float("inf")
-
-    def spent(self) -> bool:
-        return self.limited and self.used() > self.limit_s

@@ -26,7 +26,7 @@ class DPOTask:
     vocab_parallel_loss = False
 
     def __init__(self, cfg, dist_info, run_dir: Path):
-        from training.trainer import build_model, load_weights, precision
+        from training.build import build_model, load_weights, precision
 
         self.cfg, self.dist = cfg, dist_info
         self.beta = cfg.dpo.beta

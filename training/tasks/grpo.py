@@ -52,7 +52,7 @@ class GRPOTask:
     vocab_parallel_loss = False
 
     def __init__(self, cfg, dist_info, run_dir: Path):
-        from training.trainer import build_model, load_weights, precision
+        from training.build import build_model, load_weights, precision
 
         g = self.g = cfg.grpo
         if g.group_size < 2:
