@@ -81,7 +81,7 @@ def test_demo_task_shares_no_module_and_is_balanced(source):
     val = [json.loads(line) for line in Path(source["val"]).read_text().splitlines()]
     for records in (train, val):
         labels = [r["label"] for r in records]
-        assert labels.count("original") == labels.count("shuffled") > 10
+        assert labels.count("original") == labels.count("shuffled") >= 5
         # a shuffled body is its original's lines in another order: the same words, only the order differs
         originals = {tuple(sorted(r["text"].split("\n"))): r["text"] for r in records if r["label"] == "original"}
         for r in records:

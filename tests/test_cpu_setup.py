@@ -38,12 +38,12 @@ def run(code: str, *args: str, tmp_path, **env) -> str:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
 def test_freed_activations_are_reused_instead_of_faulted_in_again(tmp_path):
-    default = int(run(FAULTS, "default", tmp_path=tmp_path))
+    """Ten steps of 48 MB of activations each: with the thresholds fixed, the freed blocks stay mapped and the
+    steps fault in less than two steps' worth of pages in all (one step's worth is 12,288 pages). glibc's own
+    dynamic thresholds decide differently from run to run (16,000 to 120,000 faults here), so the default is
+    not asserted on; a kept heap that was trimmed after all would fault in ten steps' worth."""
     kept = int(run(FAULTS, "keep", tmp_path=tmp_path))
-    # glibc gave the blocks back: each step faulted its pages in again, at least once per 2 MB (a transparent
-    # huge page, when the kernel has one to give; 4 KB pages otherwise, 12,288 faults a step)
-    assert default >= 10 * 24, default
-    assert kept < default / 10, (kept, default)
+    assert kept < 2 * 12288, kept
 
 
 def test_openmp_spinning_is_bounded_before_torch_loads_unless_the_user_chose(tmp_path):
