@@ -13,6 +13,7 @@ is the one place where either side learns those names and numbers.
         checkpoints/step_NNNNNNNN/   committed checkpoints (training/checkpoint.py)
         logs/train.log       the trainer's output (local executor)
         logs/user_error.txt  written when the trainer stops on a user error: executors must not retry
+        logs/trainer_exit.txt  rank 0's exit code, written as it returns (torchrun reports any failure as 1)
         .lock                held (flock) by the trainer for its whole life: one trainer per run folder
 """
 
@@ -36,6 +37,7 @@ CHECKPOINTS = "checkpoints"
 LOGS = "logs"
 TRAIN_LOG = "train.log"
 USER_ERROR = "user_error.txt"
+TRAINER_EXIT = "trainer_exit.txt"
 LOCK = ".lock"
 CHECKPOINT_PREFIX = "step_"
 # A data run (kind: data): the cleaned corpus (train/ and val/ .jsonl, what a pretrain stage after it reads) and,
@@ -90,6 +92,10 @@ class RunFolder:
         return self.logs / USER_ERROR
 
     @property
+    def trainer_exit(self) -> Path:
+        return self.logs / TRAINER_EXIT
+
+    @property
     def lock(self) -> Path:
         return self.path / LOCK
 
@@ -126,6 +132,14 @@ def user_error(folder: RunFolder) -> Optional[str]:
     if full or said is None:
         return full
     return f"the trainer stopped on a user error but {folder.user_error} is empty; see {folder.logs}"
+
+
+def trainer_exit(folder: RunFolder) -> Optional[int]:
+    """The exit code rank 0 of the trainer recorded as it returned; None if it did not (killed, crashed)."""
+    try:
+        return int(folder.trainer_exit.read_text().strip())
+    except (OSError, ValueError):
+        return None
 
 
 def checkpoint_name(step: int) -> str:

@@ -259,10 +259,11 @@ def test_a_killed_supervisor_shows_as_lost_and_resume_finishes_the_run(tmp_path,
     assert "resumed from" in resumed.stdout and registry.get(run_id).state == "COMPLETED"
 
 
-def test_the_supervisor_requeues_a_trainer_stopped_by_a_signal_without_burning_a_retry(tmp_path, tiny_data):
+@pytest.mark.parametrize("nproc", [1, 2])  # 2: under torchrun, whose own exit code is 1 for any rank's non-zero
+def test_the_supervisor_requeues_a_trainer_stopped_by_a_signal_without_burning_a_retry(tmp_path, tiny_data, nproc):
     run_id, registry = submit(tmp_path, tiny_data, "train.max_steps=10", "checkpoint.every=5",
                               "resources.max_retries=0", "resources.max_requeues=1",
-                              fault="train.after_optimizer_step#6:sigusr2")
+                              f"resources.nproc_per_node={nproc}", fault="train.after_optimizer_step#6:sigusr2")
     wait_for(lambda: registry.get(run_id).finished, "the run to finish")
     run = registry.get(run_id)
     assert run.state == "COMPLETED" and run.attempts == 2, run

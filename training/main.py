@@ -62,6 +62,17 @@ def record_config(cfg, config_arg: str, folder: RunFolder, is_main: bool) -> Non
         save_config(cfg, folder.config)
 
 
+def record_exit(code: int, folder: RunFolder, is_main: bool) -> None:
+    """Rank 0's exit code in logs/trainer_exit.txt: torchrun turns every rank's non-zero exit into 1, and the
+    local executor must still tell a requeue (3, after a stop signal and a checkpoint) from a crash."""
+    if is_main:
+        try:
+            folder.logs.mkdir(parents=True, exist_ok=True)
+            folder.trainer_exit.write_text(f"{code}\n")
+        except OSError:  # a full disk: the executors then find it themselves
+            pass
+
+
 def report_user_error(message: str, folder: RunFolder, note: bool) -> None:
     """A user error (retrying won't help): on stderr, and, from rank 0, in logs/user_error.txt, where the executors
     learn it (torchrun turns every failure into exit code 1). On a full disk either may fail: the executors then
@@ -106,9 +117,12 @@ def run(argv=None) -> int:
         dist_info.barrier()
         record_config(cfg, args.config, folder, dist_info.is_main)
         if cfg.kind in RUNNERS:
-            return _load(RUNNERS[cfg.kind])(cfg, dist_info, folder.path)
-        task = _load(TASKS[cfg.kind])(cfg, dist_info, folder.path)
-        return Trainer(cfg, dist_info, folder.path, task, stop=stop).fit()
+            code = _load(RUNNERS[cfg.kind])(cfg, dist_info, folder.path)
+        else:
+            task = _load(TASKS[cfg.kind])(cfg, dist_info, folder.path)
+            code = Trainer(cfg, dist_info, folder.path, task, stop=stop).fit()
+        record_exit(code, folder, dist_info.is_main)
+        return code
     except (SpecError, DataError, ckpt.CheckpointError, RunFolderBusy, ValueError, OSError) as e:
         if isinstance(e, OSError) and e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from jobspec.contract import EXIT_REQUEUE, EXIT_USER_ERROR, RunFolder, user_error
+from jobspec.contract import EXIT_REQUEUE, EXIT_USER_ERROR, RunFolder, trainer_exit, user_error
 from jobspec.faults import fault
 from orchestrator.executors.local import CANCELLED_BY_USER
 from orchestrator.registry import Registry, Run, now
@@ -65,6 +65,7 @@ class Supervisor:
 
     def attempt(self, number: int, note: str) -> int:
         self.folder.user_error.unlink(missing_ok=True)  # left by an earlier attempt, perhaps since fixed
+        self.folder.trainer_exit.unlink(missing_ok=True)
         with open(self.folder.train_log, "ab") as log:
             if note:
                 try:
@@ -98,6 +99,8 @@ class Supervisor:
                 code = self.attempt(number, note)
             except OSError as e:  # the log can't even be opened: nothing can run in this folder
                 return self.finish("FAILED", EXIT_USER_ERROR, user_error(self.folder) or f"{self.folder.train_log}: {e}")
+            if code != 0:  # under torchrun any rank's failure is exit 1: rank 0's own code says what it was
+                code = trainer_exit(self.folder) or code
             fault("supervisor.trainer_exited")
             if self.cancelled():
                 return self.finish("CANCELLED", code, CANCELLED_BY_USER)
