@@ -187,7 +187,9 @@ def settle(ws: Workspace, watch: Watch, run_id: str, reference: Path, out: Outco
         again = resumed or watch.first("started", after=fault_at, run_id=run_id)
         out.recovery_s = round(again[0] - fault_at, 2) if again else None
         step_from = int(resumed[2]) if resumed else 0
-        if resume_floor is not None and step_from < resume_floor:
+        # (no restart at all: the attempt the fault struck went on to the end, e.g. a stop signal during the
+        # final save, and nothing was resumed, so nothing could be lost)
+        if resume_floor is not None and again is not None and step_from < resume_floor:
             out.checkpoints_lost += 1
             out.notes.append(f"resumed from step {step_from}, but step {resume_floor} was committed")
     out.two_trainers = len(watch.two_trainers)
