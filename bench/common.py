@@ -49,3 +49,10 @@ def write_result(name: str, config: dict, figures: dict) -> Path:
               "config": config, "figures": figures}
     path.write_text(json.dumps(record, indent=1) + "\n")
     return path
+
+
+def write_between_markers(doc: Path, name: str, text: str) -> None:
+    """Replace what stands between `<!-- name -->` and `<!-- /name -->` in a doc (a table a benchmark owns)."""
+    head, rest = doc.read_text().split(f"<!-- {name} -->", 1)
+    _, tail = rest.split(f"<!-- /{name} -->", 1)
+    doc.write_text(f"{head}<!-- {name} -->\n{text}\n<!-- /{name} -->{tail}")

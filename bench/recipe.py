@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import RESULTS, device_slug, write_result
+from bench.common import RESULTS, device_slug, write_between_markers, write_result
 from jobspec import load_spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -135,13 +135,6 @@ def table(rows: dict, descriptions: dict) -> str:
     return "\n".join(lines)
 
 
-def write_doc(text: str) -> None:
-    doc = DOC.read_text()
-    head, rest = doc.split("<!-- table -->", 1)
-    _, tail = rest.split("<!-- /table -->", 1)
-    DOC.write_text(f"{head}<!-- table -->\n{text}\n<!-- /table -->{tail}")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=float, default=FULL_BUDGET, help="training tokens per row")
@@ -179,7 +172,7 @@ def main() -> None:
         results = {**json.loads(earlier.read_text())["figures"], **results}
     print("wrote", write_result(bench, {"tokens": tokens, "seed": args.seed, "baseline": BASELINE}, results))
     if full:
-        write_doc(text)
+        write_between_markers(DOC, "table", text)
 
 
 if __name__ == "__main__":

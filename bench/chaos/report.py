@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from bench.chaos.config import REPO
+from bench.common import write_between_markers
 from bench.chaos.kinds import KINDS
 
 DOC = REPO / "docs" / "reliability.md"
@@ -26,7 +27,4 @@ def table(record: dict) -> str:
 
 
 def update_doc(record: dict) -> None:
-    text = DOC.read_text()
-    head, rest = text.split("<!-- chaos -->", 1)
-    _, tail = rest.split("<!-- /chaos -->", 1)
-    DOC.write_text(f"{head}<!-- chaos -->\n{table(record)}\n<!-- /chaos -->{tail}")
+    write_between_markers(DOC, "chaos", table(record))
