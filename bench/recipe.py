@@ -36,7 +36,8 @@ DOC = REPO / "docs" / "recipe.md"
 FULL_BUDGET = 4_915_200  # the demo's 1,200 steps of 16 x 256 tokens
 # (section, key) that don't change what a row learns: a cached row stays valid when only these change
 NOT_LEARNED = [("train", "compile"), ("train", "log_every"), ("train", "time_budget_min"), ("", "checkpoint"),
-               ("", "resources"), ("", "executor"), ("", "name"), ("", "runs_dir"), ("data", "num_workers")]
+               ("", "resources"), ("", "executor"), ("", "name"), ("", "runs_dir"), ("data", "num_workers"),
+               ("train", "max_nonfinite_steps"), ("parallel", "collective_timeout_s")]  # safety nets, not recipe
 
 # Today's recipe (43dca9c), every key that decides what is learned pinned (changes to the job file
 # then move only the "chosen" row).
@@ -64,6 +65,8 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "batch8": ("train.micro_batch_size=8 (twice the steps)", ["train.micro_batch_size=8"]),
     "batch32": ("train.micro_batch_size=32 (half the steps)", ["train.micro_batch_size=32"]),
     "vocab8192": ("data.vocab_size=8192", ["data.vocab_size=8192"]),
+    "muon_vocab8192": ("muon and vocab8192 together (cosine)", ["optim.name=muon", "optim.muon_lr=0.01",
+                                                                "data.vocab_size=8192"]),
     "chosen": ("jobs/pretrain.yaml as it stands (the new defaults)", []),
 }
 
@@ -163,16 +166,16 @@ def main() -> None:
         results[name] = run_row(name, overrides, REPO / "runs" / "recipe" / str(tokens) / f"{name}-s{args.seed}")
         print(f"[recipe] {name}: {results[name]['val_bpb']:.4f} bits/byte, "
               f"{results[name]['tokens_per_s'] or 0:,} tokens/s", flush=True)
-    text = table(results, {n: rows[n][0] for n in names})
-    print("\n" + text)
-    full = tokens == FULL_BUDGET and names == list(ROWS)  # the whole table: the JSON and doc of record
+    print("\n" + table(results, {n: rows[n][0] for n in names}))
+    full = tokens == FULL_BUDGET  # the table of record: its JSON and docs/recipe.md
     bench = "recipe" if full else f"recipe_screen_{tokens}"
     earlier = RESULTS / f"{bench}-{device_slug()}-{datetime.date.today().isoformat()}.json"
-    if not full and earlier.is_file():  # screens of the same budget on the same day add up to one file
+    if earlier.is_file():  # rows of the same budget run on the same day (in parts) add up to one table
         results = {**json.loads(earlier.read_text())["figures"], **results}
     print("wrote", write_result(bench, {"tokens": tokens, "seed": args.seed, "baseline": BASELINE}, results))
     if full:
-        write_between_markers(DOC, "table", text)
+        ranked = dict(sorted(results.items(), key=lambda kv: kv[1]["val_bpb"]))
+        write_between_markers(DOC, "table", table(ranked, {n: rows[n][0] for n in ranked if n in rows}))
 
 
 if __name__ == "__main__":

@@ -87,7 +87,12 @@ def main() -> None:
     start = time.perf_counter()
     cfg = load_spec("jobs/pretrain.yaml", ["train.log_every=1000000", "train.val_every=0", *sys.argv[1:]])
     dist_info = init_distributed(cfg.parallel, cfg.train.device)
-    trainer = Trainer(cfg, dist_info, Path(tempfile.mkdtemp(prefix="orch-speed-")), PretrainTask(cfg, dist_info))
+    run_dir = Path(tempfile.mkdtemp(prefix="orch-speed-"))
+    try:
+        task = PretrainTask(cfg, dist_info, run_dir)
+    except TypeError:  # an older tree's Task (before the Task protocol took the run folder)
+        task = PretrainTask(cfg, dist_info)
+    trainer = Trainer(cfg, dist_info, run_dir, task)
     for _ in range(WARMUP_STEPS):
         trainer.train_step()
     print(f"ready {time.perf_counter() - start:.2f}", flush=True)

@@ -17,6 +17,7 @@ TINY = [
     "data.seq_len=64", "data.vocab_size=512", "data.max_docs=200",
     "train.micro_batch_size=8", "train.log_every=5", "train.val_every=0", "train.val_batches=4",
     "optim.warmup_steps=5", "optim.lr=3e-3", "train.dtype=fp32", "train.device=cpu",
+    "train.compile=false",  # the demo compiles (20 s of start-up); tests of compiling ask for it
 ]
 
 

@@ -121,8 +121,11 @@ def test_checkpoint_from_dp2_tp2_resumes_on_2_and_1_processes(tmp_path, tiny_dat
         assert "resumed from" in result.stdout and "step_00000010" in result.stdout
         got = losses(resumed)
         assert sorted(got) == list(range(11, 21))
+        # Sums run in another order at another world size, and Muon (the job's optimizer) orthogonalizes in
+        # bf16, which rounds those fp32 differences up to bf16's: about 1e-5 apart after 10 steps. At the same
+        # world size resume is bitwise (test_resume_after_sigkill_is_bitwise_exact).
         for step in range(11, 21):
-            assert got[step] == pytest.approx(ref[step], rel=1e-5), (nproc, step, got[step], ref[step])
+            assert got[step] == pytest.approx(ref[step], rel=1e-4), (nproc, step, got[step], ref[step])
 
 
 def test_truncated_shard_falls_back_to_previous_checkpoint(tmp_path, tiny_data):

@@ -37,6 +37,14 @@ def test_compiled_blocks_give_the_same_losses_and_checkpoint_names(tmp_path, tin
     assert not any("_orig_mod" in n or "_checkpoint_wrapped" in n for n in names)
 
 
+def test_compile_under_tensor_parallelism_trains_eager_and_says_so(tmp_path, tiny_data):
+    """The demo job compiles; a user who adds parallel.tp=2 gets eager training and a note, not the crash
+    torch 2.14's DTensor backward gives compiled blocks (it failed at the first backward before)."""
+    result = train(2, tmp_path / "tp2", tiny_data, "train.max_steps=2", "train.compile=true", tp=2)
+    assert "train.compile is not used with parallel.tp > 1" in result.stderr
+    assert len(losses(tmp_path / "tp2")) == 2
+
+
 def test_time_budget_ends_the_schedule_early_and_anneals(tmp_path, tiny_data):
     """A budget too small for train.max_steps: the trainer times steps 10-30, moves the end of the LR
     schedule to the step the budget allows, and finishes there with the LR annealed, not cut off."""

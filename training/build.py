@@ -4,6 +4,7 @@ second model (DPO's frozen reference, GRPO's reward model) call it too."""
 
 from __future__ import annotations
 
+import sys
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -31,6 +32,20 @@ def model_config(cfg, task: Task) -> GPTConfig:
     return model_cfg
 
 
+def compiles(cfg, dist_info) -> bool:
+    """train.compile where it works. Under tensor parallelism torch 2.14's DTensor backward fails on the
+    compiled blocks' outputs (AttributeError: 'Tensor' object has no attribute '_local_tensor', in
+    redistribute's backward): train eager there, and say so, rather than crash at the first step."""
+    if not cfg.train.compile:
+        return False
+    if dist_info.tp > 1:
+        if dist_info.rank == 0:
+            print("note: train.compile is not used with parallel.tp > 1 (torch 2.14's DTensor backward fails on "
+                  "compiled blocks); training eager", file=sys.stderr, flush=True)
+        return False
+    return can_compile(dist_info.device)
+
+
 def build_model(model_cfg: GPTConfig, cfg, dist_info, param_dtype: torch.dtype, *, trainable: bool = True,
                 model_class: type = GPT) -> GPT:
     """Build on the meta device (no memory), spread over the mesh, then materialize and initialize.
@@ -45,7 +60,7 @@ def build_model(model_cfg: GPTConfig, cfg, dist_info, param_dtype: torch.dtype, 
         apply_lora(model, lora.rank, lora.alpha, list(lora.target_modules), lora.dropout,
                    [*lora.modules_to_save, *getattr(model, "lora_modules_to_save", ())])
     model = parallelize(model, dist_info.mesh, param_dtype=param_dtype,
-                        compile=cfg.train.compile and trainable and can_compile(dist_info.device),
+                        compile=trainable and compiles(cfg, dist_info),
                         activation_checkpointing=cfg.train.activation_checkpointing and trainable)
     model.to_empty(device=dist_info.device)
     model.init_weights(seed=cfg.seed)
