@@ -67,6 +67,10 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "vocab8192": ("data.vocab_size=8192", ["data.vocab_size=8192"]),
     "muon_vocab8192": ("muon and vocab8192 together (cosine)", ["optim.name=muon", "optim.muon_lr=0.01",
                                                                 "data.vocab_size=8192"]),
+    "muon_wsd": ("muon and wsd together (vocab 4096)", ["optim.name=muon", "optim.muon_lr=0.01",
+                                                       "optim.schedule=wsd"]),
+    "muon_wsd_vocab8192": ("muon_wsd with vocab 8192", ["optim.name=muon", "optim.muon_lr=0.01", "optim.schedule=wsd",
+                                                         "data.vocab_size=8192"]),
     "chosen": ("jobs/pretrain.yaml as it stands (the new defaults)", []),
 }
 
