@@ -1,4 +1,4 @@
-"""The recipe ablation: held-out bits per byte at a fixed token budget, today's recipe against each change.
+"""The recipe ablation: held-out bits per byte at a fixed token budget, the recipe before issue 18 against each change.
 
     python -m bench.recipe                          # every row at 4.9M tokens; writes docs/recipe.md's table
     python -m bench.recipe --tokens 1e6             # a cheaper screen (bench/results/recipe_screen-*.json)
@@ -8,7 +8,7 @@
 
 Each row is one `python -m training.main jobs/pretrain.yaml` run of its own, over the same number of
 training tokens (so machine speed does not enter the comparison), validated once at the end on the
-whole held-out split (the stdlib's json/ and email/ packages). "baseline" pins today's recipe
+whole held-out split (the stdlib's json/ and email/ packages). "baseline" pins the earlier recipe
 (commit 43dca9c) key by key, so later changes to jobs/pretrain.yaml don't move it; "chosen" is
 jobs/pretrain.yaml as it stands. Runs live in runs/recipe/<tokens>/<row>-s<seed>/: a finished row is
 reused while its resolved config is unchanged (keys that only change speed or bookkeeping aside), an
@@ -53,7 +53,7 @@ BASELINE = ["optim.name=adamw", "optim.lr=3e-3", "optim.schedule=cosine", "optim
 
 # name -> (what it changes, overrides on top of BASELINE); "chosen" is the job file alone.
 ROWS: dict[str, tuple[str, list[str]]] = {
-    "baseline": ("today's recipe: AdamW 3e-3, cosine, SwiGLU, tied, 16 x 256 tokens, vocab 4096", []),
+    "baseline": ("the recipe before (43dca9c): AdamW 3e-3, cosine, SwiGLU, tied, 16 x 256 tokens, vocab 4096", []),
     "muon": ("optim.name=muon, optim.muon_lr=0.01", ["optim.name=muon", "optim.muon_lr=0.01"]),
     "qk_norm": ("model.qk_norm=true", ["model.qk_norm=true"]),
     "relu2": ("model.mlp=relu2 (same parameters)", ["model.mlp=relu2"]),
@@ -134,11 +134,12 @@ def run_row(name: str, overrides: list[str], run_dir: Path) -> dict:
 
 def table(rows: dict, descriptions: dict) -> str:
     base = rows.get("baseline", {}).get("val_bpb")
-    lines = ["| row | change | bits/byte | vs baseline | tokens/s |", "|---|---|---|---|---|"]
+    # tokens/s stay in the JSON only: rows run at other times, on a shared machine, compiled or not, so
+    # their speeds are not comparable (bench.trainer_speed measures speed, side by side).
+    lines = ["| row | change | bits/byte | vs baseline |", "|---|---|---|---|"]
     for name, r in rows.items():
         delta = f"{r['val_bpb'] - base:+.3f}" if base is not None else ""
-        lines.append(f"| {name} | {descriptions.get(name, '')} | {r['val_bpb']:.3f} | {delta} | "
-                     f"{r['tokens_per_s'] or 0:,} |")
+        lines.append(f"| {name} | {descriptions.get(name, '')} | {r['val_bpb']:.3f} | {delta} |")
     return "\n".join(lines)
 
 
@@ -168,8 +169,7 @@ def main() -> None:
     for name in names:
         overrides = row_overrides(name, rows[name][1], tokens, args.seed)
         results[name] = run_row(name, overrides, REPO / "runs" / "recipe" / str(tokens) / f"{name}-s{args.seed}")
-        print(f"[recipe] {name}: {results[name]['val_bpb']:.4f} bits/byte, "
-              f"{results[name]['tokens_per_s'] or 0:,} tokens/s", flush=True)
+        print(f"[recipe] {name}: {results[name]['val_bpb']:.4f} bits/byte", flush=True)
     print("\n" + table(results, {n: rows[n][0] for n in names}))
     full = tokens == FULL_BUDGET  # the table of record: its JSON and docs/recipe.md
     bench = "recipe" if full else f"recipe_screen_{tokens}"

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import logging
 import math
 import os
 import sys
@@ -86,6 +87,8 @@ def can_compile(device) -> bool:
     one), say so and train eager rather than fail at the first step."""
     if device.type != "cpu":
         return True
+    # Inductor imports torch.utils.cpp_extension, which warns at import that a CPU-only machine has no CUDA.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     from torch._inductor.cpp_builder import get_cpp_compiler
     from torch._inductor.exc import InvalidCxxCompiler
 
