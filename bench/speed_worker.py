@@ -10,6 +10,7 @@ runs the warm-up steps (torch.compile happens there), prints `ready <seconds>`, 
   profile N  -> `profile <json>`: where N steps' time goes (torch.profiler), as shares of their wall time.
 """
 
+import inspect
 import json
 import resource
 import sys
@@ -88,10 +89,9 @@ def main() -> None:
     cfg = load_spec("jobs/pretrain.yaml", ["train.log_every=1000000", "train.val_every=0", *sys.argv[1:]])
     dist_info = init_distributed(cfg.parallel, cfg.train.device)
     run_dir = Path(tempfile.mkdtemp(prefix="orch-speed-"))
-    try:
-        task = PretrainTask(cfg, dist_info, run_dir)
-    except TypeError:  # an older tree's Task (before the Task protocol took the run folder)
-        task = PretrainTask(cfg, dist_info)
+    # An older tree's Task (before the Task protocol took the run folder) is built without it.
+    takes_run_dir = "run_dir" in inspect.signature(PretrainTask).parameters
+    task = PretrainTask(cfg, dist_info, run_dir) if takes_run_dir else PretrainTask(cfg, dist_info)
     trainer = Trainer(cfg, dist_info, run_dir, task)
     for _ in range(WARMUP_STEPS):
         trainer.train_step()
