@@ -39,7 +39,7 @@ NOT_LEARNED = [("train", "compile"), ("train", "log_every"), ("train", "time_bud
                ("", "resources"), ("", "executor"), ("", "name"), ("", "runs_dir"), ("data", "num_workers"),
                ("train", "max_nonfinite_steps"), ("parallel", "collective_timeout_s")]  # safety nets, not recipe
 
-# Today's recipe (43dca9c), every key that decides what is learned pinned (changes to the job file
+# The recipe before issue 18 (43dca9c), every key that decides what is learned pinned (changes to the job file
 # then move only the "chosen" row).
 BASELINE = ["optim.name=adamw", "optim.lr=3e-3", "optim.schedule=cosine", "optim.decay_fraction=0.2",
             "optim.min_lr_ratio=0.1", "optim.warmup_steps=50", "optim.weight_decay=0.1", "optim.beta1=0.9",
