@@ -19,7 +19,8 @@ BENCH = Path(__file__).resolve().parent
 DOC = BENCH.parent / "docs" / "performance.md"
 # name -> (module, the figure that is the ratio, its target, what it compares)
 BENCHMARKS = {
-    "trainer_overhead": ("bench.trainer_overhead", "ratio", ">= 0.97", "full trainer vs bare loop, tokens/s"),
+    "trainer_overhead": ("bench.trainer_overhead", "ratio", ">= 0.97",
+                         "full trainer vs bare loop on new batches, tokens/s (median of rounds)"),
     "data_loader": ("bench.data_loader", "ratio", ">= 20", "StreamingDataset vs trainer consumption, tokens/s"),
     "checkpoint_io": ("bench.checkpoint_io", "save_ratio", ">= 0.7 (async block < 0.05)", "checkpoint save/load vs plain file I/O, GB/s; async save blocking"),
     "generate_kv": ("bench.generate_kv", "speedup", ">= 5 (gqa ratios > 1)",
