@@ -8,7 +8,7 @@ import json
 import pytest
 
 from training.evaluate.report import write_report
-from training.posttrain.collapse import collapse_reasons, collapse_stats, collapsed_tasks
+from training.posttrain.collapse import collapse_reasons, collapse_stats, collapsed_tasks, within_budget
 
 
 def test_distinct_per_group_and_length_against_the_references():
@@ -55,3 +55,21 @@ def test_a_report_without_the_numbers_flags_nothing(tmp_path):
         del old["metrics"][key]
     report = write_report(tmp_path, {"stages": {"grpo": old}}).read_text()
     assert "collapse" not in report.lower()
+
+
+def test_within_budget_keeps_the_references_first_tokens():
+    """len_ratio's reference is as long as a completion may be: its first max_tokens tokens (a real BPE)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    body = "    return sum(values) / len(values)\n" * 20
+    tokenizer.train_from_iterator([body], trainers.BpeTrainer(vocab_size=300, show_progress=False,
+                                                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    ids = tokenizer.encode(body).ids
+    assert len(ids) > 10
+    assert within_budget(body, tokenizer, 10) == tokenizer.decode(ids[:10])
+    assert body.startswith(within_budget(body, tokenizer, 10)) and len(within_budget(body, tokenizer, 10)) < len(body)
+    assert within_budget(body, tokenizer, 10_000) == body
+    assert within_budget(None, tokenizer, 10) is None, "a record without a reference has none"

@@ -242,3 +242,25 @@ def test_a_chat_model_is_asked_in_its_chat_format_with_the_reply_begun_by_the_pr
     assert is_chat_model(sft_like)
     result = generation(model, tokenizer, task, batch_size=2, chat=True)
     assert result["n"] == 2 and 0.0 <= result["parses"] <= 1.0
+
+
+def test_len_ratio_compares_completions_with_the_reference_cut_to_the_generation_budget(pretrain_run):
+    """A completion holds at most max_gen_toks tokens: its length is compared with as much of the reference,
+    cut at the same stop strings. Against whole references (up to 3,320 characters for stdlib_bodies, 128
+    tokens a completion) the reference itself would have read 0.50 and been called a collapse."""
+    import dataclasses
+
+    from training.evaluate.scoring import cut_at_stop, generation
+    from training.evaluate.tasks import load_task
+    from training.run_folder import load_model
+
+    model, tokenizer = load_model(pretrain_run)
+    task = load_task(REPO / "jobs" / "tasks" / "python_functions.yaml", max_examples=2)
+    long_body = "\n".join(f"    total_{i} = compute(value, {i}) + offset" for i in range(60))
+    task = dataclasses.replace(task, max_gen_toks=6, docs=[{**doc, "reference": long_body} for doc in task.docs])
+    result = generation(model, tokenizer, task, batch_size=2)
+    written = sum(len(s["completion"]) for s in result["samples"])
+    assert written > 0, "the model wrote nothing: the ratio would not tell the references apart"
+    reachable = cut_at_stop(tokenizer.decode(tokenizer.encode(long_body).ids[:6]), task.until)
+    assert 0 < len(reachable) < len(long_body) / 20
+    assert result["len_ratio"] == pytest.approx(written / (2 * len(reachable)))

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from training.evaluate.sandbox import run_untrusted
 from training.evaluate.tasks import Task
-from training.posttrain.collapse import collapse_stats
+from training.posttrain.collapse import collapse_stats, within_budget
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -136,8 +136,9 @@ def generation(model, tokenizer, task: Task, batch_size: int, autocast=nullconte
     """Greedy completions cut at the task's stop strings; `parses`: prompt + completion is valid Python that
     completes the prompt's code (see parses()); `passes`: and the record's `test` code then runs without
     error (records without one count as failed); distinct_frac and, when every record has a `reference`
-    (the real body), len_ratio: training/posttrain/collapse.py's signs of a collapsed model. chat: ask in the chat format (see prompt_ids), stopping
-    at the end of the assistant's turn too."""
+    (the real body), len_ratio against the reference as long as a completion may be (within_budget, stop strings):
+    training/posttrain/collapse.py's signs of a collapsed model. chat: ask in the chat format (see prompt_ids),
+    stopping at the end of the assistant's turn too."""
     from model.generate import generate
     from training.data.tokenizer import EOS_ID
 
@@ -165,7 +166,9 @@ def generation(model, tokenizer, task: Task, batch_size: int, autocast=nullconte
     n = len(prompts)
     out = {"parses": parsed / n, "n": n, "samples": [{"prompt": p, "completion": c} for p, c in zip(prompts[:3], completions[:3])]}
     # one answer for every prompt, or answers far shorter than the real ones: parses would be hollow
-    out.update(collapse_stats(completions, n, [doc.get("reference") for doc in task.docs]))
+    references = [within_budget(doc.get("reference"), tokenizer, task.max_gen_toks) for doc in task.docs]
+    references = [None if r is None else cut_at_stop(r, task.until) for r in references]  # as completions are
+    out.update(collapse_stats(completions, n, references))
     if "passes" in task.metrics:
         out["passes"] = passed / n
     return out

@@ -5,7 +5,9 @@ report called that a success. Two numbers catch it, for GRPO's logs (per group) 
 
     distinct_frac  distinct completions over completions, per group (GRPO) or over a task's prompts (eval)
     len_ratio      mean completion length over mean reference length (characters), when every record
-                   has a reference (the real function or body)
+                   has a reference (the real function or body), each reference cut to the tokens a
+                   completion may have (within_budget): a whole 3,320-character body against a 128-token
+                   completion made even the reference itself read as collapsed
 
 Below DISTINCT_MIN or LENGTH_MIN, the completions have collapsed: whatever else improved is suspect.
 """
@@ -28,6 +30,13 @@ def collapse_stats(texts: Sequence[str], group_size: int, references: Sequence[O
     if references and all(r is not None for r in references):
         stats["len_ratio"] = sum(map(len, texts)) / max(1, sum(map(len, references)))
     return stats
+
+
+def within_budget(reference: Optional[str], tokenizer, max_tokens: int) -> Optional[str]:
+    """The reference as a completion of at most max_tokens tokens could have written it: its first max_tokens."""
+    if reference is None:
+        return None
+    return tokenizer.decode(tokenizer.encode(reference).ids[:max_tokens])
 
 
 def collapse_reasons(stats: dict, prefix: str = "") -> list[str]:

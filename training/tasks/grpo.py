@@ -18,7 +18,7 @@ are those of the distribution that sampled: logits / temperature, restricted to 
 Collapse (training/posttrain/collapse.py): a policy can learn to satisfy a reward with one short answer
 for everything (the demo once collapsed to `return self`). The logs carry distinct_frac (distinct
 completions per group) and, when records hold their reference, len_ratio (completion length over the
-reference's); a warning is printed when either falls below its limit. Evaluation: greedy completions of
+reference's first grpo.max_new_tokens tokens); a warning is printed when either falls below its limit. Evaluation: greedy completions of
 held-out prompts: val_parses, val_signature, val_reward, val_distinct_frac, val_len_ratio.
 """
 
@@ -35,7 +35,7 @@ from model.lora import adapters_disabled
 from training.data.tokenizer import PAD_ID, load_tokenizer
 from training.metrics import say
 from training.posttrain.chat import encode_prompt, end_of_turn_id
-from training.posttrain.collapse import collapse_reasons, collapse_stats
+from training.posttrain.collapse import collapse_reasons, collapse_stats, within_budget
 from training.posttrain.examples import ExampleStream, data_files, eval_batches, pad_right
 from training.posttrain.jsonl import read_jsonl
 from training.posttrain.losses import (IGNORE, frac_reward_zero_std, group_advantages, grpo_policy_loss,
@@ -114,6 +114,10 @@ class GRPOTask:
                                top_k=self.g.top_k, stop_tokens=[self.stop_id], generator=generator, samples=copies)
         return [p for p in unique for _ in range(copies)], completions
 
+    def _reference(self, record: dict) -> Optional[str]:
+        """The record's reference, as much of it as a completion may hold (len_ratio compares the two)."""
+        return within_budget(record.get("reference"), self.tokenizer, self.g.max_new_tokens)
+
     def _text(self, completion: list[int]) -> str:
         ids = completion[:-1] if completion and completion[-1] == self.stop_id else completion
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -151,7 +155,7 @@ class GRPOTask:
         self.draws += 1
         rewards = self._rewards(records, g.group_size, prompts, completions)
         rollout = {"prompts": prompts, "completions": completions, "rewards": rewards.tolist(), "old_logp": None,
-                   "references": [records[i // g.group_size].get("reference") for i in range(len(completions))]}
+                   "references": [self._reference(records[i // g.group_size]) for i in range(len(completions))]}
         if g.num_iterations > 1:  # the log-probs they were sampled with: the ratio's denominator for every update
             tokens, labels = self._rows(prompts, completions)
             with torch.no_grad():
@@ -227,7 +231,7 @@ class GRPOTask:
                 text = self._text(completion)
                 if w:
                     texts.append(text)
-                    references.append(record.get("reference"))
+                    references.append(self._reference(record))
                 sums.add({"val_parses": defines_function(text, record), "val_signature": python_parses(text, record),
                           "val_reward": reward, "val_completion_len": len(completion)}, w)
         if texts:  # distinct completions over all held-out prompts: greedy answers, one per prompt
