@@ -82,7 +82,8 @@ def main() -> None:
     seconds = {name: [] for name in loops}
     names = list(loops)
     for r in range(args.rounds):  # the order rotates: no loop always runs right after another
-        for name in names[r % 3:] + names[:r % 3]:
+        turn = r % len(names)
+        for name in names[turn:] + names[:turn]:
             seconds[name].append(loops[name]())
 
     def paired(a: str, b: str) -> float:  # median over rounds of a's speed over b's
