@@ -154,8 +154,9 @@ class GRPOTask:
         prompts, completions = self._complete(model, records, g.group_size, g.temperature, self._generator(self.draws))
         self.draws += 1
         rewards = self._rewards(records, g.group_size, prompts, completions)
+        references = [self._reference(r) for r in records]  # once a record, then one per completion of its group
         rollout = {"prompts": prompts, "completions": completions, "rewards": rewards.tolist(), "old_logp": None,
-                   "references": [self._reference(records[i // g.group_size]) for i in range(len(completions))]}
+                   "references": [references[i // g.group_size] for i in range(len(completions))]}
         if g.num_iterations > 1:  # the log-probs they were sampled with: the ratio's denominator for every update
             tokens, labels = self._rows(prompts, completions)
             with torch.no_grad():
