@@ -18,8 +18,9 @@ are those of the distribution that sampled: logits / temperature, restricted to 
 Collapse (training/posttrain/collapse.py): a policy can learn to satisfy a reward with one short answer
 for everything (the demo once collapsed to `return self`). The logs carry distinct_frac (distinct
 completions per group) and, when records hold their reference, len_ratio (completion length over the
-reference's first grpo.max_new_tokens tokens); a warning is printed when either falls below its limit. Evaluation: greedy completions of
-held-out prompts: val_parses, val_signature, val_reward, val_distinct_frac, val_len_ratio.
+reference's first grpo.max_new_tokens tokens); a warning is printed when either falls below its limit.
+Evaluation: greedy completions of held-out prompts: val_parses, val_signature, val_reward, val_distinct_frac,
+val_len_ratio.
 """
 
 from __future__ import annotations
