@@ -9,6 +9,8 @@ prepare) come from training/tools, imported only when orch builds its parser.
 from __future__ import annotations
 
 import argparse
+import difflib
+import json
 import os
 import sys
 import time
@@ -28,9 +30,23 @@ def _fail(msg: str, code: int = 2) -> int:
     return code
 
 
+def _print_json(value) -> None:
+    print(json.dumps(value, indent=1))
+
+
+def _no_job_file(command: str) -> int:
+    # argparse would say "required: config, overrides", as if overrides were required too
+    return _fail(f"which job? `orch {command} JOB.yaml [key=value ...]`, e.g. `orch {command} jobs/pretrain.yaml`")
+
+
 def cmd_config(args) -> int:
+    if not args.config:
+        return _no_job_file("config")
     if is_pipeline_file(args.config):  # each stage's resolved config (init_from is filled in at submit time)
         pipeline = load_pipeline(args.config, args.overrides)
+        if args.json:
+            _print_json({s.name: OmegaConf.to_container(s.cfg, resolve=True) for s in pipeline.stages})
+            return 0
         kinds = {s.name: s.cfg.kind for s in pipeline.stages}
         for stage in pipeline.stages:
             takes = "data.sources = its corpus" if kinds.get(stage.after) == "data" else "checkpoint.init_from = its run folder"
@@ -38,11 +54,17 @@ def cmd_config(args) -> int:
             print(f"# ---- stage {stage.name}: {stage.job}{after}")
             print(OmegaConf.to_yaml(stage.cfg), end="")
         return 0
-    print(OmegaConf.to_yaml(load_spec(args.config, args.overrides, launch=True)), end="")
+    cfg = load_spec(args.config, args.overrides, launch=True)
+    if args.json:
+        _print_json(OmegaConf.to_container(cfg, resolve=True))
+        return 0
+    print(OmegaConf.to_yaml(cfg), end="")
     return 0
 
 
 def cmd_submit(args) -> int:
+    if not args.config:
+        return _no_job_file("submit")
     if is_pipeline_file(args.config):  # kind: pipeline -> a chain of stages
         return submit_pipeline(args.config, args.overrides, follow=args.follow)
     cfg = load_spec(args.config, args.overrides, launch=True)
@@ -120,9 +142,15 @@ def cmd_runs(args) -> int:
     from rich.table import Table
 
     registry = Registry()
+    runs = executors.observed(registry, registry.list(limit=args.limit))
+    if args.json:  # one object per run for scripts: the columns' fields, with typed values
+        _print_json([{"id": r.id, "kind": r.kind, "executor": r.executor, "state": r.state, "attempts": r.attempts,
+                      "created_at": r.created_at, "pipeline": r.pipeline_id, "stage": r.stage,
+                      "run_dir": r.run_dir, "reason": r.reason, "slurm_job_id": r.slurm_job_id} for r in runs])
+        return 0
     header = ("run", "kind", "executor", "state", "attempts", "created", "pipeline", "stage", "folder / reason")
     rows = []
-    for run in executors.observed(registry, registry.list(limit=args.limit)):
+    for run in runs:
         created = time.strftime("%m-%d %H:%M", time.localtime(run.created_at))
         detail = run.reason if run.state in ("FAILED", "CANCELLED", "LOST") and run.reason else run.run_dir
         rows.append((run.id, run.kind, run.executor, run.state, str(run.attempts), created,
@@ -214,43 +242,37 @@ def cmd_pipeline(args) -> int:
         return 0
     if args.action == "reconcile":
         pipelines.reconcile(registry, pipeline_id)
-    for row in [("stage", "run", "kind", "after", "state", "slurm job", "folder / reason"),
-                *pipelines.status_rows(registry, pipeline_id)]:
+    header = ("stage", "run", "kind", "after", "state", "slurm job", "folder / reason")
+    rows = pipelines.status_rows(registry, pipeline_id)
+    if args.json:
+        keys = ("stage", "run", "kind", "after", "state", "slurm_job_id", "detail")
+        _print_json({"pipeline": pipeline_id, "stages": [dict(zip(keys, row)) for row in rows]})
+        return 0
+    for row in [header, *rows]:
         print("  ".join(row))
-    return 0
-
-
-def cmd_cluster(args) -> int:
-    from orchestrator import cluster
-
-    if args.action == "up":
-        cluster.cluster_up()
-    elif args.action == "down":
-        cluster.cluster_down()
-    else:
-        import json
-
-        print(json.dumps(cluster.cluster_status(), indent=1))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="orch", description="Train GPT models on this machine or a Slurm cluster.")
+    p.add_argument("--version", action="version", version=f"orch {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("submit", help="submit a job described by a YAML file")
-    s.add_argument("config")
+    s.add_argument("config", nargs="?", help="a job or pipeline YAML file, e.g. jobs/pretrain.yaml")
     s.add_argument("overrides", nargs="*", help="key=value, e.g. train.max_steps=50")
     s.add_argument("--follow", "-f", action="store_true", help="stream the log and exit with the job's status")
     s.set_defaults(func=cmd_submit)
 
     s = sub.add_parser("config", help="print the resolved config of a job file")
-    s.add_argument("config")
-    s.add_argument("overrides", nargs="*")
+    s.add_argument("config", nargs="?", help="a job or pipeline YAML file, e.g. jobs/pretrain.yaml")
+    s.add_argument("overrides", nargs="*", help="key=value, e.g. model.n_layer=8")
+    s.add_argument("--json", action="store_true", help="print it as JSON (a pipeline: one object per stage)")
     s.set_defaults(func=cmd_config)
 
     s = sub.add_parser("runs", help="list runs")
-    s.add_argument("--limit", type=int, default=50)
+    s.add_argument("--limit", type=int, default=50, help="show the newest N runs (default 50)")
+    s.add_argument("--json", action="store_true", help="print a JSON list of runs, for scripts")
     s.set_defaults(func=cmd_runs)
 
     from orchestrator.status.live import add_parser as add_status_parser
@@ -258,18 +280,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_status_parser(sub)  # `orch status`: the live dashboard
 
     s = sub.add_parser("logs", help="print a run's log")
-    s.add_argument("run")
-    s.add_argument("--follow", "-f", action="store_true")
+    s.add_argument("run", help="run id (or a unique prefix), as `orch runs` lists it")
+    s.add_argument("--follow", "-f", action="store_true", help="keep printing until the run ends")
     s.set_defaults(func=cmd_logs)
 
     s = sub.add_parser("cancel", help="cancel a run (it checkpoints first)")
-    s.add_argument("run")
+    s.add_argument("run", help="run id (or a unique prefix), as `orch runs` lists it")
     s.add_argument("--no-wait", action="store_true", help="return at once; the run is CANCELLING until it has stopped")
     s.add_argument("--timeout", type=float, default=600, help="seconds to wait for it to stop (default 600)")
     s.set_defaults(func=cmd_cancel)
 
     s = sub.add_parser("resume", help="start a finished or failed run again; it continues from its checkpoint")
-    s.add_argument("run")
+    s.add_argument("run", help="run id (or a unique prefix), as `orch runs` lists it")
     s.add_argument("--follow", "-f", action="store_true", help="stream the log and exit with the job's status")
     s.set_defaults(func=cmd_resume)
 
@@ -278,14 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_reconcile)
 
     s = sub.add_parser("pipeline", help="a pipeline's stages: status, wait for them, cancel them, reconcile them")
-    s.add_argument("action", choices=["status", "wait", "cancel", "reconcile"])
+    s.add_argument("action", choices=["status", "wait", "cancel", "reconcile"], help="what to do with its stages")
     s.add_argument("pipeline", help="pipeline id (or a prefix of it), printed by `orch submit PIPELINE.yaml`")
     s.add_argument("--timeout", type=float, default=None, help="wait: give up after this many seconds (exit 2)")
+    s.add_argument("--json", action="store_true", help="status: print the stages as JSON, for scripts")
     s.set_defaults(func=cmd_pipeline)
-
-    s = sub.add_parser("cluster", help="the local Slurm cluster (slurm/cluster.sh)")
-    s.add_argument("action", choices=["up", "down", "status"])
-    s.set_defaults(func=cmd_cluster)
 
     from training.tools import add_commands  # the data plane's entry point for in-process commands
 
@@ -293,14 +312,41 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("orch")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
+def _unknown_command(parser: argparse.ArgumentParser, argv: list[str]) -> str | None:
+    """'orch sumbit ...' -> a sentence naming the command meant, or None when argv's command exists."""
+    commands = next(a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    word = next((a for a in argv if not a.startswith("-")), None)
+    if word is None or word in commands:
+        return None
+    near = difflib.get_close_matches(word, list(commands), n=1)
+    hint = f"; did you mean `orch {near[0]}`?" if near else f"; the commands: {', '.join(commands)}"
+    return f"unknown command {word!r}{hint}"
+
+
 def main(argv=None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    unknown = _unknown_command(parser, argv)
+    if unknown:
+        sys.exit(_fail(unknown))
+    args = parser.parse_args(argv)
     try:
         code = args.func(args)
     except SpecError as e:
         code = _fail(str(e), e.exit_code)
     except LookupError as e:
         code = _fail(str(e).strip("'\""))
+    except BrokenPipeError:  # `orch runs | head`: the reader had enough
+        code = 0
     except (ValueError, OSError, RuntimeError) as e:
         # Data, checkpoint and file errors carry a sentence for the user; ORCH_DEBUG=1 shows the traceback.
         if os.environ.get("ORCH_DEBUG"):

@@ -1,4 +1,5 @@
-"""The local two-node Slurm cluster (slurm/cluster.sh) from Python: for `orch cluster up|down|status`.
+"""The local two-node Slurm cluster (slurm/cluster.sh) from Python: for the tests, and `slurm_available` for
+`executor: auto`.
 
 Every function runs the script with subprocess; failures raise ClusterError with the script's own
 message (which names the log to read). `up` and `down` need root; `status` and `slurm_available` do not.

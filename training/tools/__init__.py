@@ -40,7 +40,7 @@ def add_commands(sub) -> None:
     data = sub.add_parser("data", help="data preparation").add_subparsers(dest="data_command", required=True)
     s = data.add_parser("prepare", help="tokenize sources into MDS shards (a job file's data: section)")
     s.add_argument("config", nargs="?", help="job YAML whose data: section to use (default: jobs/pretrain.yaml)")
-    s.add_argument("overrides", nargs="*")
+    s.add_argument("overrides", nargs="*", help="key=value, e.g. data.vocab_size=8192")
     s.set_defaults(func=cmd_data_prepare)
 
 

@@ -12,7 +12,7 @@ import sys
 
 def add_sampling_args(p) -> None:
     p.add_argument("source", help="a run folder (its newest checkpoint), a checkpoint folder or a Hugging Face folder")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=int, default=256, help="stop after this many tokens (default 256)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
     p.add_argument("--top-p", type=float, default=None, help="sample among the most likely tokens holding this much probability")
