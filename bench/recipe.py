@@ -1,4 +1,4 @@
-"""The recipe ablation: held-out bits per byte at a fixed token budget, the recipe before issue 18 against each change.
+"""The recipe ablation: held-out bits per byte at a fixed token budget, the recipe of 43dca9c against each change.
 
     python -m bench.recipe                          # every row at 4.9M tokens; writes docs/recipe.md's table
     python -m bench.recipe --tokens 1e6             # a cheaper screen (bench/results/recipe_screen-*.json)
@@ -39,7 +39,7 @@ NOT_LEARNED = [("train", "compile"), ("train", "log_every"), ("train", "time_bud
                ("", "resources"), ("", "executor"), ("", "name"), ("", "runs_dir"), ("data", "num_workers"),
                ("train", "max_nonfinite_steps"), ("parallel", "collective_timeout_s")]  # safety nets, not recipe
 
-# The recipe before issue 18 (43dca9c), every key that decides what is learned pinned (changes to the job file
+# The recipe of 43dca9c, every key that decides what is learned pinned (changes to the job file
 # then move only the "chosen" row).
 BASELINE = ["optim.name=adamw", "optim.lr=3e-3", "optim.schedule=cosine", "optim.decay_fraction=0.2",
             "optim.min_lr_ratio=0.1", "optim.warmup_steps=50", "optim.weight_decay=0.1", "optim.beta1=0.9",

@@ -2,6 +2,7 @@
 
     python -m bench.run                 # the CPU benchmarks
     python -m bench.run checkpoint_io   # just one
+    python -m bench.run --docs          # only rewrite the doc table from bench/results (no benchmark runs)
 
 Each benchmark also writes bench/results/<name>-<device>-<date>.json on its own.
 """
@@ -9,6 +10,7 @@ Each benchmark also writes bench/results/<name>-<device>-<date>.json on its own.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -33,9 +35,16 @@ BENCHMARKS = {
 }
 
 
+_DATED = re.compile(r"-[a-z0-9-]+-\d{4}-\d{2}-\d{2}\.json")  # -<device>-<date>.json, not <name>_<other>-...
+
+
 def newest_result(name: str) -> dict | None:
-    files = sorted((BENCH / "results").glob(f"{name}-*.json"), key=lambda p: p.stat().st_mtime)
+    """The result with the latest date in its file name (<name>-<device>-<YYYY-MM-DD>.json): file times are
+    those of the checkout, the same for every file in a fresh clone."""
+    files = [p for p in (BENCH / "results").glob(f"{name}-*.json") if _DATED.fullmatch(p.name[len(name):])]
+    files.sort(key=lambda p: (p.stem[-10:], p.name))
     return json.loads(files[-1].read_text()) if files else None
+
 
 
 def table() -> str:
@@ -52,6 +61,9 @@ def table() -> str:
 
 
 def main() -> None:
+    if sys.argv[1:] == ["--docs"]:
+        write_between_markers(DOC, "table", table())
+        return
     names = sys.argv[1:] or list(BENCHMARKS)
     for name in names:
         module = BENCHMARKS[name][0]

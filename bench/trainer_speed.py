@@ -1,6 +1,6 @@
 """Training tokens/s of this trainer against an earlier commit's, on the same machine in one invocation.
 
-    python -m bench.trainer_speed                        # against 43dca9c (before issue 18), the demo config
+    python -m bench.trainer_speed                        # against 43dca9c (the recipe before Muon), the demo config
     python -m bench.trainer_speed --steps 20 --rounds 4
 
 Four trainers are kept warm side by side (bench/speed_worker.py), each in its own process and source

@@ -1,6 +1,6 @@
 """GRPO's pieces as pure functions, against values worked out by hand: the three loss aggregations
 (grpo, dr_grpo, dapo), asymmetric clipping, the three reward scalings, and log-probabilities taken
-from the distribution that sampled (temperature and top-k, issue 15 item 9)."""
+from the distribution that sampled (temperature and top-k)."""
 
 from __future__ import annotations
 
@@ -113,7 +113,7 @@ def test_sampled_logprobs_apply_temperature_and_top_k():
 
 def test_sampled_logprobs_are_the_frequencies_the_sampler_produces():
     """What generate() draws at temperature 0.7 and top_k 3 has exactly these probabilities; the plain
-    log_softmax that GRPO used before (issue 15 item 9) is measurably another distribution."""
+    log_softmax of the raw logits is measurably another distribution."""
     torch.manual_seed(0)
     logits = torch.randn(1, 8) * 2
     draws = sample_next(logits.expand(40_000, 8), temperature=0.7, top_k=3,
