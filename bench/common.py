@@ -51,6 +51,15 @@ def write_result(name: str, config: dict, figures: dict) -> Path:
     return path
 
 
+def newest_result(name: str) -> dict | None:
+    """The result with the latest date in its file name (<name>-<device>-<YYYY-MM-DD>.json): file times are
+    those of the checkout, the same for every file in a fresh clone."""
+    dated = re.compile(rf"{re.escape(name)}-[a-z0-9-]+-\d{{4}}-\d{{2}}-\d{{2}}\.json")
+    files = sorted((p for p in RESULTS.glob(f"{name}-*.json") if dated.fullmatch(p.name)),
+                   key=lambda p: (p.stem[-10:], p.name))
+    return json.loads(files[-1].read_text()) if files else None
+
+
 def write_between_markers(doc: Path, name: str, text: str) -> None:
     """Replace what stands between `<!-- name -->` and `<!-- /name -->` in a doc (a table a benchmark owns)."""
     head, rest = doc.read_text().split(f"<!-- {name} -->", 1)

@@ -2,20 +2,18 @@
 
     python -m bench.run                 # the CPU benchmarks
     python -m bench.run checkpoint_io   # just one
-    python -m bench.run --docs          # only rewrite the doc table from bench/results (no benchmark runs)
+    python -m bench.run --docs          # only rewrite every generated doc table (bench/doc_tables.py)
 
 Each benchmark also writes bench/results/<name>-<device>-<date>.json on its own.
 """
 
 from __future__ import annotations
 
-import json
-import re
 import subprocess
 import sys
 from pathlib import Path
 
-from bench.common import write_between_markers
+from bench.common import newest_result, write_between_markers
 
 BENCH = Path(__file__).resolve().parent
 DOC = BENCH.parent / "docs" / "performance.md"
@@ -35,18 +33,6 @@ BENCHMARKS = {
 }
 
 
-_DATED = re.compile(r"-[a-z0-9-]+-\d{4}-\d{2}-\d{2}\.json")  # -<device>-<date>.json, not <name>_<other>-...
-
-
-def newest_result(name: str) -> dict | None:
-    """The result with the latest date in its file name (<name>-<device>-<YYYY-MM-DD>.json): file times are
-    those of the checkout, the same for every file in a fresh clone."""
-    files = [p for p in (BENCH / "results").glob(f"{name}-*.json") if _DATED.fullmatch(p.name[len(name):])]
-    files.sort(key=lambda p: (p.stem[-10:], p.name))
-    return json.loads(files[-1].read_text()) if files else None
-
-
-
 def table() -> str:
     rows = ["| benchmark | what | figure | target | device | date |", "|---|---|---|---|---|---|"]
     for name, (_, key, target, what) in BENCHMARKS.items():
@@ -62,7 +48,10 @@ def table() -> str:
 
 def main() -> None:
     if sys.argv[1:] == ["--docs"]:
-        write_between_markers(DOC, "table", table())
+        from bench.doc_tables import write_all
+
+        for doc in write_all():
+            print("wrote", doc.relative_to(BENCH.parent))
         return
     names = sys.argv[1:] or list(BENCHMARKS)
     for name in names:
