@@ -135,7 +135,7 @@ def run_row(name: str, overrides: list[str], run_dir: Path) -> dict:
 def table(rows: dict, descriptions: dict) -> str:
     base = rows.get("baseline", {}).get("val_bpb")
     # tokens/s stay in the JSON only: rows run at other times, on a shared machine, compiled or not, so
-    # their speeds are not comparable (bench.trainer_speed measures speed, side by side).
+    # their speeds are not comparable (speed is measured side by side: docs/recipe.md).
     lines = ["| row | change | bits/byte | vs baseline |", "|---|---|---|---|"]
     for name, r in rows.items():
         delta = f"{r['val_bpb'] - base:+.3f}" if base is not None else ""

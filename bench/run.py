@@ -25,8 +25,6 @@ BENCHMARKS = {
     "checkpoint_io": ("bench.checkpoint_io", "save_ratio", ">= 0.7 (async block < 0.05)", "checkpoint save/load vs plain file I/O, GB/s; async save blocking"),
     "generate_kv": ("bench.generate_kv", "speedup", ">= 5 (gqa ratios > 1)",
                     "KV-cached vs uncached greedy decoding, s/token; GQA: kv heads read in place vs copied per step"),
-    "trainer_speed": ("bench.trainer_speed", "todays_recipe_ratio", ">= 1.3 (same recipe)",
-                      "this trainer vs 43dca9c's, tokens/s: the old recipe eager, compiled; the new defaults"),
     "status_render": ("bench.status_render", "frame_ms", "< 200 ms", "one dashboard frame with 1,000 runs"),
     "packed_attention": ("bench.packed_attention", "s8192_speedup", "> 1, memory ratio > 4 at 8192",
                          "SFT packing: flex_attention BlockMask vs dense document mask, one attention layer"),
