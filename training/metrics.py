@@ -8,7 +8,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -75,12 +75,13 @@ def format_duration(seconds: float) -> str:
 class MetricsLogger:
     """Rank 0 appends to metrics.jsonl and prints a progress line; other ranks do nothing."""
 
-    def __init__(self, run_dir: Path, enabled: bool, max_steps: int):
+    def __init__(self, run_dir: Path, enabled: bool, max_steps: int, trackers: Sequence = ()):
         self.enabled = enabled
         self.max_steps = max_steps
         self.path = run_dir / "metrics.jsonl"
         self.start = time.time()
         self._file = open(self.path, "a") if enabled else None
+        self.trackers = list(trackers) if enabled else []  # training/trackers.py: TensorBoard and the like
 
     def log(self, record: dict) -> None:
         if not self.enabled:
@@ -88,6 +89,8 @@ class MetricsLogger:
         record = {"time": round(time.time(), 3), **record}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+        for tracker in self.trackers:
+            tracker.log(record)
         print(self._line(record), flush=True)
 
     def _line(self, r: dict) -> str:
@@ -109,6 +112,8 @@ class MetricsLogger:
     def close(self) -> None:
         if self._file:
             self._file.close()
+        for tracker in self.trackers:
+            tracker.close()
 
 
 def say(msg: str, enabled: bool = True) -> None:
