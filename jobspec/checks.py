@@ -16,19 +16,41 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from jobspec.contract import RunFolder
 from jobspec.curate_checks import check_curate
+from jobspec.kinds import KINDS
 from jobspec.posttrain_checks import check_classify, check_grpo, check_lora
-from jobspec.schema import OPTIMIZERS, SCHEDULES
+from jobspec.schema import OPTIMIZERS, SCHEDULES, TRACKER_BACKENDS, numeric_keys
 from model.config import MLPS
 
-Where = Callable[[str], str]  # key -> "jobs/x.yaml, line 12" or "command line override 'k=v'"
+# key (and the keys a check also read) -> where the value at fault came from: "jobs/x.yaml, line 12" or
+# "command line override 'k=v'"
+Where = Callable[..., str]
 
-# Run ids and folder names are built from these: a '/', '..' or a newline would leave runs_dir or add lines
-# to a batch script.
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-SLURM_NAME = re.compile(r"^[A-Za-z0-9_.,-]+$")  # partition, account, qos (comma-separated lists allowed)
-SLURM_CONSTRAINT = re.compile(r"^[A-Za-z0-9_.,&|\[\]*:()!-]+$")  # node features with sbatch's operators
-SBATCH_FLAG = re.compile(r"^--[A-Za-z][A-Za-z0-9-]*(=[^\x00-\x1f\x7f]*)?$")
+# Run ids, folder names and Slurm job names are built from these: a '/', '..' or a newline would leave runs_dir
+# or add lines to a batch script. Each ends in \Z and is matched whole (fullmatch): '$' also matches before a
+# final newline, which a YAML block scalar (`name: |`) adds.
+NAME_CHARS = 100
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,%d}\Z" % (NAME_CHARS - 1))
+NAME_RULE = f"letters, digits, '.', '_' or '-', at most {NAME_CHARS} characters"
+SLURM_NAME = re.compile(r"[A-Za-z0-9_.,-]+\Z")  # partition, account, qos (comma-separated lists allowed)
+SLURM_CONSTRAINT = re.compile(r"[A-Za-z0-9_.,&|\[\]*:()!-]+\Z")  # node features with sbatch's operators
+SBATCH_FLAG = re.compile(r"--[A-Za-z][A-Za-z0-9-]*(=[^\x00-\x1f\x7f]*)?\Z")
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+# The sbatch options orch writes itself (orchestrator/executors/slurm.py and slurm_array.py, through submitit), and
+# what sets each: the same option in resources.sbatch_extra would replace orch's (a pipeline's afterok, the
+# warning signal the trainer saves on). sbatch also takes any unambiguous prefix (--dep=singleton is --dependency).
+ORCH_SBATCH_OPTIONS = {
+    "job-name": "the run id, from name", "nodes": "resources.nodes", "ntasks-per-node": "resources.nproc_per_node",
+    "ntasks": "resources.nodes x resources.nproc_per_node", "cpus-per-task": "resources.cpus_per_task",
+    "gpus-per-node": "resources.gpus_per_node", "mem": "resources.mem_gb", "time": "resources.time_min",
+    "signal": "resources.time_min: the warning the trainer saves a checkpoint on",
+    "partition": "resources.partition", "account": "resources.account", "qos": "resources.qos",
+    "constraint": "resources.constraint", "requeue": "resources.max_requeues", "no-requeue": "resources.max_requeues",
+    "dependency": "a pipeline stage's 'after' key", "kill-on-invalid-dep": "a pipeline stage's 'after' key",
+    "array": "curate.shards, a data job's tasks", "output": "runs_dir: the run folder's slurm/ logs",
+    "error": "runs_dir: the run folder's slurm/ logs", "open-mode": "none: every start of a job appends to its logs",
+}
+SBATCH_OWN_PREFIXES = ("gpus",)  # sbatch options of their own that are also prefixes of one above
 INT64 = (-(2 ** 63), 2 ** 63 - 1)  # what SQLite and tensors hold
 
 
@@ -63,63 +85,56 @@ def check_plain_values(raw, where: Where) -> None:
                             "(a newline, a tab, ...): none is allowed in a job's values.")
 
 
-def _at_least(cfg, where: Where, minimum: int, *keys: str) -> None:
-    for key in keys:
+def check_ranges(cfg: DictConfig, bad) -> None:
+    """Every numeric key of the job's kind against the Range its schema declares (jobspec/schema.py)."""
+    for key, allowed, nullable in numeric_keys(KINDS[cfg.kind]):
         value = OmegaConf.select(cfg, key)
-        if value is not None and value < minimum:
-            raise SpecError(f"{where(key)}: key '{key}' has the value {value!r}, but it must be at least {minimum}.")
+        entries = list(enumerate(value)) if OmegaConf.is_list(value) else [(None, value)]
+        for i, v in entries:
+            if v is not None and v not in allowed:
+                or_null = ", or null" if nullable else ""
+                raise bad(key if i is None else f"{key}[{i}]",
+                          f"but it must be {allowed}{or_null}" + (f" ({allowed.why})" if allowed.why else ""))
 
 
 def check_values(cfg: DictConfig, where: Where) -> None:
-    """Checks of a job's own values, wherever it runs."""
+    """Checks of a job's own values, wherever it runs. A check that reads several keys names them all to
+    `where`, which blames the one set on the command line, if any."""
 
-    def bad(key: str, why: str) -> SpecError:
-        return SpecError(f"{where(key)}: key '{key}' has the value {OmegaConf.select(cfg, key)!r}, {why}.")
+    def bad(key: str, why: str, *also: str) -> SpecError:
+        return SpecError(f"{where(key, *also)}: key '{key}' has the value {OmegaConf.select(cfg, key)!r}, {why}.")
 
-    if not NAME.match(str(cfg.name)):
-        raise bad("name", "but a name must be letters, digits, '.', '_' or '-' (it names the run's folder)")
+    if not NAME.fullmatch(str(cfg.name)):
+        raise bad("name", f"but a name must be {NAME_RULE} (it names the run's folder and its Slurm job)")
+    check_ranges(cfg, bad)
+    if not cfg.data.sources:
+        raise bad("data.sources", "but a job reads at least one source ('demo' for the built-in corpus)")
     for i, src in enumerate(cfg.data.sources):
         if src != "demo" and "://" not in src and not os.path.exists(src):
             raise bad(f"data.sources[{i}]", "but no such file or folder exists "
                       "(give .txt/.jsonl/.parquet files or folders, or 'demo' for the built-in corpus)")
     if cfg.data.tokenizer and not os.path.isfile(cfg.data.tokenizer):
         raise bad("data.tokenizer", "but no such tokenizer.json file exists")
-    if cfg.train.max_steps < 0:
-        raise bad("train.max_steps", "but it must be 0 (only validate and save) or more")
-    _at_least(cfg, where, 1, "train.micro_batch_size", "train.grad_accum_steps", "data.seq_len", "model.n_layer",
-              "model.n_head", "model.d_model", "parallel.tp", "parallel.dp_replicate", "train.log_every",
-              "train.max_nonfinite_steps", "resources.nodes", "resources.nproc_per_node", "resources.cpus_per_task",
-              "resources.time_min", "resources.mem_gb", "model.vocab_size", "model.n_kv_head",
-              "parallel.collective_timeout_s")
-    _at_least(cfg, where, 0, "train.val_every", "train.val_batches", "checkpoint.every", "checkpoint.keep_every",
-              "resources.max_retries", "resources.max_requeues", "resources.gpus_per_node", "data.num_workers")
-    if cfg.checkpoint.keep_last < 1:
-        raise bad("checkpoint.keep_last", "but it must be at least 1: the newest checkpoint is what a resume starts "
-                  "from (checkpoint.keep_every keeps older ones too)")
-    if cfg.parallel.dp_shard == 0 or cfg.parallel.dp_shard < -1:
+    if cfg.parallel.dp_shard == 0:
         raise bad("parallel.dp_shard", "but it must be -1 (the rest) or at least 1")
     if cfg.data.seq_len > cfg.model.max_seq_len:
-        raise bad("data.seq_len", f"longer than model.max_seq_len={cfg.model.max_seq_len}")
+        raise bad("data.seq_len", f"longer than model.max_seq_len={cfg.model.max_seq_len}", "model.max_seq_len")
     if cfg.executor not in ("auto", "local", "slurm"):
         raise bad("executor", "but it must be one of auto, local, slurm")
     if cfg.train.dtype not in ("auto", "fp32", "bf16"):
         raise bad("train.dtype", "but it must be one of auto, fp32, bf16")
-    if not 0.0 <= cfg.data.val_fraction < 1.0:
-        raise bad("data.val_fraction", "but it must be in [0, 1)")
     if cfg.model.d_model % cfg.model.n_head:
-        raise bad("model.d_model", f"not divisible by model.n_head={cfg.model.n_head}")
+        raise bad("model.d_model", f"not divisible by model.n_head={cfg.model.n_head}", "model.n_head")
     if cfg.model.n_kv_head and cfg.model.n_head % cfg.model.n_kv_head:
-        raise bad("model.n_kv_head", f"but it must divide model.n_head={cfg.model.n_head}")
+        raise bad("model.n_kv_head", f"but it must divide model.n_head={cfg.model.n_head}", "model.n_head")
     for key, choices in (("model.mlp", MLPS), ("optim.name", OPTIMIZERS), ("optim.schedule", SCHEDULES)):
         if OmegaConf.select(cfg, key) not in choices:
             raise bad(key, f"but it must be one of {', '.join(choices)}")
-    if cfg.model.logit_softcap is not None and cfg.model.logit_softcap <= 0:
-        raise bad("model.logit_softcap", "but it must be positive, or null for no cap")
-    if not 0.0 < cfg.optim.decay_fraction <= 1.0:
-        raise bad("optim.decay_fraction", "but it must be in (0, 1]")
     _check_vocab(cfg, bad)
+    _check_trackers(cfg, bad)
     _check_slurm_strings(cfg, bad)
     _check_reward_model_parallelism(cfg, bad)
+    _check_hf_init_from(cfg, bad)
     if cfg.kind == "data":
         check_curate(cfg, bad)
     if "lora" in cfg:
@@ -128,6 +143,13 @@ def check_values(cfg: DictConfig, where: Where) -> None:
         check_grpo(cfg, bad)
     if "classify" in cfg:
         check_classify(cfg, bad)
+
+
+def _check_trackers(cfg: DictConfig, bad) -> None:
+    for i, name in enumerate(cfg.logging.backends):
+        if name not in TRACKER_BACKENDS:
+            raise bad(f"logging.backends[{i}]", f"but orch writes only to {', '.join(TRACKER_BACKENDS)} "
+                      "(W&B imports TensorBoard's event files: `wandb sync --sync-tensorboard RUN/tensorboard`)")
 
 
 def _tokenizer_size(path: str) -> Optional[int]:
@@ -147,7 +169,7 @@ def _check_vocab(cfg, bad) -> None:
     if size is not None and cfg.model.vocab_size < size:
         source = f"data.tokenizer={cfg.data.tokenizer!r}" if cfg.data.tokenizer else f"data.vocab_size={size}"
         raise bad("model.vocab_size", f"smaller than the tokenizer's {size} tokens ({source}); leave it null to "
-                  "size the embedding from the tokenizer")
+                  "size the embedding from the tokenizer", source.split("=")[0])
 
 
 def _check_slurm_strings(cfg, bad) -> None:
@@ -155,13 +177,37 @@ def _check_slurm_strings(cfg, bad) -> None:
     for key, pattern in (("resources.partition", SLURM_NAME), ("resources.account", SLURM_NAME),
                          ("resources.qos", SLURM_NAME), ("resources.constraint", SLURM_CONSTRAINT)):
         value = OmegaConf.select(cfg, key)
-        if value is not None and not pattern.match(str(value)):
+        if value is not None and not pattern.fullmatch(str(value)):
             raise bad(key, "but it may hold only letters, digits and " +
                       ("'_.,-'" if pattern is SLURM_NAME else "sbatch's constraint operators (&|[]*:()!)"))
     for i, flag in enumerate(cfg.resources.sbatch_extra):
-        if not SBATCH_FLAG.match(str(flag)):
-            raise bad(f"resources.sbatch_extra[{i}]", "but each entry must be one long sbatch option, --name or "
+        key = f"resources.sbatch_extra[{i}]"
+        if not SBATCH_FLAG.fullmatch(str(flag)):
+            raise bad(key, "but each entry must be one long sbatch option, --name or "
                       "--name=value (e.g. \"--exclusive\", \"--reservation=r1\")")
+        name = str(flag)[2:].split("=", 1)[0]
+        if name in SBATCH_OWN_PREFIXES:
+            continue
+        option = name if name in ORCH_SBATCH_OPTIONS else next((o for o in ORCH_SBATCH_OPTIONS if o.startswith(name)),
+                                                               None)
+        if option is not None:
+            read_as = "" if name == option else f", which sbatch reads as --{option},"
+            raise bad(key, f"but --{name}{read_as} is an option orch sets itself (key {ORCH_SBATCH_OPTIONS[option]}), "
+                      "which an entry here would override")
+
+
+def _check_hf_init_from(cfg, bad) -> None:
+    """A Hugging Face folder to start from: a family or option our GPT lacks (model/hf_families.py) is refused here,
+    before anything is queued, not when the trainer reads the folder."""
+    init_from = cfg.checkpoint.init_from
+    if not init_from or not (Path(init_from) / "config.json").is_file():
+        return
+    from model.hf_families import read_hf_config  # torch-free; only a job that starts from such a folder needs it
+
+    try:
+        read_hf_config(init_from)
+    except ValueError as e:
+        raise bad("checkpoint.init_from", f"but {str(e).rstrip('.')}") from None
 
 
 def _check_reward_model_parallelism(cfg, bad) -> None:
@@ -170,10 +216,10 @@ def _check_reward_model_parallelism(cfg, bad) -> None:
         return
     if cfg.kind == "rm":
         raise bad("parallel.tp", "but the reward model's head is not tensor-parallel: use parallel.tp=1 "
-                  "(data parallel) for rm jobs")
+                  "(data parallel) for rm jobs", "kind")
     if cfg.kind == "grpo" and Path(str(cfg.grpo.reward)).is_dir():
         raise bad("parallel.tp", f"but grpo.reward={cfg.grpo.reward!r} is a reward model, whose head is not "
-                  "tensor-parallel: use parallel.tp=1 with a reward model")
+                  "tensor-parallel: use parallel.tp=1 with a reward model", "grpo.reward")
 
 
 def check_launch(cfg: DictConfig, where: Where) -> None:
@@ -181,24 +227,29 @@ def check_launch(cfg: DictConfig, where: Where) -> None:
     values that would otherwise only fail on the nodes. A trainer started by torchrun takes its world size
     from torchrun instead, and checks it there (training/distributed.py)."""
 
-    def bad(key: str, why: str) -> SpecError:
-        return SpecError(f"{where(key)}: key '{key}' has the value {OmegaConf.select(cfg, key)!r}, {why}.")
+    def bad(key: str, why: str, *also: str) -> SpecError:
+        return SpecError(f"{where(key, *also)}: key '{key}' has the value {OmegaConf.select(cfg, key)!r}, {why}.")
 
     world = cfg.resources.nodes * cfg.resources.nproc_per_node
     p = cfg.parallel
     shape = f"resources.nodes x resources.nproc_per_node = {world} processes"
+    layout = ("resources.nodes", "resources.nproc_per_node", "parallel.dp_replicate", "parallel.tp")
     if world % (p.dp_replicate * p.tp):
         raise bad("parallel.tp", f"but parallel.dp_replicate x parallel.tp = {p.dp_replicate * p.tp} does not divide "
-                  f"the job's {shape}")
+                  f"the job's {shape}", *layout)
     if p.dp_shard != -1 and p.dp_replicate * p.dp_shard * p.tp != world:
         raise bad("parallel.dp_shard", f"but dp_replicate x dp_shard x tp = {p.dp_replicate * p.dp_shard * p.tp} is "
-                  f"not the job's {shape}")
+                  f"not the job's {shape}", *layout)
+    if cfg.resources.nproc_per_node % p.tp:  # a tensor-parallel group's all-reduces cross no node boundary
+        raise bad("parallel.tp", f"but it must divide resources.nproc_per_node = {cfg.resources.nproc_per_node}, "
+                  "the GPUs of a node (each tensor-parallel group stays within one node)", *layout)
     heads = _model_heads(cfg)
     if heads is not None:
         n_head, n_kv, origin = heads
         for count, what in ((n_head, "attention heads"), (n_kv, "key/value heads")):
             if count % p.tp:
-                raise bad("parallel.tp", f"but it must divide the model's {count} {what} ({origin})")
+                raise bad("parallel.tp", f"but it must divide the model's {count} {what} ({origin})",
+                          "model.n_head", "model.n_kv_head")
 
 
 def _model_heads(cfg) -> Optional[tuple[int, int, str]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List
 
-from jobspec.schema import JobSpec
+from jobspec.schema import JobSpec, bounded
 
 
 @dataclass
@@ -23,12 +23,13 @@ class ExactDedupConfig:
 @dataclass
 class NearDedupConfig:
     enabled: bool = True
-    threshold: float = 0.8  # estimated Jaccard similarity of n-gram sets at or above which documents are near copies
-    num_perm: int = 128  # MinHash permutations (signature length)
-    bands: int = 16  # LSH bands of num_perm / bands rows: the S-curve 1-(1-s^r)^b (docs/data.md)
-    ngram: int = 5  # shingle length, in units
+    # estimated Jaccard similarity of n-gram sets at or above which documents are near copies
+    threshold: float = bounded(0.8, gt=0, le=1)
+    num_perm: int = bounded(128, ge=1)  # MinHash permutations (signature length)
+    bands: int = bounded(16, ge=1)  # LSH bands of num_perm / bands rows: the S-curve 1-(1-s^r)^b (docs/data.md)
+    ngram: int = bounded(5, ge=1)  # shingle length, in units
     unit: str = "word"  # word: runs of letters/digits/_ (lowercased); token: also each punctuation character
-    seed: int = 1
+    seed: int = bounded(1, ge=0, le=2 ** 32 - 1)
 
 
 @dataclass
@@ -36,15 +37,15 @@ class GopherQualityConfig:
     """Rae et al. 2021 (Gopher), appendix A: prose heuristics. They reject nearly all code (docs/data.md)."""
 
     enabled: bool = False
-    min_words: int = 50
-    max_words: int = 100_000
-    min_mean_word_length: float = 3.0
-    max_mean_word_length: float = 10.0
-    max_symbol_word_ratio: float = 0.1  # '#' and '...' per word
-    max_bullet_lines_ratio: float = 0.9
-    max_ellipsis_lines_ratio: float = 0.3
-    min_alpha_words_ratio: float = 0.8  # words with at least one letter
-    min_stop_words: int = 2  # of: the, be, to, of, and, that, have, with
+    min_words: int = bounded(50, ge=0)
+    max_words: int = bounded(100_000, ge=1)
+    min_mean_word_length: float = bounded(3.0, ge=0)
+    max_mean_word_length: float = bounded(10.0, gt=0)
+    max_symbol_word_ratio: float = bounded(0.1, ge=0, le=1)  # '#' and '...' per word
+    max_bullet_lines_ratio: float = bounded(0.9, ge=0, le=1)
+    max_ellipsis_lines_ratio: float = bounded(0.3, ge=0, le=1)
+    min_alpha_words_ratio: float = bounded(0.8, ge=0, le=1)  # words with at least one letter
+    min_stop_words: int = bounded(2, ge=0)  # of: the, be, to, of, and, that, have, with
 
 
 @dataclass
@@ -52,12 +53,12 @@ class GopherRepetitionConfig:
     """Gopher's repetition removal: duplicated lines, paragraphs and n-grams."""
 
     enabled: bool = False
-    max_dup_line_fraction: float = 0.3
-    max_dup_para_fraction: float = 0.3
-    max_dup_line_char_fraction: float = 0.2
-    max_dup_para_char_fraction: float = 0.2
-    top_ngram_char_fractions: List[float] = field(default_factory=lambda: [0.20, 0.18, 0.16])  # n = 2, 3, 4
-    dup_ngram_char_fractions: List[float] = field(default_factory=lambda: [0.15, 0.14, 0.13, 0.12, 0.11, 0.10])  # 5..10
+    max_dup_line_fraction: float = bounded(0.3, ge=0, le=1)
+    max_dup_para_fraction: float = bounded(0.3, ge=0, le=1)
+    max_dup_line_char_fraction: float = bounded(0.2, ge=0, le=1)
+    max_dup_para_char_fraction: float = bounded(0.2, ge=0, le=1)
+    top_ngram_char_fractions: List[float] = bounded([0.20, 0.18, 0.16], ge=0, le=1)  # n = 2, 3, 4
+    dup_ngram_char_fractions: List[float] = bounded([0.15, 0.14, 0.13, 0.12, 0.11, 0.10], ge=0, le=1)  # n = 5..10
 
 
 @dataclass
@@ -65,9 +66,9 @@ class C4Config:
     """Raffel et al. 2020 (C4): drop lines without terminal punctuation or with few words, then whole-page rules."""
 
     enabled: bool = False
-    min_words_per_line: int = 3
-    min_sentences: int = 5
-    max_word_length: int = 1000
+    min_words_per_line: int = bounded(3, ge=0)
+    min_sentences: int = bounded(5, ge=0)
+    max_word_length: int = bounded(1000, ge=1)
     reject_lorem_ipsum: bool = True
     reject_curly_bracket: bool = True
     drop_javascript_lines: bool = True
@@ -79,11 +80,11 @@ class FineWebConfig:
     """Penedo et al. 2024 (FineWeb): line-level statistics of a page."""
 
     enabled: bool = False
-    min_line_punct_ratio: float = 0.12  # lines ending in terminal punctuation
-    max_short_line_ratio: float = 0.67  # lines shorter than short_line_chars
-    short_line_chars: int = 30
-    max_dup_line_char_ratio: float = 0.01  # characters in duplicated lines
-    max_newline_word_ratio: float = 0.3  # line breaks per word (lists)
+    min_line_punct_ratio: float = bounded(0.12, ge=0, le=1)  # lines ending in terminal punctuation
+    max_short_line_ratio: float = bounded(0.67, ge=0, le=1)  # lines shorter than short_line_chars
+    short_line_chars: int = bounded(30, ge=0)
+    max_dup_line_char_ratio: float = bounded(0.01, ge=0, le=1)  # characters in duplicated lines
+    max_newline_word_ratio: float = bounded(0.3, ge=0, le=1)  # line breaks per word (lists)
 
 
 @dataclass
@@ -91,15 +92,16 @@ class CodeFilterConfig:
     """The Stack / StarCoder file filters (Kocetkov et al. 2022, Li et al. 2023)."""
 
     enabled: bool = True
-    max_line_length: int = 1000
-    max_mean_line_length: float = 100.0
-    min_alnum_fraction: float = 0.25
-    autogenerated_lines: int = 5  # first lines searched for a marker; 0 = no auto-generated check
+    max_line_length: int = bounded(1000, ge=1)
+    max_mean_line_length: float = bounded(100.0, ge=1)
+    min_alnum_fraction: float = bounded(0.25, ge=0, le=1)
+    autogenerated_lines: int = bounded(5, ge=0)  # first lines searched for a marker; 0 = no auto-generated check
     autogenerated_markers: List[str] = field(default_factory=lambda: [
         "auto-generated", "autogenerated", "automatically generated", "generated automatically",
         "this file is generated", "generated by", "generated from", "do not edit"])
-    max_data_fraction: float = 0.5  # share of characters in encoded data (base64, hex bytes, \\u escapes)
-    max_data_chars: int = 1024
+    # share of characters in encoded data (base64, hex bytes, \\u escapes)
+    max_data_fraction: float = bounded(0.5, ge=0, le=1)
+    max_data_chars: int = bounded(1024, ge=0)
 
 
 @dataclass
@@ -122,7 +124,7 @@ class PIIConfig:
 @dataclass
 class DecontamConfig:
     enabled: bool = True
-    ngram: int = 13  # words; a document sharing one such n-gram with the references is removed
+    ngram: int = bounded(13, ge=1)  # words; a document sharing one such n-gram with the references is removed
     tasks: List[str] = field(default_factory=lambda: ["jobs/tasks/stdlib_continuation.yaml",
                                                       "jobs/tasks/python_functions.yaml",
                                                       "jobs/tasks/stdlib_bodies.yaml"])
@@ -139,9 +141,9 @@ class CurateConfig:
     filters: QualityFiltersConfig = field(default_factory=QualityFiltersConfig)
     pii: PIIConfig = field(default_factory=PIIConfig)
     decontamination: DecontamConfig = field(default_factory=DecontamConfig)
-    shards: int = 0  # input shards (tasks); 0 = about 4 per worker, at least one per 64 MiB
-    workers: int = 0  # local processes; 0 = every core this process may use
-    report_examples: int = 3  # removed documents shown per reason in report.md
+    shards: int = bounded(0, ge=0)  # input shards (tasks); 0 = about 4 per worker, at least one per 64 MiB
+    workers: int = bounded(0, ge=0)  # local processes; 0 = every core this process may use
+    report_examples: int = bounded(3, ge=0)  # removed documents shown per reason in report.md
 
 
 @dataclass

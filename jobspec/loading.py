@@ -18,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from jobspec.checks import SpecError, check_launch, check_plain_values, check_values
 from jobspec.kinds import KINDS
+from model.config import SIZES, size_keys
 
 
 def schema_keys(schema, prefix: str = "") -> list[str]:
@@ -33,9 +34,75 @@ def schema_keys(schema, prefix: str = "") -> list[str]:
     return keys
 
 
+def schema_shapes(schema, prefix: str = "") -> dict[str, str]:
+    """Every dotted key a schema accepts, and what it holds: 'section' (keys of its own), 'list' or 'value'."""
+    shapes = {}
+    for f in fields(schema):
+        key = f"{prefix}{f.name}"
+        default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
+        if is_dataclass(default):
+            shapes[key] = "section"
+            shapes.update(schema_shapes(type(default), key + "."))
+        else:
+            shapes[key] = "list" if isinstance(default, list) else "value"
+    return shapes
+
+
+def _check_shapes(node: dict, where, shapes: dict[str, str], prefix: str = "") -> None:
+    """A section given a value, a list given a single value or a value given a list or mapping: one paragraph
+    naming the key, instead of OmegaConf's words for it ("AnyNode is not a ListConfig"). Unknown keys are
+    left to _check_known."""
+    for name, value in node.items():
+        key, shape = f"{prefix}{name}", shapes.get(f"{prefix}{name}")
+        if shape == "section" and isinstance(value, dict):
+            _check_shapes(value, where, shapes, key + ".")
+        elif shape == "section":
+            keys = [k[len(key) + 1:] for k in shapes if k.startswith(key + ".") and "." not in k[len(key) + 1:]]
+            raise SpecError(f"{where(key)}: key '{key}' has the value {value!r}, but '{key}' is a section: set "
+                            f"its keys (e.g. {key}.{keys[0]}=...). Its keys: {', '.join(keys)}.")
+        elif shape == "list" and not isinstance(value, list):
+            raise SpecError(f"{where(key)}: key '{key}' has the value {value!r}, but it must be a list: "
+                            f"{key}=[a,b] on the command line, [a, b] in a file.")
+        elif shape == "list" and any(isinstance(v, (list, dict)) for v in value):
+            raise SpecError(f"{where(key)}: key '{key}' has the value {value!r}, but each of its entries must be "
+                            "a single value, not a list or a mapping.")
+        elif shape == "value" and isinstance(value, (list, dict)):
+            raise SpecError(f"{where(key)}: key '{key}' has the value {value!r}, but it takes a single value, "
+                            "not a list or a mapping.")
+
+
 def did_you_mean(key: str, candidates: Iterable[str]) -> str:
     close = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.6)
     return f" Did you mean '{close[0]}'?" if close else ""
+
+
+ALIAS_EXPANSION = 10_000  # values that aliases (*name) may add to a file: shared sections, never a bomb
+
+
+def _check_aliases(root, path: str) -> None:
+    """Refuse a file whose aliases would expand to more than ALIAS_EXPANSION extra values, or whose alias sits
+    inside its own anchor's value: every later pass (line numbers, checks, the merge) walks each copy, so eight
+    lines of nested aliases are a million values. Counted once per distinct node: the cost is the file's."""
+    sizes: dict[int, Optional[int]] = {}
+
+    def size(node) -> int:
+        if id(node) in sizes:
+            if sizes[id(node)] is None:
+                raise SpecError(f"{path}, line {node.start_mark.line + 1}: the value anchored there (&name) holds an "
+                                "alias to itself (*name), which would make it contain itself. Write it out instead.")
+            return sizes[id(node)]  # type: ignore[return-value]
+        sizes[id(node)] = None
+        if isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        else:
+            children = node.value if isinstance(node, yaml.SequenceNode) else []
+        sizes[id(node)] = total = 1 + sum(size(child) for child in children)
+        return total
+
+    if root is not None and size(root) - len(sizes) > ALIAS_EXPANSION:
+        raise SpecError(f"{path}: its aliases (*name) expand to {size(root):,} values from {len(sizes):,} written "
+                        f"ones, more than the {ALIAS_EXPANSION:,} extra values a job file may get from aliases. "
+                        "Use fewer nested aliases, or write the values out.")
 
 
 def _key_lines(node, path: str, prefix: str = "", lines: Optional[dict] = None) -> dict[str, int]:
@@ -62,6 +129,7 @@ def read_yaml(path: str, lines: Optional[dict] = None) -> dict:
         with open(path, encoding="utf-8") as f:
             text = f.read()
         node = yaml.compose(text, Loader=yaml.SafeLoader)
+        _check_aliases(node, path)
         found = _key_lines(node, path)
         raw = yaml.safe_load(text)
     except yaml.MarkedYAMLError as e:
@@ -72,6 +140,9 @@ def read_yaml(path: str, lines: Optional[dict] = None) -> dict:
                         "and submit again.") from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise SpecError(f"{path}: the file can't be read as YAML ({e}).") from None
+    except RecursionError:
+        raise SpecError(f"{path}: the YAML is nested too deeply to read (lists or mappings inside one another "
+                        "hundreds of levels deep).") from None
     if raw is None:
         raise SpecError(f"{path}: the file is empty (or only comments): a job file says at least its kind, "
                         "e.g. `kind: pretrain`. See jobs/ for examples.")
@@ -124,11 +195,14 @@ class Origins:
     def __init__(self, path: str, lines: dict[str, int]):
         self.path, self.lines, self.overrides = path, lines, {}
 
-    def __call__(self, key: str) -> str:
-        top = key.split("[", 1)[0]
-        if top in self.overrides:
-            return f"command line override {self.overrides[top]!r}"
-        for k in (key, top, top.rsplit(".", 1)[0]):
+    def __call__(self, key: str, *also: str) -> str:
+        """Where key's value came from; given the other keys a check read too, a command-line override of any
+        of them is what gets blamed (the user's latest word), else the file's line for key, else theirs."""
+        tops = [k.split("[", 1)[0] for k in (key, *also)]
+        for top in tops:
+            if top in self.overrides:
+                return f"command line override {self.overrides[top]!r}"
+        for k in (key, tops[0], *tops[1:], tops[0].rsplit(".", 1)[0]):
             if k in self.lines:
                 return f"{self.path}, line {self.lines[k]}"
         return self.path
@@ -149,8 +223,9 @@ def load_spec(path: str, overrides: Sequence[str] = (), *, launch: bool = False)
         raise SpecError(f"{path}: key 'kind' has the value {kind!r}, which is not a job kind.{did_you_mean(kind, KINDS)} "
                         f"Known kinds: {', '.join(sorted(KINDS))}.")
     schema = KINDS[kind]
-    valid_keys = schema_keys(schema)
+    valid_keys, shapes = schema_keys(schema), schema_shapes(schema)
     cfg = OmegaConf.structured(schema)
+    _check_shapes(raw, where, shapes)
     for key, value in _flatten(raw).items():
         _check_known(key, value, where(key), valid_keys)
     try:
@@ -168,6 +243,7 @@ def load_spec(path: str, overrides: Sequence[str] = (), *, launch: bool = False)
         try:
             override = OmegaConf.from_dotlist([ov])
             check_plain_values(OmegaConf.to_container(override), where)
+            _check_shapes(OmegaConf.to_container(override), where, shapes)
             cfg = OmegaConf.merge(cfg, override)
         except OmegaConfBaseException as e:
             raise _explain(e, where) from None
@@ -179,10 +255,28 @@ def load_spec(path: str, overrides: Sequence[str] = (), *, launch: bool = False)
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as e:
         raise _explain(e, where) from None
+    _apply_size(cfg, raw, overrides, where)
+    check_plain_values(OmegaConf.to_container(cfg), where)  # again: ${...} may have brought anything
     check_values(cfg, where)
     if launch:
         check_launch(cfg, where)
     return cfg
+
+
+def _apply_size(cfg: DictConfig, raw: dict, overrides: Sequence[str], where) -> None:
+    """`model.size: 1.3b` fills the model's keys from model/config.py's SIZES; keys the file or the command line
+    write themselves win over the size's."""
+    size = OmegaConf.select(cfg, "model.size")
+    if size is None:
+        return
+    if size not in SIZES:
+        raise SpecError(f"{where('model.size')}: key 'model.size' has the value {size!r}, which is not a named size."
+                        f"{did_you_mean(str(size), SIZES)} Named sizes: {', '.join(SIZES)}.")
+    written = {k.split(".", 1)[1] for k in _flatten(raw) if k.startswith("model.")}
+    written |= {ov.split("=", 1)[0].strip().split(".", 1)[1] for ov in overrides if ov.startswith("model.")}
+    for key, value in size_keys(size).items():
+        if key not in written:
+            cfg.model[key] = value
 
 
 def save_config(cfg: DictConfig, path) -> None:

@@ -24,8 +24,8 @@ from typing import Callable, Hashable, Optional, Sequence, TypeVar
 
 from omegaconf import DictConfig
 
-from jobspec.checks import NAME
-from jobspec.loading import SpecError, did_you_mean, load_spec, read_yaml
+from jobspec.checks import NAME, NAME_RULE, check_plain_values
+from jobspec.loading import Origins, SpecError, did_you_mean, load_spec, read_yaml
 
 T = TypeVar("T")
 
@@ -145,14 +145,17 @@ def _order(stages: dict[str, dict], path: str) -> list[str]:
 
 def load_pipeline(path: str, overrides: Sequence[str] = ()) -> Pipeline:
     """Read and check a pipeline file and every stage's job; nothing is registered or written."""
-    raw = read_yaml(path)
+    lines: dict[str, int] = {}
+    raw = read_yaml(path, lines)
+    origin = Origins(path, lines)
+    check_plain_values(raw, origin)  # as a job file's: finite numbers, no control character in any value
     _check_keys(raw, TOP_KEYS, path, "")
     if raw.get("kind") != "pipeline":
         raise SpecError(f"{path}: key 'kind' has the value {raw.get('kind')!r}, "
                         "but a pipeline file says kind: pipeline.")
     name = raw.get("name") or Path(path).stem
-    if not isinstance(name, str) or not NAME.match(name):
-        raise SpecError(f"{path}: key 'name' has the value {name!r}, but it must be letters, digits, '_', '.' or '-'.")
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise SpecError(f"{origin('name')}: key 'name' has the value {name!r}, but it must be {NAME_RULE}.")
     executor = raw.get("executor", "auto")
     if executor not in ("auto", "local", "slurm"):
         raise SpecError(f"{path}: key 'executor' has the value {executor!r}, but it must be one of auto, local, slurm.")
@@ -165,8 +168,8 @@ def load_pipeline(path: str, overrides: Sequence[str] = ()) -> Pipeline:
     names = [str(n) for n in stages]
     for stage_name, body in stages.items():
         where = f"stages.{stage_name}"
-        if not NAME.match(str(stage_name)):
-            raise SpecError(f"{path}: stage name {stage_name!r} must be letters, digits, '_', '.' or '-'.")
+        if not NAME.fullmatch(str(stage_name)):
+            raise SpecError(f"{origin(where)}: stage name {stage_name!r} must be {NAME_RULE}.")
         if not isinstance(body, dict):
             raise SpecError(f"{path}: key '{where}' has the value {body!r}, but a stage must be a mapping "
                             "like {job: sft.yaml, after: pretrain}.")

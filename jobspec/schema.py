@@ -6,10 +6,73 @@ Every key a user can write in a job YAML is a field below, with its default.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import List, Optional
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, Iterator, List, Optional, Union, get_args, get_origin, get_type_hints
 
 from model.config import GPTConfig
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric key accepts (each entry, for a list of numbers); null passes where the key is Optional.
+    ge/gt: the lower bound, inclusive/exclusive; le/lt: the upper one. jobspec/checks.py `check_ranges` reads them."""
+
+    ge: Optional[float] = None
+    gt: Optional[float] = None
+    le: Optional[float] = None
+    lt: Optional[float] = None
+    why: str = ""  # said after the range in the error
+
+    def __contains__(self, value) -> bool:
+        return ((self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
+                and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt))
+
+    def __str__(self) -> str:
+        low = self.ge if self.ge is not None else self.gt
+        high = self.le if self.le is not None else self.lt
+        if high is None:
+            if self.ge is not None:
+                return "0 or more" if self.ge == 0 else f"at least {self.ge}"
+            return "positive" if self.gt == 0 else f"more than {self.gt}"
+        if low is None:
+            return f"at most {self.le}" if self.lt is None else f"less than {self.lt}"
+        return f"in {'[' if self.ge is not None else '('}{low}, {high}{']' if self.le is not None else ')'}"
+
+
+def bounded(default, *, why: str = "", **bounds) -> Any:
+    """A numeric field and its Range, e.g. `lr: float = bounded(3e-3, gt=0)`."""
+    metadata = {"range": Range(why=why, **bounds)}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+# model: is GPTConfig, the model's own shape (model/config.py, a layer below that knows no job): its ranges live here.
+MODEL_RANGES = {
+    "vocab_size": Range(ge=1, why="null = the tokenizer's size"), "n_layer": Range(ge=1), "n_head": Range(ge=1),
+    "n_kv_head": Range(ge=1, why="null = model.n_head"), "d_model": Range(ge=1),
+    "ffn_hidden": Range(ge=1, why="null = sized from model.d_model"), "max_seq_len": Range(ge=1),
+    "rope_theta": Range(gt=0), "norm_eps": Range(gt=0), "init_std": Range(gt=0),
+    "logit_softcap": Range(gt=0, why="null = no cap"), "head_size": Range(ge=2, why="null = d_model / n_head"),
+}
+
+
+def numeric_keys(schema, prefix: str = "") -> Iterator[tuple[str, Optional[Range], bool]]:
+    """(dotted key, its Range or None if it declares none, whether null is allowed) for every numeric key of a
+    schema, lists of numbers included."""
+    hints = get_type_hints(schema)
+    for f in fields(schema):
+        hint, key = hints[f.name], prefix + f.name
+        if is_dataclass(hint):
+            yield from numeric_keys(hint, key + ".")
+            continue
+        args = get_args(hint)
+        nullable = get_origin(hint) is Union and type(None) in args
+        base = next(a for a in args if a is not type(None)) if nullable else hint
+        if get_origin(base) is list:
+            base = get_args(base)[0]
+        if base in (int, float):
+            yield key, f.metadata.get("range") or (MODEL_RANGES.get(f.name) if schema is GPTConfig else None), nullable
 
 
 @dataclass
@@ -21,32 +84,35 @@ class DataConfig:
     sources: List[str] = field(default_factory=lambda: ["demo"])
     text_field: str = "text"  # the column read from .jsonl / .parquet records
     tokenizer: Optional[str] = None  # a tokenizer.json to use; None = train a BPE one
-    vocab_size: int = 4096  # size of the BPE vocabulary to train (special tokens included)
-    seq_len: int = 256  # tokens per training sequence
+    # size of the BPE vocabulary to train (special tokens included)
+    vocab_size: int = bounded(4096, ge=260, why="a byte-level BPE holds the 256 bytes and 4 special tokens")
+    seq_len: int = bounded(256, ge=1)  # tokens per training sequence
     dir: str = "data/demo"  # where tokenizer.json, meta.json, train/ and val/ MDS shards go
     remote: Optional[str] = None  # optional remote (s3://, gs://, another folder) that dir caches
-    val_fraction: float = 0.02  # share of documents held out when sources are not "demo"
-    num_workers: int = 0  # DataLoader workers per rank
+    val_fraction: float = bounded(0.02, ge=0, lt=1)  # share of documents held out when sources are not "demo"
+    num_workers: int = bounded(0, ge=0)  # DataLoader workers per rank
     shuffle: bool = True
-    max_docs: Optional[int] = None  # cap the documents read (quick tests)
+    max_docs: Optional[int] = bounded(None, ge=1, why="null = every document")  # cap the documents read (quick tests)
 
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 1000
-    micro_batch_size: int = 16  # sequences per rank per micro-step
-    grad_accum_steps: int = 1  # micro-steps per optimizer step
-    log_every: int = 10
-    val_every: int = 250  # 0 = only at the end
+    max_steps: int = bounded(1000, ge=0, why="0 only validates and saves")
+    micro_batch_size: int = bounded(16, ge=1)  # sequences per rank per micro-step
+    grad_accum_steps: int = bounded(1, ge=1)  # micro-steps per optimizer step
+    log_every: int = bounded(10, ge=1)
+    val_every: int = bounded(250, ge=0)  # 0 = only at the end
     val_at_start: bool = False  # also validate before the first step: the starting model's numbers, for comparison
-    val_batches: int = 20  # micro-batches per validation pass (0 = the whole split)
+    val_batches: int = bounded(20, ge=0)  # micro-batches per validation pass (0 = the whole split)
     compile: bool = False  # torch.compile each block
     activation_checkpointing: bool = False
     dtype: str = "auto"  # auto = bf16 on GPU, fp32 on CPU; or fp32 / bf16
     device: str = "auto"  # auto = cuda when available, else cpu
     deterministic: bool = False  # torch.use_deterministic_algorithms (slower)
-    time_budget_min: Optional[float] = None  # stop (and checkpoint) after this many minutes, counted across restarts
-    max_nonfinite_steps: int = 5  # steps in a row with a NaN/inf loss or gradient that are skipped before the run stops
+    # stop (and checkpoint) after this many minutes, counted across restarts
+    time_budget_min: Optional[float] = bounded(None, gt=0, why="null = no budget")
+    # steps in a row with a NaN/inf loss or gradient that are skipped before the run stops
+    max_nonfinite_steps: int = bounded(5, ge=1)
 
 
 OPTIMIZERS = ("adamw", "muon")
@@ -56,55 +122,69 @@ SCHEDULES = ("cosine", "wsd")
 @dataclass
 class OptimConfig:
     name: str = "adamw"  # adamw | muon (Muon on the blocks' matrices, AdamW on the rest: training/optim.py)
-    lr: float = 3e-3  # AdamW's peak LR
+    lr: float = bounded(3e-3, gt=0)  # AdamW's peak LR
     schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay: constant, then a linear decay at the end)
-    decay_fraction: float = 0.2  # wsd: the share of the steps spent decaying
-    min_lr_ratio: float = 0.1  # the schedule ends at lr * min_lr_ratio
-    warmup_steps: int = 50
-    muon_lr: float = 0.02  # Muon's peak LR (its updates are orthogonalized: another scale than AdamW's)
-    muon_momentum: float = 0.95
-    muon_weight_decay: float = 0.0  # decoupled, times Muon's LR
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0  # 0 = no clipping
+    decay_fraction: float = bounded(0.2, gt=0, le=1)  # wsd: the share of the steps spent decaying
+    min_lr_ratio: float = bounded(0.1, ge=0, le=1)  # the schedule ends at lr * min_lr_ratio
+    warmup_steps: int = bounded(50, ge=0)
+    muon_lr: float = bounded(0.02, gt=0)  # Muon's peak LR (its updates are orthogonalized: another scale than AdamW's)
+    muon_momentum: float = bounded(0.95, ge=0, lt=1)
+    muon_weight_decay: float = bounded(0.0, ge=0)  # decoupled, times Muon's LR
+    weight_decay: float = bounded(0.1, ge=0)
+    beta1: float = bounded(0.9, ge=0, lt=1)
+    beta2: float = bounded(0.95, ge=0, lt=1)
+    eps: float = bounded(1e-8, gt=0)
+    grad_clip: float = bounded(1.0, ge=0, why="0 = no clipping")
 
 
 @dataclass
 class CheckpointConfig:
-    every: int = 0  # save every N steps (0 = only at the end)
-    keep_last: int = 2  # newest checkpoints kept
-    keep_every: int = 0  # also keep every M-th step forever (0 = none)
+    every: int = bounded(0, ge=0)  # save every N steps (0 = only at the end)
+    keep_last: int = bounded(2, ge=1, why="the newest checkpoint is what a resume starts from "
+                             "(checkpoint.keep_every keeps older ones too)")  # newest checkpoints kept
+    keep_every: int = bounded(0, ge=0)  # also keep every M-th step forever (0 = none)
     async_save: bool = False  # write in a background thread while training goes on: for GPU runs (docs/performance.md)
     init_from: Optional[str] = None  # a run folder, a checkpoint folder or a Hugging Face Llama folder
 
 
 @dataclass
 class ParallelConfig:
-    dp_replicate: int = 1  # HSDP replicas (1 = plain FSDP)
-    dp_shard: int = -1  # FSDP shards; -1 = whatever world size is left
-    tp: int = 1  # tensor-parallel degree (consecutive ranks)
-    collective_timeout_s: int = 600  # a rank silent this long (hung, its node lost) fails the others' collectives
+    dp_replicate: int = bounded(1, ge=1)  # HSDP replicas (1 = plain FSDP)
+    dp_shard: int = bounded(-1, ge=-1, why="-1 = the rest")  # FSDP shards; -1 = whatever world size is left (not 0)
+    tp: int = bounded(1, ge=1)  # tensor-parallel degree (consecutive ranks)
+    # a rank silent this long (hung, its node lost) fails the others' collectives
+    collective_timeout_s: int = bounded(600, ge=1)
 
 
 @dataclass
 class ResourcesConfig:
     """What a Slurm job asks for. Ignored by the local executor except nproc_per_node."""
 
-    nodes: int = 1
-    nproc_per_node: int = 1  # processes (tasks) per node: one per GPU, or CPU workers
-    gpus_per_node: int = 0
-    cpus_per_task: int = 1
-    mem_gb: Optional[int] = None
-    time_min: int = 60
+    nodes: int = bounded(1, ge=1)
+    nproc_per_node: int = bounded(1, ge=1)  # processes (tasks) per node: one per GPU, or CPU workers
+    gpus_per_node: int = bounded(0, ge=0)
+    cpus_per_task: int = bounded(1, ge=1)
+    mem_gb: Optional[int] = bounded(None, ge=1, why="null = the partition's default")
+    time_min: int = bounded(60, ge=1)
     partition: Optional[str] = None
     account: Optional[str] = None
     qos: Optional[str] = None
     constraint: Optional[str] = None
     sbatch_extra: List[str] = field(default_factory=list)  # raw flags, e.g. ["--exclusive"]
-    max_requeues: int = 3  # preemptions / time-outs survived by requeueing
-    max_retries: int = 1  # resubmissions after a failure
+    max_requeues: int = bounded(3, ge=0)  # preemptions / time-outs survived by requeueing
+    max_retries: int = bounded(1, ge=0)  # resubmissions after a failure
+    # Memory of one GPU; `orch submit --check-fit` refuses a job whose plan (`orch plan`) needs more. null = the
+    # device `orch plan` assumes (an H100's 80 GB)
+    gpu_mem_gib: Optional[float] = bounded(None, gt=0, why="null = an H100's")
+
+
+TRACKER_BACKENDS = ("jsonl", "tensorboard")  # training/trackers.py writes each
+
+
+@dataclass
+class LoggingConfig:
+    # Where a run's metrics go besides metrics.jsonl (always written): tensorboard = <run folder>/tensorboard
+    backends: List[str] = field(default_factory=lambda: ["jsonl"])
 
 
 @dataclass
@@ -112,7 +192,7 @@ class JobSpec:
     kind: str = "pretrain"
     name: str = "pretrain"
     runs_dir: str = "runs"  # run folders go to runs_dir/<name>-<id>/
-    seed: int = 1337
+    seed: int = bounded(1337, ge=0, le=2 ** 32 - 1, why="numpy's and scikit-learn's seeds are 32-bit")
     executor: str = "auto"  # auto | local | slurm
     model: GPTConfig = field(default_factory=GPTConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -121,6 +201,7 @@ class JobSpec:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 @dataclass
@@ -132,7 +213,7 @@ class SFTConfig:
     val_file: Optional[str] = None
     demo_dir: str = "data/posttrain"  # where the demo files are written when no files are given
     packing: bool = True  # several examples per row, attention kept within each; false = one per row, padded
-    val_max: int = 0  # held-out examples evaluated (0 = all)
+    val_max: int = bounded(0, ge=0)  # held-out examples evaluated (0 = all)
 
 
 @dataclass
@@ -141,9 +222,9 @@ class LoRAConfig:
     modules_to_save) train; checkpoints hold those plus a reference to the base checkpoint."""
 
     enabled: bool = False
-    rank: int = 16
-    alpha: float = 32.0  # the update is scaled by alpha / rank
-    dropout: float = 0.0  # on the adapters' input
+    rank: int = bounded(16, ge=1)
+    alpha: float = bounded(32.0, gt=0)  # the update is scaled by alpha / rank
+    dropout: float = bounded(0.0, ge=0, lt=1)  # on the adapters' input
     # our projection names (or longer suffixes such as layers.3.attention.wq); the default is every one
     target_modules: List[str] = field(default_factory=lambda: ["wq", "wk", "wv", "wo", "w1", "w2", "w3"])
     modules_to_save: List[str] = field(default_factory=list)  # whole modules trained and saved too, e.g. [norm]
@@ -164,12 +245,12 @@ class PreferenceConfig:
     train_file: Optional[str] = None  # None = the demo pairs (a real stdlib function vs a corrupted one)
     val_file: Optional[str] = None
     demo_dir: str = "data/posttrain"  # where the demo files are written when no files are given
-    val_max: int = 0  # held-out pairs evaluated (0 = all)
+    val_max: int = bounded(0, ge=0)  # held-out pairs evaluated (0 = all)
 
 
 @dataclass
 class DPOConfig(PreferenceConfig):
-    beta: float = 0.1  # strength of the pull towards the reference model (higher = stay closer)
+    beta: float = bounded(0.1, gt=0)  # strength of the pull towards the reference model (higher = stay closer)
 
 
 GRPO_LOSS_TYPES = ("grpo", "dr_grpo", "dapo")  # training/posttrain/losses.py: grpo_policy_loss
@@ -183,21 +264,25 @@ class GRPOConfig:
     train_file: Optional[str] = None  # None = the demo prompts (write a stdlib function from its signature)
     val_file: Optional[str] = None
     demo_dir: str = "data/posttrain"
-    group_size: int = 4  # completions sampled per prompt; their rewards are normalized within the group
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_k: Optional[int] = None
-    clip_eps: float = 0.2  # PPO-style ratio clip: ratio kept within [1 - clip_eps, 1 + epsilon_high] (TRL: epsilon)
-    epsilon_high: Optional[float] = None  # the upper clip; None = clip_eps. DAPO recommends 0.28 (clip-higher)
-    kl_coef: float = 0.04  # weight of the k3 KL penalty to the frozen reference (TRL: beta, default 0.0)
-    num_iterations: int = 1  # policy updates per sampled batch (TRL's num_iterations, mu in DeepSeekMath)
+    # completions sampled per prompt; their rewards are normalized within the group
+    group_size: int = bounded(4, ge=2, why="a group needs at least 2 completions to compare")
+    max_new_tokens: int = bounded(64, ge=1)
+    temperature: float = bounded(1.0, gt=0, why="sampling is what explores")
+    top_k: Optional[int] = bounded(None, ge=1, why="null = every token")
+    # PPO-style ratio clip: ratio kept within [1 - clip_eps, 1 + epsilon_high] (TRL: epsilon)
+    clip_eps: float = bounded(0.2, ge=0, lt=1)
+    # the upper clip; None = clip_eps. DAPO recommends 0.28 (clip-higher)
+    epsilon_high: Optional[float] = bounded(None, ge=0, why="null = grpo.clip_eps")
+    kl_coef: float = bounded(0.04, ge=0)  # weight of the k3 KL penalty to the frozen reference (TRL: beta, default 0.0)
+    # policy updates per sampled batch (TRL's num_iterations, mu in DeepSeekMath)
+    num_iterations: int = bounded(1, ge=1)
     loss_type: str = "dapo"  # grpo | dr_grpo | dapo: how token losses are averaged (training/posttrain/losses.py)
     scale_rewards: str = "group"  # group | batch | none: what the centred rewards are divided by
     mask_truncated_completions: bool = False  # completions cut at max_new_tokens carry no loss (DAPO)
     # `module:function` called as fn(completion_text, record) -> float, or a trained `rm` run folder
     reward: str = "training.posttrain.rewards:python_parses"
-    val_prompts: int = 64  # held-out prompts evaluated (0 = all)
-    val_temperature: float = 0.0  # 0 = greedy completions at evaluation
+    val_prompts: int = bounded(64, ge=0)  # held-out prompts evaluated (0 = all)
+    val_temperature: float = bounded(0.0, ge=0)  # 0 = greedy completions at evaluation
 
 
 @dataclass
@@ -207,10 +292,11 @@ class ClassifyConfig:
     train_file: Optional[str] = None  # None = the demo task (is a stdlib function's body in its written order?)
     val_file: Optional[str] = None
     demo_dir: str = "data/classify"  # where the demo files are written when no files are given
-    train_last_blocks: Optional[int] = None  # None = every block trains; N = only the last N (+ final norm, head)
+    # None = every block trains; N = only the last N (+ final norm, head)
+    train_last_blocks: Optional[int] = bounded(None, ge=0, why="null = every block")
     class_weights: str = "none"  # none | balanced (each class weighs n / (classes * its count) in the loss)
     baselines: bool = True  # also fit the majority class and TF-IDF + logistic regression, for comparison
-    val_max: int = 0  # held-out examples evaluated (0 = all)
+    val_max: int = bounded(0, ge=0)  # held-out examples evaluated (0 = all)
 
 
 @dataclass
@@ -253,7 +339,7 @@ class EvalConfig:
                                                       "jobs/tasks/python_functions.yaml",
                                                       "jobs/tasks/stdlib_bodies.yaml"])
     heldout: List[str] = field(default_factory=lambda: ["val"])  # splits of data.dir scored for perplexity and bpb
-    max_examples: Optional[int] = None  # per task (None = all)
+    max_examples: Optional[int] = bounded(None, ge=1, why="null = all")  # per task
     # Stages to compare in report.md, each "STAGE=RUN_FOLDER" (or a bare folder: named after its kind),
     # e.g. ["pretrain=runs/pretrain-1a2b3c", "sft=runs/sft-4d5e6f"]; each is evaluated like the source.
     compare: List[str] = field(default_factory=list)
