@@ -11,7 +11,8 @@ A spec is `point[@rank][#n][:action]`:
   action  kill (default; os._exit(137), as SIGKILL would), sigterm, sigusr2 (Slurm's time-limit warning),
           hang (sleep forever, like a stuck rank), wait (block until the file named by ORCH_FAULT_RELEASE
           exists: a test holds a process at a point while it acts, then lets it go), nan (the caller makes its
-          value non-finite), enospc (raise OSError(ENOSPC), a full disk).
+          value non-finite), enospc (raise OSError(ENOSPC), a full disk), enolck (raise OSError(ENOLCK), a
+          file system mounted without flock).
 With ORCH_FAULT_ONCE=<file> a fault fires only if that file does not exist yet, and creates it: the run that
 restarts after the fault then runs clean. The environment is read once, at the first `fault()` call; when
 ORCH_FAULT is unset a call costs one dictionary lookup.
@@ -26,7 +27,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-ACTIONS = ("kill", "sigterm", "sigusr2", "hang", "wait", "nan", "enospc")
+ACTIONS = ("kill", "sigterm", "sigusr2", "hang", "wait", "nan", "enospc", "enolck")
 
 FAULT_POINTS = {
     # data plane (training/)
@@ -42,6 +43,13 @@ FAULT_POINTS = {
     "checkpoint.manifest": "training/checkpoint.py, before the manifest is written",
     "checkpoint.commit": "training/checkpoint.py, between the manifest and the rename into place",
     "checkpoint.prune": "training/checkpoint.py, after the commit, before older checkpoints are pruned",
+    "checkpoint.trash_remove": "training/checkpoint.py, each file removed from a pruned checkpoint (renamed to "
+                               ".trash-step_N first)",
+    "serve.decode_step": "training/serve/engine.py, before each decode step of the batch (wait: a test holds the "
+                         "server mid-generation while its clients act)",
+    "run_lock.held": "training/main.py, once the run folder's lock is held (rank 0; each node's local rank 0)",
+    "run_lock.flock": "jobspec/run_lock.py, before each flock of the run folder's lock (enolck: the file system "
+                      "has no flock)",
     # control plane (orchestrator/)
     "submit.run_folder": "orchestrator/runs.py, after the run folder and config.yaml, before the registry row",
     "submit.registered": "orchestrator/cli.py (pipelines: orchestrator/pipelines.py), after the registry rows, before "
@@ -142,4 +150,6 @@ def _act(action: str) -> Optional[str]:
         return None
     if action == "enospc":
         raise OSError(errno.ENOSPC, "No space left on device (fault point)")
+    if action == "enolck":
+        raise OSError(errno.ENOLCK, "No locks available (fault point)")
     return action  # nan: the caller's business

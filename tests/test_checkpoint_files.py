@@ -1,16 +1,18 @@
-"""Checkpoint housekeeping on real files: which steps pruning keeps, and a full disk that
-stops a save with a clear error while the previous checkpoint stays whole."""
+"""Checkpoint housekeeping on real files: which steps pruning keeps (never one for a damaged one), and a full
+disk that stops a save with a clear error while the previous checkpoint stays whole."""
 
 from __future__ import annotations
 
 import os
 import subprocess
+import sys
 
 import pytest
 import torch
 
 from model.config import GPTConfig
 from model.gpt import GPT
+from tests.conftest import REPO
 from training.checkpoint import CheckpointError, find_resumable, prune, save_checkpoint, step_dirs
 
 
@@ -24,6 +26,38 @@ def test_prune_keeps_the_newest_and_every_mth(tmp_path):
     kept = sorted(int(p.name.split("_")[1]) for p in step_dirs(root))
     assert kept == [40, 80, 90, 100]
     assert (root / ".tmp-step_00000110").is_dir()
+
+
+WRITE_CHECKPOINTS = """
+import sys, torch
+from model.config import GPTConfig
+from model.gpt import GPT
+from training.checkpoint import save_checkpoint
+model = GPT(GPTConfig(vocab_size=256, n_layer=2, n_head=4, d_model=32, max_seq_len=32))
+model.init_weights(seed=0)
+opt = torch.optim.AdamW(model.parameters())
+for step in map(int, sys.argv[2:]):
+    save_checkpoint(sys.argv[1], step, model, opt, {"step": step}, keep_last=100)
+"""
+
+
+def test_prune_never_counts_a_bit_flipped_checkpoint_nor_deletes_a_good_one_for_it(tmp_path):
+    """Steps 4, 8, 12 written by an earlier trainer process; then one bit of step 8 flips (its size unchanged)."""
+    subprocess.run([sys.executable, "-c", WRITE_CHECKPOINTS, str(tmp_path), "4", "8", "12"], cwd=REPO, check=True,
+                   env=dict(os.environ, PYTHONPATH=str(REPO)))
+    root = tmp_path / "checkpoints"
+    shard = sorted((root / "step_00000008" / "model").glob("*.safetensors"))[0]
+    with open(shard, "r+b") as f:
+        f.seek(shard.stat().st_size - 1)
+        last = f.read(1)[0]
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([last ^ 1]))
+    assert prune(root, keep_last=2, keep_every=0) == [], "the good step 4 was deleted for the damaged step 8"
+    assert [p.name for p in step_dirs(root)] == ["step_00000012", "step_00000008", "step_00000004"]
+    model, opt = small_model(32)
+    save_checkpoint(tmp_path, 16, model, opt, {"step": 16}, keep_last=2)  # 16 and 12 are the two newest good ones
+    assert [p.name for p in step_dirs(root)] == ["step_00000016", "step_00000012", "step_00000008"]
+    assert not list(root.glob(".trash-*")), "a pruned checkpoint's files were left behind"
 
 
 def small_model(d_model: int) -> tuple[GPT, torch.optim.Optimizer]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,8 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from jobspec.contract import RunFolder, save_seconds, trainer_exit
 from jobspec.processes import same_process
-from jobspec.run_lock import holder
+from jobspec.run_lock import RunLock, holder
 from orchestrator.registry import Registry
 from tests.conftest import REPO, env_for, tiny_overrides
 from training.checkpoint import find_resumable, prune, save_checkpoint, step_dirs, verify
@@ -141,6 +143,19 @@ def test_a_kill_in_any_save_phase_keeps_the_newest_committed_checkpoint(tmp_path
     assert saved_steps(run) == [6]
 
 
+def test_a_kill_in_the_middle_of_pruning_never_leaves_a_half_deleted_checkpoint(tmp_path, tiny_data):
+    run = tmp_path / "run"
+    # keep_last=1: saving step 4 prunes step 2, and the trainer is killed after the 2nd of its files is removed
+    killed = trainer(run, tiny_data, "train.max_steps=6", "checkpoint.every=2", "checkpoint.keep_last=1",
+                     fault="checkpoint.trash_remove#2:kill", check=False)
+    assert killed.returncode == 137, killed.stdout[-2000:] + killed.stderr[-2000:]
+    assert saved_steps(run) == [4] and verify(run / "checkpoints" / "step_00000004") is None
+    assert (run / "checkpoints" / ".trash-step_00000002").is_dir(), "the half-removed folder kept its step_N name"
+    resumed = trainer(run, tiny_data, "train.max_steps=6", "checkpoint.every=2", "checkpoint.keep_last=1")
+    assert "resumed from" in resumed.stdout and "removed .trash-step_00000002" in resumed.stdout
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000006"]
+
+
 def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path, tiny_data):
     run = tmp_path / "run"
     full = trainer(run, tiny_data, "train.max_steps=6", "checkpoint.every=2", fault="checkpoint.shard_write#10:enospc",
@@ -200,6 +215,58 @@ def test_a_second_trainer_on_a_busy_run_folder_is_refused(tmp_path, tiny_data):
     finally:
         first.kill()
         first.wait()
+
+
+def test_a_trainer_refused_under_torchrun_records_a_user_error_exit(tmp_path, tiny_data):
+    """torchrun reports any failure as 1: the refused rank 0's own code (2, don't retry) must reach the executor."""
+    run = tmp_path / "run"
+    with RunLock(run):  # a trainer the executor doesn't know of holds the folder
+        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                 "-m", "training.main", JOB, *tiny_overrides(tiny_data, "train.max_steps=2"),
+                                 "--run-dir", str(run)], cwd=tmp_path, env=env_for(tmp_path), capture_output=True,
+                                text=True, timeout=600)
+    assert result.returncode == 1 and "in use by another trainer" in result.stderr, result.stderr[-3000:]
+    assert trainer_exit(RunFolder(run)) == 2
+    assert not (run / "logs" / "user_error.txt").exists(), "the refused trainer wrote a sentence into a busy folder"
+
+
+def test_a_second_trainer_is_refused_while_another_node_of_the_first_lives(tmp_path, tiny_data):
+    """Two nodes (each rank its node's local rank 0); rank 0 is lost, rank 1 still runs: the folder is not free."""
+    run = tmp_path / "run"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ranks = []
+    for rank in (0, 1):
+        env = dict(env_for(tmp_path), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), ORCH_FAULT="run_lock.held@1:hang")
+        ranks.append(subprocess.Popen([sys.executable, "-m", "training.main", JOB,
+                                       *tiny_overrides(tiny_data, "train.max_steps=5"), "--run-dir", str(run)],
+                                      cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    try:
+        for line in ranks[1].stdout:  # rank 1 holds the folder with rank 0 once it gets here
+            if line.startswith("[orch fault] run_lock.held"):
+                break
+        else:
+            pytest.fail("rank 1 never reached the point where it holds the run folder")
+        ranks[0].kill()  # rank 0's node is lost
+        ranks[0].wait()
+        second = trainer(run, tiny_data, "train.max_steps=5", check=False)
+        assert second.returncode == 2 and "in use by another trainer" in second.stderr, second.stderr[-2000:]
+    finally:
+        for proc in ranks:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_file_system_without_flock_is_a_user_error_naming_the_requirement(tmp_path, tiny_data):
+    run = tmp_path / "run"
+    result = trainer(run, tiny_data, "train.max_steps=2", fault="run_lock.flock:enolck", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    said = (run / "logs" / "user_error.txt").read_text()
+    assert "does not support flock" in said and "docs/reliability.md" in said and str(run / ".lock") in said
+    assert trainer_exit(RunFolder(run)) == 2
 
 
 def test_cancel_then_resume_at_once_never_runs_two_trainers(tmp_path, tiny_data, monkeypatch):
@@ -269,6 +336,32 @@ def test_the_supervisor_requeues_a_trainer_stopped_by_a_signal_without_burning_a
     assert run.state == "COMPLETED" and run.attempts == 2, run
     log = (Path(run.run_dir) / "logs" / "train.log").read_text()
     assert "requeued after a stop signal (1 of 1)" in log and "resumed from" in log
+
+
+def test_a_stop_signal_to_the_process_group_saves_with_data_loader_workers(tmp_path, tiny_data):
+    """torchrun and Slurm signal a trainer's whole process group, its data loader's workers included."""
+    run, release = tmp_path / "run", tmp_path / "release"
+    env = dict(env_for(tmp_path), ORCH_FAULT="train.after_optimizer_step#3:wait", ORCH_FAULT_RELEASE=str(release))
+    overrides = tiny_overrides(tiny_data, "train.max_steps=10", "checkpoint.every=0", "data.num_workers=1")
+    proc = subprocess.Popen([sys.executable, "-m", "training.main", JOB, *overrides, "--run-dir", str(run)],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # its own process group, as torchrun starts each rank
+    try:
+        out = []
+        for line in proc.stdout:  # the workers are running; the trainer waits inside step 3
+            out.append(line)
+            if line.startswith("[orch fault]"):
+                break
+        os.killpg(proc.pid, signal.SIGTERM)
+        release.touch()
+        out.append(proc.stdout.read())
+        assert proc.wait(timeout=300) == 3, "".join(out)[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert saved_steps(run) == [3] and verify(run / "checkpoints" / "step_00000003") is None
+    assert save_seconds(RunFolder(run)) > 0, "the save was not timed for the launchers' grace"
 
 
 def test_a_time_budget_counts_across_a_requeue(tmp_path, tiny_data):

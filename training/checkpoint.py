@@ -12,8 +12,10 @@ crash mid-save leaves the previous checkpoint as the newest. A committed checkpo
 removed before a newer one is committed, and a step already saved is never written again.
 On resume, a checkpoint whose manifest is missing or whose files don't match it is skipped
 with a warning naming the file, and set aside as `step_N.corrupt` so that no later save or
-prune takes it for a good one. Pruning deletes only complete checkpoints with our names, never
-the one just written.
+prune takes it for a good one. Pruning counts and deletes only checkpoints with our names whose
+hashes this process has checked (it wrote them, resumed from them, or hashed them before pruning),
+never the one just written; it renames a checkpoint to `.trash-step_N` before removing its files,
+so that a kill mid-removal never leaves a half-deleted `step_N`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import json
 import os
 import random
 import shutil
+import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -44,7 +47,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from jobspec.contract import CHECKPOINTS, checkpoint_name, checkpoint_step
+from jobspec.contract import CHECKPOINTS, RunFolder, checkpoint_name, checkpoint_step
 from jobspec.faults import fault
 from training.safetensors_reader import StreamingHFStorageReader
 from training.safetensors_writer import StreamingHFStorageWriter
@@ -71,10 +74,10 @@ def step_dirs(root: Path) -> list[Path]:
 
 
 def clean_unfinished(run_dir: str | Path) -> list[Path]:
-    """Remove `.tmp-step_*` folders: saves that a crash interrupted. Only the trainer holding the run folder's
-    lock calls this (no other save can be under way)."""
+    """Remove `.tmp-step_*` folders (saves that a crash interrupted) and `.trash-step_*` ones (prunes that a crash
+    interrupted). Only the trainer holding the run folder's lock calls this (no other save can be under way)."""
     root = checkpoint_root(run_dir)
-    stale = sorted(root.glob(".tmp-step_*")) if root.is_dir() else []
+    stale = sorted([*root.glob(".tmp-step_*"), *root.glob(".trash-step_*")]) if root.is_dir() else []
     for path in stale:
         shutil.rmtree(path, ignore_errors=True)
     return stale
@@ -87,6 +90,7 @@ def set_aside(path: Path, why: str) -> Path:
         dest = path.with_name(f"{path.name}.corrupt" + (f"-{n}" if n > 1 else ""))
         if not dest.exists():
             os.replace(path, dest)
+            _verified.discard(path.resolve())
             (dest / "WHY_SET_ASIDE.txt").write_text(why + "\n")
             return dest
     raise CheckpointError(f"can't set {path} aside: too many {path.name}.corrupt-* folders")
@@ -241,6 +245,7 @@ def write_checkpoint(run_dir: str | Path, step: int, model_state: dict, optim_st
     Collective over `group` (default: the world). The async saver calls it from a background thread
     with a process group of its own, so its collectives never interleave with training's.
     """
+    started = time.monotonic()
     rank, world = _world()
     root = checkpoint_root(run_dir)
     final = root / checkpoint_name(step)
@@ -280,8 +285,10 @@ def write_checkpoint(run_dir: str | Path, step: int, model_state: dict, optim_st
                 set_aside(final, f"found damaged when step {step} was saved again: {verify_quickly(final)}")
             os.replace(tmp, final)
             _fsync_dir(root)
+            _verified.add(final.resolve())  # every file was hashed into the manifest just above
             fault("checkpoint.prune")
             prune(root, keep_last, keep_every, keep=final)
+            _record_save_time(run_dir, time.monotonic() - started)
     except (Exception, DCPException) as e:  # DCPException derives from BaseException
         if rank == 0:  # an unfinished save is garbage, and on a full disk it holds the space we need
             shutil.rmtree(tmp, ignore_errors=True)
@@ -292,6 +299,25 @@ def write_checkpoint(run_dir: str | Path, step: int, model_state: dict, optim_st
         raise
     _barrier(group)
     return final
+
+
+_longest_save: dict[Path, float] = {}  # run folder -> this process's slowest save into it, in seconds
+
+
+def _record_save_time(run_dir: str | Path, seconds: float) -> None:
+    """Rank 0 keeps the longest save of this trainer in logs/save_seconds.txt: the executors give the trainer that
+    long (twice, see jobspec.contract.stop_grace_s) between a stop signal and SIGKILL. A failed write costs only
+    that, never the checkpoint."""
+    folder = RunFolder(Path(run_dir).resolve())
+    longest = _longest_save[folder.path] = max(_longest_save.get(folder.path, 0.0), seconds)
+    path = folder.save_seconds
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(f"{longest:.3f}\n")
+        os.replace(tmp, path)
+    except OSError:
+        pass
 
 
 def _disk_full(e: BaseException) -> bool:
@@ -327,21 +353,56 @@ def verify_quickly(path: Path) -> Optional[str]:
     return None
 
 
+# The checkpoints this process knows to be good, by hash: written by it, resumed from, or checked by prune. A size
+# check can't see a flipped bit, and pruning must never count a damaged checkpoint among the ones it keeps.
+_verified: set[Path] = set()
+
+
+def _known_good(path: Path) -> bool:
+    """Whether a checkpoint's hashes match its manifest, hashing it only the first time this process asks."""
+    key = path.resolve()
+    if key not in _verified and verify(path) is None:
+        _verified.add(key)
+    return key in _verified
+
+
 def prune(root: Path, keep_last: int, keep_every: int, keep: Optional[Path] = None) -> list[Path]:
-    """Delete complete checkpoints beyond the newest `keep_last` complete ones, except every `keep_every`-th step
-    and `keep` (the one just written). Incomplete or damaged folders neither count nor get deleted: a damaged
-    newest one must not push a good one out. Returns what was deleted."""
+    """Delete good checkpoints beyond the newest `keep_last` good ones, except every `keep_every`-th step and
+    `keep` (the one just written). Good means hash-verified by this process (see _verified; an older one is hashed
+    here once): incomplete or damaged folders neither count nor get deleted, so a damaged newer one never pushes a
+    good one out. Returns what was deleted."""
     if keep_last < 1:
         raise CheckpointError(f"checkpoint.keep_last={keep_last}: at least 1 checkpoint must be kept")
-    complete = [p for p in step_dirs(root) if verify_quickly(p) is None]
-    deleted = []
-    for i, path in enumerate(complete):
+    kept, deleted = 0, []
+    for path in step_dirs(root):  # newest first
         step = checkpoint_step(path.name)
-        if i < keep_last or (keep_every and step % keep_every == 0) or path == keep:
+        milestone = bool(keep_every) and step % keep_every == 0
+        if milestone and kept >= keep_last:
+            continue  # kept whatever it holds: no need to hash it
+        if path != keep and not _known_good(path):
             continue
-        shutil.rmtree(path, ignore_errors=True)
+        if kept < keep_last or milestone or path == keep:
+            kept += 1
+            continue
+        remove_checkpoint(path)
         deleted.append(path)
     return deleted
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Rename `step_N` to `.trash-step_N`, then delete its files: a kill in between leaves a folder that is no
+    checkpoint (the lock holder's clean_unfinished removes it), never a half-deleted `step_N`."""
+    trash = path.with_name(f".trash-{path.name}")
+    if trash.exists():  # an earlier prune of this very step was killed mid-removal
+        shutil.rmtree(trash)
+    os.replace(path, trash)
+    _fsync_dir(path.parent)
+    _verified.discard(path.resolve())
+    for folder, _, files in os.walk(trash, topdown=False):
+        for name in files:
+            os.unlink(os.path.join(folder, name))
+            fault("checkpoint.trash_remove")
+        os.rmdir(folder)
 
 
 # ---------------------------------------------------------------- validate and load
@@ -400,6 +461,7 @@ def find_resumable(run_dir: str | Path, set_damaged_aside: bool = False) -> Opti
     for path in candidates:
         problem = _verify_collectively(path)
         if problem is None:
+            _verified.add(path.resolve())
             if set_damaged_aside and rank == 0:  # a newer damaged folder must not meet this step's saves later
                 for damaged, why in skipped:
                     set_aside(damaged, f"skipped on resume from {path.name}: {why}")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from jobspec import SpecError, load_spec
 from jobspec.contract import EXIT_USER_ERROR, RunFolder
+from jobspec.faults import fault
 from jobspec.loading import save_config
 
 
@@ -100,7 +101,7 @@ def run(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     # Imported after the spec check so a typo fails fast, before torch loads.
-    from jobspec.run_lock import RunFolderBusy, RunLock
+    from jobspec.run_lock import LockUnsupported, RunFolderBusy, RunLock
     from training import checkpoint as ckpt
     from training.data import DataError
     from training.distributed import init_distributed, shutdown
@@ -115,6 +116,9 @@ def run(argv=None) -> int:
         if dist_info.is_main:
             lock.acquire()  # one trainer per run folder; the lock dies with this process
         dist_info.barrier()
+        if dist_info.local_rank == 0 and not dist_info.is_main:
+            lock.join()  # each node holds the folder until its own processes are gone
+        fault("run_lock.held")
         record_config(cfg, args.config, folder, dist_info.is_main)
         if cfg.kind in RUNNERS:
             code = _load(RUNNERS[cfg.kind])(cfg, dist_info, folder.path)
@@ -123,13 +127,17 @@ def run(argv=None) -> int:
             code = Trainer(cfg, dist_info, folder.path, task, stop=stop).fit()
         record_exit(code, folder, dist_info.is_main)
         return code
-    except (SpecError, DataError, ckpt.CheckpointError, RunFolderBusy, ValueError, OSError) as e:
+    except (SpecError, DataError, ckpt.CheckpointError, RunFolderBusy, LockUnsupported, ValueError, OSError) as e:
         if isinstance(e, OSError) and e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         message = str(e) if not isinstance(e, OSError) else (
             f"the disk holding {folder.path} is full ({e.strerror}: {e.filename}): free space, then resume; "
             "its checkpoints are untouched")
-        report_user_error(message, folder, int(os.environ.get("RANK", "0")) == 0 and not isinstance(e, RunFolderBusy))
+        rank0 = int(os.environ.get("RANK", "0")) == 0
+        # A refused trainer writes no sentence into the busy folder; its exit code still tells a launcher (torchrun
+        # reports any failure as 1) not to retry.
+        report_user_error(message, folder, rank0 and not isinstance(e, RunFolderBusy))
+        record_exit(EXIT_USER_ERROR, folder, rank0)
         return EXIT_USER_ERROR
     finally:
         shutdown()

@@ -2,7 +2,9 @@
 torchrun's shutdown) and Ctrl-C all ask the trainer to save a checkpoint and exit with EXIT_REQUEUE.
 
 The entry point (training/main.py) installs the handlers once per process; a Trainer built anywhere else (a
-benchmark, a test) gets a StopFlag nobody sets, and Ctrl-C keeps its usual meaning there.
+benchmark, a test) gets a StopFlag nobody sets, and Ctrl-C keeps its usual meaning there. torchrun and Slurm signal
+the trainer's whole process group: its data loader workers ignore these signals (training/data/loader.py), so
+that none dies before the trainer has saved.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from jobspec.contract import EXIT_REQUEUE, EXIT_USER_ERROR, RunFolder, trainer_exit, user_error
+from jobspec.contract import EXIT_REQUEUE, EXIT_USER_ERROR, RunFolder, stop_grace_s, trainer_exit, user_error
 from jobspec.faults import fault
 from orchestrator.executors.local import CANCELLED_BY_USER
 from orchestrator.registry import Registry, Run, now
@@ -32,10 +32,12 @@ PR_SET_PDEATHSIG = 1
 
 
 def trainer_command(run: Run, nproc: int) -> list[str]:
-    config = str(RunFolder(run.run_dir).config)
+    folder = RunFolder(run.run_dir)
+    config = str(folder.config)
     if nproc > 1:
+        # torchrun's wait between its SIGTERM to the ranks and SIGKILL: long enough for the save they then make
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                "-m", "training.main", config, "--run-dir", run.run_dir]
+                f"--shutdown-timeout={stop_grace_s(folder)}", "-m", "training.main", config, "--run-dir", run.run_dir]
     return [sys.executable, "-m", "training.main", config, "--run-dir", run.run_dir]
 
 

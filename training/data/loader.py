@@ -11,6 +11,9 @@ named by a small integer prefix, shared by the ranks of a node. Consequences:
   * a dataset's shared memory lives until its process exits, so build each loader once per
     process (iter_val_batches caches its own) rather than once per use;
   * load_state_dict() takes effect at the next iter(): drop iterators made before it.
+
+Workers (data.num_workers) ignore the stop signals: torchrun and Slurm signal a trainer's whole process group,
+and a worker killed by them would crash the trainer before it saves. The trainer stops them itself.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import json
 import logging
 import os
 import re
+import signal
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -26,6 +30,7 @@ import numpy as np
 import torch
 
 from training.data import DataError
+from training.signals import STOP_SIGNALS
 
 # Streaming warns at every epoch start that state dicts must account for replication: ours do
 # (StreamingDataLoader.state_dict divides by it), so the warning is noise in every log.
@@ -50,7 +55,8 @@ class TokenLoader:
         # drop_last: every batch has the same shape; the few samples left over at the end of an
         # epoch are seen in later epochs, which are shuffled differently.
         self.loader = StreamingDataLoader(self.dataset, batch_size=batch_size, num_workers=cfg.num_workers,
-                                          collate_fn=collate, drop_last=True, pin_memory=torch.cuda.is_available())
+                                          collate_fn=collate, drop_last=True, pin_memory=torch.cuda.is_available(),
+                                          worker_init_fn=ignore_stop_signals)
         if len(self.loader) == 0:
             raise DataError(f"the {split} split has {self.dataset.size} sequences, fewer than one batch of "
                             f"{batch_size} per rank: lower train.micro_batch_size or add data")
@@ -100,12 +106,19 @@ def iter_val_batches(cfg, batch_size: int, *, replication: int = 1):
 
         dataset = _open_split(cfg, "val", batch_size, shuffle=False, seed=0, replication=replication)
         _VAL_LOADERS[key] = StreamingDataLoader(dataset, batch_size=batch_size, num_workers=cfg.num_workers,
-                                                collate_fn=collate, pin_memory=torch.cuda.is_available())
+                                                collate_fn=collate, pin_memory=torch.cuda.is_available(),
+                                                worker_init_fn=ignore_stop_signals)
     # Each pass is a new epoch of the same dataset; unshuffled, every epoch is the same order.
     yield from _VAL_LOADERS[key]
 
 
 _VAL_LOADERS: dict = {}  # one val dataset per process: see the module docstring
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """In each loader worker: a stop signal is the trainer's to act on (save, then stop its workers)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def collate(samples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
