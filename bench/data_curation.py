@@ -4,11 +4,17 @@ it scales, all in one invocation.
     python -m bench.data_curation                 # the demo corpus: 1 worker, then 2 workers, on this machine
     python -m bench.data_curation --slurm         # also a 1-node and a 2-node Slurm array run (slurm/cluster.sh up)
     python -m bench.data_curation --repeat 4      # the demo corpus' training files 4 times (copies are duplicates)
+    python -m bench.data_curation --near-copies 1000,10000,100000   # near-duplicate clustering alone, see below
 
 Per step: documents (MB) that step processed / CPU seconds it took, summed over tasks (time.process_time in each
 task: other processes on a shared machine don't count). Whole stage: training documents / (wall seconds x
 workers). Scaling efficiency: wall(1 worker) / wall(2 workers) / 2. Wall time does count other processes: on a
 shared machine the efficiency is a lower bound; the result records the load average before and after.
+
+--near-copies N,...: the CPU seconds of near-duplicate clustering alone (clusters.near_duplicates, at jobs/data.yaml's
+near_dedup settings) on N near copies of one template file, each with 3% of its lines rewritten, for each N: the
+corpus of many templated files, where clustering must grow with N, not N^2. Signatures are made beforehand, untimed.
+Up to 2,000 copies the same signatures are also clustered by the baseline that compared every pair of a bucket.
 """
 
 from __future__ import annotations
@@ -110,13 +116,114 @@ def _ts(value: str) -> float:
     return time.mktime(time.strptime(value, "%Y-%m-%dT%H:%M:%S"))
 
 
+EDIT_SHARE = 0.03  # a near copy: this share of the template's lines rewritten, as in tests/test_curation.py
+
+
+def template_file() -> Path:
+    """The first training file of the demo corpus of 2-4 KB: a typical small source file."""
+    from training.data.corpus import demo_files
+
+    return next(p for p in sorted(demo_files("train")) if 2_000 <= p.stat().st_size <= 4_000)
+
+
+def near_copy_signatures(text: str, n: int, near, seed: int = 0):
+    """MinHash signatures of n near copies of `text`, exactly as the analyze step computes them (units never span
+    lines, so a copy's units are its lines' units, hashed once per template line)."""
+    import random
+
+    import numpy as np
+
+    from training.data.curate.minhash import ngram_hashes, signatures, unit_hashes
+
+    lines = text.lower().split("\n")
+    units = [unit_hashes(line, near.unit) for line in lines]
+    rng = random.Random(seed)
+    edits = max(1, round(EDIT_SHARE * len(lines)))
+    out = []
+    for start in range(0, n, 5_000):  # batches: bounded memory for rensa's flat input
+        shingles = []
+        for _ in range(start, min(n, start + 5_000)):
+            copy = list(units)
+            for i in rng.sample(range(len(lines)), edits):
+                copy[i] = unit_hashes(f"    value_{rng.randrange(10**6)} = compute({rng.randrange(100)})  # changed",
+                                      near.unit)
+            shingles.append(ngram_hashes(np.concatenate(copy), near.ngram))
+        out.append(signatures(shingles, near.num_perm, near.seed))
+    return np.concatenate(out)
+
+
+def all_pairs(sigs, bands: int, threshold: float):
+    """The baseline: the clustering that compared every pair of an LSH bucket (connected components of the similar
+    pairs). Quadratic in a bucket's size, so timed only up to ALL_PAIRS_UP_TO copies."""
+    import numpy as np
+
+    from training.data.curate.clusters import UnionFind
+    from training.data.curate.minhash import band_keys
+
+    uf, keys = UnionFind(len(sigs)), band_keys(sigs, bands)
+    for b in range(bands):
+        order = np.argsort(keys[:, b], kind="stable")
+        k = keys[order, b]
+        starts = np.flatnonzero(np.r_[True, k[1:] != k[:-1]])
+        for s, e in zip(starts, np.r_[starts[1:], len(sigs)]):
+            block = sigs[order[s:e]]
+            for j in range(1, e - s):
+                for i in np.flatnonzero((block[:j] == block[j]).mean(axis=1) >= threshold):
+                    uf.union(int(order[s + i]), int(order[s + j]))
+    return np.array([uf.find(i) for i in range(len(sigs))])
+
+
+ALL_PAIRS_UP_TO = 2_000
+
+
+def near_copies(counts: list[int]) -> dict:
+    """CPU seconds of near_duplicates on n near copies of one template, for each n; how they grow; the all-pairs
+    baseline on the same signatures where n is small enough."""
+    from training.data.curate.clusters import near_duplicates
+
+    near = load_spec(JOB, []).curate.near_dedup
+    template = template_file()
+    rows = []
+    for n in counts:
+        sigs = near_copy_signatures(template.read_text(), n, near)
+        cpu = time.process_time()
+        roots = near_duplicates(sigs, near.bands, near.threshold)
+        cpu = time.process_time() - cpu
+        rows.append({"copies": n, "cpu_s": round(cpu, 3), "us_per_copy": round(cpu / n * 1e6, 1),
+                     "kept": int((roots == range(n)).sum())})
+        if n <= ALL_PAIRS_UP_TO:
+            base = time.process_time()
+            base_roots = all_pairs(sigs, near.bands, near.threshold)
+            base = time.process_time() - base
+            rows[-1].update(all_pairs_cpu_s=round(base, 3), speedup=round(base / cpu, 1),
+                            all_pairs_kept=int((base_roots == range(n)).sum()))
+        print(rows[-1], flush=True)
+    first = rows[0]
+    for row in rows[1:]:  # 1.0: linear; copies ratio: quadratic would be that times more per copy
+        row["per_copy_vs_first"] = round(row["us_per_copy"] / first["us_per_copy"], 2)
+    return {"template": str(template.relative_to(template.parents[1])), "threshold": near.threshold,
+            "bands": near.bands, "num_perm": near.num_perm, "edit_share": EDIT_SHARE, "runs": rows}
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sources", default="demo", help="data.sources (default: the demo corpus)")
     p.add_argument("--shards", type=int, default=8, help="the same shards for every run")
     p.add_argument("--slurm", action="store_true", help="also 1-node vs 2-node Slurm array runs")
     p.add_argument("--repeat", type=int, default=1, help="corpus = the demo training files this many times")
+    p.add_argument("--near-copies", default="", help="N,N,...: time near-duplicate clustering alone on N near "
+                   "copies of one template (no stage run)")
     args = p.parse_args(argv)
+    if args.near_copies:
+        counts = [int(x) for x in args.near_copies.split(",")]
+        load_before = os.getloadavg()
+        figures = near_copies(counts)
+        figures["load_average_before_after"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
+        path = write_result("data_curation_near_copies", {"near_copies": counts, "cores": len(os.sched_getaffinity(0))},
+                            figures)
+        print(json.dumps(figures, indent=1))
+        print(f"wrote {path}")
+        return
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-curation-") as tmp:
         root = Path(tmp)

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from training.evaluate.sandbox import run_untrusted
+from training.evaluate.sandbox import passes
 from training.evaluate.tasks import Task
 from training.posttrain.collapse import collapse_stats, within_budget
 
@@ -96,9 +96,8 @@ def cut_at_stop(text: str, stops: list[str]) -> str:
 
 def passes_test(program: str, timeout_s: float = 10.0) -> bool:
     """Run a program (the prompt, the completion and the record's test) confined (sandbox.py): True if it
-    exits 0 within the time limit."""
-    outcome = run_untrusted(program, timeout_s)
-    return outcome.returncode == 0 and not outcome.timed_out
+    exits 0 within the time limit after its test ran to the end (sandbox.passes)."""
+    return passes(program, timeout_s)
 
 
 def parses(prompt: str, completion: str) -> bool:

@@ -5,9 +5,14 @@ holds the whole corpus' index. In each group of copies the document first in rea
 others name it in removed.jsonl.
 
 Exact: documents with the same content hash. Near: documents sharing an LSH band key are candidates; a
-candidate joins the first earlier member of its bucket whose signatures agree on at least `threshold` of
-their rows (the Jaccard estimate), and clusters are the connected components (union-find), so a chain of
-near copies is one cluster.
+candidate joins a cluster of its bucket when its signature agrees on at least `threshold` of its rows (the
+Jaccard estimate) with the cluster's first member in the bucket (its representative there: the document kept,
+when that shares the bucket) or, failing that, with one of a few of its next members there (PROBES); clusters
+merge (union-find) when a member of one is similar to another's. A pair already in one cluster is never
+compared, so a bucket of n near copies of one template costs about n comparisons, not the n^2 / 2 of comparing
+every pair. Each join is a similar pair of one bucket, which comparing every pair would join too, so each
+cluster lies within one of the connected components that would give; a chain of near copies (A ~ B ~ C,
+A !~ C) is one cluster when C is similar to one of the members it is compared with.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from __future__ import annotations
 import numpy as np
 
 from training.data.curate.minhash import band_keys
+
+PROBES = 8  # members of a cluster a candidate is compared with when its representative is not similar to it
 
 
 class UnionFind:
@@ -28,6 +35,17 @@ class UnionFind:
         while self.parent[x] != root:  # path compression
             self.parent[x], x = root, self.parent[x]
         return int(root)
+
+    def find_all(self, xs: np.ndarray) -> np.ndarray:
+        """find() of many rows at once (their roots), compressing their paths."""
+        roots = self.parent[xs]
+        while True:
+            up = self.parent[roots]
+            if np.array_equal(up, roots):
+                break
+            roots = up
+        self.parent[xs] = roots
+        return roots
 
     def union(self, a: int, b: int) -> None:
         ra, rb = self.find(a), self.find(b)
@@ -63,13 +81,26 @@ def near_duplicates(sigs: np.ndarray, bands: int, threshold: float) -> np.ndarra
         for s, e in zip(starts, ends):
             if e - s > 1:
                 _join_bucket(uf, sigs, order[s:e], threshold)
-    return np.array([uf.find(i) for i in range(n)], np.int64)
+    return uf.find_all(np.arange(n))
 
 
 def _join_bucket(uf: UnionFind, sigs: np.ndarray, members: np.ndarray, threshold: float) -> None:
-    """Each member joins every earlier member whose estimated Jaccard similarity reaches the threshold."""
-    block = sigs[members]
-    for j in range(1, len(members)):
-        similar = np.flatnonzero((block[:j] == block[j]).mean(axis=1) >= threshold)
-        for i in similar:
-            uf.union(int(members[i]), int(members[j]))
+    """Members join the cluster of the bucket's first member when they agree with that member (the cluster's
+    representative here) or, failing that, with one of the cluster's next PROBES members in this bucket; those left
+    start over with the next cluster. Members already in that cluster are not compared again, so a bucket of n
+    near copies costs at most (1 + PROBES) n comparisons, not n^2 / 2."""
+    while len(members) > 1:
+        roots = uf.find_all(members)
+        rep, same = members[0], roots == roots[0]
+        others = members[~same]
+        if len(others) == 0:
+            return
+        similar = (sigs[others] == sigs[rep]).mean(axis=1) >= threshold
+        joined, rest = np.concatenate([members[same], others[similar]]), others[~similar]
+        probes = joined[joined != rep][:PROBES]
+        if len(rest) and len(probes):  # a copy of a copy: similar to a member, not to the representative
+            near_probe = ((sigs[rest][:, None] == sigs[probes][None]).mean(axis=2) >= threshold).any(axis=1)
+            joined, rest = np.concatenate([joined, rest[near_probe]]), rest[~near_probe]
+        for i in joined:
+            uf.union(int(i), int(rep))
+        members = rest
