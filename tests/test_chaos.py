@@ -1,15 +1,20 @@
-"""Issue 13's chaos suite in CI: one fault of each of its 12 kinds, run by the benchmark's own code
+"""Issue 13's chaos suite in CI: one fault of each of kinds 1 to 12, run by the benchmark's own code
 (bench/chaos; `python -m bench.chaos --faults 100` draws a hundred, docs/reliability.md has the table). Each
 case is a real run of 2 ranks through a real executor, and passes only if the run finished, ended bitwise equal
 to an uninterrupted run, lost no committed checkpoint, burned no retry on an error retrying can't fix, left no
-process, `.tmp-*` folder or /dev/shm block behind, and the registry says what happened.
+process, `.tmp-*` folder or /dev/shm block behind, the registry says what happened, its fault fired, and it
+restarted as its fault implies. The last tests check that the harness's score can fail: one real run that lost
+its checkpoints, scored as a fault that never fired, as a deleted checkpoint folder and as a missing retry.
 
 Some cases are the tests of the defects the suite found (named in their comments): each fails without its fix.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -17,10 +22,13 @@ import pytest
 from test_slurm_cluster import slurm_cluster  # noqa: F401  (the session fixture)
 
 from bench.chaos.__main__ import context
-from bench.chaos.kinds import KINDS
+from bench.chaos.census import Outcome
+from bench.chaos.kinds import KINDS, Fault, score
 from bench.chaos.kinds.control import listed_state
 from bench.chaos.kinds.saves import fill
+from bench.chaos.reference import References, resolved
 from bench.chaos.run import draw, draw_one
+from bench.chaos.watch import Watch, processes_of, trainer_folder
 from bench.chaos.workspace import Workspace, wait_for
 from jobspec.faults import FAULT_POINTS
 
@@ -114,3 +122,69 @@ def test_a_trainer_that_died_of_a_full_disk_fails_once_saying_so(chaos, tmp_path
         assert "full" in run.reason, run.reason
     finally:
         subprocess.run(["umount", "-l", str(ws.runs_dir)])
+
+
+# ---------------------------------------------------------------- the harness's own score must be able to fail
+
+
+WAIT = "train.after_optimizer_step#5:wait"  # step 4 is saved by then
+NEVER = "checkpoint.shard_write@1#999:kill"  # armed too, but rank 1 writes 8 files a save, 56 in all
+
+
+@pytest.fixture(scope="module")
+def lost_run(chaos):
+    """One real run of the chaos job, local executor, that loses every checkpoint: held at step 5, its checkpoints/
+    deleted and its trainers killed, it is retried and trains again from step 0. Being deterministic, it ends bit
+    for bit where the reference does, trainer state included. The tests below score it as different faults."""
+    reference = chaos.references.get()
+    ws = chaos.workspace(Fault(1, 0, "local", WAIT))
+    with Watch(ws) as watch:
+        run_id, _ = ws.submit(env=ws.env(f"{WAIT},{NEVER}"))
+        watch.wait("fault", run_id)
+        shutil.rmtree(Path(ws.run(run_id).run_dir) / "checkpoints")
+        for proc in processes_of(ws):
+            if trainer_folder(proc):
+                os.kill(proc.pid, signal.SIGKILL)
+        ws.release()
+        ws.wait_finished(run_id)
+    return ws, watch, run_id, reference
+
+
+def test_a_fault_that_never_fires_fails_the_harness(lost_run):
+    """`checkpoint.shard_write@1#999:kill`, scored as its kind scores it (one retry, step 4 the floor): the run
+    had its retry, for another reason; the kill itself never came, and that tested nothing."""
+    out = score(*lost_run, Outcome(), spec=NEVER, retries=1, floor=4)
+    assert out.not_fired and not out.ok, out.notes
+    assert out.row()["outcome"].startswith("not fired"), out.row()["outcome"]
+
+
+def test_a_deleted_checkpoint_folder_fails_the_harness_though_the_run_ends_bitwise_equal(lost_run):
+    """No floor given: the trainer's own records (step 4 saved, then a restart with no "resumed from") show the
+    loss, as they must in every kind."""
+    out = score(*lost_run, Outcome(), spec=WAIT, retries=1)
+    assert out.finished and out.bitwise_equal and not out.not_fired and not out.wrong_restarts, out.notes
+    assert out.checkpoints_lost == 1 and not out.ok, out.notes
+    assert "a restart resumed from step 0, but step 4 was committed" in out.notes, out.notes
+
+
+def test_a_missing_retry_fails_the_harness(lost_run):
+    """Scored as a fault that implies two retries (a kill in each of two attempts): the run had one."""
+    out = score(*lost_run, Outcome(), spec=WAIT, retries=2)
+    assert out.wrong_restarts == 1 and not out.crash_loops and not out.ok, out.notes
+    assert "1 retries, but the fault implies 2" in out.notes, out.notes
+
+
+def test_a_reference_is_keyed_on_the_resolved_config_the_libraries_and_the_machine(tmp_path):
+    refs = References(tmp_path, tmp_path / "data")
+    plain = refs.key((), "")
+    assert refs.key(("checkpoint.keep_last=1", "checkpoint.async_save=true", "executor=slurm"), "") == plain
+    assert refs.key(("optim.name=muon",), "") != plain  # a key the chaos job does not set, as resolved
+    assert refs.key((), "train.loss#3:nan") != plain
+    refs.machine = {**refs.machine, "torch": "0.0.0"}
+    assert refs.key((), "") != plain
+    refs.machine = {**refs.machine, "cpu": "another CPU"}
+    assert refs.key((), "") != plain
+    # the recipe docs/reliability.md states, whatever jobs/pretrain.yaml's demo recipe is
+    cfg = resolved(tmp_path / "data", ())
+    assert (cfg["optim"]["name"], cfg["optim"]["schedule"]) == ("adamw", "cosine")
+    assert cfg["train"]["compile"] is False and cfg["train"]["time_budget_min"] is None

@@ -8,6 +8,6 @@ uninterrupted reference run of the same config.
 Layout: config.py (the tiny job and which of its keys change the numbers), workspace.py (one folder, registry
 and set of processes per fault; orch commands; waiting on real state), watch.py (the logs' events and the
 process table while a fault runs), census.py (what a finished fault is measured by), reference.py (the cached
-uninterrupted runs), kinds/ (the 12 kinds of faults: how each is drawn and run), run.py (draw, run, tabulate).
+uninterrupted runs), kinds/ (the 13 kinds of faults: how each is drawn and run), run.py (draw, run, tabulate).
 tests/test_chaos.py runs one fault of each kind through the same functions.
 """

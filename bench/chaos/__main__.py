@@ -22,7 +22,7 @@ from bench.chaos.config import DATA, JOB, REPO
 from bench.chaos.kinds import KINDS, Context
 from bench.chaos.reference import References
 from bench.chaos.report import update_doc
-from bench.chaos.run import draw, draw_one, print_row, row_of, run_one, tabulate
+from bench.chaos.run import FIGURES, draw, draw_one, print_row, row_of, run_one, tabulate
 from bench.common import RESULTS, device_name, device_slug, versions
 
 
@@ -58,8 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--faults", type=int, default=100)
     p.add_argument("--seed", type=int, default=None, help="default: a random seed (printed)")
     p.add_argument("--executor", choices=["local", "slurm"], default="local",
-                   help="slurm: every kind that can run there does (kinds 6, 7, 8, 11, 12 are local-only; 3 is "
-                        "Slurm-only)")
+                   help="slurm: every kind that can run there does (kinds 6, 7, 8, 11, 12 are local-only; 3 and "
+                        "13 are Slurm-only)")
     p.add_argument("--kinds", default=",".join(str(k) for k in KINDS), help="which kinds, e.g. 1,5")
     p.add_argument("--fault-seed", type=int, default=None, help="replay one fault: its kind (--kinds K) and seed")
     p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "orch-chaos"),
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
         record = write_results(path, rows, date=date, command=command, seed=seed, executor=args.executor,
                                planned=len(faults))
     figures = tabulate(rows)
-    print(f"[chaos] {json.dumps({k: figures[k] for k in ('faults', 'finished', 'bitwise_equal', 'checkpoints_lost', 'crash_loops', 'orphans', 'leftovers', 'wrong_state', 'recovery_s')})}")
+    print(f"[chaos] {json.dumps({k: figures[k] for k in ('faults', *FIGURES, 'recovery_s')})}")
     print(f"[chaos] wrote {path}")
     if args.doc:
         update_doc(record)

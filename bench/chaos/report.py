@@ -15,8 +15,10 @@ def table(record: dict) -> str:
              "| figure | value | target |", "|---|---|---|"]
     n = record["faults"]
     for name, target in (("faults", n), ("finished", n), ("bitwise_equal", n), ("checkpoints_lost", 0),
-                         ("crash_loops", 0), ("orphans", 0), ("leftovers", 0), ("wrong_state", 0)):
-        lines.append(f"| {name} | {record[name]} | {target} |")
+                         ("crash_loops", 0), ("orphans", 0), ("leftovers", 0), ("wrong_state", 0), ("not_fired", 0),
+                         ("wrong_restarts", 0)):
+        if name in record:  # (a record written before the harness counted these has none)
+            lines.append(f"| {name} | {record[name]} | {target} |")
     lines.append(f"| recovery (s), median / max | {rec['median']} / {rec['max']} ({rec['measured']} faults with a "
                  "restart) | |")
     lines.append(f"| two trainers on one run folder (seen) | {record['two_trainers']} | 0 |")

@@ -10,7 +10,8 @@ import traceback
 from bench.chaos.census import Outcome
 from bench.chaos.kinds import KINDS, Context, Fault, executor_for
 
-FIGURES = ("finished", "bitwise_equal", "checkpoints_lost", "crash_loops", "orphans", "leftovers", "wrong_state")
+FIGURES = ("finished", "bitwise_equal", "checkpoints_lost", "crash_loops", "orphans", "leftovers", "wrong_state",
+           "not_fired", "wrong_restarts")
 
 
 def draw(n: int, seed: int, kinds: list[int], executor: str) -> list[Fault]:
@@ -49,6 +50,7 @@ def tabulate(rows: list[dict]) -> dict:
     figures["recovery_s"] = {"median": round(statistics.median(recovery), 1) if recovery else None,
                              "max": round(max(recovery), 1) if recovery else None, "measured": len(recovery)}
     figures["two_trainers"] = sum(r["two_trainers"] for r in rows)
+    figures["rng_equal"] = sum(bool(r.get("rng_equal")) for r in rows)  # recorded, not scored (census.py)
     by_kind = {}
     for r in rows:
         k = by_kind.setdefault(r["kind"], {"faults": 0, "ok": 0, "executors": set()})

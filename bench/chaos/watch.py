@@ -116,11 +116,13 @@ class Watch:
         now = time.monotonic() - self.started
         for run in self.ws.registry.list():
             text = self.ws.log_text(run)
+            new = []  # in the order the log has them: a restart's "resumed from" comes before its training
             for name, pattern in EVENTS.items():
-                hits = pattern.findall(text)
-                for value in hits[self._seen.get((run.id, name), 0):]:
-                    self.events.append((now, name, value, run.id))
+                hits = [(m.start(), m.group(1) if pattern.groups else m.group(0)) for m in pattern.finditer(text)]
+                new += [(pos, name, value) for pos, value in hits[self._seen.get((run.id, name), 0):]]
                 self._seen[(run.id, name)] = len(hits)
+            for _, name, value in sorted(new):
+                self.events.append((now, name, value, run.id))
         rank0: dict[str, list[int]] = {}
         for proc in processes_of(self.ws):
             where = trainer_folder(proc)

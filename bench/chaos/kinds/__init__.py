@@ -1,10 +1,11 @@
-"""The 12 kinds of faults of issue 13. Each kind is drawn (its parameters, from a seeded random.Random) and run
+"""The 13 kinds of faults. Each kind is drawn (its parameters, from a seeded random.Random) and run
 (against real orch processes in a Workspace of its own); running returns the census.Outcome of that fault.
 
     saves.py     1 a kill inside each save phase, 4 a full disk, 5 a corrupted checkpoint, 12 stale leftovers
     signals.py   2 stop signals at each phase, 9 a hung rank, 10 a non-finite loss, 11 a wall-clock jump
     cluster.py   3 a node lost on the local two-node Slurm
     control.py   6 control-plane kills, 7 cancel/resume storms, 8 registry contention
+    cancels.py   13 `orch cancel` and `orch pipeline cancel` on Slurm
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from bench.chaos.census import Outcome, finish, settle, shm_blocks
+from bench.chaos.census import Outcome, fault_fired, finish, settle, shm_blocks
 from bench.chaos.config import MAX_STEPS
 from bench.chaos.reference import References
 from bench.chaos.watch import Watch
@@ -87,12 +88,16 @@ def measured(ctx: Context, fault: Fault, body: Callable, setup: Optional[Callabl
 
 
 def one_run(ctx: Context, fault: Fault, *extra: str, spec: str = "", act: Optional[Callable] = None,
-            retries: int = 0, floor: Optional[int] = None, reference_fault: str = "",
-            final_state: str = "COMPLETED", step: int = MAX_STEPS, env_extra: Optional[dict] = None,
-            setup: Optional[Callable] = None, teardown: Optional[Callable] = None) -> Outcome:
+            retries: int = 0, restarts: Optional[int] = None, floor: Optional[int] = None, spared: tuple = (),
+            reference_fault: str = "", final_state: str = "COMPLETED", step: int = MAX_STEPS,
+            env_extra: Optional[dict] = None, setup: Optional[Callable] = None,
+            teardown: Optional[Callable] = None) -> Outcome:
     """The common shape of a fault: submit the chaos job (with ORCH_FAULT=spec, firing once), let `act(ws, watch,
     run_id, out)` do the harness's part (it returns when the fault struck, in watch seconds, or None to use the
-    first fault line), wait until the run has ended, and measure it against its reference run."""
+    first fault line), wait until the run has ended, and measure it against its reference run.
+
+    retries: the retries the fault implies, exactly; restarts: the restarts it implies at least (default: one
+    per retry); floor, spared: see census.settle. A spec that never fired fails the fault (not_fired)."""
     reference = ctx.references.get(*extra, fault=reference_fault)
 
     def body(ws, watch, out):
@@ -100,19 +105,30 @@ def one_run(ctx: Context, fault: Fault, *extra: str, spec: str = "", act: Option
         fault_at = act(ws, watch, run_id, out) if act else None
         ws.wait_finished(run_id)
         watch.tick()
-        if fault_at is None and spec:
-            struck = watch.first("fault", run_id=run_id)
-            fault_at = struck[0] if struck else None
-            if struck is None:
-                out.notes.append(f"the fault {spec} never fired")
-        settle(ws, watch, run_id, reference, out, step=step, retries_expected=retries, resume_floor=floor,
-               fault_at=fault_at, final_state=final_state)
+        score(ws, watch, run_id, reference, out, spec=spec, fault_at=fault_at, retries=retries, restarts=restarts,
+              floor=floor, spared=spared, step=step, final_state=final_state)
 
     return measured(ctx, fault, body, setup, teardown)
 
 
+def score(ws: Workspace, watch: Watch, run_id: str, reference: Path, out: Outcome, *, spec: str = "",
+          fault_at: Optional[float] = None, retries: int = 0, restarts: Optional[int] = None,
+          floor: Optional[int] = None, spared: tuple = (), step: int = MAX_STEPS,
+          final_state: str = "COMPLETED") -> Outcome:
+    """Score a run of a fault that has ended (see one_run): did its spec fire, then census.settle."""
+    if fault_at is None and spec:
+        struck = watch.first("fault", run_id=run_id)
+        fault_at = struck[0] if struck else None
+    if spec and not fault_fired(ws, spec):
+        out.not_fired = True
+        out.notes.append(f"the fault {spec} never fired")
+    return settle(ws, watch, run_id, reference, out, step=step, retries_expected=retries,
+                  restarts_expected=retries if restarts is None else restarts, resume_floor=floor, spared=spared,
+                  fault_at=fault_at, final_state=final_state)
+
+
 def _kinds() -> dict[int, Kind]:
-    from bench.chaos.kinds import cluster, control, saves, signals
+    from bench.chaos.kinds import cancels, cluster, control, saves, signals
 
     return {
         1: Kind(1, "kill inside a save phase", saves.draw_save_kill, saves.run_save_kill),
@@ -127,6 +143,7 @@ def _kinds() -> dict[int, Kind]:
         10: Kind(10, "non-finite loss", signals.draw_nonfinite, signals.run_nonfinite),
         11: Kind(11, "wall-clock jump in calibration", signals.draw_clock_jump, signals.run_clock_jump, ("local",)),
         12: Kind(12, "stale leftovers", saves.draw_leftovers, saves.run_leftovers, ("local",)),
+        13: Kind(13, "cancel on Slurm", cancels.draw_slurm_cancel, cancels.run_slurm_cancel, ("slurm",)),
     }
 
 

@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 
-from bench.chaos.census import Outcome, settle
+from bench.chaos.census import Outcome, fault_fired, settle
 from bench.chaos.config import JOB, MAX_STEPS, committed_before
 from bench.chaos.kinds import Context, Fault, measured
 from bench.chaos.workspace import ChaosError, Workspace, wait_for
@@ -61,10 +61,12 @@ def run_control_kill(fault: Fault, ctx: Context) -> Outcome:
     what, step = fault.point, fault.params["step"]
 
     def body(ws: Workspace, watch, out: Outcome):
-        fault_at, floor = None, None
+        fault_at, floor, restarts, spec, texts = None, None, 0, f"{what}:kill", ()
         if what.startswith("submit."):
-            _, result = ws.submit(env=ws.env(f"{what}:kill"), check=False)
+            _, result = ws.submit(env=ws.env(spec), check=False)
+            texts = (result.stdout,)
             if result.returncode != 137:
+                out.not_fired = not fault_fired(ws, spec, *texts)
                 raise ChaosError(f"`orch submit` was to be killed at {what}, but exited {result.returncode}")
             rows = ws.registry.list()
             if what == "submit.run_folder":  # no row yet: nothing to settle; the user submits again
@@ -76,20 +78,28 @@ def run_control_kill(fault: Fault, ctx: Context) -> Outcome:
                 run_id = rows[0].id
                 settle_lost(ws, run_id, out)
         elif what == "supervisor SIGKILL":  # mid-training, from outside: the trainer stops after saving
-            run_id, _ = ws.submit(env=ws.env(f"train.after_optimizer_step#{step}:wait"))
+            spec = f"train.after_optimizer_step#{step}:wait"
+            run_id, _ = ws.submit(env=ws.env(spec))
             fault_at, floor = watch.wait("fault", run_id), committed_before(step)
             os.kill(ws.run(run_id).pid, signal.SIGKILL)
             ws.release()
             settle_lost(ws, run_id, out)
+            restarts = 1  # the trainer stops with its supervisor; `orch resume` continues it
         else:  # the supervisor kills itself at one of its own points
-            run_id, _ = ws.submit(env=ws.env(f"{what}:kill"))
+            run_id, _ = ws.submit(env=ws.env(spec))
             settle_lost(ws, run_id, out)
+            # after an attempt, `orch resume` starts another (from the final checkpoint, if that attempt finished)
+            restarts = 1 if what == "supervisor.trainer_exited" else 0
         ws.wait_finished(run_id)
         watch.tick()
+        if not fault_fired(ws, spec, *texts):
+            out.not_fired = True
+            out.notes.append(f"the fault {spec} never fired")
         if len(ws.registry.list()) != 1:
             out.wrong_state = True
             out.notes.append(f"{len(ws.registry.list())} runs registered for one submission")
-        settle(ws, watch, run_id, reference, out, step=MAX_STEPS, fault_at=fault_at, resume_floor=floor)
+        settle(ws, watch, run_id, reference, out, step=MAX_STEPS, fault_at=fault_at, resume_floor=floor,
+               restarts_expected=restarts)
 
     return measured(ctx, fault, body)
 
@@ -121,6 +131,9 @@ def run_pipeline_kill(fault: Fault, ctx: Context) -> Outcome:
         pipeline_id = re.search(r"submitted pipeline (\S+)", submitted.stdout).group(1)
         a, b = (f"{pipeline_id}-{s}" for s in ("a", "b"))
         ws.wait_finished(a)
+        if not fault_fired(ws, f"{fault.point}:kill", submitted.stdout):
+            out.not_fired = True
+            out.notes.append(f"the fault {fault.point}:kill never fired")
         if fault.point.endswith("#1"):
             try:
                 wait_for(lambda: listed_state(ws, b) == "CANCELLED", f"`orch runs` to show {b} CANCELLED", 120, 1.0)
@@ -181,7 +194,7 @@ def run_storm(fault: Fault, ctx: Context) -> Outcome:
 
     def body(ws: Workspace, watch, out: Outcome):
         run_id, _ = ws.submit(f"checkpoint.async_save={p['async']}")
-        fault_at = None
+        fault_at, cycles = None, 0
         for i, gap in enumerate(p["gaps_s"]):
             starts = len(watch.values("started", run_id))  # the attempt now starting must be training first
             wait_for(lambda: len(watch.values("started", run_id)) > starts or ws.run(run_id).finished,
@@ -197,9 +210,14 @@ def run_storm(fault: Fault, ctx: Context) -> Outcome:
                 double_resume(ws, run_id, out)
             else:
                 resume_when_allowed(ws, run_id)
+            cycles += 1
         ws.wait_finished(run_id)
         watch.tick()
-        settle(ws, watch, run_id, reference, out, step=MAX_STEPS)
+        if fault_at is None:  # the run finished before the storm's first cancel: nothing was tested
+            out.not_fired = True
+            out.notes.append("the run ended before the first `orch cancel`")
+        # each accepted `orch resume` starts an attempt, which must resume from the newest checkpoint
+        settle(ws, watch, run_id, reference, out, step=MAX_STEPS, restarts_expected=cycles)
         resumed = [int(s) for s in watch.values("resumed", run_id)]
         if any(b < a for a, b in zip(resumed, resumed[1:])):
             out.checkpoints_lost += 1
@@ -249,7 +267,7 @@ def run_contention(fault: Fault, ctx: Context) -> Outcome:
             t.start()
         for t in threads:
             t.join()
-        check_contention(ws, results, main_id, out)
+        check_contention(ws, results, main_id, out, fault.point)
         ws.wait_finished(main_id)
         watch.tick()
         settle(ws, watch, main_id, reference, out, step=MAX_STEPS)
@@ -257,7 +275,7 @@ def run_contention(fault: Fault, ctx: Context) -> Outcome:
     return measured(ctx, fault, body)
 
 
-def check_contention(ws: Workspace, results: list, main_id: str, out: Outcome) -> None:
+def check_contention(ws: Workspace, results: list, main_id: str, out: Outcome, fault_point: str) -> None:
     submitted = [main_id]
     for kind, was_killed, result in results:
         text = result.stdout + result.stderr
@@ -265,6 +283,9 @@ def check_contention(ws: Workspace, results: list, main_id: str, out: Outcome) -
             out.wrong_state = True
             out.notes.append(f"`orch {kind}`: database is locked")
         expected = 137 if was_killed else 0
+        if was_killed and not fault_fired(ws, fault_point, result.stdout):
+            out.not_fired = True
+            out.notes.append(f"the submit to be killed at {fault_point} was not")
         if result.returncode != expected:
             out.wrong_state = True
             out.notes.append(f"`orch {kind}` exited {result.returncode}, not {expected}: {text.strip()[-300:]}")

@@ -110,7 +110,7 @@ def run_disk_full(fault: Fault, ctx: Context) -> Outcome:
 
     floor = committed_before(p["step"]) - (EVERY if p["async"] else 0)
     return one_run(ctx, fault, f"checkpoint.async_save={p['async']}", spec=fault.point, act=act, floor=max(0, floor),
-                   setup=setup, teardown=teardown)
+                   restarts=1, setup=setup, teardown=teardown)  # the `orch resume` once the disk is freed
 
 
 # ---------------------------------------------------------------- 5: a corrupted checkpoint
@@ -168,8 +168,9 @@ def run_corruption(fault: Fault, ctx: Context) -> Outcome:
         return struck
 
     # killed: the damaged checkpoint is lost on purpose, the one before must be resumed from
-    floor = newest - EVERY if p["restart"] == "kill" else p["step"]
-    return one_run(ctx, fault, spec=fault.point, act=act, retries=1 if p["restart"] == "kill" else 0, floor=floor)
+    if p["restart"] == "kill":
+        return one_run(ctx, fault, spec=fault.point, act=act, retries=1, floor=newest - EVERY, spared=(newest,))
+    return one_run(ctx, fault, spec=fault.point, act=act, restarts=1, floor=p["step"])
 
 
 # ---------------------------------------------------------------- 12: stale leftovers and the user's own files

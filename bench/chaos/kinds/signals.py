@@ -70,7 +70,14 @@ def run_stop_signal(fault: Fault, ctx: Context) -> Outcome:
         ws.orch("resume", run_id, check=True)
         return struck
 
-    return one_run(ctx, fault, f"checkpoint.async_save={p['async']}", spec=fault.point, act=act, floor=p["floor"])
+    # A stop signal means a requeue or a resume that trains again, but one that lands in the final save lets that
+    # attempt finish; and a cancel before training may end the attempt before it started training (the resume,
+    # the harness's own, is then the first attempt that does).
+    final_save = fault.point.startswith(f"checkpoint.manifest#{MAX_STEPS // EVERY}:")
+    before_training = p["phase"] in ("data_prep", "model_build") and p["signal"] != "sigusr2"
+    restarts = 0 if (p["signal"] == "sigusr2" and final_save) or before_training else 1
+    return one_run(ctx, fault, f"checkpoint.async_save={p['async']}", spec=fault.point, act=act, floor=p["floor"],
+                   restarts=restarts)
 
 
 # ---------------------------------------------------------------- 9: a hung rank
