@@ -14,11 +14,14 @@ is the one place where either side learns those names and numbers.
         logs/train.log       the trainer's output (local executor)
         logs/user_error.txt  written when the trainer stops on a user error: executors must not retry
         logs/trainer_exit.txt  rank 0's exit code, written as it returns (torchrun reports any failure as 1)
+        logs/save_seconds.txt  the longest checkpoint save of the trainer's last run, in seconds: launchers size the
+                             time between their stop signal and SIGKILL by it (stop_grace_s)
         .lock                held (flock) by the trainer for its whole life: one trainer per run folder
 """
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Optional
@@ -33,11 +36,13 @@ MODEL = "model.json"
 TOKENIZER = "tokenizer.json"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
+GOODPUT = "goodput.json"  # where the run's wall time went, by attempt (training/goodput.py)
 CHECKPOINTS = "checkpoints"
 LOGS = "logs"
 TRAIN_LOG = "train.log"
 USER_ERROR = "user_error.txt"
 TRAINER_EXIT = "trainer_exit.txt"
+SAVE_SECONDS = "save_seconds.txt"
 LOCK = ".lock"
 CHECKPOINT_PREFIX = "step_"
 # A data run (kind: data): the cleaned corpus (train/ and val/ .jsonl, what a pretrain stage after it reads) and,
@@ -76,6 +81,10 @@ class RunFolder:
         return self.path / SUMMARY
 
     @property
+    def goodput(self) -> Path:
+        return self.path / GOODPUT
+
+    @property
     def checkpoints(self) -> Path:
         return self.path / CHECKPOINTS
 
@@ -94,6 +103,10 @@ class RunFolder:
     @property
     def trainer_exit(self) -> Path:
         return self.logs / TRAINER_EXIT
+
+    @property
+    def save_seconds(self) -> Path:
+        return self.logs / SAVE_SECONDS
 
     @property
     def lock(self) -> Path:
@@ -140,6 +153,27 @@ def trainer_exit(folder: RunFolder) -> Optional[int]:
         return int(folder.trainer_exit.read_text().strip())
     except (OSError, ValueError):
         return None
+
+
+# torchrun's own wait between SIGTERM and SIGKILL: enough for a small model's save, used until one is timed.
+STOP_GRACE_S = 30
+
+
+def save_seconds(folder: RunFolder) -> Optional[float]:
+    """The longest checkpoint save the trainer timed in this folder (logs/save_seconds.txt), or None."""
+    try:
+        saved = float(folder.save_seconds.read_text())
+    except (OSError, ValueError):
+        return None
+    return saved if math.isfinite(saved) and saved >= 0 else None
+
+
+def stop_grace_s(folder: RunFolder, untimed: int = STOP_GRACE_S) -> int:
+    """How long a launcher should wait after its stop signal before SIGKILL: STOP_GRACE_S for the step under way,
+    plus twice the longest save the trainer timed in this folder (a background save may be in flight when the
+    stop comes, and the stop's own save follows it); `untimed` while no save has been timed."""
+    saved = save_seconds(folder)
+    return untimed if saved is None else STOP_GRACE_S + math.ceil(2 * saved)
 
 
 def checkpoint_name(step: int) -> str:

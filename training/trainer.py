@@ -33,7 +33,9 @@ from training import checkpoint as ckpt
 from training import lora_checkpoint
 from training import run_folder
 from training.build import build_model, load_weights, model_config, precision
+from training.goodput import Goodput
 from training.metrics import MetricsLogger, Throughput, peak_flops, say
+from training.trackers import open_trackers
 from training.optim import build_optimizer, lr_at, set_lr
 from training.signals import StopFlag
 from training.time_budget import CALIBRATION_STEPS, TimeBudget, steps_within_budget
@@ -79,7 +81,9 @@ class Trainer:
         # The step the LR schedule ends at: train.max_steps, or fewer when train.time_budget_min can't fit them.
         self.max_steps = cfg.train.max_steps
         self.budget = TimeBudget(cfg.train.time_budget_min)
-        self.metrics = MetricsLogger(run_dir, dist_info.is_main, cfg.train.max_steps)
+        trackers = open_trackers(run_dir, cfg.logging.backends, OmegaConf.to_yaml(cfg)) if dist_info.is_main else []
+        self.metrics = MetricsLogger(run_dir, dist_info.is_main, cfg.train.max_steps, trackers)
+        self.goodput = Goodput(run_dir, dist_info.is_main)  # where the wall time goes: goodput.json
         self.stop = stop or StopFlag()
         self.peak = peak_flops(device)
         self.saver = None
@@ -105,7 +109,7 @@ class Trainer:
         """Resume from this run's newest valid checkpoint, or start from init_from, or from scratch."""
         if self.dist.is_main:  # we hold the run folder's lock: no other save can be under way
             for stale in ckpt.clean_unfinished(self.run_dir):
-                say(f"removed {stale.name}: a save that a crash interrupted", True)
+                say(f"removed {stale.name}: left by a save or prune that a crash interrupted", True)
         self.dist.barrier()
         lora = self.cfg.get("lora")
         lora_enabled = lora is not None and lora.enabled
@@ -137,6 +141,10 @@ class Trainer:
     def save(self, background: bool = False) -> Path | None:
         """Write a checkpoint of this step (never twice the same step, never a non-finite state).
         background=True (with checkpoint.async_save) returns at once."""
+        with self.goodput.timing("checkpoint"):  # the time the training thread waits on it
+            return self._save(background)
+
+    def _save(self, background: bool) -> Path | None:
         c = self.cfg.checkpoint
         if self.saver is not None:
             committed = self.saver.wait()  # the previous background save, if any
@@ -257,12 +265,15 @@ class Trainer:
             f"x tp {self.dist.tp}; {self.dist.device}, {cfg.train.dtype}", is_main)
         started, first_step = time.monotonic(), self.step
         throughput = Throughput(self.flops_per_token, self.dist.world_size, self.peak)
+        self.goodput.training_starts()
         if cfg.train.val_at_start and self.step == 0 and self.max_steps > 0:
             self.validate()
         while self.step < self.max_steps:
+            step_started = time.perf_counter()
             with throughput.timing():  # tokens/s and MFU count training time only
                 loss, grad_norm, tokens = self.train_step()
             self.step += 1
+            self.goodput.step_done(self.step, time.perf_counter() - step_started)
             self.tokens_seen += tokens
             throughput.add(tokens)
             self.calibrate_budget(first_step)
@@ -274,6 +285,7 @@ class Trainer:
                                   "skipped_steps": self.skipped_steps,
                                   # a task's own numbers since the last log (DPO's rewards/*, GRPO's reward and KL)
                                   **self.task.train_metrics()})
+                self.goodput.flush()
             if cfg.train.val_every and self.step % cfg.train.val_every == 0 and self.step < self.max_steps:
                 self.validate()
             if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < self.max_steps:
@@ -303,6 +315,7 @@ class Trainer:
         if self.saver is not None:
             self.saver.close()
         self.metrics.close()
+        self.goodput.flush()
 
     def calibrate_budget(self, first_step: int) -> None:
         """With train.time_budget_min, time steps CALIBRATION_STEPS of a fresh run and fit the schedule to it."""
@@ -332,7 +345,7 @@ class Trainer:
     def validate(self) -> dict:
         fault("train.validation", step=self.step)
         self.model.eval()
-        with self.autocast:
+        with self.autocast, self.goodput.timing("validation"):
             result = self.task.evaluate(self.model)
         self.model.train()
         self.metrics.log({"step": self.step, **result})

@@ -9,6 +9,7 @@ a dictionary lookup each. Looking changes nothing: no registry write, no signal,
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -58,6 +59,7 @@ class JobRow:
     val_loss: Optional[float] = None
     skipped_steps: Optional[int] = None          # steps skipped for a non-finite loss or gradient
     last_checkpoint: Optional[str] = None        # folder name, e.g. step_00000100
+    goodput: Optional[dict] = None               # goodput.json's totals (training/goodput.py), + queue_s
     finished: bool = False
 
 
@@ -95,6 +97,17 @@ def newest_checkpoint(run_dir: str) -> Optional[str]:
     except OSError:
         return None
     return max(names, key=checkpoint_step, default=None)
+
+
+def read_goodput(run: Run) -> Optional[dict]:
+    """The run's goodput totals, with the wait from its registration to its first attempt's start (queue_s)."""
+    try:
+        record = json.loads(RunFolder(run.run_dir).goodput.read_text())
+    except (OSError, ValueError):
+        return None
+    first = record.get("per_attempt", [{}])[0].get("start")
+    totals = {k: record.get(k) for k in ("goodput", "wall_s", "buckets_s", "attempts", "lost_steps")}
+    return {**totals, "queue_s": round(max(0.0, first - run.created_at), 3) if first else None}
 
 
 def read_tail(path: Path, lines: int = LOG_LINES, max_bytes: int = 32 << 10) -> list[str]:
@@ -178,6 +191,7 @@ class Collector:
         row.val_loss = m.latest.get("val_loss")
         row.skipped_steps = train.get("skipped_steps")
         row.last_checkpoint = newest_checkpoint(run.run_dir)
+        row.goodput = read_goodput(run)
         if finished:
             self._done[run.id] = (key, row)
         return row

@@ -76,6 +76,11 @@ def checkpoint(job: JobRow) -> str:
     return step or "0"
 
 
+def goodput_cell(job: JobRow) -> str:
+    share = (job.goodput or {}).get("goodput")
+    return "-" if share is None else f"{100 * share:.0f}%"
+
+
 def state_text(state: str) -> Text:
     return Text(state, style=STATE_STYLE.get(state.rstrip("*~#!%$@^-+"), ""))
 
@@ -163,6 +168,7 @@ def columns_for(width: int) -> list[tuple]:
         ("MFU", 6, 5, "right", lambda j: "-" if j.mfu is None else f"{100 * j.mfu:.1f}%"),
         ("ckpt", 4, 6, "right", checkpoint),
         ("att", 7, 3, "right", lambda j: str(j.attempts)),
+        ("good", 6, 4, "right", goodput_cell),  # productive share of the wall time (goodput.json)
         ("skip", 6, 4, "right", lambda j: str(j.skipped_steps) if j.skipped_steps else "-"),  # NaN/inf steps
     ]
 

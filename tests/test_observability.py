@@ -1,5 +1,7 @@
-"""Trackers beside metrics.jsonl: TensorBoard's own reader sees each step once, with metrics.jsonl's values, also
-for a run killed after its last checkpoint and resumed (the recomputed steps replace what the killed run wrote)."""
+"""What a run tells about itself besides metrics.jsonl, checked on a run killed after its last checkpoint and
+resumed: TensorBoard's own reader sees each step once, with metrics.jsonl's values (the recomputed steps replace
+what the killed attempt wrote), and goodput.json counts the recomputed steps as lost work, its buckets adding up to
+the wall time."""
 
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ def jsonl_values(run_dir: Path, key: str) -> dict[int, float]:
 
 
 @pytest.mark.slow
-def test_a_killed_and_resumed_run_shows_each_step_once_in_tensorboard(tmp_path, tiny_data):
+def test_a_killed_and_resumed_run_shows_each_step_once_and_counts_its_lost_work(tmp_path, tiny_data):
     run = tmp_path / "run"
     killed = train(run, tiny_data, fault="train.after_optimizer_step#10:kill")  # steps 9, 10 after step 8's save
     assert killed.returncode != 0
@@ -60,6 +62,28 @@ def test_a_killed_and_resumed_run_shows_each_step_once_in_tensorboard(tmp_path, 
     expected = jsonl_values(run, "loss")
     assert [v for _, v in shown] == pytest.approx([expected[s] for s in steps], rel=1e-6)
     assert (run / "tensorboard").is_dir() and any((run / "tensorboard").iterdir())
+
+    account = json.loads((run / "goodput.json").read_text())
+    assert account["attempts"] == 2
+    # Step 9 was trained again after step 8's checkpoint; the killed attempt died inside step 10, never counted
+    assert account["lost_steps"] == 1
+    buckets = account["buckets_s"]
+    assert buckets["lost"] > 0 and buckets["productive"] > buckets["lost"]
+    assert sum(buckets.values()) == pytest.approx(account["wall_s"], rel=0.01)
+    assert account["goodput"] == pytest.approx(buckets["productive"] / account["wall_s"], abs=1e-4)
+
+
+def test_goodput_sums_attempts_and_the_gaps_between_them():
+    from training.goodput import summarize
+
+    def attempt(start, last, **buckets):
+        return {"start": start, "last": last, "buckets": buckets, "lost_steps": buckets.get("lost", 0) and 2}
+
+    account = summarize([attempt(100.0, 160.0, productive=40.0, restart=10.0, checkpoint=5.0, other=5.0),
+                         attempt(170.0, 200.0, productive=20.0, lost=4.0, restart=6.0)])
+    assert account["wall_s"] == 100.0 and account["attempts"] == 2 and account["lost_steps"] == 2
+    assert account["buckets_s"]["interrupted"] == 10.0  # 160 -> 170: killed after its last record, restarted
+    assert account["buckets_s"]["productive"] == 60.0 and account["goodput"] == 0.6
 
 
 def test_an_unknown_tracker_is_refused_with_the_key(tmp_path):
