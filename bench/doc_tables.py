@@ -45,16 +45,67 @@ def demo_table() -> str:
     return "\n".join(rows)
 
 
+def near_copies_table() -> str:
+    """docs/data.md's table: near-duplicate clustering on N near copies of one template
+    (bench/results/data_curation_near_copies-*.json)."""
+    r = newest_result("data_curation_near_copies")
+    f, counts = r["figures"], ",".join(map(str, r["config"]["near_copies"]))
+    before, after = f["load_average_before_after"]
+    rows = [(f"`python -m bench.data_curation --near-copies {counts}` on {r['device']}, {r['date']} (CPU seconds of "
+             f"the clustering alone; load average {before} before, {after} after; template "
+             f"`{f['template']}`, {f['edit_share']:.0%} of its lines rewritten in each copy):"),
+            "",
+            "| near copies | CPU s | µs per copy | per copy, vs the first row | kept | comparing every pair: CPU s, kept |",
+            "|---:|---:|---:|---:|---:|---:|"]
+    for x in f["runs"]:
+        every_pair = (f"{x['all_pairs_cpu_s']:.3f} ({x['speedup']:.0f}x), {x['all_pairs_kept']:,}"
+                      if "all_pairs_cpu_s" in x else "not run (quadratic)")
+        rows.append(f"| {x['copies']:,} | {x['cpu_s']:.3f} | {x['us_per_copy']:.1f} | "
+                    f"{x.get('per_copy_vs_first', 1.0):.2f} | {x['kept']:,} | {every_pair} |")
+    return "\n".join(rows)
+
+
 def performance_table() -> str:
     from bench.run import table
 
     return table()
 
 
+def chaos_table() -> str:
+    from bench.chaos.report import table
+
+    return table(newest_result("chaos"))
+
+
+def recipe_table() -> str:
+    """docs/recipe.md's table: the rows of the full-budget results, best first."""
+    from bench.recipe import ROWS, table
+
+    rows = dict(sorted(newest_result("recipe")["figures"].items(), key=lambda kv: kv[1]["val_bpb"]))
+    return table(rows, {name: ROWS[name][0] for name in rows if name in ROWS})
+
+
+def scaling_coverage_table() -> str:
+    from bench.scaling_fit import coverage_table
+
+    return coverage_table()
+
+
+def scaling_bias_table() -> str:
+    from bench.scaling_fit import bias_table
+
+    return bias_table()
+
+
 # (doc, marker, the function that writes what stands between the markers)
 TABLES: list[tuple[Path, str, Callable[[], str]]] = [
     (REPO / "README.md", "demo", demo_table),
     (REPO / "docs" / "performance.md", "table", performance_table),
+    (REPO / "docs" / "data.md", "near_copies", near_copies_table),
+    (REPO / "docs" / "reliability.md", "chaos", chaos_table),
+    (REPO / "docs" / "recipe.md", "table", recipe_table),
+    (REPO / "docs" / "scaling.md", "scaling_fit", scaling_coverage_table),
+    (REPO / "docs" / "scaling.md", "approach2_bias", scaling_bias_table),
 ]
 
 
