@@ -85,6 +85,12 @@ def recipe_table() -> str:
     return table(rows, {name: ROWS[name][0] for name in rows if name in ROWS})
 
 
+def serve_table() -> str:
+    from bench.serve import table
+
+    return table()
+
+
 def scaling_coverage_table() -> str:
     from bench.scaling_fit import coverage_table
 
@@ -104,6 +110,7 @@ TABLES: list[tuple[Path, str, Callable[[], str]]] = [
     (REPO / "docs" / "data.md", "near_copies", near_copies_table),
     (REPO / "docs" / "reliability.md", "chaos", chaos_table),
     (REPO / "docs" / "recipe.md", "table", recipe_table),
+    (REPO / "docs" / "serving.md", "serve", serve_table),
     (REPO / "docs" / "scaling.md", "scaling_fit", scaling_coverage_table),
     (REPO / "docs" / "scaling.md", "approach2_bias", scaling_bias_table),
 ]

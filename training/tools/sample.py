@@ -10,8 +10,9 @@ from __future__ import annotations
 import sys
 
 
-def add_sampling_args(p) -> None:
-    p.add_argument("source", help="a run folder (its newest checkpoint), a checkpoint folder or a Hugging Face folder")
+def add_sampling_args(p, source_optional: bool = False) -> None:
+    p.add_argument("source", nargs="?" if source_optional else None,
+                   help="a run folder (its newest checkpoint), a checkpoint folder or a Hugging Face folder")
     p.add_argument("--max-new-tokens", type=int, default=256, help="stop after this many tokens (default 256)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
@@ -77,6 +78,12 @@ def cmd_chat(args) -> int:
 
     from training.posttrain.chat import encode_prompt, end_of_turn_id
 
+    if args.url:
+        from training.serve.client import chat_remote
+
+        return chat_remote(args, _unescape)
+    if not args.source:
+        raise ValueError("orch chat needs a SOURCE folder to load, or --url of a running `orch serve`")
     model, tokenizer = _load(args)
     stops = [EOS_ID, end_of_turn_id(tokenizer)]
     sampling = _sampling(args)
