@@ -103,10 +103,18 @@ def scaling_bias_table() -> str:
     return bias_table()
 
 
+def plan_table() -> str:
+    """docs/performance.md's `orch plan` table over the named sizes (bench/results/plan-*.json)."""
+    from bench.plan_table import table
+
+    return table()
+
+
 # (doc, marker, the function that writes what stands between the markers)
 TABLES: list[tuple[Path, str, Callable[[], str]]] = [
     (REPO / "README.md", "demo", demo_table),
     (REPO / "docs" / "performance.md", "table", performance_table),
+    (REPO / "docs" / "performance.md", "plan_table", plan_table),
     (REPO / "docs" / "data.md", "near_copies", near_copies_table),
     (REPO / "docs" / "reliability.md", "chaos", chaos_table),
     (REPO / "docs" / "recipe.md", "table", recipe_table),

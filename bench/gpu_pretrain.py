@@ -27,13 +27,14 @@ from training.distributed import init_distributed
 from training.metrics import peak_flops
 from training.optim import build_optimizer
 from training.build import build_model, model_config, precision
+from model.config import size_keys
 
-# GPT-3 paper shapes (125M, 350M, 1.3B) with the GPT-2 vocabulary rounded to 64, as LLM Foundry's table uses.
+# GPT-3 paper shapes (125M, 350M, 1.3B) with the GPT-2 vocabulary rounded to 64, as LLM Foundry's table uses:
+# model/config.py's named sizes, every key written (jobs/pretrain.yaml's own model keys would win over model.size).
 SIZES = {
     "tiny": dict(n_layer=2, n_head=4, d_model=128),
-    "125m": dict(n_layer=12, n_head=12, d_model=768),
-    "350m": dict(n_layer=24, n_head=16, d_model=1024),
-    "1.3b": dict(n_layer=24, n_head=32, d_model=2048),
+    **{name: {k: v for k, v in size_keys(name).items() if k not in ("max_seq_len", "size")}
+       for name in ("125m", "350m", "1.3b")},
 }
 MICRO_BATCH = {"tiny": 2, "125m": 16, "350m": 8, "1.3b": 8}
 
@@ -61,8 +62,9 @@ def profile_steps(step, n: int = 3) -> str:
 
 
 def measure(size: str, seq: int, steps: int, device: str, compile: bool, profile: bool = False) -> dict:
-    overrides = [f"model.{k}={v}" for k, v in SIZES[size].items()] + [
-        "model.vocab_size=50304", f"model.max_seq_len={seq}", f"data.seq_len={seq}", "model.tie_embeddings=false",
+    overrides = [f"model.{k}={'null' if v is None else str(v).lower() if isinstance(v, bool) else v}"
+                 for k, v in SIZES[size].items()] + [
+        "model.vocab_size=50304", f"model.max_seq_len={seq}", f"data.seq_len={seq}",
         f"train.compile={str(compile).lower()}", "train.dtype=bf16", f"train.device={device}"]
     cfg = load_spec("jobs/pretrain.yaml", overrides)
     dist_info = init_distributed(cfg.parallel, cfg.train.device)

@@ -24,16 +24,13 @@ from dataclasses import dataclass
 
 import torch
 
+from model.config import SIZES as NAMED_SIZES
 from model.config import GPTConfig
 from model.gpt import GPT
 
 GIB = 2**30
-# GPT-3's 125M and 1.3B shapes with the GPT-2 vocabulary (as bench/gpu_pretrain.py) and Llama-2-7B's shape.
-SIZES = {
-    "125m": GPTConfig(vocab_size=50304, n_layer=12, n_head=12, d_model=768, tie_embeddings=False),
-    "1.3b": GPTConfig(vocab_size=50304, n_layer=24, n_head=32, d_model=2048, tie_embeddings=False),
-    "7b": GPTConfig(vocab_size=32000, n_layer=32, n_head=32, d_model=4096, ffn_hidden=11008, tie_embeddings=False),
-}
+# GPT-3's 125M and 1.3B shapes with the GPT-2 vocabulary and Llama-2-7B's shape: model/config.py's named sizes.
+SIZES = {name: NAMED_SIZES[name] for name in ("125m", "1.3b", "7b")}
 
 
 @dataclass

@@ -144,7 +144,7 @@ class CheckpointConfig:
                              "(checkpoint.keep_every keeps older ones too)")  # newest checkpoints kept
     keep_every: int = bounded(0, ge=0)  # also keep every M-th step forever (0 = none)
     async_save: bool = False  # write in a background thread while training goes on: for GPU runs (docs/performance.md)
-    init_from: Optional[str] = None  # a run folder, a checkpoint folder or a Hugging Face Llama folder
+    init_from: Optional[str] = None  # a run folder, a checkpoint folder or a Hugging Face folder (docs/huggingface.md)
 
 
 @dataclass

@@ -197,7 +197,8 @@ def one_gpu_model(cfg: GPTConfig, activation_checkpointing: bool) -> GPT:
 def test_memory_plan_matches_the_measured_peak_on_one_gpu(size, activation_checkpointing):
     """Twin: tests/test_memory_plan.py (the parameter counts and a block's saved activations on the CPU).
     The plan of a one-GPU run (autocast, no FSDP) at seq 2048 within 20% of torch.cuda.max_memory_allocated."""
-    from bench.memory_plan import SIZES, plan
+    from bench.memory_plan import plan
+    from model.config import SIZES
 
     cfg, seq = SIZES[size], 2048
     cfg = GPTConfig(**{**cfg.__dict__, "max_seq_len": seq})
@@ -212,7 +213,8 @@ def test_memory_plan_matches_the_measured_peak_on_one_gpu(size, activation_check
 
 def test_memory_plan_matches_the_measured_peak_under_fsdp(tmp_path):
     """The plan's FSDP arithmetic (bf16 parameters gathered per block, the root's held) on a one-GPU mesh."""
-    from bench.memory_plan import SIZES, plan
+    from bench.memory_plan import plan
+    from model.config import SIZES
 
     cfg, seq = GPTConfig(**{**SIZES["125m"].__dict__, "max_seq_len": 2048}), 2048
     freed()
