@@ -1,7 +1,8 @@
 """A decoder-only GPT of the current kind: RMSNorm, rotary positions, SwiGLU, grouped-query attention.
 
-The layout is Llama's, so Hugging Face export is a renaming of weights (see model/state_dict_adapter.py). Three
-options depart from it (GPTConfig.mlp, qk_norm, logit_softcap; measured in docs/recipe.md).
+The layout is Llama's, so Hugging Face export is a renaming of weights (see model/state_dict_adapter.py); Qwen2's
+query/key/value biases (qkv_bias) and Qwen3's per-head query/key norms (qk_norm) are options. Two more depart
+from all three families (GPTConfig.mlp, logit_softcap; measured in docs/recipe.md).
 Sizes come from GPTConfig; the same code builds a 1M-parameter test model and a 1B one.
 """
 
@@ -18,12 +19,29 @@ from model.config import GPTConfig
 from model.document_attention import BlockMask, flex
 
 
-def rotary_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of shape [max_seq_len, head_dim] in Llama's half-split layout."""
+def rotary_tables(head_dim: int, max_seq_len: int, theta: float,
+                  scaling: Optional[dict] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of shape [max_seq_len, head_dim] in Llama's half-split layout; `scaling` is GPTConfig.rope_scaling."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    if scaling is not None:
+        inv_freq = llama3_inv_freq(inv_freq, scaling)
     angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
+
+
+def llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """Llama 3.1's long-context rotary frequencies (as transformers' _compute_llama3_parameters): wavelengths
+    longer than the pretraining context / low_freq_factor are slowed by `factor`, those shorter than
+    context / high_freq_factor kept, and the band between interpolated smoothly."""
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    context = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > context / low, inv_freq / factor, inv_freq)
+    smooth = (context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= context / high) & (wavelen <= context / low)
+    return torch.where(medium, smoothed, scaled)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -68,10 +86,12 @@ class Attention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
-        self.qk_norm = cfg.qk_norm
-        self.wq = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.wq = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        if cfg.qk_norm:  # one gain of head_dim shared by every head (Qwen3's q_norm / k_norm)
+            self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
+            self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
         self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -81,8 +101,8 @@ class Attention(nn.Module):
         q = self.wq(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)
-        if self.qk_norm:  # unit-RMS queries and keys bound the attention logits (no gain: nothing to shard)
-            q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
+        if hasattr(self, "q_norm"):  # normalized queries and keys bound the attention logits
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv is not None:  # (this layer's cache, where these tokens start): attend to the cached ones too
             k, v = kv[0].extend(k, v, kv[1])
@@ -142,7 +162,7 @@ class GPT(nn.Module):
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         # Rotary tables are derived, not learned: non-persistent, so checkpoints hold weights only.
-        cos, sin = rotary_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        cos, sin = rotary_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
@@ -164,12 +184,14 @@ class GPT(nn.Module):
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.cfg.n_layer)
         for name, p in self.named_parameters():
-            if p.ndim == 1:  # norm gains
+            if name.endswith(".bias"):
+                fill_param(p, torch.zeros(p.shape))
+            elif p.ndim == 1:  # norm gains
                 fill_param(p, torch.ones(p.shape))
             else:
                 scale = out_std if name.endswith(("wo.weight", "w2.weight")) else std
                 fill_param(p, torch.randn(p.shape, generator=gen) * scale)
-        cos, sin = rotary_tables(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta)
+        cos, sin = rotary_tables(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta, self.cfg.rope_scaling)
         self.rope_cos.copy_(cos.to(self.rope_cos.device))
         self.rope_sin.copy_(sin.to(self.rope_sin.device))
 

@@ -28,13 +28,14 @@ from model.gpt import fill_param as _fill
 
 
 class LoRALinear(nn.Linear):
-    """A bias-free nn.Linear that shares the base layer's weight and adds a low-rank update."""
+    """An nn.Linear that shares the base layer's weight (and bias, if it has one: Qwen2's q/k/v) and adds a
+    low-rank update."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
-        self.register_parameter("bias", None)
+        self.bias = base.bias  # frozen with the weight; a merge leaves it as it is
         device, dtype = base.weight.device, base.weight.dtype
         self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=device, dtype=dtype)
@@ -44,7 +45,7 @@ class LoRALinear(nn.Linear):
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight)
+        out = F.linear(x, self.weight, self.bias)
         if self.adapters_enabled and not self.merged:
             out = out + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
         return out

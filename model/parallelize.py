@@ -54,6 +54,10 @@ def apply_tensor_parallel(model: GPT, tp_mesh: DeviceMesh) -> None:
         mlp_in = {"feed_forward.w1": ColwiseParallel()}
         if hasattr(block.feed_forward, "w3"):  # SwiGLU's second input matrix (relu2 has none)
             mlp_in["feed_forward.w3"] = ColwiseParallel()
+        # Per-head q/k gains see only this rank's heads [batch, heads, seq, head_dim]: replicated, their gradients
+        # summed over the tensor-parallel ranks.
+        qk_norms = {f"attention.{n}": SequenceParallel(sequence_dim=1, use_local_output=True)
+                    for n in ("q_norm", "k_norm") if hasattr(block.attention, n)}
         parallelize_module(block, tp_mesh, {
             "attention_norm": SequenceParallel(),
             "attention": PrepareModuleInput(input_layouts=(Shard(1), None, None, None),
@@ -62,6 +66,7 @@ def apply_tensor_parallel(model: GPT, tp_mesh: DeviceMesh) -> None:
             "attention.wk": ColwiseParallel(),
             "attention.wv": ColwiseParallel(),
             "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
+            **qk_norms,
             "ffn_norm": SequenceParallel(),
             "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
             **mlp_in,

@@ -1,8 +1,9 @@
-"""Our GPT's state dict <-> Hugging Face Llama's: tensor names and config.json, in both directions.
+"""Our GPT's state dict <-> Hugging Face Llama's, Qwen2's and Qwen3's: tensor names, in both directions.
 
 Our GPT has Llama's layout on purpose (RMSNorm, half-split rotary, SwiGLU, grouped-query attention), so a
-conversion is a renaming of weights, with no permutation. This module knows only the model: files, run
-folders and tokenizers are training/hf_export.py's business.
+conversion is a renaming of weights, with no permutation; Qwen2's q/k/v biases and Qwen3's q/k norms are
+tensors of the same names in both. config.json is model/hf_families.py's (no torch there: `orch submit`
+reads it). This module knows only the model: files, run folders and tokenizers are training/hf_export.py's.
 """
 
 from __future__ import annotations
@@ -15,14 +16,21 @@ import torch
 
 from model.config import GPTConfig
 from model.gpt import GPT
+from model.hf_families import HFError, config_from_hf, config_json, refuse  # noqa: F401 - this module's API too
 
-# Ours -> Hugging Face Llama; "{}" is the layer index. The one table, read in both directions.
+# Ours -> Hugging Face Llama (Qwen2, Qwen3: the same names); "{}" is the layer index. The one table, read in both
+# directions.
 NAME_MAP = {
     "tok_embeddings.weight": "model.embed_tokens.weight",
     "layers.{}.attention_norm.weight": "model.layers.{}.input_layernorm.weight",
     "layers.{}.attention.wq.weight": "model.layers.{}.self_attn.q_proj.weight",
     "layers.{}.attention.wk.weight": "model.layers.{}.self_attn.k_proj.weight",
     "layers.{}.attention.wv.weight": "model.layers.{}.self_attn.v_proj.weight",
+    "layers.{}.attention.wq.bias": "model.layers.{}.self_attn.q_proj.bias",  # Qwen2
+    "layers.{}.attention.wk.bias": "model.layers.{}.self_attn.k_proj.bias",
+    "layers.{}.attention.wv.bias": "model.layers.{}.self_attn.v_proj.bias",
+    "layers.{}.attention.q_norm.weight": "model.layers.{}.self_attn.q_norm.weight",  # Qwen3
+    "layers.{}.attention.k_norm.weight": "model.layers.{}.self_attn.k_norm.weight",
     "layers.{}.attention.wo.weight": "model.layers.{}.self_attn.o_proj.weight",
     "layers.{}.ffn_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
     "layers.{}.feed_forward.w1.weight": "model.layers.{}.mlp.gate_proj.weight",
@@ -36,10 +44,6 @@ WEIGHTS = "model.safetensors"  # a Hugging Face folder's weights: one file, or s
 WEIGHTS_INDEX = "model.safetensors.index.json"
 # Buffers some older Llama checkpoints carry: derived from the config, not weights.
 IGNORED_HF = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
-
-
-class HFError(ValueError):
-    """A folder or checkpoint we can't export or import; the message names the file, key and value."""
 
 
 def _compile(direction: str) -> list[tuple[re.Pattern, str]]:
@@ -79,35 +83,8 @@ DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float
 
 def hf_config(cfg: GPTConfig, dtype: torch.dtype = torch.float32, bos_id: int = 0, eos_id: int = 0,
               pad_id: Optional[int] = None) -> dict:
-    """config.json for LlamaForCausalLM."""
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.d_model,
-        "intermediate_size": cfg.hidden_dim,
-        "num_hidden_layers": cfg.n_layer,
-        "num_attention_heads": cfg.n_head,
-        "num_key_value_heads": cfg.kv_heads,
-        "head_dim": cfg.head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": cfg.max_seq_len,
-        "initializer_range": cfg.init_std,
-        "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "rope_scaling": None,
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "mlp_bias": False,
-        "pretraining_tp": 1,
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "bos_token_id": bos_id,
-        "eos_token_id": eos_id,
-        "pad_token_id": pad_id,
-        "use_cache": True,
-        "torch_dtype": DTYPE_NAMES[dtype],  # transformers < 4.56 reads this name,
-        "dtype": DTYPE_NAMES[dtype],  # later ones this
-    }
+    """config.json for the family of `cfg`: LlamaForCausalLM, Qwen2ForCausalLM or Qwen3ForCausalLM."""
+    return config_json(cfg, DTYPE_NAMES[dtype], bos_id, eos_id, pad_id)
 
 
 def check_shapes(cfg: GPTConfig, state: dict, where: Path) -> None:
@@ -126,54 +103,3 @@ def check_shapes(cfg: GPTConfig, state: dict, where: Path) -> None:
         if tuple(state[k].shape) != shape:
             raise HFError(f"{where}: tensor {k!r} has shape {tuple(state[k].shape)}, the model config "
                           f"implies {shape}")
-
-
-def refuse(path: Path, key: str, value, why: str):
-    raise HFError(f"{path}: key '{key}' has the value {value!r}: {why}")
-
-
-def config_from_hf(hf: dict, path: Path) -> GPTConfig:
-    """GPTConfig from a Llama config.json, refusing what our GPT can't represent."""
-    model_type = hf.get("model_type")
-    if model_type != "llama":
-        refuse(path, "model_type", model_type, "only Llama-layout models (model_type 'llama') can be imported")
-    for key in ("rope_scaling", "rope_parameters"):
-        rope = hf.get(key)
-        if rope is None:
-            continue
-        kind = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else rope
-        if kind != "default":
-            refuse(path, key, rope, "scaled rotary positions are not supported (plain RoPE only)")
-    for key in ("attention_bias", "mlp_bias"):
-        if hf.get(key, False):
-            refuse(path, key, hf[key], "our GPT's linear layers have no biases")
-    act = hf.get("hidden_act", "silu")
-    if act != "silu":
-        refuse(path, "hidden_act", act, "our feed-forward is SwiGLU (silu)")
-    try:
-        d, heads, layers = int(hf["hidden_size"]), int(hf["num_attention_heads"]), int(hf["num_hidden_layers"])
-        vocab, inter = int(hf["vocab_size"]), int(hf["intermediate_size"])
-    except KeyError as e:
-        raise HFError(f"{path} lacks the key {e.args[0]!r}") from None
-    if d % heads:
-        refuse(path, "hidden_size", d, f"it is not divisible by num_attention_heads={heads}")
-    head_dim = hf.get("head_dim")
-    if head_dim is not None and int(head_dim) != d // heads:
-        refuse(path, "head_dim", head_dim, f"our GPT needs hidden_size/num_attention_heads = {d // heads}")
-    rope_theta = hf.get("rope_theta")
-    if rope_theta is None and isinstance(hf.get("rope_parameters"), dict):
-        rope_theta = hf["rope_parameters"].get("rope_theta")
-    cfg = GPTConfig(
-        vocab_size=vocab, n_layer=layers, n_head=heads,
-        n_kv_head=int(hf.get("num_key_value_heads") or heads), d_model=d, ffn_hidden=inter,
-        max_seq_len=int(hf.get("max_position_embeddings", 2048)),
-        rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        init_std=float(hf.get("initializer_range", 0.02)),
-    )
-    try:
-        cfg.validate()
-    except ValueError as e:
-        raise HFError(f"{path}: {e}") from None
-    return cfg

@@ -148,11 +148,10 @@ def test_newest_valid_checkpoint_and_overwrite_rules(tmp_path, tokenizer_dir):
 
 
 @pytest.mark.parametrize("key,value", [
-    ("rope_scaling", {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 64}),
+    ("rope_scaling", {"rope_type": "linear", "factor": 2.0}),
     ("attention_bias", True),
     ("model_type", "mistral"),
-    ("head_dim", 32),
+    ("hidden_act", "gelu"),
 ])
 def test_unrepresentable_configs_are_refused(tmp_path, exported, key, value):
     out = shutil.copytree(exported, tmp_path / "hf")

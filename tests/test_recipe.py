@@ -166,7 +166,8 @@ def test_bad_recipe_values_are_refused_naming_the_key(key, value):
     assert value in str(info.value)
 
 
-@pytest.mark.parametrize("option,key", [({"mlp": "relu2"}, "model.mlp"), ({"qk_norm": True}, "model.qk_norm"),
+@pytest.mark.parametrize("option,key", [({"mlp": "relu2"}, "model.mlp"),
+                                        ({"qk_norm": True, "qkv_bias": True}, "model.qkv_bias"),
                                         ({"logit_softcap": 15.0}, "model.logit_softcap")])
 def test_export_refuses_options_a_llama_cannot_represent(tmp_path, option, key):
     from training.data.tokenizer import train_tokenizer
@@ -178,7 +179,7 @@ def test_export_refuses_options_a_llama_cannot_represent(tmp_path, option, key):
     run = tmp_path / "run"
     run.mkdir()
     section = {k: getattr(cfg, k) for k in ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "max_seq_len",
-                                            "mlp", "qk_norm", "logit_softcap")}
+                                            "mlp", "qk_norm", "qkv_bias", "logit_softcap")}
     (run / "config.yaml").write_text(yaml.safe_dump({"kind": "pretrain", "model": section,
                                                      "data": {"dir": str(tmp_path), "tokenizer": None}}))
     save_checkpoint(run, 1, model, torch.optim.AdamW(model.parameters()), {"step": 1})

@@ -1,8 +1,9 @@
-"""Hugging Face Llama folders: export a run's checkpoint as one (training/hf_import.py reads them).
+"""Hugging Face folders: export a run's checkpoint as one (training/hf_import.py reads them).
 
-    export_hf(run_or_checkpoint, out_dir)  -> a folder `LlamaForCausalLM.from_pretrained` reads
+    export_hf(run_or_checkpoint, out_dir)  -> a folder `AutoModelForCausalLM.from_pretrained` reads: a Llama,
+                                              or the Qwen2 / Qwen3 a model imported from one of those stays
 
-The tensor names and config.json are model/state_dict_adapter.py's; what a run folder holds is
+The tensor names are model/state_dict_adapter.py's, config.json model/hf_families.py's; what a run folder holds is
 training/run_folder.py's. Nothing here needs `transformers`, and nothing unpickles: weights are read and
 written as safetensors.
 """
@@ -78,9 +79,9 @@ def _is_previous_export(folder: Path) -> bool:
 
 def export_hf(source: str | Path, out_dir: str | Path, *, tokenizer: str | Path | None = None,
               dtype: torch.dtype = torch.float32) -> Path:
-    """Write a run's newest valid checkpoint (or the given checkpoint folder) as a Hugging Face
-    LlamaForCausalLM folder. Written beside out_dir and renamed into place; replaces only an empty
-    folder or an earlier export. Returns out_dir."""
+    """Write a run's newest valid checkpoint (or the given checkpoint folder) as a Hugging Face folder of the
+    model's family (model/hf_families.py `family`). Written beside out_dir and renamed into place; replaces only
+    an empty folder or an earlier export. Returns out_dir."""
     from safetensors.torch import save_file
 
     if dtype not in DTYPE_NAMES:
@@ -123,7 +124,9 @@ def export_hf(source: str | Path, out_dir: str | Path, *, tokenizer: str | Path 
         from training.classify.export import classifier_config
 
         tensors["score.weight"] = head.to(dtype).contiguous()
+        causal_lm = config["architectures"][0]
         config.update(classifier_config(run_dir, head.shape[0]))
+        config["architectures"] = [causal_lm.replace("ForCausalLM", "ForSequenceClassification")]
     step = checkpoint_step(ckpt_dir.name)
     generation = {"bos_token_id": ids["bos"], "eos_token_id": ids["eos"], "pad_token_id": ids["pad"],
                   "max_length": cfg.max_seq_len}

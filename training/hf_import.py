@@ -1,6 +1,6 @@
-"""Hugging Face Llama folders read as our GPT: the import side of training/hf_export.py.
+"""Hugging Face Llama, Qwen2 and Qwen3 folders read as our GPT: the import side of training/hf_export.py.
 
-    load_hf_state_dict(folder)  -> (GPTConfig, our state dict) from any Llama folder
+    load_hf_state_dict(folder)  -> (GPTConfig, our state dict) from any folder of those families
     import_hf(folder)           -> a GPT holding those weights (CPU, float32)
 
 Nothing unpickles: a folder with only .bin / .pt weights is refused with a sentence saying so.
@@ -15,17 +15,8 @@ import torch
 
 from model.config import GPTConfig
 from model.gpt import GPT, rotary_tables
-from model.state_dict_adapter import (
-    IGNORED_HF,
-    WEIGHTS,
-    WEIGHTS_INDEX,
-    HFError,
-    check_shapes,
-    config_from_hf,
-    from_hf_name,
-    refuse,
-)
-
+from model.hf_families import family, read_hf_config
+from model.state_dict_adapter import IGNORED_HF, WEIGHTS, WEIGHTS_INDEX, HFError, check_shapes, from_hf_name, refuse
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -52,19 +43,13 @@ def _weight_files(folder: Path) -> list[Path]:
 
 
 def load_hf_state_dict(folder: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
-    """A Llama-layout folder as (GPTConfig, tensors under our names). A tied output head is left
+    """A Llama, Qwen2 or Qwen3 folder as (GPTConfig, tensors under our names). A tied output head is left
     out of the tensors, as in our checkpoints."""
     from safetensors import safe_open
 
     folder = Path(folder)
     config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise HFError(f"{config_path} is missing: not a Hugging Face model folder")
-    try:
-        hf = json.loads(config_path.read_text())
-    except ValueError as e:
-        raise HFError(f"{config_path} is not JSON ({e})") from None
-    cfg = config_from_hf(hf, config_path)
+    cfg = read_hf_config(folder)
 
     state: dict[str, torch.Tensor] = {}
     unknown = []
@@ -78,7 +63,7 @@ def load_hf_state_dict(folder: str | Path) -> tuple[GPTConfig, dict[str, torch.T
                     continue
                 state[ours] = sf.get_tensor(name)
     if unknown:
-        raise HFError(f"{folder} holds tensors a Llama of our kind doesn't have: {unknown[:3]}"
+        raise HFError(f"{folder} holds tensors a {family(cfg)} of our kind doesn't have: {unknown[:3]}"
                       f"{' and more' if len(unknown) > 3 else ''}")
     if cfg.tie_embeddings and "output.weight" in state:
         # Some writers store the tied head anyway: accept it only if it really is the embedding.
@@ -90,12 +75,12 @@ def load_hf_state_dict(folder: str | Path) -> tuple[GPTConfig, dict[str, torch.T
 
 
 def import_hf(folder: str | Path) -> GPT:
-    """A GPT (on the CPU, float32) holding a Llama-layout folder's weights."""
+    """A GPT (on the CPU, float32) holding a Llama, Qwen2 or Qwen3 folder's weights."""
     cfg, state = load_hf_state_dict(folder)
     with torch.device("meta"):
         model = GPT(cfg)
     model.to_empty(device="cpu")  # re-ties the output head when tie_embeddings
-    cos, sin = rotary_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+    cos, sin = rotary_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
     with torch.no_grad():
         model.rope_cos.copy_(cos)
         model.rope_sin.copy_(sin)
