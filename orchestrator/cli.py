@@ -2,7 +2,7 @@
 
 Commands that only look (runs, logs, status, pipeline status) read the registry and ask the executors what
 they observe; they never change a run. Commands that act (submit, cancel, resume, reconcile, pipeline
-wait|cancel|reconcile) own what they touch. The data plane's own commands (generate, chat, export, data
+wait|cancel|reconcile) own what they touch. The data plane's own commands (generate, chat, serve, export, data
 prepare) come from training/tools, imported only when orch builds its parser.
 """
 
@@ -20,9 +20,11 @@ from omegaconf import OmegaConf
 from jobspec import SpecError, load_spec
 from jobspec.faults import fault
 from jobspec.pipeline_file import is_pipeline_file, load_pipeline
+from jobspec.sweep_file import is_sweep_file
 from orchestrator import executors, pipelines
 from orchestrator.registry import Registry
 from orchestrator.runs import register_run
+from orchestrator.sweeps import command as sweeps
 
 
 def _fail(msg: str, code: int = 2) -> int:
@@ -42,6 +44,8 @@ def _no_job_file(command: str) -> int:
 def cmd_config(args) -> int:
     if not args.config:
         return _no_job_file("config")
+    if is_sweep_file(args.config):  # kind: sweep -> the members as planned, then one member's job
+        return sweeps.show(args.config, args.overrides)
     if is_pipeline_file(args.config):  # each stage's resolved config (init_from is filled in at submit time)
         pipeline = load_pipeline(args.config, args.overrides)
         if args.json:
@@ -65,12 +69,19 @@ def cmd_config(args) -> int:
 def cmd_submit(args) -> int:
     if not args.config:
         return _no_job_file("submit")
+    if is_sweep_file(args.config):  # kind: sweep -> its members, `parallel` at a time, then the fit
+        return sweeps.submit(args.config, args.overrides)
     if is_pipeline_file(args.config):  # kind: pipeline -> a chain of stages
         return submit_pipeline(args.config, args.overrides, follow=args.follow)
     cfg = load_spec(args.config, args.overrides, launch=True)
     registry = Registry()
     name = executors.resolve(cfg.executor)
     cfg.executor = name
+    executors.executor_for(name, registry).check(cfg, args.config)  # before anything is registered
+    if args.check_fit:  # the job's step in a fake world of its size (training/plan/): torch, on this CPU
+        from training.tools import check_fit
+
+        check_fit(cfg, args.config)
     run = register_run(registry, cfg, name)
     fault("submit.registered")
     handle = executors.executor_for(name, registry).submit(run, cfg)
@@ -170,6 +181,8 @@ def cmd_cancel(args) -> int:
     """Ask the run to stop; then (unless --no-wait) wait until it has saved and stopped, recording that, so that
     an `orch resume` right after finds it CANCELLED."""
     registry = Registry()
+    if sweeps.is_sweep(registry, args.run):  # a sweep's id: every unfinished member
+        return sweeps.cmd_sweep_cancel(argparse.Namespace(sweep=args.run))
     run = registry.find(args.run)
     if run.finished:
         print(f"{run.id} already {run.state}")
@@ -194,6 +207,8 @@ def cmd_cancel(args) -> int:
 def cmd_resume(args) -> int:
     """Start a finished run again on its folder; the trainer resumes from the newest checkpoint."""
     registry = Registry()
+    if sweeps.is_sweep(registry, args.run):  # a sweep's id: every member that ended without completing
+        return sweeps.cmd_sweep_resume(argparse.Namespace(sweep=args.run))
     run = registry.find(args.run)
     executor = executors.executor_for(run.executor, registry)
     executor.refresh([run])  # a run whose supervisor or job is gone is recorded so before we decide
@@ -237,8 +252,9 @@ def cmd_pipeline(args) -> int:
     if args.action == "wait":
         return pipelines.wait(registry, pipeline_id, timeout=args.timeout)
     if args.action == "cancel":
-        pipelines.cancel(registry, pipeline_id)
-        print(f"cancelling pipeline {pipeline_id}")
+        for run in pipelines.cancel(registry, pipeline_id):  # CANCELLED only once its backend has stopped it
+            print(f"  {run.stage}: {run.id} {run.state}")
+        print(f"cancelling pipeline {pipeline_id}: `orch pipeline wait {pipeline_id}` follows it until it stops")
         return 0
     if args.action == "reconcile":
         pipelines.reconcile(registry, pipeline_id)
@@ -262,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("config", nargs="?", help="a job or pipeline YAML file, e.g. jobs/pretrain.yaml")
     s.add_argument("overrides", nargs="*", help="key=value, e.g. train.max_steps=50")
     s.add_argument("--follow", "-f", action="store_true", help="stream the log and exit with the job's status")
+    s.add_argument("--check-fit", action="store_true",
+                   help="refuse (exit 2) a job whose plan (orch plan) exceeds its GPUs' memory, before queueing it")
     s.set_defaults(func=cmd_submit)
 
     s = sub.add_parser("config", help="print the resolved config of a job file")
@@ -278,6 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
     from orchestrator.status.live import add_parser as add_status_parser
 
     add_status_parser(sub)  # `orch status`: the live dashboard
+
+    from orchestrator.sweeps.command import add_parser as add_sweep_parser
+
+    add_sweep_parser(sub)  # `orch sweep fit|status|cancel|resume`: scaling-law sweeps
 
     s = sub.add_parser("logs", help="print a run's log")
     s.add_argument("run", help="run id (or a unique prefix), as `orch runs` lists it")
@@ -308,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from training.tools import add_commands  # the data plane's entry point for in-process commands
 
-    add_commands(sub)  # generate, chat, export, data prepare
+    add_commands(sub)  # generate, chat, serve, export, data prepare, plan
     return p
 
 

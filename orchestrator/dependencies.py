@@ -46,12 +46,13 @@ def blocked(runs: Sequence[Run]) -> list[tuple[Run, str]]:
 
 def cancel_dependents(registry: Registry, runs: Sequence[Run],
                       cancel_one: Optional[Callable[[Run], None]] = None) -> list[Run]:
-    """Mark CANCELLED every unfinished stage downstream of a FAILED or CANCELLED one, then call `cancel_one(run)`
-    for each (a backend that must be told: scancel a job Slurm still holds). Returns the stages cancelled now."""
+    """Mark CANCELLED every pending or running stage downstream of a FAILED or CANCELLED one, then call
+    `cancel_one(run)` for each (a backend that must be told: scancel a job Slurm still holds). Returns the stages
+    cancelled now."""
     cancelled = []
     for run, reason in blocked([registry.get(r.id) for r in runs]):
-        if registry.transition(run.id, ("PENDING", "RUNNING", "CANCELLING"), state="CANCELLED", reason=reason,
-                               ended_at=now()):
+        # a CANCELLING stage was asked to stop already: its executor records CANCELLED once its backend has
+        if registry.transition(run.id, ("PENDING", "RUNNING"), state="CANCELLED", reason=reason, ended_at=now()):
             cancelled.append(registry.get(run.id))
             if cancel_one is not None:
                 cancel_one(cancelled[-1])

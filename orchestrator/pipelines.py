@@ -20,7 +20,7 @@ from jobspec.faults import fault
 from jobspec.pipeline_file import Pipeline, Stage
 from orchestrator import executors
 from orchestrator.dependencies import cancel_dependents, parents_first_runs
-from orchestrator.registry import Registry, Run, now
+from orchestrator.registry import Registry, Run
 from orchestrator.runs import register_run, run_folder
 
 CANCELLED_PIPELINE = "pipeline cancelled by user"
@@ -30,6 +30,8 @@ def submit(pipeline: Pipeline, registry: Registry) -> tuple[str, list[Run]]:
     """Register every stage PENDING (parents first), write each run folder's config.yaml, and hand the
     pipeline to its executor. Returns the pipeline id and the stages' runs."""
     executor = executors.resolve(pipeline.executor)
+    for stage in pipeline.stages:  # before anything is registered
+        executors.executor_for(executor, registry).check(stage.cfg, f"{pipeline.path} (stage {stage.name})")
     pipeline_id = f"{pipeline.name}-{secrets.token_hex(3)}"
     runs: list[Run] = []
     run_dirs: dict[str, str] = {}
@@ -88,15 +90,21 @@ def stages(registry: Registry, pipeline_id: str) -> list[Run]:
 
 
 def cancel(registry: Registry, pipeline_id: str) -> list[Run]:
-    """Cancel every unfinished stage: pending ones at once, running ones through their executor (they save a
-    checkpoint first and are CANCELLING until they have stopped)."""
+    """Cancel every unfinished stage through its executor, last stages first, so that no parent finishing
+    meanwhile starts one (the local pipeline supervisor, Slurm's afterok). Each executor records CANCELLED once
+    its backend has stopped the stage (a local stage not started yet: at once; a Slurm job: when sacct says it
+    ended); until then the stage is CANCELLING. Every stage is asked even if one backend refuses."""
     runs = stages(registry, pipeline_id)
-    for run in runs:  # pending first, so no supervisor starts them in the meantime
-        if run.state == "PENDING" and run.pid is None:
-            registry.transition(run.id, ("PENDING",), state="CANCELLED", reason=CANCELLED_PIPELINE, ended_at=now())
-    for run in (registry.get(r.id) for r in runs):
-        if not run.finished:
-            executors.executor_for(run.executor, registry).cancel(run)
+    failures = []
+    for run in (registry.get(r.id) for r in reversed(runs)):
+        if run.finished:
+            continue
+        try:
+            executors.executor_for(run.executor, registry).cancel(run, reason=CANCELLED_PIPELINE)
+        except RuntimeError as e:  # scancel failed: the other stages are still cancelled
+            failures.append(f"stage {run.stage}: {e}")
+    if failures:
+        raise RuntimeError(f"pipeline {pipeline_id} not wholly cancelled: {'; '.join(failures)}")
     return [registry.get(r.id) for r in runs]
 
 

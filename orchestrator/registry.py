@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from jobspec.faults import fault
+from orchestrator.filesystems import warn_if_shared
 
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED")
 # PENDING -> RUNNING -> COMPLETED | FAILED, or -> CANCELLING (asked to stop, still saving) -> CANCELLED.
@@ -82,30 +83,72 @@ def orch_home() -> Path:
     return Path(os.environ.get("ORCH_HOME", ".orch")).resolve()
 
 
+class RegistryLocked(RuntimeError):
+    """The registry could not be read or written within its lock timeout; the message says what to do."""
+
+
+WRITE_TIMEOUT_S = 60  # a writer waits this long for another's write lock (writes are short: milliseconds)
+READ_TIMEOUT_S = 5  # readers never wait for a writer in WAL mode; only for a crashed writer's recovery
+
+
 class Registry:
-    def __init__(self, path: Optional[Path] = None):
+    def __init__(self, path: Optional[Path] = None, write_timeout_s: float = WRITE_TIMEOUT_S):
         self.path = Path(path) if path else orch_home() / "registry.db"
+        self.write_timeout_s = write_timeout_s
+        warn_if_shared(self.path.parent)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        if not self._current():  # only a new or an older registry is written here: looking takes no write lock
+            self._create()
+
+    def _current(self) -> bool:
+        """True when the file has the runs table with every column, in WAL mode (read without a write lock)."""
+        if not self.path.is_file():
+            return False
+        with self._connect() as db:
+            have = {row[1] for row in db.execute("PRAGMA table_info(runs)")}
+            wal = db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        return wal and have >= {f.name for f in fields(Run)}
+
+    def _create(self) -> None:
         try:
-            db.execute("PRAGMA journal_mode=WAL")  # persists in the file: readers never wait for a writer
-            db.executescript(SCHEMA)
-        finally:
-            db.close()
+            db = sqlite3.connect(self.path, timeout=self.write_timeout_s, isolation_level=None)
+            try:
+                db.execute("PRAGMA journal_mode=WAL")  # persists in the file: readers never wait for a writer
+                db.executescript(SCHEMA)
+            finally:
+                db.close()
+        except sqlite3.OperationalError as e:
+            raise self._error(e, write=True) from None
         with self._connect(write=True) as db:
             have = {row[1] for row in db.execute("PRAGMA table_info(runs)")}
             for name, kind in (("pid_start", "TEXT"), ("host", "TEXT")):  # registries made before these columns
                 if name not in have:
                     db.execute(f"ALTER TABLE runs ADD COLUMN {name} {kind}")
 
+    def _error(self, e: sqlite3.OperationalError, write: bool) -> RegistryLocked:
+        if "locked" not in str(e) and "busy" not in str(e):
+            return RegistryLocked(f"the run registry {self.path} can't be {'written' if write else 'read'}: {e}")
+        waited = self.write_timeout_s if write else READ_TIMEOUT_S
+        return RegistryLocked(
+            f"the run registry {self.path} is locked: another process has held its lock for over {waited:.0f}s, so "
+            f"nothing was {'changed' if write else 'read'}. Most likely an orch command is stuck or stopped in the "
+            f"middle of a write (`fuser -v {self.path}*` names it; end it, and its write is rolled back), or "
+            "ORCH_HOME is on a network file system whose locks SQLite can't use (keep it on a local disk: see "
+            "docs/slurm.md). Then run the command again.")
+
     @contextmanager
     def _connect(self, write: bool = False) -> Iterator[sqlite3.Connection]:
         """One transaction. WAL lets readers go on while one process writes; writers take the write lock up
-        front (BEGIN IMMEDIATE), so two never deadlock upgrading a read, and wait up to a minute for it."""
-        db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        front (BEGIN IMMEDIATE), so two never deadlock upgrading a read, and wait up to a minute for it. A lock
+        not had in time is a RegistryLocked that says so, not SQLite's traceback."""
+        try:
+            db = sqlite3.connect(self.path, timeout=self.write_timeout_s if write else READ_TIMEOUT_S,
+                                 isolation_level=None)
+        except sqlite3.OperationalError as e:
+            raise self._error(e, write) from None
         db.row_factory = sqlite3.Row
         try:
-            db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            db.execute("BEGIN IMMEDIATE" if write else "BEGIN")  # BEGIN takes no lock: the first read does
             try:
                 yield db
                 if write:
@@ -114,6 +157,8 @@ class Registry:
                 db.execute("ROLLBACK")
                 raise
             db.execute("COMMIT")
+        except sqlite3.OperationalError as e:
+            raise self._error(e, write) from None
         finally:
             db.close()
 
@@ -149,8 +194,9 @@ class Registry:
         """A run by id, id prefix, or run-folder path; LookupError naming the choices otherwise."""
         path = str(Path(prefix).resolve())
         with self._connect() as db:
-            rows = db.execute("SELECT * FROM runs WHERE id LIKE ? OR run_dir = ? ORDER BY created_at DESC",
-                              (prefix + "%", path)).fetchall()
+            # a prefix compared as such: LIKE would read '_' and '%' in an id as wildcards, and ignore case
+            rows = db.execute("SELECT * FROM runs WHERE substr(id, 1, ?) = ? OR run_dir = ? "
+                              "ORDER BY created_at DESC", (len(prefix), prefix, path)).fetchall()
         if len(rows) == 1:
             return Run(**dict(rows[0]))
         exact = [r for r in rows if r["id"] == prefix or r["run_dir"] == path]
@@ -181,8 +227,8 @@ class Registry:
     def find_pipeline(self, prefix: str) -> str:
         """A pipeline id from a prefix of it; LookupError naming the choices otherwise."""
         with self._connect() as db:
-            ids = [r[0] for r in db.execute("SELECT DISTINCT pipeline_id FROM runs WHERE pipeline_id LIKE ?",
-                                            (prefix + "%",)).fetchall()]
+            ids = [r[0] for r in db.execute("SELECT DISTINCT pipeline_id FROM runs "
+                                            "WHERE substr(pipeline_id, 1, ?) = ?", (len(prefix), prefix)).fetchall()]
         if prefix in ids or len(ids) == 1:
             return prefix if prefix in ids else ids[0]
         if not ids:

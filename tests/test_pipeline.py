@@ -322,3 +322,36 @@ def test_slurm_pipeline_cancels_the_dependents_of_a_failed_stage(slurm_cluster, 
     # scancelled, not left PENDING (b with DependencyNeverSatisfied, c and d behind it)
     assert not [j for j, (state, _) in squeue_jobs(cancelled).items() if state == "PENDING"]
     wait_until(lambda: all(sacct_state(j) == "CANCELLED" for j in cancelled), 60, "sacct to report CANCELLED")
+
+
+@pytest.mark.slurm
+def test_cancelling_a_slurm_pipeline_scancels_every_stage_and_waits_for_slurm(slurm_cluster, tmp_path, tiny_data):
+    pytest.importorskip("orchestrator.executors.slurm")
+    path = write_pipeline(tmp_path, {
+        "a": {"job": PRETRAIN, "overrides": ["train.max_steps=100000"]},  # still pending or training when cancelled
+        "b": {"job": PRETRAIN, "after": "a"},
+        "c": {"job": PRETRAIN, "after": "b"},
+    }, overrides=[*tiny_pipeline_overrides(tmp_path, tiny_data), "train.max_steps=2"], executor="slurm")
+    result = orch(tmp_path, "submit", str(path))
+    assert result.returncode == 0, result.stderr
+    pipeline_id, _ = submitted_ids(result.stdout)
+    jobs = {s: r.slurm_job_id for s, r in slurm_stages(tmp_path, pipeline_id).items()}
+    assert len(jobs) == 3 and all(jobs.values())
+
+    result = orch(tmp_path, "pipeline", "cancel", pipeline_id)
+    assert result.returncode == 0, result.stderr
+    # every stage was handed to Slurm (scancel), and none shows CANCELLED before Slurm says its job ended
+    stages = slurm_stages(tmp_path, pipeline_id)
+    assert {s: r.state for s, r in stages.items()} == dict.fromkeys("abc", "CANCELLING"), result.stdout
+    assert {r.reason for r in stages.values()} == {"pipeline cancelled by user"}
+    wait_until(lambda: not [j for j, (state, _) in squeue_jobs(list(jobs.values())).items()
+                            if state in ("PENDING", "RUNNING", "CONFIGURING", "REQUEUED")],
+               60, "Slurm to end the pipeline's jobs")
+
+    result = orch(tmp_path, "pipeline", "wait", pipeline_id, "--timeout", "120", timeout=180)
+    assert result.returncode == 1, result.stdout[-3000:]
+    stages = slurm_stages(tmp_path, pipeline_id)
+    assert {s: r.state for s, r in stages.items()} == dict.fromkeys("abc", "CANCELLED")
+    assert {r.reason for r in stages.values()} == {"pipeline cancelled by user"}
+    assert stages["b"].attempts == stages["c"].attempts == 0, "never started"
+    wait_until(lambda: all(sacct_state(j) == "CANCELLED" for j in jobs.values()), 60, "sacct to report CANCELLED")

@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -352,3 +353,53 @@ def test_time_limit_requeues_until_done_with_the_same_weights(interrupted_runs):
     assert done.attempts == len(history)
     assert f"stopping on signal {int(signal.SIGUSR2)}" in log and "requeueing (requeue 1 of 12)" in log, log
     assert_same_weights(run.run_dir, interrupted_runs["reference"]("long"))
+
+
+def _finished_run(tmp: Path, data_dir: str, name: str) -> Run:
+    """A Slurm run that ended FAILED, with its folder and config.yaml, as `orch resume` finds it."""
+    from jobspec import load_spec
+    from jobspec.loading import save_config
+
+    from orchestrator.runs import register_run
+
+    cfg = load_spec(JOB, [*tiny_overrides(data_dir), "executor=slurm", f"name={name}", f"runs_dir={tmp / 'runs'}"],
+                    launch=True)
+    registry = registry_for(tmp)
+    run = register_run(registry, cfg, "slurm")
+    registry.update(run.id, state="FAILED", reason="failed before", ended_at=time.time())
+    return registry.get(run.id)
+
+
+def _jobs_named(name: str) -> list[str]:
+    return subprocess.run(["squeue", "-h", "--name", name, "-o", "%i"], capture_output=True, text=True).stdout.split()
+
+
+def test_resume_refuses_while_a_trainer_holds_the_run_folder(slurm_cluster, tiny_data, tmp_path):
+    from jobspec.run_lock import RunLock
+
+    run = _finished_run(tmp_path, tiny_data, "held")
+    try:
+        with RunLock(run.run_dir):  # a trainer the registry lost track of, still holding the folder
+            result = orch(tmp_path, "resume", run.id, check=False)
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert f"{run.id} can't be resumed: a trainer still holds {run.run_dir}" in result.stderr
+        assert f"pid {os.getpid()}" in result.stderr
+        assert not _jobs_named(run.id), "a second trainer was queued on the folder"
+        assert registry_for(tmp_path).get(run.id).state == "FAILED"
+    finally:
+        subprocess.run(["scancel", "--name", run.id], capture_output=True)
+
+
+def test_resume_refuses_while_slurm_holds_a_job_of_the_run(slurm_cluster, tiny_data, tmp_path):
+    # where flock() holds on one node only, Slurm's queue is what says a trainer may still come or run
+    run = _finished_run(tmp_path, tiny_data, "queued")
+    job = subprocess.run(["sbatch", "--parsable", "--hold", f"--job-name={run.id}", f"--output={tmp_path}/held.out",
+                          "--wrap", "true"], capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        result = orch(tmp_path, "resume", run.id, check=False)
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert f"Slurm still holds a job of it ({job} PENDING)" in result.stderr
+        assert _jobs_named(run.id) == [job]
+        assert registry_for(tmp_path).get(run.id).state == "FAILED"
+    finally:
+        subprocess.run(["scancel", job], capture_output=True)

@@ -25,10 +25,9 @@ from omegaconf import DictConfig
 from jobspec.contract import RunFolder
 from jobspec.processes import process_start, same_process, signal_process, this_process
 from jobspec.run_lock import describe, holder
-from orchestrator.executors.base import Observation
+from orchestrator.executors.base import CANCELLED_BY_USER, Observation, refuse_if_held
+from orchestrator.filesystems import check_runs_dir
 from orchestrator.registry import TERMINAL, Registry, Run, now
-
-CANCELLED_BY_USER = "cancelled by user"
 
 
 def _block_stop_signals() -> None:
@@ -68,6 +67,13 @@ def pipeline_supervisor_gone(registry: Registry, run: Run) -> bool:
     return same_process(int(pid), start, host) is False
 
 
+def _signal(pid, start) -> bool:
+    """SIGTERM that process if it is still the one recorded. A pid without its start time (a registry older than
+    the pid_start column, a process gone before it was read) is never signalled: the kernel may have given that
+    pid to any process since."""
+    return start is not None and signal_process(pid, start, signal.SIGTERM)
+
+
 class LocalExecutor:
     name = "local"
 
@@ -83,6 +89,9 @@ class LocalExecutor:
         self.registry.update(run.id, pid=proc.pid, pid_start=process_start(proc.pid), host=socket.gethostname())
         return proc
 
+    def check(self, cfg: DictConfig, source: str) -> None:
+        check_runs_dir(cfg.runs_dir, source, across_nodes=False)  # one machine: a node-local flock() will do
+
     def submit(self, run: Run, cfg: DictConfig) -> str:
         self.start(run)
         return "local"
@@ -94,10 +103,7 @@ class LocalExecutor:
         pid_file.write_text(f"{proc.pid} {process_start(proc.pid)} {socket.gethostname()}\n")
 
     def resume(self, run: Run) -> str:
-        busy = holder(run.run_dir)
-        if busy is not None:
-            raise RuntimeError(f"{run.id} can't be resumed: a trainer still holds {run.run_dir} "
-                               f"({describe(busy)}); `orch cancel {run.id}` stops it after a checkpoint")
+        refuse_if_held(run)
         if not self.registry.transition(run.id, TERMINAL, state="PENDING", ended_at=None, exit_code=None,
                                         reason=None, **this_process()):  # ours until its supervisor runs
             raise RuntimeError(f"{run.id} was resumed by someone else meanwhile ({self.registry.get(run.id).state})")
@@ -106,23 +112,22 @@ class LocalExecutor:
 
     # ------------------------------------------------------------ stopping
 
-    def cancel(self, run: Run) -> None:
+    def cancel(self, run: Run, reason: str = CANCELLED_BY_USER) -> None:
         """PENDING with no supervisor (a pipeline stage not started): CANCELLED at once. Otherwise CANCELLING,
         and the supervisor is told (SIGTERM); it stops the trainer after a checkpoint and records CANCELLED."""
         alive = same_process(run.pid, run.pid_start, run.host)
         if run.state == "PENDING" and not alive:
-            if self.registry.transition(run.id, ("PENDING",), state="CANCELLED", reason=CANCELLED_BY_USER,
-                                        ended_at=now()):
+            if self.registry.transition(run.id, ("PENDING",), state="CANCELLED", reason=reason, ended_at=now()):
                 return
             run = self.registry.get(run.id)  # it started meanwhile: cancel it as a running one
         if run.finished:
             return
-        self.registry.transition(run.id, ("PENDING", "RUNNING"), state="CANCELLING", reason=CANCELLED_BY_USER)
-        if signal_process(run.pid, run.pid_start, signal.SIGTERM):
+        self.registry.transition(run.id, ("PENDING", "RUNNING"), state="CANCELLING", reason=reason)
+        if _signal(run.pid, run.pid_start):
             return
         trainer = holder(run.run_dir)  # no supervisor: a trainer it left behind still gets the message
         if trainer and trainer.get("host") == socket.gethostname():
-            signal_process(trainer.get("pid"), trainer.get("pid_start"), signal.SIGTERM)
+            _signal(trainer.get("pid"), trainer.get("pid_start"))
 
     # ------------------------------------------------------------ looking
 

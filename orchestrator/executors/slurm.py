@@ -4,6 +4,8 @@
     .submit_pipeline(id, runs, cfgs)           -> every stage at once, each held with --dependency=afterok
     .observe(runs) / .refresh(runs)            -> states from ONE `sacct --parsable2` call (refresh records them)
     .cancel(run)                               -> scancel (the trainer checkpoints on the SIGTERM it brings)
+    .resume(run)                               -> a new job on the folder, unless a trainer holds its lock or
+                                                  Slurm still holds a job of the run (flock may be node-local)
 
 The job runs one srun task per process (resources.nodes x resources.nproc_per_node), each calling the same
 entry point as torchrun (see slurm_job.TrainingJob). Slurm sends SIGUSR2 `signal_delay_s` before the time
@@ -23,10 +25,11 @@ from typing import Iterable, Optional, Sequence
 
 from omegaconf import OmegaConf
 
-from jobspec.contract import RunFolder, user_error
+from jobspec.contract import RunFolder, stop_grace_s, user_error
 from jobspec.processes import same_process, this_process
 from orchestrator.dependencies import dependency_reason, parents_first_runs
-from orchestrator.executors.base import Observation
+from orchestrator.executors.base import CANCELLED_BY_USER, Observation, refuse_if_held
+from orchestrator.filesystems import check_runs_dir
 from orchestrator.registry import TERMINAL, Registry, Run, now
 
 REPO = Path(__file__).resolve().parents[2]
@@ -44,17 +47,19 @@ STATES = {
 
 
 SACCT_TIMEOUT_S = 15  # a dashboard refresh waits this long at most for a slow slurmctld/slurmdbd
+COMPLETING_WAIT_S = 60  # `orch resume` waits this long at most for a job of the run to finish completing
 
 
 class SlurmError(RuntimeError):
     """sbatch/sacct/scancel failed; the message says which command and why."""
 
 
-def signal_delay_s(time_min: int) -> int:
+def signal_delay_s(time_min: int, grace_s: int = 0) -> int:
     """Seconds between the SIGUSR2 warning and the time limit: a tenth of the limit, 15 s to 5 min. slurmctld
-    checks limits every 30 s, so the warning comes 0-30 s earlier still; the trainer needs only a few seconds
-    to save a checkpoint."""
-    return max(15, min(300, time_min * 6))
+    checks limits every 30 s, so the warning comes 0-30 s earlier still. A small model saves in a few seconds; a
+    run whose trainer has timed its saves (grace_s: jobspec.contract.stop_grace_s) gets that long, up to half
+    the limit."""
+    return max(15, min(300, time_min * 6), min(grace_s, time_min * 30))
 
 
 def sbatch_extra_parameters(flags: Iterable[str]) -> dict:
@@ -78,7 +83,7 @@ def executor_parameters(run: Run, resources, dependency_job_ids: Sequence[str] =
         ntasks_per_node=resources.nproc_per_node,
         cpus_per_task=resources.cpus_per_task,
         time=resources.time_min,
-        signal_delay_s=signal_delay_s(resources.time_min),
+        signal_delay_s=signal_delay_s(resources.time_min, stop_grace_s(RunFolder(run.run_dir), untimed=0)),
         stderr_to_stdout=True,  # one log per task: run_dir/slurm/<job id>_<task>_log.out
         # One task dying (SIGKILL, a crash) ends the step at once, instead of the others waiting in a collective.
         srun_args=["--kill-on-bad-exit=1"],
@@ -110,6 +115,10 @@ def _timestamp(value: str) -> Optional[float]:
         return time.mktime(time.strptime(value, "%Y-%m-%dT%H:%M:%S"))
     except ValueError:  # "Unknown", "None" for a job not started or not ended
         return None
+
+
+def _assigned(nodes: str) -> bool:
+    return nodes not in ("", "None assigned")
 
 
 def _exit_code(value: str) -> Optional[int]:
@@ -165,6 +174,18 @@ def jobs_named(names: Sequence[str]) -> set[str]:
     return set(proc.stdout.split())
 
 
+def jobs_held(names: Sequence[str]) -> dict[str, str]:
+    """job id -> state for every job of these names that Slurm still holds (pending, running, suspended...)."""
+    cmd = ["squeue", "-h", "--name", ",".join(names), "-o", "%i|%T"]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=SACCT_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise SlurmError(f"`{' '.join(cmd)}` failed: {e}") from None
+    if proc.returncode != 0:
+        raise SlurmError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}): {proc.stderr.strip()}")
+    return dict(line.split("|", 1) for line in proc.stdout.splitlines() if "|" in line)
+
+
 def failure_reason(run: Run, slurm_state: str, exit_code: str) -> str:
     from orchestrator.executors.slurm_job import FINAL_REASON
 
@@ -192,6 +213,10 @@ class SlurmExecutor:
 
     def __init__(self, registry: Registry):
         self.registry = registry
+
+    def check(self, cfg, source: str) -> None:
+        # the run may be resumed, requeued or restarted on another node than its last trainer's
+        check_runs_dir(cfg.runs_dir, source, across_nodes=True)
 
     def submit(self, run: Run, cfg, dependency_job_ids: Sequence[str] = ()) -> str:
         """Submit a registered run as a Slurm job; records its job id, state PENDING, executor "slurm"."""
@@ -222,7 +247,10 @@ class SlurmExecutor:
         except ValueError as e:  # a bad resources.sbatch_extra entry
             self.registry.update(run.id, state="FAILED", reason=str(e), ended_at=now())
             raise ValueError(f"{run_dir}/config.yaml: {e}") from None
-        self.registry.update(run.id, executor="slurm", state="PENDING", slurm_job_id=str(job.job_id))
+        if not self.registry.transition(run.id, ("PENDING",), executor="slurm", slurm_job_id=str(job.job_id)):
+            # cancelled while sbatch ran (a pipeline being cancelled): the job must not run either
+            self.registry.update(run.id, slurm_job_id=str(job.job_id))
+            self._scancel(str(job.job_id))
         return f"slurm job {job.job_id}"
 
     def submit_pipeline(self, pipeline_id: str, runs: Sequence[Run], cfgs: dict) -> None:
@@ -245,9 +273,20 @@ class SlurmExecutor:
     def resume(self, run: Run) -> str:
         """Submit a finished run again on the same folder: a new job that resumes from the newest checkpoint,
         with fresh requeue and retry allowances."""
+        from orchestrator.executors.slurm_array import STEPS
         from orchestrator.executors.slurm_job import FINAL_REASON, RESTARTS
 
         run_dir = Path(run.run_dir)
+        refuse_if_held(run)
+        # flock() may hold on one node only (docs/slurm.md): Slurm's own word that no job of this run is left
+        names = [run.id, *(f"{run.id}-{step}" for step in STEPS)]  # a data run's jobs are named by step
+        deadline = time.monotonic() + COMPLETING_WAIT_S
+        while (held := jobs_held(names)) and set(held.values()) == {"COMPLETING"} and time.monotonic() < deadline:
+            time.sleep(1)  # a job just cancelled: Slurm is ending its processes; its state says when they are gone
+        if held:
+            jobs = ", ".join(f"{job} {state}" for job, state in sorted(held.items()))
+            raise RuntimeError(f"{run.id} can't be resumed: Slurm still holds a job of it ({jobs}), whose trainer "
+                               f"would share {run_dir}; `scancel` it, or wait until it has ended")
         if not self.registry.transition(run.id, TERMINAL, state="PENDING", ended_at=None, exit_code=None,
                                         reason=None, attempts=0, slurm_job_id=None,
                                         **this_process()):  # ours until sbatch has taken it
@@ -257,13 +296,13 @@ class SlurmExecutor:
         cfg = OmegaConf.load(RunFolder(run_dir).config)
         return self.submit(self.registry.get(run.id), cfg)
 
-    def cancel(self, run: Run) -> None:
+    def cancel(self, run: Run, reason: str = CANCELLED_BY_USER) -> None:
         """scancel the run's job (the trainer checkpoints on the SIGTERM it brings): CANCELLING until sacct
         says the job has ended."""
         if not run.slurm_job_id and same_process(run.pid, run.pid_start, run.host) is False:  # never reached sbatch
-            self.registry.transition(run.id, ("PENDING",), state="CANCELLED", reason="cancelled by user", ended_at=now())
+            self.registry.transition(run.id, ("PENDING",), state="CANCELLED", reason=reason, ended_at=now())
             return
-        self.registry.transition(run.id, ("PENDING", "RUNNING"), state="CANCELLING", reason="cancelled by user")
+        self.registry.transition(run.id, ("PENDING", "RUNNING"), state="CANCELLING", reason=reason)
         if run.slurm_job_id:
             from orchestrator.executors.slurm_array import cancel_ids, job_ids
 
@@ -306,8 +345,9 @@ class SlurmExecutor:
                 state, reason = "CANCELLING", run.reason  # scancel sent; the job is still saving
             elif state == "PENDING" and last["Reason"] not in ("", "None"):
                 reason = f"Slurm: {last['Reason']}"  # e.g. Resources, Dependency, BeginTime
-            attempts = sum(1 for r in history if _timestamp(r["Start"]))
-            where = last["NodeList"] if last["NodeList"] not in ("", "None assigned") else None
+            # a start had nodes: sacct gives a job scancelled while pending its cancel time as Start too
+            attempts = sum(1 for r in history if _timestamp(r["Start"]) and _assigned(r["NodeList"]))
+            where = last["NodeList"] if _assigned(last["NodeList"]) else None
             seen[run.id] = (Observation(state, reason, attempts, word=slurm_state, where=where), history)
         return seen
 
@@ -340,7 +380,7 @@ class SlurmExecutor:
                 continue
             o, history = seen[run.id]
             values = dict(state=o.state, attempts=o.attempts, reason=o.reason,
-                          started_at=_timestamp(history[0]["Start"]) or run.started_at)
+                          started_at=o.attempts and _timestamp(history[0]["Start"]) or run.started_at)
             if o.state in TERMINAL:
                 values.update(ended_at=_timestamp(history[-1]["End"]) or now(),
                               exit_code=_exit_code(history[-1]["ExitCode"]))
