@@ -100,8 +100,16 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="orch-bench-"))
     tokens = torch.randint(0, model.cfg.vocab_size, (1, 129), generator=torch.Generator().manual_seed(0))
     train_step(model, opt, tokens)  # warm-up
-    rows = {"plain_save": [], "orch_save": [], "plain_load": [], "orch_load": [], "async_blocked": [],
-            "step": [], "async_extra": [], "staging_copy": []}
+    rows = {
+        "plain_save": [],
+        "orch_save": [],
+        "plain_load": [],
+        "orch_load": [],
+        "async_blocked": [],
+        "step": [],
+        "async_extra": [],
+        "staging_copy": [],
+    }
     saver = AsyncSaver()
     try:
         for r in range(args.repeats):
@@ -134,22 +142,31 @@ def main() -> None:
     best = {k: min(v) for k, v in rows.items()}
     gbps = {k: nbytes / v / 1e9 for k, v in best.items() if k.startswith(("plain_", "orch_"))}
     extra = statistics.median(rows["async_extra"])  # noisy: the median, not the best, of what the steps lost
-    figures = {"bytes": nbytes, **{f"{k}_GBps": round(v, 3) for k, v in gbps.items()},
-               "save_ratio": round(gbps["orch_save"] / gbps["plain_save"], 3),
-               "load_ratio": round(gbps["orch_load"] / gbps["plain_load"], 3),
-               "async_blocked_s": round(best["async_blocked"], 3), "sync_save_s": round(best["orch_save"], 3),
-               "async_block_ratio": round(best["async_blocked"] / best["orch_save"], 4),
-               "step_s": round(best["step"], 3), "async_extra_step_time_s": round(extra, 3),
-               "async_cost_ratio": round(extra / best["orch_save"], 3),
-               "staging_copy_s": round(best["staging_copy"], 3)}
+    figures = {
+        "bytes": nbytes,
+        **{f"{k}_GBps": round(v, 3) for k, v in gbps.items()},
+        "save_ratio": round(gbps["orch_save"] / gbps["plain_save"], 3),
+        "load_ratio": round(gbps["orch_load"] / gbps["plain_load"], 3),
+        "async_blocked_s": round(best["async_blocked"], 3),
+        "sync_save_s": round(best["orch_save"], 3),
+        "async_block_ratio": round(best["async_blocked"] / best["orch_save"], 4),
+        "step_s": round(best["step"], 3),
+        "async_extra_step_time_s": round(extra, 3),
+        "async_cost_ratio": round(extra / best["orch_save"], 3),
+        "staging_copy_s": round(best["staging_copy"], 3),
+    }
     print(f"state {nbytes / 1e9:.2f} GB   (best of {args.repeats})")
     print(f"{'':12}{'plain GB/s':>12}{'orch GB/s':>12}{'ratio':>8}")
     for op in ("save", "load"):
         print(f"{op:12}{gbps['plain_' + op]:12.2f}{gbps['orch_' + op]:12.2f}{figures[op + '_ratio']:8.2f}")
-    print(f"async save blocks training {best['async_blocked']:.3f} s vs a synchronous save's {best['orch_save']:.3f} s: "
-          f"{figures['async_block_ratio']:.1%} (target < 5%); the copy alone takes {best['staging_copy']:.3f} s")
-    print(f"the steps that overlap an async save take {extra:.3f} s longer in all (median; a step alone takes "
-          f"{best['step']:.3f} s): {figures['async_cost_ratio']:.2f} times a synchronous save")
+    print(
+        f"async save blocks training {best['async_blocked']:.3f} s vs a synchronous save's {best['orch_save']:.3f} s: "
+        f"{figures['async_block_ratio']:.1%} (target < 5%); the copy alone takes {best['staging_copy']:.3f} s"
+    )
+    print(
+        f"the steps that overlap an async save take {extra:.3f} s longer in all (median; a step alone takes "
+        f"{best['step']:.3f} s): {figures['async_cost_ratio']:.2f} times a synchronous save"
+    )
     print("wrote", write_result("checkpoint_io", {"gb": args.gb, "repeats": args.repeats}, figures))
 
 

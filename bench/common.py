@@ -45,8 +45,14 @@ def write_result(name: str, config: dict, figures: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     date = datetime.date.today().isoformat()
     path = RESULTS / f"{name}-{device_slug()}-{date}.json"
-    record = {"name": name, "device": device_name(), "date": date, "versions": versions(),
-              "config": config, "figures": figures}
+    record = {
+        "name": name,
+        "device": device_name(),
+        "date": date,
+        "versions": versions(),
+        "config": config,
+        "figures": figures,
+    }
     path.write_text(json.dumps(record, indent=1) + "\n")
     return path
 
@@ -55,8 +61,9 @@ def newest_result(name: str) -> dict | None:
     """The result with the latest date in its file name (<name>-<device>-<YYYY-MM-DD>.json): file times are
     those of the checkout, the same for every file in a fresh clone."""
     dated = re.compile(rf"{re.escape(name)}-[a-z0-9-]+-\d{{4}}-\d{{2}}-\d{{2}}\.json")
-    files = sorted((p for p in RESULTS.glob(f"{name}-*.json") if dated.fullmatch(p.name)),
-                   key=lambda p: (p.stem[-10:], p.name))
+    files = sorted(
+        (p for p in RESULTS.glob(f"{name}-*.json") if dated.fullmatch(p.name)), key=lambda p: (p.stem[-10:], p.name)
+    )
     return json.loads(files[-1].read_text()) if files else None
 
 

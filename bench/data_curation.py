@@ -66,19 +66,33 @@ def per_step(stats: dict) -> dict:
     out = {}
     for step, cpu in stats["cpu_seconds"].items():
         docs, nbytes = stats["handled"].get(step, (0, 0))
-        out[step] = {"cpu_s": round(cpu, 3), "docs": docs, "docs_per_s": round(docs / cpu, 1),
-                     "mb_per_s": round(nbytes / 1e6 / cpu, 2)}
+        out[step] = {
+            "cpu_s": round(cpu, 3),
+            "docs": docs,
+            "docs_per_s": round(docs / cpu, 1),
+            "mb_per_s": round(nbytes / 1e6 / cpu, 2),
+        }
     return out
 
 
 def whole(stats: dict, workers: int) -> dict:
     """Wall-clock throughput per core; with one worker (no pool) also per CPU second of the whole stage."""
-    cpu = {"mb_per_cpu_s": round(stats["bytes_in"] / 1e6 / stats["main_cpu"], 2),
-           "docs_per_cpu_s": round(stats["input_docs"] / stats["main_cpu"], 1)} if workers == 1 else {}
-    return {**cpu, "wall_s": round(stats["wall"], 2), "docs_per_s_per_core": round(stats["input_docs"] / stats["wall"] / workers, 1),
-            "mb_per_s_per_core": round(stats["bytes_in"] / 1e6 / stats["wall"] / workers, 2),
-            "cpu_s_in_steps": round(sum(stats["cpu_seconds"].values()), 2),
-            "wall_by_phase": stats["wall_seconds"]}
+    cpu = (
+        {
+            "mb_per_cpu_s": round(stats["bytes_in"] / 1e6 / stats["main_cpu"], 2),
+            "docs_per_cpu_s": round(stats["input_docs"] / stats["main_cpu"], 1),
+        }
+        if workers == 1
+        else {}
+    )
+    return {
+        **cpu,
+        "wall_s": round(stats["wall"], 2),
+        "docs_per_s_per_core": round(stats["input_docs"] / stats["wall"] / workers, 1),
+        "mb_per_s_per_core": round(stats["bytes_in"] / 1e6 / stats["wall"] / workers, 2),
+        "cpu_s_in_steps": round(sum(stats["cpu_seconds"].values()), 2),
+        "wall_by_phase": stats["wall_seconds"],
+    }
 
 
 def slurm_run(root: Path, name: str, overrides: list[str]) -> dict:
@@ -86,9 +100,25 @@ def slurm_run(root: Path, name: str, overrides: list[str]) -> dict:
     from orchestrator.executors.slurm_array import JOBS
 
     env = dict(os.environ, ORCH_HOME=str(root / ".orch"), PYTHONPATH=str(REPO))
-    subprocess.run([sys.executable, "-m", "orchestrator.cli", "submit", JOB, *overrides, f"name={name}",
-                    f"runs_dir={root / 'runs'}", "executor=slurm"], check=True, env=env, cwd=REPO,
-                   capture_output=True, text=True, timeout=120)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "orchestrator.cli",
+            "submit",
+            JOB,
+            *overrides,
+            f"name={name}",
+            f"runs_dir={root / 'runs'}",
+            "executor=slurm",
+        ],
+        check=True,
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     jobs_file = next((root / "runs").glob(f"{name}-*/slurm/{JOBS}"))
     ids = json.loads(jobs_file.read_text())
     deadline = time.monotonic() + 900
@@ -107,8 +137,12 @@ def slurm_run(root: Path, name: str, overrides: list[str]) -> dict:
 
 def _sacct(ids: list[str]) -> list[dict]:
     fields = ["JobID", "State", "Start", "End"]
-    out = subprocess.run(["sacct", "-X", "-n", "-P", "-j", ",".join(ids), "-o", ",".join(fields)],
-                         capture_output=True, text=True, timeout=60).stdout
+    out = subprocess.run(
+        ["sacct", "-X", "-n", "-P", "-j", ",".join(ids), "-o", ",".join(fields)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
     return [dict(zip(fields, line.split("|"))) for line in out.splitlines() if line.count("|") == 3]
 
 
@@ -145,8 +179,9 @@ def near_copy_signatures(text: str, n: int, near, seed: int = 0):
         for _ in range(start, min(n, start + 5_000)):
             copy = list(units)
             for i in rng.sample(range(len(lines)), edits):
-                copy[i] = unit_hashes(f"    value_{rng.randrange(10**6)} = compute({rng.randrange(100)})  # changed",
-                                      near.unit)
+                copy[i] = unit_hashes(
+                    f"    value_{rng.randrange(10**6)} = compute({rng.randrange(100)})  # changed", near.unit
+                )
             shingles.append(ngram_hashes(np.concatenate(copy), near.ngram))
         out.append(signatures(shingles, near.num_perm, near.seed))
     return np.concatenate(out)
@@ -189,20 +224,35 @@ def near_copies(counts: list[int]) -> dict:
         cpu = time.process_time()
         roots = near_duplicates(sigs, near.bands, near.threshold)
         cpu = time.process_time() - cpu
-        rows.append({"copies": n, "cpu_s": round(cpu, 3), "us_per_copy": round(cpu / n * 1e6, 1),
-                     "kept": int((roots == range(n)).sum())})
+        rows.append(
+            {
+                "copies": n,
+                "cpu_s": round(cpu, 3),
+                "us_per_copy": round(cpu / n * 1e6, 1),
+                "kept": int((roots == range(n)).sum()),
+            }
+        )
         if n <= ALL_PAIRS_UP_TO:
             base = time.process_time()
             base_roots = all_pairs(sigs, near.bands, near.threshold)
             base = time.process_time() - base
-            rows[-1].update(all_pairs_cpu_s=round(base, 3), speedup=round(base / cpu, 1),
-                            all_pairs_kept=int((base_roots == range(n)).sum()))
+            rows[-1].update(
+                all_pairs_cpu_s=round(base, 3),
+                speedup=round(base / cpu, 1),
+                all_pairs_kept=int((base_roots == range(n)).sum()),
+            )
         print(rows[-1], flush=True)
     first = rows[0]
     for row in rows[1:]:  # 1.0: linear; copies ratio: quadratic would be that times more per copy
         row["per_copy_vs_first"] = round(row["us_per_copy"] / first["us_per_copy"], 2)
-    return {"template": str(template.relative_to(template.parents[1])), "threshold": near.threshold,
-            "bands": near.bands, "num_perm": near.num_perm, "edit_share": EDIT_SHARE, "runs": rows}
+    return {
+        "template": str(template.relative_to(template.parents[1])),
+        "threshold": near.threshold,
+        "bands": near.bands,
+        "num_perm": near.num_perm,
+        "edit_share": EDIT_SHARE,
+        "runs": rows,
+    }
 
 
 def main(argv=None) -> None:
@@ -211,16 +261,20 @@ def main(argv=None) -> None:
     p.add_argument("--shards", type=int, default=8, help="the same shards for every run")
     p.add_argument("--slurm", action="store_true", help="also 1-node vs 2-node Slurm array runs")
     p.add_argument("--repeat", type=int, default=1, help="corpus = the demo training files this many times")
-    p.add_argument("--near-copies", default="", help="N,N,...: time near-duplicate clustering alone on N near "
-                   "copies of one template (no stage run)")
+    p.add_argument(
+        "--near-copies",
+        default="",
+        help="N,N,...: time near-duplicate clustering alone on N near copies of one template (no stage run)",
+    )
     args = p.parse_args(argv)
     if args.near_copies:
         counts = [int(x) for x in args.near_copies.split(",")]
         load_before = os.getloadavg()
         figures = near_copies(counts)
         figures["load_average_before_after"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
-        path = write_result("data_curation_near_copies", {"near_copies": counts, "cores": len(os.sched_getaffinity(0))},
-                            figures)
+        path = write_result(
+            "data_curation_near_copies", {"near_copies": counts, "cores": len(os.sched_getaffinity(0))}, figures
+        )
         print(json.dumps(figures, indent=1))
         print(f"wrote {path}")
         return
@@ -230,21 +284,34 @@ def main(argv=None) -> None:
         sources = args.sources if args.repeat == 1 else str(repeated_corpus(root / "corpus", args.repeat))
         overrides = [f"data.sources=[{sources}]", f"curate.shards={args.shards}"]
         one, two = local_run(root, 1, overrides), local_run(root, 2, overrides)
-        figures = {"docs": one["input_docs"], "mb": round(one["bytes_in"] / 1e6, 2),
-                   "per_step_1_worker": per_step(one), "stage_1_worker": whole(one, 1), "stage_2_workers": whole(two, 2),
-                   "scaling_efficiency_2_workers": round(one["wall"] / two["wall"] / 2, 3)}
+        figures = {
+            "docs": one["input_docs"],
+            "mb": round(one["bytes_in"] / 1e6, 2),
+            "per_step_1_worker": per_step(one),
+            "stage_1_worker": whole(one, 1),
+            "stage_2_workers": whole(two, 2),
+            "scaling_efficiency_2_workers": round(one["wall"] / two["wall"] / 2, 3),
+        }
         if args.slurm:
             # cpus_per_task = a node's CPUs: one task per node at a time, so 1 node runs the shards one by one
             node = [*overrides, "resources.cpus_per_task=2"]
             one_node = slurm_run(root, "one-node", [*node, "resources.sbatch_extra=[--nodelist=node1]"])
             two_nodes = slurm_run(root, "two-nodes", node)
-            figures.update(slurm_1_node=one_node, slurm_2_nodes=two_nodes,
-                           slurm_scaling_efficiency=round(one_node["wall_s"] / two_nodes["wall_s"] / 2, 3))
+            figures.update(
+                slurm_1_node=one_node,
+                slurm_2_nodes=two_nodes,
+                slurm_scaling_efficiency=round(one_node["wall_s"] / two_nodes["wall_s"] / 2, 3),
+            )
     figures["load_average_before_after"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
-    figures["note"] = ("shared machine: other agents' jobs ran at the same time (see the load averages); per-step "
-                       "figures are CPU time, the stage and scaling figures wall time")
-    path = write_result("data_curation", {"sources": args.sources, "repeat": args.repeat, "shards": args.shards, "cores": len(os.sched_getaffinity(0))},
-                        figures)
+    figures["note"] = (
+        "shared machine: other agents' jobs ran at the same time (see the load averages); per-step "
+        "figures are CPU time, the stage and scaling figures wall time"
+    )
+    path = write_result(
+        "data_curation",
+        {"sources": args.sources, "repeat": args.repeat, "shards": args.shards, "cores": len(os.sched_getaffinity(0))},
+        figures,
+    )
     print(json.dumps(figures, indent=1))
     print(f"wrote {path}")
 

@@ -57,12 +57,27 @@ def main() -> None:
     loader_tps = loader_tokens_per_s(cfg, args.batches)
     train_tps = trainer_tokens_per_s(cfg, args.steps)
     ratio = loader_tps / train_tps
-    figures = {"loader_tokens_per_s": round(loader_tps), "trainer_tokens_per_s": round(train_tps),
-               "ratio": round(ratio, 1)}
-    print(f"loader {loader_tps:,.0f} tok/s   trainer consumes {train_tps:,.0f} tok/s   ratio {ratio:.1f}x (target >= 20x)")
-    print("wrote", write_result("data_loader", {"batches": args.batches, "overrides": args.overrides,
-                                                 "micro_batch_size": cfg.train.micro_batch_size,
-                                                 "seq_len": cfg.data.seq_len}, figures))
+    figures = {
+        "loader_tokens_per_s": round(loader_tps),
+        "trainer_tokens_per_s": round(train_tps),
+        "ratio": round(ratio, 1),
+    }
+    print(
+        f"loader {loader_tps:,.0f} tok/s   trainer consumes {train_tps:,.0f} tok/s   ratio {ratio:.1f}x (target >= 20x)"
+    )
+    print(
+        "wrote",
+        write_result(
+            "data_loader",
+            {
+                "batches": args.batches,
+                "overrides": args.overrides,
+                "micro_batch_size": cfg.train.micro_batch_size,
+                "seq_len": cfg.data.seq_len,
+            },
+            figures,
+        ),
+    )
 
 
 if __name__ == "__main__":

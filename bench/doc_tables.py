@@ -37,8 +37,11 @@ def demo_table() -> str:
         f"{dpo['val_accuracy_step100']:.3f}, {dpo['val_accuracy_last']:.3f} |",
         f"| GRPO ({grpo['steps']} steps) | greedy completions that parse and define a function, first -> last step | "
         f"{grpo['val_parses_first']:.3f} -> {grpo['val_parses_last']:.3f} |",
-        "| eval | function bodies that parse: " + ", ".join(ev) + " | "
-        + ", ".join(f"{v:.3f}{flag[s]}" for s, v in ev.items()) + " |",
+        "| eval | function bodies that parse: "
+        + ", ".join(ev)
+        + " | "
+        + ", ".join(f"{v:.3f}{flag[s]}" for s, v in ev.items())
+        + " |",
     ]
     if f["eval_collapsed"]:
         rows += ["", "\\* flagged by the eval report as collapsed (short or near-identical bodies), so not progress."]
@@ -51,17 +54,26 @@ def near_copies_table() -> str:
     r = newest_result("data_curation_near_copies")
     f, counts = r["figures"], ",".join(map(str, r["config"]["near_copies"]))
     before, after = f["load_average_before_after"]
-    rows = [(f"`python -m bench.data_curation --near-copies {counts}` on {r['device']}, {r['date']} (CPU seconds of "
-             f"the clustering alone; load average {before} before, {after} after; template "
-             f"`{f['template']}`, {f['edit_share']:.0%} of its lines rewritten in each copy):"),
-            "",
-            "| near copies | CPU s | µs per copy | per copy, vs the first row | kept | comparing every pair: CPU s, kept |",
-            "|---:|---:|---:|---:|---:|---:|"]
+    rows = [
+        (
+            f"`python -m bench.data_curation --near-copies {counts}` on {r['device']}, {r['date']} (CPU seconds of "
+            f"the clustering alone; load average {before} before, {after} after; template "
+            f"`{f['template']}`, {f['edit_share']:.0%} of its lines rewritten in each copy):"
+        ),
+        "",
+        "| near copies | CPU s | µs per copy | per copy, vs the first row | kept | comparing every pair: CPU s, kept |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
     for x in f["runs"]:
-        every_pair = (f"{x['all_pairs_cpu_s']:.3f} ({x['speedup']:.0f}x), {x['all_pairs_kept']:,}"
-                      if "all_pairs_cpu_s" in x else "not run (quadratic)")
-        rows.append(f"| {x['copies']:,} | {x['cpu_s']:.3f} | {x['us_per_copy']:.1f} | "
-                    f"{x.get('per_copy_vs_first', 1.0):.2f} | {x['kept']:,} | {every_pair} |")
+        every_pair = (
+            f"{x['all_pairs_cpu_s']:.3f} ({x['speedup']:.0f}x), {x['all_pairs_kept']:,}"
+            if "all_pairs_cpu_s" in x
+            else "not run (quadratic)"
+        )
+        rows.append(
+            f"| {x['copies']:,} | {x['cpu_s']:.3f} | {x['us_per_copy']:.1f} | "
+            f"{x.get('per_copy_vs_first', 1.0):.2f} | {x['kept']:,} | {every_pair} |"
+        )
     return "\n".join(rows)
 
 

@@ -75,9 +75,13 @@ def cache_speedup(cfg: GPTConfig, prompt_tokens: int, new_tokens: int, repeats: 
         plain.append(t)
         assert tokens_cached == tokens_plain, "the KV cache changed the greedy tokens"
     n = len(tokens_cached)
-    return {"new_tokens": n, "identical_tokens": tokens_cached == tokens_plain,
-            "ms_per_token_cached": 1000 * min(cached) / n, "ms_per_token_uncached": 1000 * min(plain) / n,
-            "speedup": min(plain) / min(cached)}  # per token: bench/run.py reads "speedup"
+    return {
+        "new_tokens": n,
+        "identical_tokens": tokens_cached == tokens_plain,
+        "ms_per_token_cached": 1000 * min(cached) / n,
+        "ms_per_token_uncached": 1000 * min(plain) / n,
+        "speedup": min(plain) / min(cached),
+    }  # per token: bench/run.py reads "speedup"
 
 
 def decoding(model, prompt, new_tokens: int) -> tuple[list[int], float]:
@@ -103,8 +107,11 @@ def gqa_in_place_vs_copied(cfg: GPTConfig, prompt_tokens: int, new_tokens: int, 
             tokens_copied, t = decoding(model, prompt, new_tokens)
         copied.append(t)
         assert tokens == tokens_copied, "reading the kv heads in place changed the greedy tokens"
-    return {"ms_per_token_in_place": 1000 * min(in_place), "ms_per_token_copied": 1000 * min(copied),
-            "ratio": min(copied) / min(in_place)}  # how much faster in place
+    return {
+        "ms_per_token_in_place": 1000 * min(in_place),
+        "ms_per_token_copied": 1000 * min(copied),
+        "ratio": min(copied) / min(in_place),
+    }  # how much faster in place
 
 
 def main() -> None:
@@ -117,29 +124,47 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     # The demo's shape (jobs/pretrain.yaml), with room for prompt + new tokens.
-    cfg = GPTConfig(vocab_size=4096, n_layer=4, n_head=4, n_kv_head=2, d_model=256,
-                    max_seq_len=args.prompt_tokens + args.new_tokens)
+    cfg = GPTConfig(
+        vocab_size=4096, n_layer=4, n_head=4, n_kv_head=2, d_model=256, max_seq_len=args.prompt_tokens + args.new_tokens
+    )
     figures = cache_speedup(cfg, args.prompt_tokens, args.new_tokens, args.repeats)
     long = {k: v for k, v in LONG_CONTEXT.items() if k not in ("prompt_tokens", "new_tokens")}
-    long_cfg = GPTConfig(vocab_size=4096, max_seq_len=LONG_CONTEXT["prompt_tokens"] + LONG_CONTEXT["new_tokens"], **long)
+    long_cfg = GPTConfig(
+        vocab_size=4096, max_seq_len=LONG_CONTEXT["prompt_tokens"] + LONG_CONTEXT["new_tokens"], **long
+    )
     for name, shape, prompt_tokens, new_tokens in (
-            ("gqa_demo", cfg, args.prompt_tokens, args.new_tokens),
-            ("gqa_long", long_cfg, LONG_CONTEXT["prompt_tokens"], LONG_CONTEXT["new_tokens"])):
+        ("gqa_demo", cfg, args.prompt_tokens, args.new_tokens),
+        ("gqa_long", long_cfg, LONG_CONTEXT["prompt_tokens"], LONG_CONTEXT["new_tokens"]),
+    ):
         for key, value in gqa_in_place_vs_copied(shape, prompt_tokens, new_tokens, args.repeats).items():
             figures[f"{name}_{key}"] = value
-    config = {"model": {"n_layer": cfg.n_layer, "d_model": cfg.d_model, "n_head": cfg.n_head,
-                        "n_kv_head": cfg.n_kv_head, "vocab_size": cfg.vocab_size,
-                        "params": random_model(cfg).num_params()},
-              "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats,
-              "gqa_long": LONG_CONTEXT, "threads": torch.get_num_threads(), "device": "cpu", "dtype": "float32"}
+    config = {
+        "model": {
+            "n_layer": cfg.n_layer,
+            "d_model": cfg.d_model,
+            "n_head": cfg.n_head,
+            "n_kv_head": cfg.n_kv_head,
+            "vocab_size": cfg.vocab_size,
+            "params": random_model(cfg).num_params(),
+        },
+        "prompt_tokens": args.prompt_tokens,
+        "new_tokens": args.new_tokens,
+        "repeats": args.repeats,
+        "gqa_long": LONG_CONTEXT,
+        "threads": torch.get_num_threads(),
+        "device": "cpu",
+        "dtype": "float32",
+    }
     path = write_result("generate_kv", config, figures)
-    print(f"{figures['new_tokens']} new tokens: {figures['ms_per_token_cached']:.2f} ms/token with the KV cache, "
-          f"{figures['ms_per_token_uncached']:.2f} without: {figures['speedup']:.1f}x, "
-          f"identical tokens: {figures['identical_tokens']}\n"
-          f"grouped-query attention, kv heads read in place vs copied every step: {figures['gqa_demo_ratio']:.2f}x "
-          f"in the demo's shape, {figures['gqa_long_ratio']:.2f}x after a 2,048-token prompt "
-          f"({figures['gqa_long_ms_per_token_in_place']:.1f} vs {figures['gqa_long_ms_per_token_copied']:.1f} "
-          f"ms/token)\nwrote {path}")
+    print(
+        f"{figures['new_tokens']} new tokens: {figures['ms_per_token_cached']:.2f} ms/token with the KV cache, "
+        f"{figures['ms_per_token_uncached']:.2f} without: {figures['speedup']:.1f}x, "
+        f"identical tokens: {figures['identical_tokens']}\n"
+        f"grouped-query attention, kv heads read in place vs copied every step: {figures['gqa_demo_ratio']:.2f}x "
+        f"in the demo's shape, {figures['gqa_long_ratio']:.2f}x after a 2,048-token prompt "
+        f"({figures['gqa_long_ms_per_token_in_place']:.1f} vs {figures['gqa_long_ms_per_token_copied']:.1f} "
+        f"ms/token)\nwrote {path}"
+    )
 
 
 if __name__ == "__main__":

@@ -33,8 +33,10 @@ from model.config import size_keys
 # model/config.py's named sizes, every key written (jobs/pretrain.yaml's own model keys would win over model.size).
 SIZES = {
     "tiny": dict(n_layer=2, n_head=4, d_model=128),
-    **{name: {k: v for k, v in size_keys(name).items() if k not in ("max_seq_len", "size")}
-       for name in ("125m", "350m", "1.3b")},
+    **{
+        name: {k: v for k, v in size_keys(name).items() if k not in ("max_seq_len", "size")}
+        for name in ("125m", "350m", "1.3b")
+    },
 }
 MICRO_BATCH = {"tiny": 2, "125m": 16, "350m": 8, "1.3b": 8}
 
@@ -62,10 +64,17 @@ def profile_steps(step, n: int = 3) -> str:
 
 
 def measure(size: str, seq: int, steps: int, device: str, compile: bool, profile: bool = False) -> dict:
-    overrides = [f"model.{k}={'null' if v is None else str(v).lower() if isinstance(v, bool) else v}"
-                 for k, v in SIZES[size].items()] + [
-        "model.vocab_size=50304", f"model.max_seq_len={seq}", f"data.seq_len={seq}",
-        f"train.compile={str(compile).lower()}", "train.dtype=bf16", f"train.device={device}"]
+    overrides = [
+        f"model.{k}={'null' if v is None else str(v).lower() if isinstance(v, bool) else v}"
+        for k, v in SIZES[size].items()
+    ] + [
+        "model.vocab_size=50304",
+        f"model.max_seq_len={seq}",
+        f"data.seq_len={seq}",
+        f"train.compile={str(compile).lower()}",
+        "train.dtype=bf16",
+        f"train.device={device}",
+    ]
     cfg = load_spec("jobs/pretrain.yaml", overrides)
     dist_info = init_distributed(cfg.parallel, cfg.train.device)
     param_dtype, autocast = precision(cfg, dist_info)
@@ -99,9 +108,14 @@ def measure(size: str, seq: int, steps: int, device: str, compile: bool, profile
     tps = steps * batch * seq / seconds
     peak = peak_flops(dist_info.device)
     fpt = flops_per_token(mcfg, seq)
-    out = {"params": model.num_params(), "micro_batch": batch, "tokens_per_s": round(tps),
-           "tflops": round(tps * fpt / 1e12, 1), "mfu": round(tps * fpt / peak, 4) if peak else None,
-           "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_gpu else None}
+    out = {
+        "params": model.num_params(),
+        "micro_batch": batch,
+        "tokens_per_s": round(tps),
+        "tflops": round(tps * fpt / 1e12, 1),
+        "mfu": round(tps * fpt / peak, 4) if peak else None,
+        "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_gpu else None,
+    }
     if profile and on_gpu:
         print(f"--- {size} {'compiled' if compile else 'eager'}: where the GPU time goes", flush=True)
         print(profile_steps(step), flush=True)
@@ -130,8 +144,11 @@ def main() -> None:
             compiled["eager_tokens_per_s"] = eager["tokens_per_s"]
             compiled["compile_ratio"] = round(compiled["tokens_per_s"] / eager["tokens_per_s"], 3)
         mfu = f"{100 * compiled['mfu']:.1f}%" if compiled["mfu"] is not None else "n/a (no known peak)"
-        print(f"{size}: {compiled['params'] / 1e6:,.0f}M params  {compiled['tokens_per_s']:,} tok/s  MFU {mfu}  "
-              f"peak mem {compiled['peak_mem_gib']} GiB  compile x{compiled.get('compile_ratio', '-')}", flush=True)
+        print(
+            f"{size}: {compiled['params'] / 1e6:,.0f}M params  {compiled['tokens_per_s']:,} tok/s  MFU {mfu}  "
+            f"peak mem {compiled['peak_mem_gib']} GiB  compile x{compiled.get('compile_ratio', '-')}",
+            flush=True,
+        )
     print("wrote", write_result("gpu_pretrain", vars(args), figures))
 
 

@@ -1,7 +1,7 @@
 """Peak GPU memory per GPU for pretraining 125M, 1.3B and 7B GPTs: a table to plan a cluster from.
 
     python -m bench.memory_plan                  # the table (dp 8 x tp 1/2/8, seq 2048/8192), into docs/performance.md
-    python -m bench.memory_plan --micro-batch 2  # sequences per GPU per micro-step (activations and logits scale with it)
+    python -m bench.memory_plan --micro-batch 2  # sequences per GPU per micro-step (activations, logits scale with it)
 
 Computed, not measured: the bytes each tensor of a training step takes, as orch trains (training/trainer.py,
 model/parallelize.py): FSDP2 over the data-parallel ranks whenever dp > 1, with bf16 compute and fp32 master
@@ -71,8 +71,15 @@ def layer_activations(cfg: GPTConfig, tp: int, fsdp: bool) -> dict[str, float]:
     }
 
 
-def plan(cfg: GPTConfig, seq: int, dp: int, tp: int, micro_batch: int = 1, activation_checkpointing: bool = False,
-         fsdp: bool | None = None) -> dict[str, float] | None:
+def plan(
+    cfg: GPTConfig,
+    seq: int,
+    dp: int,
+    tp: int,
+    micro_batch: int = 1,
+    activation_checkpointing: bool = False,
+    fsdp: bool | None = None,
+) -> dict[str, float] | None:
     """Bytes per GPU, by component, and the peak; None when tp doesn't divide the heads. fsdp: whether FSDP
     wraps the model; by default as the trainer decides, when data parallel > 1 (model/parallelize.py)."""
     if cfg.n_head % tp or cfg.kv_heads % tp:
@@ -106,8 +113,11 @@ def plan(cfg: GPTConfig, seq: int, dp: int, tp: int, micro_batch: int = 1, activ
 
 
 def table(micro_batch: int) -> tuple[str, list[dict]]:
-    rows = ["| model | parameters | tp | GPUs (dp 8) | seq | weights + AdamW + grads | activations "
-            "(checkpointed) | logits | peak | peak, checkpointed |", "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| model | parameters | tp | GPUs (dp 8) | seq | weights + AdamW + grads | activations "
+        "(checkpointed) | logits | peak | peak, checkpointed |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     records = []
     for name, cfg in SIZES.items():
         n = parameters(cfg).total
@@ -115,17 +125,29 @@ def table(micro_batch: int) -> tuple[str, list[dict]]:
             for seq in (2048, 8192):
                 full = plan(cfg, seq, 8, tp, micro_batch)
                 if full is None:
-                    rows.append(f"| {name} | {n / 1e9:.2f}B | {tp} | {8 * tp} | {seq} | tp must divide the "
-                                f"{cfg.n_head} heads | | | | |")
+                    rows.append(
+                        f"| {name} | {n / 1e9:.2f}B | {tp} | {8 * tp} | {seq} | tp must divide the "
+                        f"{cfg.n_head} heads | | | | |"
+                    )
                     continue
                 ckpt = plan(cfg, seq, 8, tp, micro_batch, activation_checkpointing=True)
                 state = (full["weights"] + full["adamw"] + full["grads"]) / GIB
-                rows.append(f"| {name} | {n / 1e9:.2f}B | {tp} | {8 * tp} | {seq} | {state:.1f} | "
-                            f"{full['activations'] / GIB:.1f} ({ckpt['activations'] / GIB:.1f}) | "
-                            f"{full['logits'] / GIB:.1f} | {full['peak'] / GIB:.1f} GiB | {ckpt['peak'] / GIB:.1f} GiB |")
-                records.append({"model": name, "tp": tp, "dp": 8, "seq": seq, "micro_batch": micro_batch,
-                                "plan_gib": {k: v / GIB for k, v in full.items()},
-                                "checkpointed_gib": {k: v / GIB for k, v in ckpt.items()}})
+                rows.append(
+                    f"| {name} | {n / 1e9:.2f}B | {tp} | {8 * tp} | {seq} | {state:.1f} | "
+                    f"{full['activations'] / GIB:.1f} ({ckpt['activations'] / GIB:.1f}) | "
+                    f"{full['logits'] / GIB:.1f} | {full['peak'] / GIB:.1f} GiB | {ckpt['peak'] / GIB:.1f} GiB |"
+                )
+                records.append(
+                    {
+                        "model": name,
+                        "tp": tp,
+                        "dp": 8,
+                        "seq": seq,
+                        "micro_batch": micro_batch,
+                        "plan_gib": {k: v / GIB for k, v in full.items()},
+                        "checkpointed_gib": {k: v / GIB for k, v in ckpt.items()},
+                    }
+                )
     return "\n".join(rows), records
 
 
@@ -140,8 +162,10 @@ def main() -> None:
     for name, cfg in SIZES.items():
         counts[name] = meta_parameter_count(cfg)
         if counts[name] != parameters(cfg).total:
-            raise SystemExit(f"{name}: the plan counts {parameters(cfg).total:,} parameters, the meta-device build "
-                             f"{counts[name]:,}: fix parameters() before trusting the table")
+            raise SystemExit(
+                f"{name}: the plan counts {parameters(cfg).total:,} parameters, the meta-device build "
+                f"{counts[name]:,}: fix parameters() before trusting the table"
+            )
         print(f"{name}: {counts[name]:,} parameters (meta-device build = the plan's count)")
     text, records = table(args.micro_batch)
     print(text)
@@ -150,9 +174,22 @@ def main() -> None:
         head, rest = doc.split("<!-- memory_plan -->", 1)
         _, tail = rest.split("<!-- /memory_plan -->", 1)
         DOC.write_text(f"{head}<!-- memory_plan -->\n{text}\n<!-- /memory_plan -->{tail}")
-    config = {"computed": True, "micro_batch": args.micro_batch, "dp": 8,
-              "sizes": {k: {"n_layer": c.n_layer, "n_head": c.n_head, "d_model": c.d_model, "ffn": c.hidden_dim,
-                            "vocab": c.vocab_size, "params": counts[k]} for k, c in SIZES.items()}}
+    config = {
+        "computed": True,
+        "micro_batch": args.micro_batch,
+        "dp": 8,
+        "sizes": {
+            k: {
+                "n_layer": c.n_layer,
+                "n_head": c.n_head,
+                "d_model": c.d_model,
+                "ffn": c.hidden_dim,
+                "vocab": c.vocab_size,
+                "params": counts[k],
+            }
+            for k, c in SIZES.items()
+        },
+    }
     print("wrote", write_result("memory_plan", config, {"rows": records}))
 
 

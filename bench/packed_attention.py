@@ -94,8 +94,10 @@ def measure(seq: int, args, device: torch.device) -> dict:
     dtype = torch.bfloat16 if backward else torch.float32
     gen = torch.Generator().manual_seed(seq)
     shape = lambda heads: (args.batch, heads, seq, args.head_dim)  # noqa: E731
-    q, k, v = (torch.randn(shape(h), generator=gen).to(device, dtype).requires_grad_(backward)
-               for h in (args.heads, args.kv_heads, args.kv_heads))
+    q, k, v = (
+        torch.randn(shape(h), generator=gen).to(device, dtype).requires_grad_(backward)
+        for h in (args.heads, args.kv_heads, args.kv_heads)
+    )
     doc_ids = packed_doc_ids(args.batch, seq).to(device)
     result = {"documents_per_row": float(doc_ids.max(dim=1).values.float().mean()) + 1}
     outputs = {}
@@ -140,15 +142,26 @@ def main() -> None:
     for seq in args.seqs:
         r = measure(seq, args, device)
         assert r["max_abs_diff"] < (5e-2 if device.type == "cuda" else 1e-4), r
-        print(f"S={seq}: {r['documents_per_row']:.1f} documents a row | dense mask {r['dense_ms']:.1f} ms, "
-              f"{r['dense_peak_mib']:.0f} MiB | flex {r['flex_ms']:.1f} ms, {r['flex_peak_mib']:.0f} MiB | "
-              f"{r['speedup']:.2f}x faster, {r['memory_ratio']:.1f}x less memory", flush=True)
+        print(
+            f"S={seq}: {r['documents_per_row']:.1f} documents a row | dense mask {r['dense_ms']:.1f} ms, "
+            f"{r['dense_peak_mib']:.0f} MiB | flex {r['flex_ms']:.1f} ms, {r['flex_peak_mib']:.0f} MiB | "
+            f"{r['speedup']:.2f}x faster, {r['memory_ratio']:.1f}x less memory",
+            flush=True,
+        )
         figures.update({f"s{seq}_{k}": v for k, v in r.items()})
-    config = {"batch": args.batch, "heads": args.heads, "kv_heads": args.kv_heads, "head_dim": args.head_dim,
-              "seqs": args.seqs, "document_tokens": [32, 1024], "repeats": args.repeats, "device": device.type,
-              "dtype": "bfloat16" if device.type == "cuda" else "float32",
-              "passes": "forward + backward" if device.type == "cuda" else "forward (no flex backward on CPUs)",
-              "threads": torch.get_num_threads()}
+    config = {
+        "batch": args.batch,
+        "heads": args.heads,
+        "kv_heads": args.kv_heads,
+        "head_dim": args.head_dim,
+        "seqs": args.seqs,
+        "document_tokens": [32, 1024],
+        "repeats": args.repeats,
+        "device": device.type,
+        "dtype": "bfloat16" if device.type == "cuda" else "float32",
+        "passes": "forward + backward" if device.type == "cuda" else "forward (no flex backward on CPUs)",
+        "threads": torch.get_num_threads(),
+    }
     print(f"wrote {write_result('packed_attention', config, figures)}")
 
 

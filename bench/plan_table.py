@@ -26,19 +26,43 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "performance.md"
 SEQ = 2048
 # (size, nodes, GPUs per node, dp_replicate, tp): one GPU, a node, tp 8, HSDP over 2 and 8 nodes, FSDP over 64
 ROWS = [
-    ("125m", 1, 1, 1, 1), ("125m", 1, 8, 1, 1), ("350m", 1, 8, 1, 1), ("760m", 1, 8, 1, 1),
-    ("1.3b", 1, 8, 1, 1), ("1.3b", 1, 8, 1, 8), ("1.3b", 2, 8, 2, 1),
-    ("7b", 1, 8, 1, 1), ("7b", 1, 8, 1, 8), ("7b", 2, 8, 2, 1), ("7b", 8, 8, 8, 1), ("7b", 8, 8, 1, 1),
-    ("8b", 1, 8, 1, 8), ("8b", 2, 8, 2, 1), ("8b", 8, 8, 8, 1), ("8b", 8, 8, 1, 1),
+    ("125m", 1, 1, 1, 1),
+    ("125m", 1, 8, 1, 1),
+    ("350m", 1, 8, 1, 1),
+    ("760m", 1, 8, 1, 1),
+    ("1.3b", 1, 8, 1, 1),
+    ("1.3b", 1, 8, 1, 8),
+    ("1.3b", 2, 8, 2, 1),
+    ("7b", 1, 8, 1, 1),
+    ("7b", 1, 8, 1, 8),
+    ("7b", 2, 8, 2, 1),
+    ("7b", 8, 8, 8, 1),
+    ("7b", 8, 8, 1, 1),
+    ("8b", 1, 8, 1, 8),
+    ("8b", 2, 8, 2, 1),
+    ("8b", 8, 8, 8, 1),
+    ("8b", 8, 8, 1, 1),
 ]
 
 
 def job(size: str, nodes: int, per_node: int, replicate: int, tp: int):
     path = Path(__file__).resolve().parents[1] / "jobs" / "gpu" / "pretrain-125m.yaml"
-    return load_spec(str(path), [f"model.size={size}", f"data.seq_len={SEQ}", f"model.max_seq_len={max(SEQ, 2048)}",
-                                 "train.micro_batch_size=1", "train.grad_accum_steps=1", "data.vocab_size=32000",
-                                 f"resources.nodes={nodes}", f"resources.nproc_per_node={per_node}",
-                                 f"parallel.dp_replicate={replicate}", f"parallel.tp={tp}"], launch=True)
+    return load_spec(
+        str(path),
+        [
+            f"model.size={size}",
+            f"data.seq_len={SEQ}",
+            f"model.max_seq_len={max(SEQ, 2048)}",
+            "train.micro_batch_size=1",
+            "train.grad_accum_steps=1",
+            "data.vocab_size=32000",
+            f"resources.nodes={nodes}",
+            f"resources.nproc_per_node={per_node}",
+            f"parallel.dp_replicate={replicate}",
+            f"parallel.tp={tp}",
+        ],
+        launch=True,
+    )
 
 
 def arithmetic_peak(cfg, dp_shard: int, tp: int, world: int) -> float:
@@ -49,9 +73,13 @@ def arithmetic_peak(cfg, dp_shard: int, tp: int, world: int) -> float:
     return out["peak"] if out else float("nan")
 
 
-HEADER = [("| model | parameters | GPUs | layout | peak per GPU | memory_plan.py | fits H100 (79 GiB) | "
-          "fits H200 (140 GiB) | collectives a step | roofline step, MFU <= (H100) |"),
-          "|---|---|---|---|---|---|---|---|---|---|"]
+HEADER = [
+    (
+        "| model | parameters | GPUs | layout | peak per GPU | memory_plan.py | fits H100 (79 GiB) | "
+        "fits H200 (140 GiB) | collectives a step | roofline step, MFU <= (H100) |"
+    ),
+    "|---|---|---|---|---|---|---|---|---|---|",
+]
 
 
 def row(record: dict) -> str:
@@ -64,11 +92,13 @@ def row(record: dict) -> str:
     arith = record["memory_plan_peak_gib"]
     wire = sum(c["wire_bytes"] for c in plan["collectives"]) / GIB
     yes = {True: "yes", False: "no"}
-    return (f"| {record['size']} | {plan['job']['params'] / 1e9:.2f}B | {lay['world']} | {layout} | "
-            f"{mem['peak']:.1f} GiB ({mem['tensors_peak']:.1f} + {mem['margin']:.0f}) | {arith:.1f} GiB "
-            f"({(mem['tensors_peak'] - arith) / arith:+.0%}) | {yes[record['fits']['h100']]} | "
-            f"{yes[record['fits']['h200']]} | {wire:.1f} GiB | {plan['roofline']['step_s'] * 1e3:.0f} ms, "
-            f"{plan['roofline']['mfu']:.0%} |")
+    return (
+        f"| {record['size']} | {plan['job']['params'] / 1e9:.2f}B | {lay['world']} | {layout} | "
+        f"{mem['peak']:.1f} GiB ({mem['tensors_peak']:.1f} + {mem['margin']:.0f}) | {arith:.1f} GiB "
+        f"({(mem['tensors_peak'] - arith) / arith:+.0%}) | {yes[record['fits']['h100']]} | "
+        f"{yes[record['fits']['h200']]} | {wire:.1f} GiB | {plan['roofline']['step_s'] * 1e3:.0f} ms, "
+        f"{plan['roofline']['mfu']:.0%} |"
+    )
 
 
 def table(result: dict | None = None) -> str:
@@ -87,20 +117,35 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=len(ROWS))
     args = p.parse_args()
     records = []
-    for size, nodes, per_node, replicate, tp in ROWS[:args.rows]:
+    for size, nodes, per_node, replicate, tp in ROWS[: args.rows]:
         cfg = job(size, nodes, per_node, replicate, tp)
         start = time.perf_counter()
         plan = plan_job(cfg, nodes * per_node, per_node, DEVICES["h100"], levers=False)
         seconds = time.perf_counter() - start
-        records.append({"size": size, "nodes": nodes, "gpus_per_node": per_node, "dp_replicate": replicate, "tp": tp,
-                        "plan": as_dict(plan), "plan_seconds": seconds,
-                        "memory_plan_peak_gib": arithmetic_peak(cfg, plan.layout.dp_shard, tp, plan.layout.world) / GIB,
-                        "fits": {name: plan.peak_bytes <= DEVICES[name].memory_bytes for name in ("h100", "h200")}})
+        records.append(
+            {
+                "size": size,
+                "nodes": nodes,
+                "gpus_per_node": per_node,
+                "dp_replicate": replicate,
+                "tp": tp,
+                "plan": as_dict(plan),
+                "plan_seconds": seconds,
+                "memory_plan_peak_gib": arithmetic_peak(cfg, plan.layout.dp_shard, tp, plan.layout.world) / GIB,
+                "fits": {name: plan.peak_bytes <= DEVICES[name].memory_bytes for name in ("h100", "h200")},
+            }
+        )
         print(row(records[-1]), f"({seconds:.0f} s to plan)", flush=True)
     if args.rows == len(ROWS):
-        config = {"seq": SEQ, "micro_batch": 1, "activation_checkpointing": False, "optimizer": "adamw",
-                  "planned_on": "this CPU: fake process group, FakeTensorMode", "devices": {
-                      k: DEVICES[k].name for k in ("h100", "h200")}, "job": OmegaConf.to_container(job(*ROWS[0]).train)}
+        config = {
+            "seq": SEQ,
+            "micro_batch": 1,
+            "activation_checkpointing": False,
+            "optimizer": "adamw",
+            "planned_on": "this CPU: fake process group, FakeTensorMode",
+            "devices": {k: DEVICES[k].name for k in ("h100", "h200")},
+            "job": OmegaConf.to_container(job(*ROWS[0]).train),
+        }
         path = write_result("plan", config, {"rows": records})
         write_between_markers(DOC, "plan_table", table())
         print("wrote", path)

@@ -35,21 +35,58 @@ JOB = REPO / "jobs" / "pretrain.yaml"
 DOC = REPO / "docs" / "recipe.md"
 FULL_BUDGET = 4_915_200  # the demo's 1,200 steps of 16 x 256 tokens
 # (section, key) that don't change what a row learns: a cached row stays valid when only these change
-NOT_LEARNED = [("train", "compile"), ("train", "log_every"), ("train", "time_budget_min"), ("", "checkpoint"),
-               ("", "resources"), ("", "executor"), ("", "name"), ("", "runs_dir"), ("data", "num_workers"),
-               ("train", "max_nonfinite_steps"), ("parallel", "collective_timeout_s")]  # safety nets, not recipe
+NOT_LEARNED = [
+    ("train", "compile"),
+    ("train", "log_every"),
+    ("train", "time_budget_min"),
+    ("", "checkpoint"),
+    ("", "resources"),
+    ("", "executor"),
+    ("", "name"),
+    ("", "runs_dir"),
+    ("data", "num_workers"),
+    ("train", "max_nonfinite_steps"),
+    ("parallel", "collective_timeout_s"),
+]  # safety nets, not recipe
 
 # The recipe of 43dca9c, every key that decides what is learned pinned (changes to the job file
 # then move only the "chosen" row).
-BASELINE = ["optim.name=adamw", "optim.lr=3e-3", "optim.schedule=cosine", "optim.decay_fraction=0.2",
-            "optim.min_lr_ratio=0.1", "optim.warmup_steps=50", "optim.weight_decay=0.1", "optim.beta1=0.9",
-            "optim.beta2=0.95", "optim.eps=1e-8", "optim.grad_clip=1.0", "optim.muon_lr=0.01",
-            "optim.muon_momentum=0.95", "optim.muon_weight_decay=0.0",
-            "model.mlp=swiglu", "model.qk_norm=false", "model.logit_softcap=null", "model.tie_embeddings=true",
-            "model.n_layer=4", "model.d_model=256", "model.n_head=4", "model.n_kv_head=2", "model.ffn_hidden=null",
-            "model.max_seq_len=256", "model.vocab_size=null", "model.rope_theta=10000.0", "model.norm_eps=1e-5",
-            "model.init_std=0.02", "data.sources=[demo]", "data.seq_len=256", "data.vocab_size=4096",
-            "train.micro_batch_size=16", "train.grad_accum_steps=1", "train.dtype=bf16"]
+BASELINE = [
+    "optim.name=adamw",
+    "optim.lr=3e-3",
+    "optim.schedule=cosine",
+    "optim.decay_fraction=0.2",
+    "optim.min_lr_ratio=0.1",
+    "optim.warmup_steps=50",
+    "optim.weight_decay=0.1",
+    "optim.beta1=0.9",
+    "optim.beta2=0.95",
+    "optim.eps=1e-8",
+    "optim.grad_clip=1.0",
+    "optim.muon_lr=0.01",
+    "optim.muon_momentum=0.95",
+    "optim.muon_weight_decay=0.0",
+    "model.mlp=swiglu",
+    "model.qk_norm=false",
+    "model.logit_softcap=null",
+    "model.tie_embeddings=true",
+    "model.n_layer=4",
+    "model.d_model=256",
+    "model.n_head=4",
+    "model.n_kv_head=2",
+    "model.ffn_hidden=null",
+    "model.max_seq_len=256",
+    "model.vocab_size=null",
+    "model.rope_theta=10000.0",
+    "model.norm_eps=1e-5",
+    "model.init_std=0.02",
+    "data.sources=[demo]",
+    "data.seq_len=256",
+    "data.vocab_size=4096",
+    "train.micro_batch_size=16",
+    "train.grad_accum_steps=1",
+    "train.dtype=bf16",
+]
 
 # name -> (what it changes, overrides on top of BASELINE); "chosen" is the job file alone.
 ROWS: dict[str, tuple[str, list[str]]] = {
@@ -60,17 +97,22 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "softcap": ("model.logit_softcap=15", ["model.logit_softcap=15"]),
     "untied": ("model.tie_embeddings=false", ["model.tie_embeddings=false"]),
     "wsd": ("optim.schedule=wsd (decay_fraction 0.2)", ["optim.schedule=wsd"]),
-    "seq512": ("data.seq_len=512, 8 sequences a step", ["data.seq_len=512", "model.max_seq_len=512",
-                                                         "train.micro_batch_size=8"]),
+    "seq512": (
+        "data.seq_len=512, 8 sequences a step",
+        ["data.seq_len=512", "model.max_seq_len=512", "train.micro_batch_size=8"],
+    ),
     "batch8": ("train.micro_batch_size=8 (twice the steps)", ["train.micro_batch_size=8"]),
     "batch32": ("train.micro_batch_size=32 (half the steps)", ["train.micro_batch_size=32"]),
     "vocab8192": ("data.vocab_size=8192", ["data.vocab_size=8192"]),
-    "muon_vocab8192": ("muon and vocab8192 together (cosine)", ["optim.name=muon", "optim.muon_lr=0.01",
-                                                                "data.vocab_size=8192"]),
-    "muon_wsd": ("muon and wsd together (vocab 4096)", ["optim.name=muon", "optim.muon_lr=0.01",
-                                                       "optim.schedule=wsd"]),
-    "muon_wsd_vocab8192": ("muon_wsd with vocab 8192", ["optim.name=muon", "optim.muon_lr=0.01", "optim.schedule=wsd",
-                                                         "data.vocab_size=8192"]),
+    "muon_vocab8192": (
+        "muon and vocab8192 together (cosine)",
+        ["optim.name=muon", "optim.muon_lr=0.01", "data.vocab_size=8192"],
+    ),
+    "muon_wsd": ("muon and wsd together (vocab 4096)", ["optim.name=muon", "optim.muon_lr=0.01", "optim.schedule=wsd"]),
+    "muon_wsd_vocab8192": (
+        "muon_wsd with vocab 8192",
+        ["optim.name=muon", "optim.muon_lr=0.01", "optim.schedule=wsd", "data.vocab_size=8192"],
+    ),
     "chosen": ("jobs/pretrain.yaml as it stands (the new defaults)", []),
 }
 
@@ -80,12 +122,24 @@ def row_overrides(name: str, extra: list[str], tokens: int, seed: int) -> list[s
     end over the whole held-out split, no time budget, checkpoints to resume an interrupted row."""
     changes = extra if name == "chosen" else [*BASELINE, *extra]
     overrides = _resolved(changes)
-    steps = tokens // (int(overrides["train.micro_batch_size"]) * int(overrides["data.seq_len"])
-                       * int(overrides["train.grad_accum_steps"]))
+    steps = tokens // (
+        int(overrides["train.micro_batch_size"])
+        * int(overrides["data.seq_len"])
+        * int(overrides["train.grad_accum_steps"])
+    )
     data_dir = f"data/recipe/v{overrides['data.vocab_size']}-s{overrides['data.seq_len']}"
-    return [*changes, f"train.max_steps={steps}", "train.time_budget_min=null", "train.val_every=0",
-            "train.val_batches=0", "train.log_every=20", f"checkpoint.every={max(50, steps // 6)}",
-            "checkpoint.keep_last=1", f"seed={seed}", f"data.dir={data_dir}"]
+    return [
+        *changes,
+        f"train.max_steps={steps}",
+        "train.time_budget_min=null",
+        "train.val_every=0",
+        "train.val_batches=0",
+        "train.log_every=20",
+        f"checkpoint.every={max(50, steps // 6)}",
+        "checkpoint.keep_last=1",
+        f"seed={seed}",
+        f"data.dir={data_dir}",
+    ]
 
 
 def _resolved(changes: list[str]) -> dict[str, str]:
@@ -119,17 +173,30 @@ def run_row(name: str, overrides: list[str], run_dir: Path) -> dict:
         print(f"[recipe] {name}: training ({' '.join(overrides)})", flush=True)
         start = time.time()
         with open(run_dir / "train.log", "a") as log:
-            code = subprocess.call([sys.executable, "-m", "training.main", str(JOB), *overrides,
-                                    "--run-dir", str(run_dir)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+            code = subprocess.call(
+                [sys.executable, "-m", "training.main", str(JOB), *overrides, "--run-dir", str(run_dir)],
+                cwd=REPO,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         if code != 0:
             raise SystemExit(f"[recipe] {name} failed (exit {code}): see {run_dir / 'train.log'}")
         print(f"[recipe] {name}: done in {(time.time() - start) / 60:.1f} min", flush=True)
     result = json.loads(summary.read_text())
-    speeds = [r["tokens_per_s"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-              if "tokens_per_s" in r][1:]  # the first window holds start-up
-    return {"val_bpb": round(result["val_bpb"], 4), "val_loss": round(result["val_loss"], 4),
-            "xz_bpb": result.get("xz_bpb"), "tokens": result["tokens_seen"], "steps": result["step"],
-            "tokens_per_s": round(statistics.median(speeds)) if speeds else None, "overrides": overrides}
+    speeds = [
+        r["tokens_per_s"]
+        for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+        if "tokens_per_s" in r
+    ][1:]  # the first window holds start-up
+    return {
+        "val_bpb": round(result["val_bpb"], 4),
+        "val_loss": round(result["val_loss"], 4),
+        "xz_bpb": result.get("xz_bpb"),
+        "tokens": result["tokens_seen"],
+        "steps": result["step"],
+        "tokens_per_s": round(statistics.median(speeds)) if speeds else None,
+        "overrides": overrides,
+    }
 
 
 def table(rows: dict, descriptions: dict) -> str:
@@ -147,8 +214,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=float, default=FULL_BUDGET, help="training tokens per row")
     ap.add_argument("--only", help="comma-separated rows to run (default: all)")
-    ap.add_argument("--row", action="append", default=[], metavar="NAME=K=V,K=V",
-                    help="an extra row: overrides on top of the baseline")
+    ap.add_argument(
+        "--row",
+        action="append",
+        default=[],
+        metavar="NAME=K=V,K=V",
+        help="an extra row: overrides on top of the baseline",
+    )
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--list", action="store_true", help="print the rows and exit")
     args = ap.parse_args()

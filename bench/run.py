@@ -19,15 +19,32 @@ BENCH = Path(__file__).resolve().parent
 DOC = BENCH.parent / "docs" / "performance.md"
 # name -> (module, the figure that is the ratio, its target, what it compares)
 BENCHMARKS = {
-    "trainer_overhead": ("bench.trainer_overhead", "ratio", ">= 0.97",
-                         "full trainer vs bare loop on new batches, tokens/s (median of rounds)"),
+    "trainer_overhead": (
+        "bench.trainer_overhead",
+        "ratio",
+        ">= 0.97",
+        "full trainer vs bare loop on new batches, tokens/s (median of rounds)",
+    ),
     "data_loader": ("bench.data_loader", "ratio", ">= 20", "StreamingDataset vs trainer consumption, tokens/s"),
-    "checkpoint_io": ("bench.checkpoint_io", "save_ratio", ">= 0.7 (async block < 0.05)", "checkpoint save/load vs plain file I/O, GB/s; async save blocking"),
-    "generate_kv": ("bench.generate_kv", "speedup", ">= 5 (gqa ratios > 1)",
-                    "KV-cached vs uncached greedy decoding, s/token; GQA: kv heads read in place vs copied per step"),
+    "checkpoint_io": (
+        "bench.checkpoint_io",
+        "save_ratio",
+        ">= 0.7 (async block < 0.05)",
+        "checkpoint save/load vs plain file I/O, GB/s; async save blocking",
+    ),
+    "generate_kv": (
+        "bench.generate_kv",
+        "speedup",
+        ">= 5 (gqa ratios > 1)",
+        "KV-cached vs uncached greedy decoding, s/token; GQA: kv heads read in place vs copied per step",
+    ),
     "status_render": ("bench.status_render", "frame_ms", "< 200 ms", "one dashboard frame with 1,000 runs"),
-    "packed_attention": ("bench.packed_attention", "s8192_speedup", "> 1, memory ratio > 4 at 8192",
-                         "SFT packing: flex_attention BlockMask vs dense document mask, one attention layer"),
+    "packed_attention": (
+        "bench.packed_attention",
+        "s8192_speedup",
+        "> 1, memory ratio > 4 at 8192",
+        "SFT packing: flex_attention BlockMask vs dense document mask, one attention layer",
+    ),
 }
 
 
@@ -38,8 +55,11 @@ def table() -> str:
         if result is None:
             continue
         figures = result["figures"]
-        shown = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
-                          for k, v in figures.items() if k == key or k.endswith("ratio"))
+        shown = ", ".join(
+            f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+            for k, v in figures.items()
+            if k == key or k.endswith("ratio")
+        )
         rows.append(f"| {name} | {what} | {shown} | {target} | {result['device']} | {result['date']} |")
     return "\n".join(rows)
 

@@ -36,8 +36,16 @@ SIZES, SPAN, NOISE = 8, 8.0, 0.005
 CHECKED = ("E", "A", "B", "alpha", "beta", "a", "b")  # Approach 3's parameters and its exponents of N_opt, D_opt
 
 
-def ladder(rng: np.random.Generator, noise: float = NOISE, budgets=BUDGETS, sizes: int = SIZES,
-           span: float = SPAN, fixed_sizes=None, centre_exponent=None, law: Law = TRUE):
+def ladder(
+    rng: np.random.Generator,
+    noise: float = NOISE,
+    budgets=BUDGETS,
+    sizes: int = SIZES,
+    span: float = SPAN,
+    fixed_sizes=None,
+    centre_exponent=None,
+    law: Law = TRUE,
+):
     """(N, D, C, loss) of an IsoFLOP ladder: for each budget, `sizes` models log-spaced from N_opt/span to
     N_opt*span (or the given fixed_sizes for every budget), D = C / 6N, loss = law * exp(Normal(0, noise)).
     centre_exponent: centre the sizes on a guess, N_opt of the smallest budget grown as C^centre_exponent."""
@@ -46,7 +54,7 @@ def ladder(rng: np.random.Generator, noise: float = NOISE, budgets=BUDGETS, size
         n_opt, _ = law.optimal(C)
         if centre_exponent is not None:
             n_opt = law.optimal(budgets[0])[0] * (C / budgets[0]) ** centre_exponent
-        for N in (fixed_sizes if fixed_sizes is not None else n_opt * np.geomspace(1 / span, span, sizes)):
+        for N in fixed_sizes if fixed_sizes is not None else n_opt * np.geomspace(1 / span, span, sizes):
             rows.append((N, C / (6 * N), C))
     N, D, C = (np.array(v) for v in zip(*rows))
     return N, D, C, law.loss(N, D) * np.exp(rng.normal(0.0, noise, len(N)))
@@ -58,12 +66,16 @@ def truth(name: str) -> float:
 
 def recovered(law: Law) -> bool:
     """The issue's tolerance: alpha and beta within 5%, E within 2%."""
-    return (abs(law.alpha / TRUE.alpha - 1) <= 0.05 and abs(law.beta / TRUE.beta - 1) <= 0.05
-            and abs(law.E / TRUE.E - 1) <= 0.02)
+    return (
+        abs(law.alpha / TRUE.alpha - 1) <= 0.05
+        and abs(law.beta / TRUE.beta - 1) <= 0.05
+        and abs(law.E / TRUE.E - 1) <= 0.02
+    )
 
 
-def coverage(ladders: int, resamples: int, noise: float = NOISE, seed: int = 0, budgets=BUDGETS,
-             sizes: int = SIZES) -> dict:
+def coverage(
+    ladders: int, resamples: int, noise: float = NOISE, seed: int = 0, budgets=BUDGETS, sizes: int = SIZES
+) -> dict:
     """Fit `ladders` noisy ladders with bootstrap intervals; count recoveries and coverage per parameter."""
     covered = {name: 0 for name in CHECKED}
     widths = {name: [] for name in CHECKED}
@@ -79,7 +91,10 @@ def coverage(ladders: int, resamples: int, noise: float = NOISE, seed: int = 0, 
             covered[name] += interval.covers(truth(name))
             widths[name].append((interval.high - interval.low) / truth(name))
     return {
-        "ladders": ladders, "resamples": resamples, "noise": noise, "members": len(budgets) * sizes,
+        "ladders": ladders,
+        "resamples": resamples,
+        "noise": noise,
+        "members": len(budgets) * sizes,
         "recovered": hits / ladders,
         "median_relative_error": {k: float(np.median(v)) for k, v in errors.items()},
         "coverage": {k: v / ladders for k, v in covered.items()},
@@ -97,11 +112,21 @@ def approach2_bias() -> list[dict]:
     designs += [("fixed list", n, None, np.geomspace(lo, hi, n), None) for n in (9, 17)]
     out = []
     for kind, sizes, span, fixed, guess in designs:
-        N, D, C, L = ladder(np.random.default_rng(0), 0.0, sizes=sizes, span=span or SPAN, fixed_sizes=fixed,
-                            centre_exponent=guess)
+        N, D, C, L = ladder(
+            np.random.default_rng(0), 0.0, sizes=sizes, span=span or SPAN, fixed_sizes=fixed, centre_exponent=guess
+        )
         fit = approach2.fit(N, D, C, L)
-        out.append({"sizes": kind, "per_budget": sizes, "span": span, "a": fit.a, "a_error": fit.a - TRUE.a,
-                    "budgets_used": len(fit.minima), "minima_outside_sizes": sum(not m.inside for m in fit.minima)})
+        out.append(
+            {
+                "sizes": kind,
+                "per_budget": sizes,
+                "span": span,
+                "a": fit.a,
+                "a_error": fit.a - TRUE.a,
+                "budgets_used": len(fit.minima),
+                "minima_outside_sizes": sum(not m.inside for m in fit.minima),
+            }
+        )
     return out
 
 
@@ -110,8 +135,10 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "scaling.md"
 
 def _coverage_row(label: str, fig: dict) -> str:
     cov, width = fig["coverage"], fig["median_relative_width"]
-    return (f"| {label} | {fig['members']} | {fig['noise']:g} | {fig['ladders']} x {fig['resamples']} | "
-            f"{fig['recovered']:.3f} | " + " | ".join(f"{cov[k]:.3f} ({width[k]:.1%})" for k in CHECKED) + " |")
+    return (
+        f"| {label} | {fig['members']} | {fig['noise']:g} | {fig['ladders']} x {fig['resamples']} | "
+        f"{fig['recovered']:.3f} | " + " | ".join(f"{cov[k]:.3f} ({width[k]:.1%})" for k in CHECKED) + " |"
+    )
 
 
 DESIGNS = (("scaling_fit", "5 budgets x 8 sizes"), ("scaling_fit_3x4", "3 budgets x 4 sizes"))
@@ -121,15 +148,22 @@ def coverage_table() -> str:
     """docs/scaling.md's coverage table, from the newest result of each ladder design in bench/results/."""
     from bench.common import newest_result
 
-    rows = ["| ladder | members | noise | ladders x resamples | recovered | " + " | ".join(CHECKED) + " |",
-            "| --- " * (5 + len(CHECKED)) + "|"]
+    rows = [
+        "| ladder | members | noise | ladders x resamples | recovered | " + " | ".join(CHECKED) + " |",
+        "| --- " * (5 + len(CHECKED)) + "|",
+    ]
     for name, label in DESIGNS:
         record = newest_result(name)
         for key, fig in (record or {}).get("figures", {}).items():
             if key.startswith("noise_"):
                 rows.append(_coverage_row(f"{label} ({record['device']}, {record['date']})", fig))
-    rows += ["", ("Each cell: the share of ladders whose 95% interval covers the true value, and (in brackets) the "
-                  "median interval's width relative to it. Recovered: alpha and beta within 5%, E within 2%.")]
+    rows += [
+        "",
+        (
+            "Each cell: the share of ladders whose 95% interval covers the true value, and (in brackets) the "
+            "median interval's width relative to it. Recovered: alpha and beta within 5%, E within 2%."
+        ),
+    ]
     return "\n".join(rows)
 
 
@@ -137,12 +171,16 @@ def bias_table() -> str:
     """docs/scaling.md's table of Approach 2's exponent on noise-free ladders (the main result's)."""
     from bench.common import newest_result
 
-    table = ["| sizes per budget | span (x N_opt) | a | error in a | vertices outside the sizes |",
-             "| --- | --- | --- | --- | --- |"]
+    table = [
+        "| sizes per budget | span (x N_opt) | a | error in a | vertices outside the sizes |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for row in newest_result(DESIGNS[0][0])["figures"]["approach2_bias"]:
         span = f"1/{row['span']:g} .. {row['span']:g}" if row["span"] else "one list, all budgets"
-        table.append(f"| {row['sizes']}, {row['per_budget']} | {span} | {row['a']:.4f} | {row['a_error']:+.4f} | "
-                     f"{row['minima_outside_sizes']} |")
+        table.append(
+            f"| {row['sizes']}, {row['per_budget']} | {span} | {row['a']:.4f} | {row['a_error']:+.4f} | "
+            f"{row['minima_outside_sizes']} |"
+        )
     table.append(f"\nThe law's own a = beta / (alpha + beta) = {TRUE.a:.4f}.")
     return "\n".join(table)
 
@@ -176,16 +214,30 @@ def main() -> None:
     figures = {"true": {**TRUE.as_dict(), "a": TRUE.a, "b": TRUE.b}, "approach2_bias": approach2_bias()}
     for noise in args.noise:
         start = time.perf_counter()
-        figures[f"noise_{noise:g}"] = fig = coverage(args.ladders, args.resamples, noise, budgets=budgets,
-                                                     sizes=args.sizes)
+        figures[f"noise_{noise:g}"] = fig = coverage(
+            args.ladders, args.resamples, noise, budgets=budgets, sizes=args.sizes
+        )
         fig["seconds"] = round(time.perf_counter() - start, 1)
-        print(f"noise {noise:g}: recovered {fig['recovered']:.3f}, coverage "
-              + ", ".join(f"{k} {v:.3f}" for k, v in fig["coverage"].items()) + f" ({fig['seconds']} s)", flush=True)
+        print(
+            f"noise {noise:g}: recovered {fig['recovered']:.3f}, coverage "
+            + ", ".join(f"{k} {v:.3f}" for k, v in fig["coverage"].items())
+            + f" ({fig['seconds']} s)",
+            flush=True,
+        )
     for row in figures["approach2_bias"]:
-        print(f"approach 2, {row['sizes']} sizes x{row['per_budget']} span {row['span']}: "
-              f"a {row['a']:.4f} (true {TRUE.a:.4f}, error {row['a_error']:+.4f})")
-    config = {"budgets": list(budgets), "sizes_per_budget": args.sizes, "span": SPAN, "ladders": args.ladders,
-              "resamples": args.resamples, "noise": args.noise, "flops": "C = 6ND"}
+        print(
+            f"approach 2, {row['sizes']} sizes x{row['per_budget']} span {row['span']}: "
+            f"a {row['a']:.4f} (true {TRUE.a:.4f}, error {row['a_error']:+.4f})"
+        )
+    config = {
+        "budgets": list(budgets),
+        "sizes_per_budget": args.sizes,
+        "span": SPAN,
+        "ladders": args.ladders,
+        "resamples": args.resamples,
+        "noise": args.noise,
+        "flops": "C = 6ND",
+    }
     default = args.budgets == len(BUDGETS) and args.sizes == SIZES
     print(write_result("scaling_fit" if default else f"scaling_fit_{args.budgets}x{args.sizes}", config, figures))
     write_docs()

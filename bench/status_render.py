@@ -47,14 +47,35 @@ def build(root: Path, n_runs: int, records: int) -> tuple[Registry, list[Path]]:
         (run_dir / "config.yaml").write_text("kind: pretrain\ntrain:\n  max_steps: 1000\n  log_every: 20\n")
         with open(run_dir / "metrics.jsonl", "w") as f:
             for s in range(1, records + 1):
-                record = {"time": t0, "step": s, "loss": 4 - s / records, "lr": 1e-3, "grad_norm": 1.0,
-                          "tokens_per_s": 5000.0, "tokens_seen": 4096 * s, "mfu": None, "eta_s": 60.0}
+                record = {
+                    "time": t0,
+                    "step": s,
+                    "loss": 4 - s / records,
+                    "lr": 1e-3,
+                    "grad_norm": 1.0,
+                    "tokens_per_s": 5000.0,
+                    "tokens_seen": 4096 * s,
+                    "mfu": None,
+                    "eta_s": 60.0,
+                }
                 f.write(json.dumps(record) + "\n")
-        registry.add(Run(id=run_id, name="pretrain", kind="pretrain", executor="local",
-                         state="RUNNING" if running else "COMPLETED", run_dir=str(run_dir), created_at=t0 + i,
-                         started_at=t0 + i, ended_at=None if running else t0 + i + 1, attempts=1,
-                         pipeline_id=pipeline, stage=f"s{i % 4}" if pipeline else None,
-                         depends_on=f"pretrain-{i - 1:06x}" if pipeline and i % 4 else None))
+        registry.add(
+            Run(
+                id=run_id,
+                name="pretrain",
+                kind="pretrain",
+                executor="local",
+                state="RUNNING" if running else "COMPLETED",
+                run_dir=str(run_dir),
+                created_at=t0 + i,
+                started_at=t0 + i,
+                ended_at=None if running else t0 + i + 1,
+                attempts=1,
+                pipeline_id=pipeline,
+                stage=f"s{i % 4}" if pipeline else None,
+                depends_on=f"pretrain-{i - 1:06x}" if pipeline and i % 4 else None,
+            )
+        )
         if running:
             growing.append(run_dir / "metrics.jsonl")
     return registry, growing
@@ -85,8 +106,18 @@ def main() -> None:
         for k in range(args.frames):
             for path in growing:  # the running jobs log a step between refreshes
                 with open(path, "a") as f:
-                    f.write(json.dumps({"time": time.time(), "step": args.records + k + 1, "loss": 2.0,
-                                        "tokens_per_s": 5000.0, "eta_s": 30.0}) + "\n")
+                    f.write(
+                        json.dumps(
+                            {
+                                "time": time.time(),
+                                "step": args.records + k + 1,
+                                "loss": 2.0,
+                                "tokens_per_s": 5000.0,
+                                "eta_s": 30.0,
+                            }
+                        )
+                        + "\n"
+                    )
             start = time.perf_counter()
             registry.list()
             baseline.append(time.perf_counter() - start)
@@ -98,15 +129,33 @@ def main() -> None:
             sacct_records(["1"])
             slurm_ms = round(1000 * (time.perf_counter() - start), 1)
     frame_ms, base_ms = 1000 * statistics.median(frames), 1000 * statistics.median(baseline)
-    figures = {"frame_ms": round(frame_ms, 1), "cold_frame_ms": round(1000 * cold, 1),
-               "registry_read_ms": round(base_ms, 2), "frame_over_registry_read": round(frame_ms / base_ms, 1),
-               "slurm_two_calls_ms": slurm_ms}
-    print(f"{args.runs} runs: frame {frame_ms:.1f} ms median of {args.frames} (first frame {1000 * cold:.0f} ms), "
-          f"registry read alone {base_ms:.1f} ms -> {frame_ms / base_ms:.1f}x; target frame < 200 ms"
-          + (f"; Slurm's two calls {slurm_ms} ms" if slurm_ms is not None else ""))
-    print("wrote", write_result("status_render", {"runs": args.runs, "running": RUNNING, "records": args.records,
-                                                   "frames": args.frames, "width": args.width,
-                                                   "height": args.height}, figures))
+    figures = {
+        "frame_ms": round(frame_ms, 1),
+        "cold_frame_ms": round(1000 * cold, 1),
+        "registry_read_ms": round(base_ms, 2),
+        "frame_over_registry_read": round(frame_ms / base_ms, 1),
+        "slurm_two_calls_ms": slurm_ms,
+    }
+    print(
+        f"{args.runs} runs: frame {frame_ms:.1f} ms median of {args.frames} (first frame {1000 * cold:.0f} ms), "
+        f"registry read alone {base_ms:.1f} ms -> {frame_ms / base_ms:.1f}x; target frame < 200 ms"
+        + (f"; Slurm's two calls {slurm_ms} ms" if slurm_ms is not None else "")
+    )
+    print(
+        "wrote",
+        write_result(
+            "status_render",
+            {
+                "runs": args.runs,
+                "running": RUNNING,
+                "records": args.records,
+                "frames": args.frames,
+                "width": args.width,
+                "height": args.height,
+            },
+            figures,
+        ),
+    )
 
 
 if __name__ == "__main__":

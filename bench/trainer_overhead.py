@@ -39,8 +39,18 @@ def trainer_round(trainer: Trainer, steps: int) -> float:
     for _ in range(steps):
         loss, grad_norm, tokens = trainer.train_step()
         trainer.step += 1
-        trainer.metrics.log({"step": trainer.step, "loss": loss, "lr": 0.0, "grad_norm": grad_norm,
-                             "tokens_per_s": 0.0, "tokens_seen": trainer.tokens_seen, "mfu": None, "eta_s": None})
+        trainer.metrics.log(
+            {
+                "step": trainer.step,
+                "loss": loss,
+                "lr": 0.0,
+                "grad_norm": grad_norm,
+                "tokens_per_s": 0.0,
+                "tokens_seen": trainer.tokens_seen,
+                "mfu": None,
+                "eta_s": None,
+            }
+        )
     return time.perf_counter() - start
 
 
@@ -77,8 +87,11 @@ def main() -> None:
         batches = [task.next_batch() for _ in range(args.steps)]  # before the clock starts
         return bare_round(trainer.model, trainer.optimizer, batches, trainer.autocast)
 
-    loops = {"trainer": lambda: trainer_round(trainer, args.steps), "bare": bare_on_new_batches,
-             "bare_reused": lambda: bare_round(trainer.model, trainer.optimizer, reused, trainer.autocast)}
+    loops = {
+        "trainer": lambda: trainer_round(trainer, args.steps),
+        "bare": bare_on_new_batches,
+        "bare_reused": lambda: bare_round(trainer.model, trainer.optimizer, reused, trainer.autocast),
+    }
     seconds = {name: [] for name in loops}
     names = list(loops)
     for r in range(args.rounds):  # the order rotates: no loop always runs right after another
@@ -90,14 +103,24 @@ def main() -> None:
         return round(statistics.median(tb / ta for ta, tb in zip(seconds[a], seconds[b])), 3)
 
     full_tps, bare_tps = tokens / min(seconds["trainer"]), tokens / min(seconds["bare"])
-    figures = {"trainer_tokens_per_s": round(full_tps), "bare_tokens_per_s": round(bare_tps),
-               "ratio": paired("trainer", "bare"), "best_round_ratio": round(full_tps / bare_tps, 3),
-               "reused_batches_ratio": paired("bare_reused", "bare")}
-    print(f"trainer {full_tps:,.0f} tok/s   bare loop {bare_tps:,.0f} tok/s (best rounds)   ratio "
-          f"{figures['ratio']:.3f} (median of rounds; target >= 0.97), best rounds {figures['best_round_ratio']:.3f}"
-          f"   bare loop on reused batches: {figures['reused_batches_ratio']:.3f}x the bare loop")
-    print("wrote", write_result("trainer_overhead", {"steps": args.steps, "rounds": args.rounds,
-                                                      "overrides": args.overrides}, figures))
+    figures = {
+        "trainer_tokens_per_s": round(full_tps),
+        "bare_tokens_per_s": round(bare_tps),
+        "ratio": paired("trainer", "bare"),
+        "best_round_ratio": round(full_tps / bare_tps, 3),
+        "reused_batches_ratio": paired("bare_reused", "bare"),
+    }
+    print(
+        f"trainer {full_tps:,.0f} tok/s   bare loop {bare_tps:,.0f} tok/s (best rounds)   ratio "
+        f"{figures['ratio']:.3f} (median of rounds; target >= 0.97), best rounds {figures['best_round_ratio']:.3f}"
+        f"   bare loop on reused batches: {figures['reused_batches_ratio']:.3f}x the bare loop"
+    )
+    print(
+        "wrote",
+        write_result(
+            "trainer_overhead", {"steps": args.steps, "rounds": args.rounds, "overrides": args.overrides}, figures
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -40,18 +40,30 @@ CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # what sets each: the same option in resources.sbatch_extra would replace orch's (a pipeline's afterok, the
 # warning signal the trainer saves on). sbatch also takes any unambiguous prefix (--dep=singleton is --dependency).
 ORCH_SBATCH_OPTIONS = {
-    "job-name": "the run id, from name", "nodes": "resources.nodes", "ntasks-per-node": "resources.nproc_per_node",
-    "ntasks": "resources.nodes x resources.nproc_per_node", "cpus-per-task": "resources.cpus_per_task",
-    "gpus-per-node": "resources.gpus_per_node", "mem": "resources.mem_gb", "time": "resources.time_min",
+    "job-name": "the run id, from name",
+    "nodes": "resources.nodes",
+    "ntasks-per-node": "resources.nproc_per_node",
+    "ntasks": "resources.nodes x resources.nproc_per_node",
+    "cpus-per-task": "resources.cpus_per_task",
+    "gpus-per-node": "resources.gpus_per_node",
+    "mem": "resources.mem_gb",
+    "time": "resources.time_min",
     "signal": "resources.time_min: the warning the trainer saves a checkpoint on",
-    "partition": "resources.partition", "account": "resources.account", "qos": "resources.qos",
-    "constraint": "resources.constraint", "requeue": "resources.max_requeues", "no-requeue": "resources.max_requeues",
-    "dependency": "a pipeline stage's 'after' key", "kill-on-invalid-dep": "a pipeline stage's 'after' key",
-    "array": "curate.shards, a data job's tasks", "output": "runs_dir: the run folder's slurm/ logs",
-    "error": "runs_dir: the run folder's slurm/ logs", "open-mode": "none: every start of a job appends to its logs",
+    "partition": "resources.partition",
+    "account": "resources.account",
+    "qos": "resources.qos",
+    "constraint": "resources.constraint",
+    "requeue": "resources.max_requeues",
+    "no-requeue": "resources.max_requeues",
+    "dependency": "a pipeline stage's 'after' key",
+    "kill-on-invalid-dep": "a pipeline stage's 'after' key",
+    "array": "curate.shards, a data job's tasks",
+    "output": "runs_dir: the run folder's slurm/ logs",
+    "error": "runs_dir: the run folder's slurm/ logs",
+    "open-mode": "none: every start of a job appends to its logs",
 }
 SBATCH_OWN_PREFIXES = ("gpus",)  # sbatch options of their own that are also prefixes of one above
-INT64 = (-(2 ** 63), 2 ** 63 - 1)  # what SQLite and tensors hold
+INT64 = (-(2**63), 2**63 - 1)  # what SQLite and tensors hold
 
 
 class SpecError(Exception):
@@ -81,8 +93,10 @@ def check_plain_values(raw, where: Where) -> None:
         if isinstance(value, float) and not math.isfinite(value):
             raise SpecError(f"{where(key)}: key '{key}' has the value {value}, which is not a finite number.")
         if isinstance(value, str) and CONTROL.search(value):
-            raise SpecError(f"{where(key)}: key '{key}' has the value {value!r}, which holds a control character "
-                            "(a newline, a tab, ...): none is allowed in a job's values.")
+            raise SpecError(
+                f"{where(key)}: key '{key}' has the value {value!r}, which holds a control character "
+                "(a newline, a tab, ...): none is allowed in a job's values."
+            )
 
 
 def check_ranges(cfg: DictConfig, bad) -> None:
@@ -93,8 +107,10 @@ def check_ranges(cfg: DictConfig, bad) -> None:
         for i, v in entries:
             if v is not None and v not in allowed:
                 or_null = ", or null" if nullable else ""
-                raise bad(key if i is None else f"{key}[{i}]",
-                          f"but it must be {allowed}{or_null}" + (f" ({allowed.why})" if allowed.why else ""))
+                raise bad(
+                    key if i is None else f"{key}[{i}]",
+                    f"but it must be {allowed}{or_null}" + (f" ({allowed.why})" if allowed.why else ""),
+                )
 
 
 def check_values(cfg: DictConfig, where: Where) -> None:
@@ -111,8 +127,11 @@ def check_values(cfg: DictConfig, where: Where) -> None:
         raise bad("data.sources", "but a job reads at least one source ('demo' for the built-in corpus)")
     for i, src in enumerate(cfg.data.sources):
         if src != "demo" and "://" not in src and not os.path.exists(src):
-            raise bad(f"data.sources[{i}]", "but no such file or folder exists "
-                      "(give .txt/.jsonl/.parquet files or folders, or 'demo' for the built-in corpus)")
+            raise bad(
+                f"data.sources[{i}]",
+                "but no such file or folder exists "
+                "(give .txt/.jsonl/.parquet files or folders, or 'demo' for the built-in corpus)",
+            )
     if cfg.data.tokenizer and not os.path.isfile(cfg.data.tokenizer):
         raise bad("data.tokenizer", "but no such tokenizer.json file exists")
     if cfg.parallel.dp_shard == 0:
@@ -148,8 +167,11 @@ def check_values(cfg: DictConfig, where: Where) -> None:
 def _check_trackers(cfg: DictConfig, bad) -> None:
     for i, name in enumerate(cfg.logging.backends):
         if name not in TRACKER_BACKENDS:
-            raise bad(f"logging.backends[{i}]", f"but orch writes only to {', '.join(TRACKER_BACKENDS)} "
-                      "(W&B imports TensorBoard's event files: `wandb sync --sync-tensorboard RUN/tensorboard`)")
+            raise bad(
+                f"logging.backends[{i}]",
+                f"but orch writes only to {', '.join(TRACKER_BACKENDS)} "
+                "(W&B imports TensorBoard's event files: `wandb sync --sync-tensorboard RUN/tensorboard`)",
+            )
 
 
 def _tokenizer_size(path: str) -> Optional[int]:
@@ -168,32 +190,50 @@ def _check_vocab(cfg, bad) -> None:
     size = _tokenizer_size(cfg.data.tokenizer) if cfg.data.tokenizer else cfg.data.vocab_size
     if size is not None and cfg.model.vocab_size < size:
         source = f"data.tokenizer={cfg.data.tokenizer!r}" if cfg.data.tokenizer else f"data.vocab_size={size}"
-        raise bad("model.vocab_size", f"smaller than the tokenizer's {size} tokens ({source}); leave it null to "
-                  "size the embedding from the tokenizer", source.split("=")[0])
+        raise bad(
+            "model.vocab_size",
+            f"smaller than the tokenizer's {size} tokens ({source}); leave it null to "
+            "size the embedding from the tokenizer",
+            source.split("=")[0],
+        )
 
 
 def _check_slurm_strings(cfg, bad) -> None:
     """Values that become lines of a batch script: a newline or a stray flag there would run as shell."""
-    for key, pattern in (("resources.partition", SLURM_NAME), ("resources.account", SLURM_NAME),
-                         ("resources.qos", SLURM_NAME), ("resources.constraint", SLURM_CONSTRAINT)):
+    for key, pattern in (
+        ("resources.partition", SLURM_NAME),
+        ("resources.account", SLURM_NAME),
+        ("resources.qos", SLURM_NAME),
+        ("resources.constraint", SLURM_CONSTRAINT),
+    ):
         value = OmegaConf.select(cfg, key)
         if value is not None and not pattern.fullmatch(str(value)):
-            raise bad(key, "but it may hold only letters, digits and " +
-                      ("'_.,-'" if pattern is SLURM_NAME else "sbatch's constraint operators (&|[]*:()!)"))
+            raise bad(
+                key,
+                "but it may hold only letters, digits and "
+                + ("'_.,-'" if pattern is SLURM_NAME else "sbatch's constraint operators (&|[]*:()!)"),
+            )
     for i, flag in enumerate(cfg.resources.sbatch_extra):
         key = f"resources.sbatch_extra[{i}]"
         if not SBATCH_FLAG.fullmatch(str(flag)):
-            raise bad(key, "but each entry must be one long sbatch option, --name or "
-                      "--name=value (e.g. \"--exclusive\", \"--reservation=r1\")")
+            raise bad(
+                key,
+                "but each entry must be one long sbatch option, --name or "
+                "--name=value (e.g. \"--exclusive\", \"--reservation=r1\")",
+            )
         name = str(flag)[2:].split("=", 1)[0]
         if name in SBATCH_OWN_PREFIXES:
             continue
-        option = name if name in ORCH_SBATCH_OPTIONS else next((o for o in ORCH_SBATCH_OPTIONS if o.startswith(name)),
-                                                               None)
+        option = (
+            name if name in ORCH_SBATCH_OPTIONS else next((o for o in ORCH_SBATCH_OPTIONS if o.startswith(name)), None)
+        )
         if option is not None:
             read_as = "" if name == option else f", which sbatch reads as --{option},"
-            raise bad(key, f"but --{name}{read_as} is an option orch sets itself (key {ORCH_SBATCH_OPTIONS[option]}), "
-                      "which an entry here would override")
+            raise bad(
+                key,
+                f"but --{name}{read_as} is an option orch sets itself (key {ORCH_SBATCH_OPTIONS[option]}), "
+                "which an entry here would override",
+            )
 
 
 def _check_hf_init_from(cfg, bad) -> None:
@@ -215,11 +255,18 @@ def _check_reward_model_parallelism(cfg, bad) -> None:
     if cfg.parallel.tp == 1:
         return
     if cfg.kind == "rm":
-        raise bad("parallel.tp", "but the reward model's head is not tensor-parallel: use parallel.tp=1 "
-                  "(data parallel) for rm jobs", "kind")
+        raise bad(
+            "parallel.tp",
+            "but the reward model's head is not tensor-parallel: use parallel.tp=1 (data parallel) for rm jobs",
+            "kind",
+        )
     if cfg.kind == "grpo" and Path(str(cfg.grpo.reward)).is_dir():
-        raise bad("parallel.tp", f"but grpo.reward={cfg.grpo.reward!r} is a reward model, whose head is not "
-                  "tensor-parallel: use parallel.tp=1 with a reward model", "grpo.reward")
+        raise bad(
+            "parallel.tp",
+            f"but grpo.reward={cfg.grpo.reward!r} is a reward model, whose head is not "
+            "tensor-parallel: use parallel.tp=1 with a reward model",
+            "grpo.reward",
+        )
 
 
 def check_launch(cfg: DictConfig, where: Where) -> None:
@@ -235,21 +282,35 @@ def check_launch(cfg: DictConfig, where: Where) -> None:
     shape = f"resources.nodes x resources.nproc_per_node = {world} processes"
     layout = ("resources.nodes", "resources.nproc_per_node", "parallel.dp_replicate", "parallel.tp")
     if world % (p.dp_replicate * p.tp):
-        raise bad("parallel.tp", f"but parallel.dp_replicate x parallel.tp = {p.dp_replicate * p.tp} does not divide "
-                  f"the job's {shape}", *layout)
+        raise bad(
+            "parallel.tp",
+            f"but parallel.dp_replicate x parallel.tp = {p.dp_replicate * p.tp} does not divide the job's {shape}",
+            *layout,
+        )
     if p.dp_shard != -1 and p.dp_replicate * p.dp_shard * p.tp != world:
-        raise bad("parallel.dp_shard", f"but dp_replicate x dp_shard x tp = {p.dp_replicate * p.dp_shard * p.tp} is "
-                  f"not the job's {shape}", *layout)
+        raise bad(
+            "parallel.dp_shard",
+            f"but dp_replicate x dp_shard x tp = {p.dp_replicate * p.dp_shard * p.tp} is not the job's {shape}",
+            *layout,
+        )
     if cfg.resources.nproc_per_node % p.tp:  # a tensor-parallel group's all-reduces cross no node boundary
-        raise bad("parallel.tp", f"but it must divide resources.nproc_per_node = {cfg.resources.nproc_per_node}, "
-                  "the GPUs of a node (each tensor-parallel group stays within one node)", *layout)
+        raise bad(
+            "parallel.tp",
+            f"but it must divide resources.nproc_per_node = {cfg.resources.nproc_per_node}, "
+            "the GPUs of a node (each tensor-parallel group stays within one node)",
+            *layout,
+        )
     heads = _model_heads(cfg)
     if heads is not None:
         n_head, n_kv, origin = heads
         for count, what in ((n_head, "attention heads"), (n_kv, "key/value heads")):
             if count % p.tp:
-                raise bad("parallel.tp", f"but it must divide the model's {count} {what} ({origin})",
-                          "model.n_head", "model.n_kv_head")
+                raise bad(
+                    "parallel.tp",
+                    f"but it must divide the model's {count} {what} ({origin})",
+                    "model.n_head",
+                    "model.n_kv_head",
+                )
 
 
 def _model_heads(cfg) -> Optional[tuple[int, int, str]]:

@@ -127,8 +127,10 @@ def disk_full(path: str | Path) -> Optional[str]:
     free = st.f_bavail * st.f_frsize
     if free >= DISK_FULL_BYTES:
         return None
-    return (f"the disk holding {path} is full ({free} bytes free): the trainer could not write there. Free space "
-            "(or lower checkpoint.keep_last), then resume; its checkpoints are untouched")
+    return (
+        f"the disk holding {path} is full ({free} bytes free): the trainer could not write there. Free space "
+        "(or lower checkpoint.keep_last), then resume; its checkpoints are untouched"
+    )
 
 
 def user_error(folder: RunFolder) -> Optional[str]:
@@ -183,7 +185,7 @@ def checkpoint_name(step: int) -> str:
 def checkpoint_step(name: str) -> int | None:
     """The step of a committed checkpoint folder's name (step_00000100 -> 100); None for any other name,
     so that a user's `step_00000100.bak` is never taken for one of ours."""
-    digits = name[len(CHECKPOINT_PREFIX):]
+    digits = name[len(CHECKPOINT_PREFIX) :]
     if not name.startswith(CHECKPOINT_PREFIX) or len(digits) < 8 or not digits.isdigit():
         return None
     return int(digits)

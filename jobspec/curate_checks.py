@@ -26,9 +26,16 @@ def check_curate(cfg: DictConfig, bad) -> None:
     if near.unit not in ("word", "token"):
         raise bad("curate.near_dedup.unit", "but it must be word or token")
     if near.num_perm % near.bands:  # each at least 1: their ranges are checked before
-        raise bad("curate.near_dedup.bands", f"but it must divide curate.near_dedup.num_perm={near.num_perm} "
-                  "(each band takes num_perm / bands rows of the signature)", "curate.near_dedup.num_perm")
+        raise bad(
+            "curate.near_dedup.bands",
+            f"but it must divide curate.near_dedup.num_perm={near.num_perm} "
+            "(each band takes num_perm / bands rows of the signature)",
+            "curate.near_dedup.num_perm",
+        )
     for i, task in enumerate(c.decontamination.tasks if c.decontamination.enabled else []):
         if not (os.path.isfile(task) or (REPO / task).is_file()):
-            raise bad(f"curate.decontamination.tasks[{i}]", "but no such task file exists (in the current "
-                      "folder or the repository; e.g. jobs/tasks/stdlib_continuation.yaml)")
+            raise bad(
+                f"curate.decontamination.tasks[{i}]",
+                "but no such task file exists (in the current "
+                "folder or the repository; e.g. jobs/tasks/stdlib_continuation.yaml)",
+            )

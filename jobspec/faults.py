@@ -32,7 +32,7 @@ ACTIONS = ("kill", "sigterm", "sigusr2", "hang", "wait", "nan", "enospc", "enolc
 FAULT_POINTS = {
     # data plane (training/)
     "data.prepare": "training/data/prepare.py, as the trainer makes sure its data is prepared (before any shard is "
-                    "written, when it has to write them)",
+    "written, when it has to write them)",
     "model.build": "training/trainer.py, after the model is built and before it is initialized or resumed",
     "train.loss": "training/trainer.py, each micro-batch's loss (nan: the loss becomes NaN)",
     "train.before_optimizer_step": "training/trainer.py, after backward, before optimizer.step()",
@@ -44,16 +44,16 @@ FAULT_POINTS = {
     "checkpoint.commit": "training/checkpoint.py, between the manifest and the rename into place",
     "checkpoint.prune": "training/checkpoint.py, after the commit, before older checkpoints are pruned",
     "checkpoint.trash_remove": "training/checkpoint.py, each file removed from a pruned checkpoint (renamed to "
-                               ".trash-step_N first)",
+    ".trash-step_N first)",
     "serve.decode_step": "training/serve/engine.py, before each decode step of the batch (wait: a test holds the "
-                         "server mid-generation while its clients act)",
+    "server mid-generation while its clients act)",
     "run_lock.held": "training/main.py, once the run folder's lock is held (rank 0; each node's local rank 0)",
     "run_lock.flock": "jobspec/run_lock.py, before each flock of the run folder's lock (enolck: the file system "
-                      "has no flock)",
+    "has no flock)",
     # control plane (orchestrator/)
     "submit.run_folder": "orchestrator/runs.py, after the run folder and config.yaml, before the registry row",
     "submit.registered": "orchestrator/cli.py (pipelines: orchestrator/pipelines.py), after the registry rows, before "
-                         "the executor starts them",
+    "the executor starts them",
     "supervisor.started": "orchestrator/executors/local_supervisor.py, before the first attempt",
     "supervisor.trainer_exited": "orchestrator/executors/local_supervisor.py, after an attempt, before its state",
     "pipeline.stage_started": "orchestrator/executors/local_pipeline.py, after starting a stage",
@@ -81,7 +81,9 @@ def parse(text: str) -> list[Fault]:
         point, _, rank = rest.partition("@")
         action = action or "kill"
         if point not in FAULT_POINTS:
-            raise FaultSpecError(f"ORCH_FAULT={text!r}: unknown fault point {point!r}; known: {', '.join(FAULT_POINTS)}")
+            raise FaultSpecError(
+                f"ORCH_FAULT={text!r}: unknown fault point {point!r}; known: {', '.join(FAULT_POINTS)}"
+            )
         if action not in ACTIONS:
             raise FaultSpecError(f"ORCH_FAULT={text!r}: unknown action {action!r}; known: {', '.join(ACTIONS)}")
         try:

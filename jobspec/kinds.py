@@ -5,8 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 from jobspec.curate_schema import DataJobSpec
-from jobspec.schema import (ClassifyJobSpec, DPOJobSpec, EvalJobSpec, GRPOJobSpec, JobSpec, RMJobSpec,
-                            SFTJobSpec)
+from jobspec.schema import ClassifyJobSpec, DPOJobSpec, EvalJobSpec, GRPOJobSpec, JobSpec, RMJobSpec, SFTJobSpec
 
-KINDS: dict[str, Any] = {"pretrain": JobSpec, "sft": SFTJobSpec, "rm": RMJobSpec, "dpo": DPOJobSpec,
-                         "grpo": GRPOJobSpec, "classify": ClassifyJobSpec, "eval": EvalJobSpec, "data": DataJobSpec}
+KINDS: dict[str, Any] = {
+    "pretrain": JobSpec,
+    "sft": SFTJobSpec,
+    "rm": RMJobSpec,
+    "dpo": DPOJobSpec,
+    "grpo": GRPOJobSpec,
+    "classify": ClassifyJobSpec,
+    "eval": EvalJobSpec,
+    "data": DataJobSpec,
+}

@@ -57,18 +57,26 @@ def _check_shapes(node: dict, where, shapes: dict[str, str], prefix: str = "") -
         if shape == "section" and isinstance(value, dict):
             _check_shapes(value, where, shapes, key + ".")
         elif shape == "section":
-            keys = [k[len(key) + 1:] for k in shapes if k.startswith(key + ".") and "." not in k[len(key) + 1:]]
-            raise SpecError(f"{where(key)}: key '{key}' has the value {value!r}, but '{key}' is a section: set "
-                            f"its keys (e.g. {key}.{keys[0]}=...). Its keys: {', '.join(keys)}.")
+            keys = [k[len(key) + 1 :] for k in shapes if k.startswith(key + ".") and "." not in k[len(key) + 1 :]]
+            raise SpecError(
+                f"{where(key)}: key '{key}' has the value {value!r}, but '{key}' is a section: set "
+                f"its keys (e.g. {key}.{keys[0]}=...). Its keys: {', '.join(keys)}."
+            )
         elif shape == "list" and not isinstance(value, list):
-            raise SpecError(f"{where(key)}: key '{key}' has the value {value!r}, but it must be a list: "
-                            f"{key}=[a,b] on the command line, [a, b] in a file.")
+            raise SpecError(
+                f"{where(key)}: key '{key}' has the value {value!r}, but it must be a list: "
+                f"{key}=[a,b] on the command line, [a, b] in a file."
+            )
         elif shape == "list" and any(isinstance(v, (list, dict)) for v in value):
-            raise SpecError(f"{where(key)}: key '{key}' has the value {value!r}, but each of its entries must be "
-                            "a single value, not a list or a mapping.")
+            raise SpecError(
+                f"{where(key)}: key '{key}' has the value {value!r}, but each of its entries must be "
+                "a single value, not a list or a mapping."
+            )
         elif shape == "value" and isinstance(value, (list, dict)):
-            raise SpecError(f"{where(key)}: key '{key}' has the value {value!r}, but it takes a single value, "
-                            "not a list or a mapping.")
+            raise SpecError(
+                f"{where(key)}: key '{key}' has the value {value!r}, but it takes a single value, "
+                "not a list or a mapping."
+            )
 
 
 def did_you_mean(key: str, candidates: Iterable[str]) -> str:
@@ -88,8 +96,10 @@ def _check_aliases(root, path: str) -> None:
     def size(node) -> int:
         if id(node) in sizes:
             if sizes[id(node)] is None:
-                raise SpecError(f"{path}, line {node.start_mark.line + 1}: the value anchored there (&name) holds an "
-                                "alias to itself (*name), which would make it contain itself. Write it out instead.")
+                raise SpecError(
+                    f"{path}, line {node.start_mark.line + 1}: the value anchored there (&name) holds an "
+                    "alias to itself (*name), which would make it contain itself. Write it out instead."
+                )
             return sizes[id(node)]  # type: ignore[return-value]
         sizes[id(node)] = None
         if isinstance(node, yaml.MappingNode):
@@ -100,9 +110,11 @@ def _check_aliases(root, path: str) -> None:
         return total
 
     if root is not None and size(root) - len(sizes) > ALIAS_EXPANSION:
-        raise SpecError(f"{path}: its aliases (*name) expand to {size(root):,} values from {len(sizes):,} written "
-                        f"ones, more than the {ALIAS_EXPANSION:,} extra values a job file may get from aliases. "
-                        "Use fewer nested aliases, or write the values out.")
+        raise SpecError(
+            f"{path}: its aliases (*name) expand to {size(root):,} values from {len(sizes):,} written "
+            f"ones, more than the {ALIAS_EXPANSION:,} extra values a job file may get from aliases. "
+            "Use fewer nested aliases, or write the values out."
+        )
 
 
 def _key_lines(node, path: str, prefix: str = "", lines: Optional[dict] = None) -> dict[str, int]:
@@ -114,8 +126,10 @@ def _key_lines(node, path: str, prefix: str = "", lines: Optional[dict] = None) 
         for key_node, value_node in node.value:
             key, line = str(key_node.value), key_node.start_mark.line + 1
             if key in seen:
-                raise SpecError(f"{path}, line {line}: key '{prefix}{key}' is written twice (first at line "
-                                f"{seen[key]}); YAML would keep only the second. Merge them into one.")
+                raise SpecError(
+                    f"{path}, line {line}: key '{prefix}{key}' is written twice (first at line "
+                    f"{seen[key]}); YAML would keep only the second. Merge them into one."
+                )
             seen[key] = lines[prefix + key] = line
             _key_lines(value_node, path, f"{prefix}{key}.", lines)
     return lines
@@ -135,20 +149,27 @@ def read_yaml(path: str, lines: Optional[dict] = None) -> dict:
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "an unknown place"
-        raise SpecError(f"{path}: the YAML is malformed at {where}: {e.problem}. "
-                        "Fix the syntax there (indentation, a missing ':' or an unclosed quote or bracket) "
-                        "and submit again.") from None
+        raise SpecError(
+            f"{path}: the YAML is malformed at {where}: {e.problem}. "
+            "Fix the syntax there (indentation, a missing ':' or an unclosed quote or bracket) "
+            "and submit again."
+        ) from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise SpecError(f"{path}: the file can't be read as YAML ({e}).") from None
     except RecursionError:
-        raise SpecError(f"{path}: the YAML is nested too deeply to read (lists or mappings inside one another "
-                        "hundreds of levels deep).") from None
+        raise SpecError(
+            f"{path}: the YAML is nested too deeply to read (lists or mappings inside one another "
+            "hundreds of levels deep)."
+        ) from None
     if raw is None:
-        raise SpecError(f"{path}: the file is empty (or only comments): a job file says at least its kind, "
-                        "e.g. `kind: pretrain`. See jobs/ for examples.")
+        raise SpecError(
+            f"{path}: the file is empty (or only comments): a job file says at least its kind, "
+            "e.g. `kind: pretrain`. See jobs/ for examples."
+        )
     if not isinstance(raw, dict):
-        raise SpecError(f"{path}: a job file must be a mapping of keys to values, "
-                        f"but its top level is a {type(raw).__name__}.")
+        raise SpecError(
+            f"{path}: a job file must be a mapping of keys to values, but its top level is a {type(raw).__name__}."
+        )
     if lines is not None:
         lines.update(found)
     return raw
@@ -175,10 +196,12 @@ def _check_known(key: str, value, source: str, valid_keys: list[str]) -> None:
     while parent and parent not in sections:  # the nearest section that exists (curate.filters for a bad filter name)
         parent = parent.rsplit(".", 1)[0] if "." in parent else ""
     under = lambda k: (k.rsplit(".", 1)[0] if "." in k else "") == parent  # noqa: E731
-    siblings = sorted({k[len(parent) + 1:] if parent else k for k in [*valid_keys, *sections] if under(k)})
+    siblings = sorted({k[len(parent) + 1 :] if parent else k for k in [*valid_keys, *sections] if under(k)})
     where = f"under '{parent}'" if parent else "at the top level"
-    raise SpecError(f"{source}: unknown key '{key}' (value {value!r}).{did_you_mean(key, valid_keys)} "
-                    f"Valid keys {where}: {', '.join(siblings)}.")
+    raise SpecError(
+        f"{source}: unknown key '{key}' (value {value!r}).{did_you_mean(key, valid_keys)} "
+        f"Valid keys {where}: {', '.join(siblings)}."
+    )
 
 
 def _explain(e: OmegaConfBaseException, where) -> SpecError:
@@ -220,8 +243,10 @@ def load_spec(path: str, overrides: Sequence[str] = (), *, launch: bool = False)
         if ov.startswith("kind="):
             kind = ov.split("=", 1)[1]
     if kind not in KINDS:
-        raise SpecError(f"{path}: key 'kind' has the value {kind!r}, which is not a job kind.{did_you_mean(kind, KINDS)} "
-                        f"Known kinds: {', '.join(sorted(KINDS))}.")
+        raise SpecError(
+            f"{path}: key 'kind' has the value {kind!r}, which is not a job kind.{did_you_mean(kind, KINDS)} "
+            f"Known kinds: {', '.join(sorted(KINDS))}."
+        )
     schema = KINDS[kind]
     valid_keys, shapes = schema_keys(schema), schema_shapes(schema)
     cfg = OmegaConf.structured(schema)
@@ -234,8 +259,9 @@ def load_spec(path: str, overrides: Sequence[str] = (), *, launch: bool = False)
         raise _explain(e, where) from None
     for ov in overrides:
         if "=" not in ov:
-            raise SpecError(f"command line: the override {ov!r} is not of the form key=value "
-                            f"(for example train.max_steps=50).")
+            raise SpecError(
+                f"command line: the override {ov!r} is not of the form key=value (for example train.max_steps=50)."
+            )
         source = f"command line override {ov!r}"
         key = ov.split("=", 1)[0].strip()
         _check_known(key, ov.split("=", 1)[1], source, valid_keys)
@@ -249,8 +275,10 @@ def load_spec(path: str, overrides: Sequence[str] = (), *, launch: bool = False)
             raise _explain(e, where) from None
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
-        raise SpecError(f"{path}: required key '{missing[0]}' has no value; set it in the file "
-                        f"or on the command line ({missing[0]}=...).")
+        raise SpecError(
+            f"{path}: required key '{missing[0]}' has no value; set it in the file "
+            f"or on the command line ({missing[0]}=...)."
+        )
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as e:
@@ -270,8 +298,10 @@ def _apply_size(cfg: DictConfig, raw: dict, overrides: Sequence[str], where) -> 
     if size is None:
         return
     if size not in SIZES:
-        raise SpecError(f"{where('model.size')}: key 'model.size' has the value {size!r}, which is not a named size."
-                        f"{did_you_mean(str(size), SIZES)} Named sizes: {', '.join(SIZES)}.")
+        raise SpecError(
+            f"{where('model.size')}: key 'model.size' has the value {size!r}, which is not a named size."
+            f"{did_you_mean(str(size), SIZES)} Named sizes: {', '.join(SIZES)}."
+        )
     written = {k.split(".", 1)[1] for k in _flatten(raw) if k.startswith("model.")}
     written |= {ov.split("=", 1)[0].strip().split(".", 1)[1] for ov in overrides if ov.startswith("model.")}
     for key, value in size_keys(size).items():

@@ -30,7 +30,9 @@ from jobspec.loading import Origins, SpecError, did_you_mean, load_spec, read_ya
 T = TypeVar("T")
 
 
-def parents_first(items: Sequence[T], key: Callable[[T], Hashable], parent: Callable[[T], Optional[Hashable]]) -> list[T]:
+def parents_first(
+    items: Sequence[T], key: Callable[[T], Hashable], parent: Callable[[T], Optional[Hashable]]
+) -> list[T]:
     """Items ordered so that each comes after its parent (the one topological sort of pipelines: stages,
     runs and dashboard rows all use it). Ties keep the given order. Raises CycleError naming the loop."""
     by_key = {key(item): item for item in items}
@@ -41,7 +43,7 @@ def parents_first(items: Sequence[T], key: Callable[[T], Hashable], parent: Call
         while item is not None and key(item) not in placed:
             if any(key(c) == key(item) for c in chain):
                 names = [key(c) for c in chain]
-                loop = names[names.index(key(item)):] + [key(item)]
+                loop = names[names.index(key(item)) :] + [key(item)]
                 raise CycleError(loop)
             chain.append(item)
             item = by_key.get(parent(item))
@@ -95,8 +97,10 @@ def _strings(value, path: str, key: str) -> list[str]:
     if value is None:
         return []
     if not isinstance(value, list) or not all(isinstance(v, str) and "=" in v for v in value):
-        raise SpecError(f"{path}: key '{key}' has the value {value!r}, but it must be a list of key=value "
-                        "strings, e.g. [\"train.max_steps=50\"].")
+        raise SpecError(
+            f"{path}: key '{key}' has the value {value!r}, but it must be a list of key=value "
+            "strings, e.g. [\"train.max_steps=50\"]."
+        )
     return list(value)
 
 
@@ -104,8 +108,9 @@ def _check_keys(raw: dict, allowed: Sequence[str], path: str, where: str) -> Non
     for key in raw:
         if key not in allowed:
             hint = did_you_mean(str(key), allowed)
-            raise SpecError(f"{path}: unknown key '{where}{key}' (value {raw[key]!r}).{hint} "
-                            f"Valid keys: {', '.join(allowed)}.")
+            raise SpecError(
+                f"{path}: unknown key '{where}{key}' (value {raw[key]!r}).{hint} Valid keys: {', '.join(allowed)}."
+            )
 
 
 def _find_job(job: str, pipeline_path: str) -> Optional[str]:
@@ -125,9 +130,11 @@ def _split_cli(overrides: Sequence[str], stage_names: Sequence[str]) -> tuple[li
             parts = key.split(".", 2)
             if len(parts) < 3 or parts[1] not in per_stage:
                 name = parts[1] if len(parts) > 1 else ""
-                raise SpecError(f"command line override {ov!r}: stage '{name}' is not in this pipeline."
-                                f"{did_you_mean(name, stage_names)} Stages: {', '.join(stage_names)}. "
-                                "Write stages.STAGE.key=value to change one stage, key=value for all.")
+                raise SpecError(
+                    f"command line override {ov!r}: stage '{name}' is not in this pipeline."
+                    f"{did_you_mean(name, stage_names)} Stages: {', '.join(stage_names)}. "
+                    "Write stages.STAGE.key=value to change one stage, key=value for all."
+                )
             per_stage[parts[1]].append(f"{parts[2]}={value}")
         else:
             common.append(ov)
@@ -139,8 +146,10 @@ def _order(stages: dict[str, dict], path: str) -> list[str]:
     try:
         return parents_first(list(stages), key=lambda name: name, parent=lambda name: stages[name].get("after"))
     except CycleError as e:
-        raise SpecError(f"{path}: the stages' 'after' keys form a cycle: {e}. Each stage starts from the checkpoint "
-                        "of the stage it names, so one of them must come first: remove one of these 'after' keys.") from None
+        raise SpecError(
+            f"{path}: the stages' 'after' keys form a cycle: {e}. Each stage starts from the checkpoint "
+            "of the stage it names, so one of them must come first: remove one of these 'after' keys."
+        ) from None
 
 
 def load_pipeline(path: str, overrides: Sequence[str] = ()) -> Pipeline:
@@ -151,8 +160,9 @@ def load_pipeline(path: str, overrides: Sequence[str] = ()) -> Pipeline:
     check_plain_values(raw, origin)  # as a job file's: finite numbers, no control character in any value
     _check_keys(raw, TOP_KEYS, path, "")
     if raw.get("kind") != "pipeline":
-        raise SpecError(f"{path}: key 'kind' has the value {raw.get('kind')!r}, "
-                        "but a pipeline file says kind: pipeline.")
+        raise SpecError(
+            f"{path}: key 'kind' has the value {raw.get('kind')!r}, but a pipeline file says kind: pipeline."
+        )
     name = raw.get("name") or Path(path).stem
     if not isinstance(name, str) or not NAME.fullmatch(name):
         raise SpecError(f"{origin('name')}: key 'name' has the value {name!r}, but it must be {NAME_RULE}.")
@@ -163,25 +173,35 @@ def load_pipeline(path: str, overrides: Sequence[str] = ()) -> Pipeline:
 
     stages = raw.get("stages")
     if not isinstance(stages, dict) or not stages:
-        raise SpecError(f"{path}: key 'stages' has the value {stages!r}, but it must map stage names to "
-                        "{job: FILE, after: STAGE, overrides: [...]}, with at least one stage.")
+        raise SpecError(
+            f"{path}: key 'stages' has the value {stages!r}, but it must map stage names to "
+            "{job: FILE, after: STAGE, overrides: [...]}, with at least one stage."
+        )
     names = [str(n) for n in stages]
     for stage_name, body in stages.items():
         where = f"stages.{stage_name}"
         if not NAME.fullmatch(str(stage_name)):
             raise SpecError(f"{origin(where)}: stage name {stage_name!r} must be {NAME_RULE}.")
         if not isinstance(body, dict):
-            raise SpecError(f"{path}: key '{where}' has the value {body!r}, but a stage must be a mapping "
-                            "like {job: sft.yaml, after: pretrain}.")
+            raise SpecError(
+                f"{path}: key '{where}' has the value {body!r}, but a stage must be a mapping "
+                "like {job: sft.yaml, after: pretrain}."
+            )
         _check_keys(body, STAGE_KEYS, path, where + ".")
         if not isinstance(body.get("job"), str):
-            raise SpecError(f"{path}: key '{where}.job' has the value {body.get('job')!r}, but every stage needs "
-                            "a job YAML file (job: pretrain.yaml).")
+            raise SpecError(
+                f"{path}: key '{where}.job' has the value {body.get('job')!r}, but every stage needs "
+                "a job YAML file (job: pretrain.yaml)."
+            )
         after = body.get("after")
         if after is not None and (not isinstance(after, str) or after not in stages or after == stage_name):
-            why = ("but a stage cannot start from itself" if after == stage_name else
-                   f"which names no stage.{did_you_mean(str(after), names)} Stages: {', '.join(names)}"
-                   if isinstance(after, str) else "but it must name one stage")
+            why = (
+                "but a stage cannot start from itself"
+                if after == stage_name
+                else f"which names no stage.{did_you_mean(str(after), names)} Stages: {', '.join(names)}"
+                if isinstance(after, str)
+                else "but it must name one stage"
+            )
             raise SpecError(f"{path}: key '{where}.after' has the value {after!r}, {why}.")
         _strings(body.get("overrides"), path, where + ".overrides")
 
@@ -190,15 +210,19 @@ def load_pipeline(path: str, overrides: Sequence[str] = ()) -> Pipeline:
         if ov.split("=", 1)[0].strip() == "executor":
             executor = ov.split("=", 1)[1].strip()
             if executor not in ("auto", "local", "slurm"):
-                raise SpecError(f"command line override {ov!r}: key 'executor' has the value {executor!r}, "
-                                "but it must be one of auto, local, slurm.")
+                raise SpecError(
+                    f"command line override {ov!r}: key 'executor' has the value {executor!r}, "
+                    "but it must be one of auto, local, slurm."
+                )
     result = []
     for stage_name in _order(stages, path):
         body = stages[stage_name]
         job = _find_job(body["job"], path)
         if job is None:
-            raise SpecError(f"{path}: key 'stages.{stage_name}.job' has the value {body['job']!r}, but no such job "
-                            f"file exists (looked in {Path(path).resolve().parent} and {Path.cwd()}).")
+            raise SpecError(
+                f"{path}: key 'stages.{stage_name}.job' has the value {body['job']!r}, but no such job "
+                f"file exists (looked in {Path(path).resolve().parent} and {Path.cwd()})."
+            )
         stage_overrides = [*common_file, *(body.get("overrides") or []), *common_cli, *per_stage_cli[stage_name]]
         try:
             cfg = load_spec(job, stage_overrides, launch=True)
@@ -206,5 +230,3 @@ def load_pipeline(path: str, overrides: Sequence[str] = ()) -> Pipeline:
             raise SpecError(f"{path}, stage '{stage_name}': {e}") from None
         result.append(Stage(stage_name, job, body.get("after"), stage_overrides, cfg))
     return Pipeline(path, name, executor, result)
-
-

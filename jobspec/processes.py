@@ -16,7 +16,7 @@ def _stat_fields(pid: int) -> Optional[list[str]]:
     except OSError:
         return None
     # the command name (field 2) may hold spaces and parentheses: split after its closing ')'
-    return stat[stat.rindex(")") + 2:].split()
+    return stat[stat.rindex(")") + 2 :].split()
 
 
 def process_start(pid: int) -> Optional[str]:

@@ -60,7 +60,8 @@ def _flock(fd: int, path: Path, operation: int) -> bool:
                 f"{path}: the file system holding the run folder does not support flock ({errno.errorcode[e.errno]}: "
                 f"{e.strerror}). orch takes an flock there so that one run folder has one trainer, on every node "
                 "that shares it (docs/reliability.md): mount it with locks that work across nodes (NFS without "
-                "`nolock`, Lustre with `flock`), or put runs_dir on a file system that has them.") from None
+                "`nolock`, Lustre with `flock`), or put runs_dir on a file system that has them."
+            ) from None
 
 
 class RunLock:
@@ -71,9 +72,11 @@ class RunLock:
         self._fd: Optional[int] = None
 
     def _busy(self) -> RunFolderBusy:
-        return RunFolderBusy(f"{self.path.parent} is in use by another trainer ({describe(holder(self.path.parent))}): "
-                             "one run folder takes one trainer at a time. Wait for it to stop "
-                             "(`orch cancel` stops it after a checkpoint), then resume.")
+        return RunFolderBusy(
+            f"{self.path.parent} is in use by another trainer ({describe(holder(self.path.parent))}): "
+            "one run folder takes one trainer at a time. Wait for it to stop "
+            "(`orch cancel` stops it after a checkpoint), then resume."
+        )
 
     def _open(self, operation: int) -> int:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -90,8 +93,12 @@ class RunLock:
         """The trainer's rank 0: refused (RunFolderBusy) while any process of another trainer holds the folder."""
         fd = self._open(fcntl.LOCK_EX)
         try:
-            info = {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": process_start(os.getpid()),
-                    "since": time.time()}
+            info = {
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "pid_start": process_start(os.getpid()),
+                "since": time.time(),
+            }
             os.ftruncate(fd, 0)
             os.pwrite(fd, json.dumps(info).encode(), 0)
             # Shared from now on, so that the other nodes can hold it with us (join); a second trainer's exclusive

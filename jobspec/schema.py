@@ -24,8 +24,12 @@ class Range:
     why: str = ""  # said after the range in the error
 
     def __contains__(self, value) -> bool:
-        return ((self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
-                and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt))
+        return (
+            (self.ge is None or value >= self.ge)
+            and (self.gt is None or value > self.gt)
+            and (self.le is None or value <= self.le)
+            and (self.lt is None or value < self.lt)
+        )
 
     def __str__(self) -> str:
         low = self.ge if self.ge is not None else self.gt
@@ -49,11 +53,18 @@ def bounded(default, *, why: str = "", **bounds) -> Any:
 
 # model: is GPTConfig, the model's own shape (model/config.py, a layer below that knows no job): its ranges live here.
 MODEL_RANGES = {
-    "vocab_size": Range(ge=1, why="null = the tokenizer's size"), "n_layer": Range(ge=1), "n_head": Range(ge=1),
-    "n_kv_head": Range(ge=1, why="null = model.n_head"), "d_model": Range(ge=1),
-    "ffn_hidden": Range(ge=1, why="null = sized from model.d_model"), "max_seq_len": Range(ge=1),
-    "rope_theta": Range(gt=0), "norm_eps": Range(gt=0), "init_std": Range(gt=0),
-    "logit_softcap": Range(gt=0, why="null = no cap"), "head_size": Range(ge=2, why="null = d_model / n_head"),
+    "vocab_size": Range(ge=1, why="null = the tokenizer's size"),
+    "n_layer": Range(ge=1),
+    "n_head": Range(ge=1),
+    "n_kv_head": Range(ge=1, why="null = model.n_head"),
+    "d_model": Range(ge=1),
+    "ffn_hidden": Range(ge=1, why="null = sized from model.d_model"),
+    "max_seq_len": Range(ge=1),
+    "rope_theta": Range(gt=0),
+    "norm_eps": Range(gt=0),
+    "init_std": Range(gt=0),
+    "logit_softcap": Range(gt=0, why="null = no cap"),
+    "head_size": Range(ge=2, why="null = d_model / n_head"),
 }
 
 
@@ -140,8 +151,9 @@ class OptimConfig:
 @dataclass
 class CheckpointConfig:
     every: int = bounded(0, ge=0)  # save every N steps (0 = only at the end)
-    keep_last: int = bounded(2, ge=1, why="the newest checkpoint is what a resume starts from "
-                             "(checkpoint.keep_every keeps older ones too)")  # newest checkpoints kept
+    keep_last: int = bounded(
+        2, ge=1, why="the newest checkpoint is what a resume starts from (checkpoint.keep_every keeps older ones too)"
+    )  # newest checkpoints kept
     keep_every: int = bounded(0, ge=0)  # also keep every M-th step forever (0 = none)
     async_save: bool = False  # write in a background thread while training goes on: for GPU runs (docs/performance.md)
     init_from: Optional[str] = None  # a run folder, a checkpoint folder or a Hugging Face folder (docs/huggingface.md)
@@ -192,7 +204,7 @@ class JobSpec:
     kind: str = "pretrain"
     name: str = "pretrain"
     runs_dir: str = "runs"  # run folders go to runs_dir/<name>-<id>/
-    seed: int = bounded(1337, ge=0, le=2 ** 32 - 1, why="numpy's and scikit-learn's seeds are 32-bit")
+    seed: int = bounded(1337, ge=0, le=2**32 - 1, why="numpy's and scikit-learn's seeds are 32-bit")
     executor: str = "auto"  # auto | local | slurm
     model: GPTConfig = field(default_factory=GPTConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -335,9 +347,13 @@ class EvalConfig:
     """What the eval job measures (training/evaluate/job.py): one model, or every stage of a pipeline."""
 
     source: Optional[str] = None  # a run, checkpoint or Hugging Face folder; None = checkpoint.init_from
-    tasks: List[str] = field(default_factory=lambda: ["jobs/tasks/stdlib_continuation.yaml",
-                                                      "jobs/tasks/python_functions.yaml",
-                                                      "jobs/tasks/stdlib_bodies.yaml"])
+    tasks: List[str] = field(
+        default_factory=lambda: [
+            "jobs/tasks/stdlib_continuation.yaml",
+            "jobs/tasks/python_functions.yaml",
+            "jobs/tasks/stdlib_bodies.yaml",
+        ]
+    )
     heldout: List[str] = field(default_factory=lambda: ["val"])  # splits of data.dir scored for perplexity and bpb
     max_examples: Optional[int] = bounded(None, ge=1, why="null = all")  # per task
     # Stages to compare in report.md, each "STAGE=RUN_FOLDER" (or a bare folder: named after its kind),
@@ -351,5 +367,3 @@ class EvalJobSpec(JobSpec):
     kind: str = "eval"
     name: str = "eval"
     eval: EvalConfig = field(default_factory=EvalConfig)
-
-

@@ -37,8 +37,20 @@ from jobspec.checks import NAME
 from jobspec.loading import SpecError, did_you_mean, load_spec, read_yaml
 from model.config import GPTConfig
 
-TOP_KEYS = ("kind", "name", "executor", "job", "overrides", "parallel", "flops", "shape", "isoflop", "grid",
-            "warmup_fraction", "fit_budgets")
+TOP_KEYS = (
+    "kind",
+    "name",
+    "executor",
+    "job",
+    "overrides",
+    "parallel",
+    "flops",
+    "shape",
+    "isoflop",
+    "grid",
+    "warmup_fraction",
+    "fit_budgets",
+)
 SHAPE_KEYS = ("width_per_layer", "head_dim")
 FLOPS = ("6ND", "6ND+attention")
 
@@ -94,8 +106,11 @@ def is_sweep_file(path: str) -> bool:
 
 def _numbers(raw: dict, key: str, where: str, integer: bool = False) -> list:
     value = raw.get(key.rsplit(".", 1)[-1])
-    ok = isinstance(value, list) and value and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                    and math.isfinite(v) and v > 0 for v in value)
+    ok = (
+        isinstance(value, list)
+        and value
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in value)
+    )
     if ok and integer:
         ok = all(float(v).is_integer() for v in value)
     if not ok:
@@ -107,70 +122,99 @@ def _numbers(raw: dict, key: str, where: str, integer: bool = False) -> list:
 def _check_keys(raw: dict, allowed: Sequence[str], where, prefix: str = "") -> None:
     for key, value in raw.items():
         if key not in allowed:
-            raise SpecError(f"{where(prefix + str(key))}: unknown key '{prefix}{key}' (value {value!r})."
-                            f"{did_you_mean(str(key), allowed)} Valid keys: {', '.join(allowed)}.")
+            raise SpecError(
+                f"{where(prefix + str(key))}: unknown key '{prefix}{key}' (value {value!r})."
+                f"{did_you_mean(str(key), allowed)} Valid keys: {', '.join(allowed)}."
+            )
 
 
 def load_sweep(path: str, overrides: Sequence[str] = ()) -> Sweep:
     """Read and check a sweep file, derive every member and check its job; nothing is registered or written."""
     lines: dict[str, int] = {}
     raw = read_yaml(path, lines)
-    where = lambda key: f"{path}, line {lines[key]}" if key in lines else path
+
+    def where(key):
+        return f"{path}, line {lines[key]}" if key in lines else path
+
     _check_keys(raw, TOP_KEYS, where)
     if raw.get("kind") != "sweep":
         raise SpecError(f"{path}: key 'kind' has the value {raw.get('kind')!r}, but a sweep file says kind: sweep.")
     name = raw.get("name") or Path(path).stem
     if not isinstance(name, str) or not NAME.fullmatch(name):
-        raise SpecError(f"{where('name')}: key 'name' has the value {name!r}, but it must be letters, digits, "
-                        "'_', '.' or '-'.")
+        raise SpecError(
+            f"{where('name')}: key 'name' has the value {name!r}, but it must be letters, digits, '_', '.' or '-'."
+        )
     executor = raw.get("executor", "auto")
     if executor not in ("auto", "local", "slurm"):
-        raise SpecError(f"{where('executor')}: key 'executor' has the value {executor!r}, but it must be one of "
-                        "auto, local, slurm.")
+        raise SpecError(
+            f"{where('executor')}: key 'executor' has the value {executor!r}, but it must be one of auto, local, slurm."
+        )
     file_overrides = raw.get("overrides") or []
     if not isinstance(file_overrides, list) or not all(isinstance(v, str) and "=" in v for v in file_overrides):
-        raise SpecError(f"{where('overrides')}: key 'overrides' has the value {file_overrides!r}, but it must be "
-                        "a list of key=value strings, e.g. [\"train.compile=false\"].")
+        raise SpecError(
+            f"{where('overrides')}: key 'overrides' has the value {file_overrides!r}, but it must be "
+            "a list of key=value strings, e.g. [\"train.compile=false\"]."
+        )
     parallel = raw.get("parallel", 1)
     if not isinstance(parallel, int) or isinstance(parallel, bool) or parallel < 1:
-        raise SpecError(f"{where('parallel')}: key 'parallel' has the value {parallel!r}, but it must be a whole "
-                        "number of members to run at once, at least 1.")
+        raise SpecError(
+            f"{where('parallel')}: key 'parallel' has the value {parallel!r}, but it must be a whole "
+            "number of members to run at once, at least 1."
+        )
     flops = raw.get("flops", "6ND")
     if flops not in FLOPS:
-        raise SpecError(f"{where('flops')}: key 'flops' has the value {flops!r}, but it must be one of "
-                        f"{', '.join(FLOPS)}.")
+        raise SpecError(
+            f"{where('flops')}: key 'flops' has the value {flops!r}, but it must be one of {', '.join(FLOPS)}."
+        )
     warmup_fraction = raw.get("warmup_fraction", 0.05)
     if not isinstance(warmup_fraction, (int, float)) or not 0 <= warmup_fraction < 1:
-        raise SpecError(f"{where('warmup_fraction')}: key 'warmup_fraction' has the value {warmup_fraction!r}, "
-                        "but it must be a share of each member's steps, from 0 up to (not including) 1.")
+        raise SpecError(
+            f"{where('warmup_fraction')}: key 'warmup_fraction' has the value {warmup_fraction!r}, "
+            "but it must be a share of each member's steps, from 0 up to (not including) 1."
+        )
     shape = raw.get("shape")
     if not isinstance(shape, dict) or set(shape) != set(SHAPE_KEYS):
-        raise SpecError(f"{where('shape')}: key 'shape' has the value {shape!r}, but it must state the depth/width "
-                        "rule as {width_per_layer: W, head_dim: H}: d_model = W x n_layer, n_head = d_model / H.")
+        raise SpecError(
+            f"{where('shape')}: key 'shape' has the value {shape!r}, but it must state the depth/width "
+            "rule as {width_per_layer: W, head_dim: H}: d_model = W x n_layer, n_head = d_model / H."
+        )
     for key in SHAPE_KEYS:
         if not isinstance(shape[key], int) or isinstance(shape[key], bool) or shape[key] < 1:
-            raise SpecError(f"{where('shape.' + key)}: key 'shape.{key}' has the value {shape[key]!r}, but it must "
-                            "be a positive whole number.")
+            raise SpecError(
+                f"{where('shape.' + key)}: key 'shape.{key}' has the value {shape[key]!r}, but it must "
+                "be a positive whole number."
+            )
     if ("isoflop" in raw) == ("grid" in raw):
-        raise SpecError(f"{path}: a sweep has exactly one plan: 'isoflop' ({{budgets: [C...], n_layer: [...]}}) "
-                        "or 'grid' ({n_layer: [...], tokens: [D...]}); it has "
-                        + ("both." if "isoflop" in raw else "neither."))
+        raise SpecError(
+            f"{path}: a sweep has exactly one plan: 'isoflop' ({{budgets: [C...], n_layer: [...]}}) "
+            "or 'grid' ({n_layer: [...], tokens: [D...]}); it has " + ("both." if "isoflop" in raw else "neither.")
+        )
     plan_key = "isoflop" if "isoflop" in raw else "grid"
     plan = raw[plan_key]
     if not isinstance(plan, dict):
         raise SpecError(f"{where(plan_key)}: key '{plan_key}' has the value {plan!r}, but it must be a mapping.")
     _check_keys(plan, ("budgets", "n_layer") if plan_key == "isoflop" else ("tokens", "n_layer"), where, plan_key + ".")
     depths = _numbers(plan, f"{plan_key}.n_layer", where(f"{plan_key}.n_layer"), integer=True)
-    amounts = _numbers(plan, f"{plan_key}.{'budgets' if plan_key == 'isoflop' else 'tokens'}",
-                       where(f"{plan_key}.{'budgets' if plan_key == 'isoflop' else 'tokens'}"))
+    amounts = _numbers(
+        plan,
+        f"{plan_key}.{'budgets' if plan_key == 'isoflop' else 'tokens'}",
+        where(f"{plan_key}.{'budgets' if plan_key == 'isoflop' else 'tokens'}"),
+    )
     fit_budgets = _numbers(raw, "fit_budgets", where("fit_budgets")) if "fit_budgets" in raw else []
     job = _find_job(raw.get("job"), path, where("job"))
     base = load_spec(job, [*file_overrides, *overrides], launch=True)
     if base.kind != "pretrain":
-        raise SpecError(f"{where('job')}: key 'job' names {job}, a {base.kind} job, but a sweep's members "
-                        "pretrain: give a kind: pretrain job.")
-    tokens_per_step = (base.train.micro_batch_size * base.data.seq_len * base.train.grad_accum_steps
-                       * base.resources.nodes * base.resources.nproc_per_node)
+        raise SpecError(
+            f"{where('job')}: key 'job' names {job}, a {base.kind} job, but a sweep's members "
+            "pretrain: give a kind: pretrain job."
+        )
+    tokens_per_step = (
+        base.train.micro_batch_size
+        * base.data.seq_len
+        * base.train.grad_accum_steps
+        * base.resources.nodes
+        * base.resources.nproc_per_node
+    )
 
     members = []
     for depth in depths:
@@ -183,17 +227,38 @@ def load_sweep(path: str, overrides: Sequence[str] = ()) -> Sweep:
             if steps < 1:
                 key = f"{plan_key}.{'budgets' if plan_key == 'isoflop' else 'tokens'}"
                 what = f"budget {amount:g} FLOPs" if plan_key == "isoflop" else f"{amount:g} tokens"
-                raise SpecError(f"{where(key)}: key '{key}' has the value {amount:g}: {what} "
-                                f"gives the {depth}-layer member (N = {N:,} parameters, {per_token:,.0f} FLOPs a "
-                                f"token) {D:,.0f} tokens, less than one step's {tokens_per_step:,} (micro_batch_size "
-                                "x seq_len x grad_accum_steps x nodes x nproc_per_node). Raise it or shrink the step.")
+                raise SpecError(
+                    f"{where(key)}: key '{key}' has the value {amount:g}: {what} "
+                    f"gives the {depth}-layer member (N = {N:,} parameters, {per_token:,.0f} FLOPs a "
+                    f"token) {D:,.0f} tokens, less than one step's {tokens_per_step:,} (micro_batch_size "
+                    "x seq_len x grad_accum_steps x nodes x nproc_per_node). Raise it or shrink the step."
+                )
             label = f"{'b' if plan_key == 'isoflop' else 't'}{i}-L{depth}"
             member_overrides = [
-                *file_overrides, *overrides, f"name={name}-{label}", f"model.n_layer={depth}",
-                f"model.d_model={d_model}", f"model.n_head={n_head}", f"train.max_steps={steps}",
-                f"optim.warmup_steps={max(1, round(warmup_fraction * steps))}", "train.time_budget_min=null"]
-            members.append(Member(label, depth, d_model, n_head, N, steps * tokens_per_step, float(C), steps,
-                                  max(1, round(warmup_fraction * steps)), member_overrides))
+                *file_overrides,
+                *overrides,
+                f"name={name}-{label}",
+                f"model.n_layer={depth}",
+                f"model.d_model={d_model}",
+                f"model.n_head={n_head}",
+                f"train.max_steps={steps}",
+                f"optim.warmup_steps={max(1, round(warmup_fraction * steps))}",
+                "train.time_budget_min=null",
+            ]
+            members.append(
+                Member(
+                    label,
+                    depth,
+                    d_model,
+                    n_head,
+                    N,
+                    steps * tokens_per_step,
+                    float(C),
+                    steps,
+                    max(1, round(warmup_fraction * steps)),
+                    member_overrides,
+                )
+            )
     for m in members:
         try:
             m.cfg = load_spec(job, m.overrides, launch=True)
@@ -206,27 +271,41 @@ def _shape(depth: int, shape: dict, base_model, where, key: str) -> GPTConfig:
     """The depth/width rule's model at this depth, or SpecError when the GPT would refuse it."""
     d_model = shape["width_per_layer"] * depth
     if d_model % shape["head_dim"]:
-        raise SpecError(f"{where(key)}: key '{key}' has the value {depth}, which gives d_model = "
-                        f"{shape['width_per_layer']} x {depth} = {d_model}, not divisible by shape.head_dim="
-                        f"{shape['head_dim']}: the heads would not divide the width. Choose depths (or a "
-                        "width_per_layer) whose width is a multiple of head_dim.")
+        raise SpecError(
+            f"{where(key)}: key '{key}' has the value {depth}, which gives d_model = "
+            f"{shape['width_per_layer']} x {depth} = {d_model}, not divisible by shape.head_dim="
+            f"{shape['head_dim']}: the heads would not divide the width. Choose depths (or a "
+            "width_per_layer) whose width is a multiple of head_dim."
+        )
     n_head = d_model // shape["head_dim"]
-    model = GPTConfig(vocab_size=base_model.vocab_size or 1, n_layer=depth, n_head=n_head, d_model=d_model,
-                      n_kv_head=base_model.n_kv_head, ffn_hidden=base_model.ffn_hidden, mlp=base_model.mlp)
+    model = GPTConfig(
+        vocab_size=base_model.vocab_size or 1,
+        n_layer=depth,
+        n_head=n_head,
+        d_model=d_model,
+        n_kv_head=base_model.n_kv_head,
+        ffn_hidden=base_model.ffn_hidden,
+        mlp=base_model.mlp,
+    )
     try:
         model.validate()
     except ValueError as e:
-        raise SpecError(f"{where(key)}: key '{key}' has the value {depth}, which gives a model (n_layer={depth}, "
-                        f"d_model={d_model}, n_head={n_head}) the GPT refuses: {e}.") from None
+        raise SpecError(
+            f"{where(key)}: key '{key}' has the value {depth}, which gives a model (n_layer={depth}, "
+            f"d_model={d_model}, n_head={n_head}) the GPT refuses: {e}."
+        ) from None
     return model
 
 
 def _find_job(job, path: str, where: str) -> str:
     if not isinstance(job, str):
-        raise SpecError(f"{where}: key 'job' has the value {job!r}, but a sweep needs its base pretrain job "
-                        "(job: pretrain.yaml).")
+        raise SpecError(
+            f"{where}: key 'job' has the value {job!r}, but a sweep needs its base pretrain job (job: pretrain.yaml)."
+        )
     for base in (Path(path).resolve().parent, Path.cwd()):
         if (base / job).is_file():
             return str(base / job)
-    raise SpecError(f"{where}: key 'job' has the value {job!r}, but no such job file exists (looked in "
-                    f"{Path(path).resolve().parent} and {Path.cwd()}).")
+    raise SpecError(
+        f"{where}: key 'job' has the value {job!r}, but no such job file exists (looked in "
+        f"{Path(path).resolve().parent} and {Path.cwd()})."
+    )

@@ -28,10 +28,11 @@ class GPTClassifier(GPT):
         self.score = nn.Linear(cfg.d_model, num_labels, bias=False)
         if train_last_blocks is not None:  # only the last N blocks, the final norm and the head learn
             if train_last_blocks > cfg.n_layer:
-                raise ValueError(f"classify.train_last_blocks={train_last_blocks} exceeds the model's "
-                                 f"{cfg.n_layer} blocks")
+                raise ValueError(
+                    f"classify.train_last_blocks={train_last_blocks} exceeds the model's {cfg.n_layer} blocks"
+                )
             self.requires_grad_(False)
-            for block in list(self.layers)[cfg.n_layer - train_last_blocks:]:
+            for block in list(self.layers)[cfg.n_layer - train_last_blocks :]:
                 block.requires_grad_(True)
             self.norm.requires_grad_(True)
             self.score.requires_grad_(True)

@@ -97,8 +97,10 @@ def check_rope_scaling(scaling) -> None:
         if not isinstance(scaling.get(key), (int, float)) or scaling[key] <= 0:
             raise ValueError(f"model.rope_scaling.{key} must be a positive number, got {scaling.get(key)!r}")
     if scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
-        raise ValueError(f"model.rope_scaling.high_freq_factor ({scaling['high_freq_factor']}) must exceed "
-                         f"low_freq_factor ({scaling['low_freq_factor']})")
+        raise ValueError(
+            f"model.rope_scaling.high_freq_factor ({scaling['high_freq_factor']}) must exceed "
+            f"low_freq_factor ({scaling['low_freq_factor']})"
+        )
 
 
 # The named shapes a job selects with `model.size` (torchtitan keeps its flavors so). GPT-3's shapes (Brown et al.
@@ -110,10 +112,20 @@ SIZES: dict[str, GPTConfig] = {
     "350m": GPTConfig(vocab_size=50304, n_layer=24, n_head=16, d_model=1024, max_seq_len=2048),
     "760m": GPTConfig(vocab_size=50304, n_layer=24, n_head=16, d_model=1536, max_seq_len=2048),
     "1.3b": GPTConfig(vocab_size=50304, n_layer=24, n_head=32, d_model=2048, max_seq_len=2048),
-    "7b": GPTConfig(vocab_size=32000, n_layer=32, n_head=32, d_model=4096, ffn_hidden=11008, max_seq_len=4096,
-                      tie_embeddings=False),
-    "8b": GPTConfig(vocab_size=128256, n_layer=32, n_head=32, n_kv_head=8, d_model=4096, ffn_hidden=14336,
-                      max_seq_len=8192, rope_theta=500000.0, tie_embeddings=False),
+    "7b": GPTConfig(
+        vocab_size=32000, n_layer=32, n_head=32, d_model=4096, ffn_hidden=11008, max_seq_len=4096, tie_embeddings=False
+    ),
+    "8b": GPTConfig(
+        vocab_size=128256,
+        n_layer=32,
+        n_head=32,
+        n_kv_head=8,
+        d_model=4096,
+        ffn_hidden=14336,
+        max_seq_len=8192,
+        rope_theta=500000.0,
+        tie_embeddings=False,
+    ),
 }
 for _name, _cfg in SIZES.items():
     _cfg.size = _name

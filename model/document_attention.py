@@ -50,8 +50,9 @@ def document_block_mask(doc_ids: torch.Tensor, tile: int = TILE) -> BlockMask:
     def mask_mod(b, h, q, kv):
         return (kv <= q) & (ids[b, q] == ids[b, kv])
 
-    return BlockMask.from_kv_blocks(*_kv_blocks(shared & ~whole), *_kv_blocks(whole), BLOCK_SIZE=tile,
-                                    mask_mod=mask_mod, seq_lengths=(seq, seq))
+    return BlockMask.from_kv_blocks(
+        *_kv_blocks(shared & ~whole), *_kv_blocks(whole), BLOCK_SIZE=tile, mask_mod=mask_mod, seq_lengths=(seq, seq)
+    )
 
 
 def _kv_blocks(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

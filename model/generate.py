@@ -19,8 +19,9 @@ import torch
 import torch.distributed as dist
 
 
-def sampling_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
-                    top_p: Optional[float] = None) -> torch.Tensor:
+def sampling_logits(
+    logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None
+) -> torch.Tensor:
     """The logits of the distribution sample_next draws from, float32, [..., vocab]: divided by the
     temperature (> 0), tokens outside the top_k and the top_p nucleus at -inf. Its log_softmax is the
     log-probability of a sampled token (GRPO's ratio and KL need exactly that distribution)."""
@@ -38,8 +39,13 @@ def sampling_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: Optio
     return logits
 
 
-def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
-                top_p: Optional[float] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
     """logits [batch, vocab] -> next token ids [batch]. temperature 0 = greedy (argmax)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
@@ -63,9 +69,19 @@ def _model_device(model) -> torch.device:
 
 
 @torch.no_grad()
-def _steps(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float,
-           top_k: Optional[int], top_p: Optional[float], stop_tokens: Sequence[int],
-           generator: Optional[torch.Generator], use_cache: bool, samples: int = 1) -> Iterator[torch.Tensor]:
+def _steps(
+    model,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    temperature: float,
+    top_k: Optional[int],
+    top_p: Optional[float],
+    stop_tokens: Sequence[int],
+    generator: Optional[torch.Generator],
+    use_cache: bool,
+    samples: int = 1,
+) -> Iterator[torch.Tensor]:
     """Yield the next token of every row [batch] per step, until all rows (on all ranks) have stopped.
 
     The rows are each prompt `samples` times in a row. With the cache, a prompt is read once and its
@@ -85,7 +101,7 @@ def _steps(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temp
     pad = width - lengths  # left padding per row
     tokens = torch.zeros(n, width + steps, dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
-        tokens[i * samples:(i + 1) * samples, width - len(p):width] = torch.tensor(p, dtype=torch.long)
+        tokens[i * samples : (i + 1) * samples, width - len(p) : width] = torch.tensor(p, dtype=torch.long)
     columns = torch.arange(width + steps, device=device)
     padded = bool(pad.any())
     key_ok = columns[None, :] >= pad[:, None]  # [batch, total]: False on padding
@@ -130,9 +146,19 @@ def _steps(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temp
             active = active[keep]
 
 
-def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 1.0,
-             top_k: Optional[int] = None, top_p: Optional[float] = None, stop_tokens: Sequence[int] = (),
-             generator: Optional[torch.Generator] = None, use_cache: bool = True, samples: int = 1) -> list[list[int]]:
+def generate(
+    model,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    stop_tokens: Sequence[int] = (),
+    generator: Optional[torch.Generator] = None,
+    use_cache: bool = True,
+    samples: int = 1,
+) -> list[list[int]]:
     """The new tokens of each prompt, each ending at (and including) its first stop token.
 
     At most max_new_tokens, and no further than model.max_seq_len allows for the longest prompt.
@@ -140,8 +166,18 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
     """
     out: list[list[int]] = [[] for _ in range(len(prompts) * samples)]
     finished = [False] * len(out)
-    for nxt in _steps(model, prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                      stop_tokens=stop_tokens, generator=generator, use_cache=use_cache, samples=samples):
+    for nxt in _steps(
+        model,
+        prompts,
+        max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        stop_tokens=stop_tokens,
+        generator=generator,
+        use_cache=use_cache,
+        samples=samples,
+    ):
         for i, tok in enumerate(nxt.tolist()):
             if not finished[i]:
                 out[i].append(tok)
@@ -149,13 +185,31 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
     return out
 
 
-def stream(model, prompt: list[int], max_new_tokens: int, *, temperature: float = 1.0,
-           top_k: Optional[int] = None, top_p: Optional[float] = None, stop_tokens: Sequence[int] = (),
-           generator: Optional[torch.Generator] = None, use_cache: bool = True) -> Iterator[int]:
+def stream(
+    model,
+    prompt: list[int],
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    stop_tokens: Sequence[int] = (),
+    generator: Optional[torch.Generator] = None,
+    use_cache: bool = True,
+) -> Iterator[int]:
     """Yield one prompt's new token ids as they are sampled, ending with the first stop token.
     (Single process only: a caller that stops early leaves the other ranks waiting.)"""
-    for nxt in _steps(model, [prompt], max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                      stop_tokens=stop_tokens, generator=generator, use_cache=use_cache):
+    for nxt in _steps(
+        model,
+        [prompt],
+        max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        stop_tokens=stop_tokens,
+        generator=generator,
+        use_cache=use_cache,
+    ):
         yield int(nxt[0])
 
 
@@ -171,8 +225,17 @@ class TextStream:
     tokens sampled and `stop_reason` is "stop_string", "stop_token" or "length".
     """
 
-    def __init__(self, model, tokenizer, prompt: list[int], max_new_tokens: int, *, stop: Sequence[str] = (),
-                 stop_tokens: Sequence[int] = (), **sampling):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        prompt: list[int],
+        max_new_tokens: int,
+        *,
+        stop: Sequence[str] = (),
+        stop_tokens: Sequence[int] = (),
+        **sampling,
+    ):
         self.model, self.tokenizer, self.prompt, self.max_new_tokens = model, tokenizer, prompt, max_new_tokens
         self.stop, self.stop_tokens, self.sampling = [s for s in stop if s], set(stop_tokens), sampling
         self.token_ids: list[int] = []
@@ -180,8 +243,9 @@ class TextStream:
 
     def _held_back(self, text: str) -> int:
         """Characters at the end of text that could begin a stop string."""
-        return max((k for s in self.stop for k in range(min(len(s) - 1, len(text)), 0, -1)
-                    if text.endswith(s[:k])), default=0)
+        return max(
+            (k for s in self.stop for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])), default=0
+        )
 
     def __iter__(self) -> Iterator[str]:
         shown = 0  # characters of the decoded text already yielded
@@ -197,7 +261,7 @@ class TextStream:
             if hits:
                 self.stop_reason = "stop_string"
                 if min(hits) > shown:
-                    yield text[shown:min(hits)]
+                    yield text[shown : min(hits)]
                 return
             if text.endswith("\ufffd"):  # half a UTF-8 character: wait for the rest
                 continue

@@ -19,8 +19,9 @@ from model.config import GPTConfig
 from model.document_attention import BlockMask, flex
 
 
-def rotary_tables(head_dim: int, max_seq_len: int, theta: float,
-                  scaling: Optional[dict] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_tables(
+    head_dim: int, max_seq_len: int, theta: float, scaling: Optional[dict] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin of shape [max_seq_len, head_dim] in Llama's half-split layout; `scaling` is GPTConfig.rope_scaling."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     if scaling is not None:
@@ -94,8 +95,14 @@ class Attention(nn.Module):
             self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
         self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: Optional[torch.Tensor | BlockMask] = None, kv: Optional[tuple[LayerKV, int]] = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: Optional[torch.Tensor | BlockMask] = None,
+        kv: Optional[tuple[LayerKV, int]] = None,
+    ) -> torch.Tensor:
         bsz, seq, _ = x.shape
         # -1 rather than n_head: under tensor parallelism each rank holds only its share of the heads.
         q = self.wq(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)
@@ -195,8 +202,13 @@ class GPT(nn.Module):
         self.rope_cos.copy_(cos.to(self.rope_cos.device))
         self.rope_sin.copy_(sin.to(self.rope_sin.device))
 
-    def hidden(self, tokens: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
-               mask: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None) -> torch.Tensor:
+    def hidden(
+        self,
+        tokens: torch.Tensor,
+        position_ids: Optional[torch.Tensor] = None,
+        mask: Optional[torch.Tensor] = None,
+        cache: Optional[KVCache] = None,
+    ) -> torch.Tensor:
         """The final normed hidden states [batch, seq, d_model]: what heads (LM, reward) read.
 
         position_ids [batch, seq] restart rotary positions per packed document; mask is a boolean
@@ -210,7 +222,7 @@ class GPT(nn.Module):
         if start + seq > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start + seq} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
         if position_ids is None:
-            cos, sin = self.rope_cos[start:start + seq], self.rope_sin[start:start + seq]
+            cos, sin = self.rope_cos[start : start + seq], self.rope_sin[start : start + seq]
         else:
             cos, sin = self.rope_cos[position_ids].unsqueeze(1), self.rope_sin[position_ids].unsqueeze(1)
         if mask is None and start > 0 and seq > 1:  # causal, shifted past the cached tokens
@@ -222,9 +234,14 @@ class GPT(nn.Module):
             cache.length = start + seq
         return self.norm(h)
 
-    def forward(self, tokens: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
-                mask: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None,
-                targets: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        position_ids: Optional[torch.Tensor] = None,
+        mask: Optional[torch.Tensor] = None,
+        cache: Optional[KVCache] = None,
+        targets: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         """tokens [batch, seq] -> logits [batch, seq, vocab], float32; or, given targets [batch, seq],
         the summed cross-entropy of predicting them (nats), without ever holding all the logits."""
         h = self.hidden(tokens, position_ids, mask, cache)
@@ -237,8 +254,10 @@ class GPT(nn.Module):
         GPU's reason; on CPUs, glibc maps every block over 32 MB afresh from the kernel, and the page
         faults of a step's full logits cost a fifth of the demo's step (docs/performance.md)."""
         rows = max(1, LOSS_CHUNK_ELEMENTS // (h.shape[1] * self.cfg.vocab_size))
-        return sum(F.cross_entropy(self.logits(h_part).flatten(0, 1), t_part.flatten(), reduction="sum")
-                   for h_part, t_part in zip(h.split(rows), targets.split(rows)))
+        return sum(
+            F.cross_entropy(self.logits(h_part).flatten(0, 1), t_part.flatten(), reduction="sum")
+            for h_part, t_part in zip(h.split(rows), targets.split(rows))
+        )
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Hidden states [..., d_model] -> float32 logits [..., vocab]."""

@@ -67,19 +67,33 @@ def _sliding_window(hf: dict, path: Path, layers: int) -> None:
     """Refuse sliding-window attention that some layer actually uses (Qwen configs name a window they don't use)."""
     types = hf.get("layer_types")
     if isinstance(types, list) and "sliding_attention" in types:
-        refuse(path, "layer_types", types, "sliding-window attention is not supported (every layer attends to the "
-               "whole context)")
+        refuse(
+            path,
+            "layer_types",
+            types,
+            "sliding-window attention is not supported (every layer attends to the whole context)",
+        )
     if hf.get("use_sliding_window") and int(hf.get("max_window_layers", layers)) < layers:
-        refuse(path, "use_sliding_window", hf["use_sliding_window"], "sliding-window attention is not supported "
-               f"(max_window_layers={hf.get('max_window_layers')} leaves layers that use it)")
+        refuse(
+            path,
+            "use_sliding_window",
+            hf["use_sliding_window"],
+            "sliding-window attention is not supported "
+            f"(max_window_layers={hf.get('max_window_layers')} leaves layers that use it)",
+        )
 
 
 def config_from_hf(hf: dict, path: Path) -> GPTConfig:
     """GPTConfig from a Llama, Qwen2 or Qwen3 config.json, refusing what our GPT can't represent."""
     model_type = hf.get("model_type")
     if model_type not in FAMILIES:
-        refuse(path, "model_type", model_type, f"the families that import are {', '.join(map(repr, FAMILIES))} "
-               "(mixture-of-experts variants and other layouts are not supported)")
+        refuse(
+            path,
+            "model_type",
+            model_type,
+            f"the families that import are {', '.join(map(repr, FAMILIES))} "
+            "(mixture-of-experts variants and other layouts are not supported)",
+        )
     for key in MOE_KEYS:
         if hf.get(key):
             refuse(path, key, hf[key], "mixture-of-experts models are not supported (one dense MLP per layer)")
@@ -90,8 +104,12 @@ def config_from_hf(hf: dict, path: Path) -> GPTConfig:
     if hf.get("mlp_bias", False):
         refuse(path, "mlp_bias", hf["mlp_bias"], "our feed-forward has no biases")
     if hf.get("attention_bias", False):  # Llama's and Qwen3's bias o_proj as well, which ours lacks
-        refuse(path, "attention_bias", hf["attention_bias"], f"{model_type}'s attention_bias also biases o_proj, "
-               "which our GPT lacks")
+        refuse(
+            path,
+            "attention_bias",
+            hf["attention_bias"],
+            f"{model_type}'s attention_bias also biases o_proj, which our GPT lacks",
+        )
     try:
         d, heads, layers = int(hf["hidden_size"]), int(hf["num_attention_heads"]), int(hf["num_hidden_layers"])
         vocab, inter = int(hf["vocab_size"]), int(hf["intermediate_size"])
@@ -102,14 +120,19 @@ def config_from_hf(hf: dict, path: Path) -> GPTConfig:
     if head_dim is None and d % heads:
         refuse(path, "hidden_size", d, f"it is not divisible by num_attention_heads={heads}")
     cfg = GPTConfig(
-        vocab_size=vocab, n_layer=layers, n_head=heads,
-        n_kv_head=int(hf.get("num_key_value_heads") or heads), d_model=d, ffn_hidden=inter,
+        vocab_size=vocab,
+        n_layer=layers,
+        n_head=heads,
+        n_kv_head=int(hf.get("num_key_value_heads") or heads),
+        d_model=d,
+        ffn_hidden=inter,
         max_seq_len=int(hf.get("max_position_embeddings", 2048)),
         rope_theta=float(theta if theta is not None else 10000.0),
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         init_std=float(hf.get("initializer_range", 0.02)),
-        qkv_bias=model_type == "qwen2", qk_norm=model_type == "qwen3",
+        qkv_bias=model_type == "qwen2",
+        qk_norm=model_type == "qwen3",
         head_size=int(head_dim) if head_dim is not None and int(head_dim) * heads != d else None,
         rope_scaling=scaling,
     )
@@ -134,8 +157,9 @@ def read_hf_config(folder: str | Path) -> GPTConfig:
     return config_from_hf(hf, path)
 
 
-def config_json(cfg: GPTConfig, dtype: str = "float32", bos_id: int = 0, eos_id: int = 0,
-                pad_id: Optional[int] = None) -> dict:
+def config_json(
+    cfg: GPTConfig, dtype: str = "float32", bos_id: int = 0, eos_id: int = 0, pad_id: Optional[int] = None
+) -> dict:
     """config.json for the family of `cfg` (see `family`); dtype is a name: float32, bfloat16, float16."""
     model_type = family(cfg)
     config = {

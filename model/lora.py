@@ -60,16 +60,25 @@ class LoRALinear(nn.Linear):
 
 def linear_names(model: nn.Module) -> list[str]:
     """The projections LoRA may wrap: every nn.Linear inside the transformer blocks."""
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("layers.")
-            and ".lora_" not in n]
+    return [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and n.startswith("layers.") and ".lora_" not in n
+    ]
 
 
 def _matches(name: str, target: str) -> bool:
     return name == target or name.endswith("." + target)
 
 
-def apply_lora(model: nn.Module, rank: int, alpha: float, target_modules: Sequence[str], dropout: float = 0.0,
-               modules_to_save: Sequence[str] = ()) -> list[str]:
+def apply_lora(
+    model: nn.Module,
+    rank: int,
+    alpha: float,
+    target_modules: Sequence[str],
+    dropout: float = 0.0,
+    modules_to_save: Sequence[str] = (),
+) -> list[str]:
     """Wrap every projection named by target_modules in a LoRALinear, freeze everything else except
     modules_to_save, and record on the model which state-dict keys its checkpoints hold
     (`checkpoint_keys`: the trainable ones) and which a base checkpoint lacks (`fresh_keys`).
@@ -82,14 +91,18 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, target_modules: Sequen
     short = sorted({n.rsplit(".", 1)[-1] for n in candidates})
     for target in target_modules:
         if not any(_matches(n, target) for n in candidates):
-            raise ValueError(f"lora.target_modules has {target!r}, which matches no projection of the model "
-                             f"(its projections are named {', '.join(short)}, e.g. layers.0.attention.wq)")
+            raise ValueError(
+                f"lora.target_modules has {target!r}, which matches no projection of the model "
+                f"(its projections are named {', '.join(short)}, e.g. layers.0.attention.wq)"
+            )
     modules = dict(model.named_modules())
     for name in modules_to_save:
         if name not in modules:
             top = sorted(n for n in modules if n and "." not in n)
-            raise ValueError(f"lora.modules_to_save has {name!r}, which is no module of the model "
-                             f"(top-level modules: {', '.join(top)})")
+            raise ValueError(
+                f"lora.modules_to_save has {name!r}, which is no module of the model "
+                f"(top-level modules: {', '.join(top)})"
+            )
     wrapped = [n for n in candidates if any(_matches(n, t) for t in target_modules)]
     for name in wrapped:
         parent_name, _, child = name.rpartition(".")

@@ -40,13 +40,17 @@ def apply_tensor_parallel(model: GPT, tp_mesh: DeviceMesh) -> None:
     cfg = model.cfg
     if cfg.n_head % tp or cfg.kv_heads % tp:
         raise ValueError(f"parallel.tp={tp} must divide model.n_head={cfg.n_head} and the kv heads={cfg.kv_heads}")
-    parallelize_module(model, tp_mesh, {
-        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
-        "norm": SequenceParallel(),
-        # Logits stay sharded over the vocabulary: a loss takes them so in vocab_parallel_loss(), anything
-        # else gets them whole from the hook below.
-        "output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False),
-    })
+    parallelize_module(
+        model,
+        tp_mesh,
+        {
+            "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+            "norm": SequenceParallel(),
+            # Logits stay sharded over the vocabulary: a loss takes them so in vocab_parallel_loss(), anything
+            # else gets them whole from the hook below.
+            "output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False),
+        },
+    )
     if cfg.tie_embeddings:  # parallelize_module made new Parameters; both are Shard(0) over the vocab
         model.output.weight = model.tok_embeddings.weight
     model.register_forward_hook(_whole_logits_outside_vocab_parallel_loss)
@@ -56,22 +60,30 @@ def apply_tensor_parallel(model: GPT, tp_mesh: DeviceMesh) -> None:
             mlp_in["feed_forward.w3"] = ColwiseParallel()
         # Per-head q/k gains see only this rank's heads [batch, heads, seq, head_dim]: replicated, their gradients
         # summed over the tensor-parallel ranks.
-        qk_norms = {f"attention.{n}": SequenceParallel(sequence_dim=1, use_local_output=True)
-                    for n in ("q_norm", "k_norm") if hasattr(block.attention, n)}
-        parallelize_module(block, tp_mesh, {
-            "attention_norm": SequenceParallel(),
-            "attention": PrepareModuleInput(input_layouts=(Shard(1), None, None, None),
-                                            desired_input_layouts=(Replicate(), None, None, None)),
-            "attention.wq": ColwiseParallel(),
-            "attention.wk": ColwiseParallel(),
-            "attention.wv": ColwiseParallel(),
-            "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
-            **qk_norms,
-            "ffn_norm": SequenceParallel(),
-            "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
-            **mlp_in,
-            "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
-        })
+        qk_norms = {
+            f"attention.{n}": SequenceParallel(sequence_dim=1, use_local_output=True)
+            for n in ("q_norm", "k_norm")
+            if hasattr(block.attention, n)
+        }
+        parallelize_module(
+            block,
+            tp_mesh,
+            {
+                "attention_norm": SequenceParallel(),
+                "attention": PrepareModuleInput(
+                    input_layouts=(Shard(1), None, None, None), desired_input_layouts=(Replicate(), None, None, None)
+                ),
+                "attention.wq": ColwiseParallel(),
+                "attention.wk": ColwiseParallel(),
+                "attention.wv": ColwiseParallel(),
+                "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
+                **qk_norms,
+                "ffn_norm": SequenceParallel(),
+                "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+                **mlp_in,
+                "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+            },
+        )
 
 
 _VOCAB_PARALLEL = ContextVar("vocab_parallel_loss", default=False)
@@ -132,8 +144,14 @@ def apply_fsdp(model: GPT, dp_mesh: DeviceMesh, param_dtype: torch.dtype) -> Non
     fully_shard(model, mesh=dp_mesh, mp_policy=mp)
 
 
-def parallelize(model: GPT, mesh: Optional[DeviceMesh], *, param_dtype: torch.dtype,
-                compile: bool = False, activation_checkpointing: bool = False) -> nn.Module:
+def parallelize(
+    model: GPT,
+    mesh: Optional[DeviceMesh],
+    *,
+    param_dtype: torch.dtype,
+    compile: bool = False,
+    activation_checkpointing: bool = False,
+) -> nn.Module:
     if mesh is not None and mesh["tp"].size() > 1:
         apply_tensor_parallel(model, mesh["tp"])
     if activation_checkpointing:

@@ -81,8 +81,9 @@ def from_hf_name(name: str) -> Optional[str]:
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
-def hf_config(cfg: GPTConfig, dtype: torch.dtype = torch.float32, bos_id: int = 0, eos_id: int = 0,
-              pad_id: Optional[int] = None) -> dict:
+def hf_config(
+    cfg: GPTConfig, dtype: torch.dtype = torch.float32, bos_id: int = 0, eos_id: int = 0, pad_id: Optional[int] = None
+) -> dict:
     """config.json for the family of `cfg`: LlamaForCausalLM, Qwen2ForCausalLM or Qwen3ForCausalLM."""
     return config_json(cfg, DTYPE_NAMES[dtype], bos_id, eos_id, pad_id)
 
@@ -97,9 +98,9 @@ def check_shapes(cfg: GPTConfig, state: dict, where: Path) -> None:
     extra = sorted(set(state) - set(expected))
     if missing or extra:
         what = f"lacks {missing[:3]}" if missing else f"has tensors the config doesn't ({extra[:3]})"
-        raise HFError(f"{where} {what} (tie_embeddings={cfg.tie_embeddings}): the model config doesn't "
-                      "match the weights")
+        raise HFError(
+            f"{where} {what} (tie_embeddings={cfg.tie_embeddings}): the model config doesn't match the weights"
+        )
     for k, shape in expected.items():
         if tuple(state[k].shape) != shape:
-            raise HFError(f"{where}: tensor {k!r} has shape {tuple(state[k].shape)}, the model config "
-                          f"implies {shape}")
+            raise HFError(f"{where}: tensor {k!r} has shape {tuple(state[k].shape)}, the model config implies {shape}")

@@ -53,7 +53,11 @@ def cmd_config(args) -> int:
             return 0
         kinds = {s.name: s.cfg.kind for s in pipeline.stages}
         for stage in pipeline.stages:
-            takes = "data.sources = its corpus" if kinds.get(stage.after) == "data" else "checkpoint.init_from = its run folder"
+            takes = (
+                "data.sources = its corpus"
+                if kinds.get(stage.after) == "data"
+                else "checkpoint.init_from = its run folder"
+            )
             after = f" (after {stage.after}: {takes})" if stage.after else ""
             print(f"# ---- stage {stage.name}: {stage.job}{after}")
             print(OmegaConf.to_yaml(stage.cfg), end="")
@@ -98,7 +102,7 @@ def submit_pipeline(path: str, overrides, follow: bool) -> int:
     pipeline_id, runs = pipelines.submit(pipeline, registry)
     print(f"submitted pipeline {pipeline_id} ({runs[0].executor}, {len(runs)} stages)")
     for run in runs:
-        after = f" after {run.depends_on[len(pipeline_id) + 1:]}" if run.depends_on else ""
+        after = f" after {run.depends_on[len(pipeline_id) + 1 :]}" if run.depends_on else ""
         job = f" slurm job {run.slurm_job_id}" if run.slurm_job_id else ""
         print(f"  {run.stage}: {run.id}{after}{job}")
     if not follow:
@@ -130,7 +134,9 @@ def follow(registry: Registry, run_id: str) -> int:
                 sys.stdout.write(chunk.decode(errors="replace"))
                 sys.stdout.flush()
         if run.finished and (not log.exists() or log.stat().st_size == pos):
-            print(f"[orch] {run_id} {run.state}" + (f": {run.reason}" if run.reason and run.state != "COMPLETED" else ""))
+            print(
+                f"[orch] {run_id} {run.state}" + (f": {run.reason}" if run.reason and run.state != "COMPLETED" else "")
+            )
             return 0 if run.state == "COMPLETED" else (run.exit_code or 1)
         time.sleep(0.5)  # a log tail, not synchronization: the registry state decides when to stop
 
@@ -155,17 +161,43 @@ def cmd_runs(args) -> int:
     registry = Registry()
     runs = executors.observed(registry, registry.list(limit=args.limit))
     if args.json:  # one object per run for scripts: the columns' fields, with typed values
-        _print_json([{"id": r.id, "kind": r.kind, "executor": r.executor, "state": r.state, "attempts": r.attempts,
-                      "created_at": r.created_at, "pipeline": r.pipeline_id, "stage": r.stage,
-                      "run_dir": r.run_dir, "reason": r.reason, "slurm_job_id": r.slurm_job_id} for r in runs])
+        _print_json(
+            [
+                {
+                    "id": r.id,
+                    "kind": r.kind,
+                    "executor": r.executor,
+                    "state": r.state,
+                    "attempts": r.attempts,
+                    "created_at": r.created_at,
+                    "pipeline": r.pipeline_id,
+                    "stage": r.stage,
+                    "run_dir": r.run_dir,
+                    "reason": r.reason,
+                    "slurm_job_id": r.slurm_job_id,
+                }
+                for r in runs
+            ]
+        )
         return 0
     header = ("run", "kind", "executor", "state", "attempts", "created", "pipeline", "stage", "folder / reason")
     rows = []
     for run in runs:
         created = time.strftime("%m-%d %H:%M", time.localtime(run.created_at))
         detail = run.reason if run.state in ("FAILED", "CANCELLED", "LOST") and run.reason else run.run_dir
-        rows.append((run.id, run.kind, run.executor, run.state, str(run.attempts), created,
-                     run.pipeline_id or "-", run.stage or "-", detail))
+        rows.append(
+            (
+                run.id,
+                run.kind,
+                run.executor,
+                run.state,
+                str(run.attempts),
+                created,
+                run.pipeline_id or "-",
+                run.stage or "-",
+                detail,
+            )
+        )
     if not sys.stdout.isatty():  # pipes and scripts get plain, unwrapped columns
         for row in [header, *rows]:
             print("  ".join(row))
@@ -214,9 +246,14 @@ def cmd_resume(args) -> int:
     executor.refresh([run])  # a run whose supervisor or job is gone is recorded so before we decide
     run = registry.get(run.id)
     if not run.finished:
-        return _fail(f"{run.id} is {run.state}: only a finished run can be resumed"
-                     + (" (it is saving a checkpoint and stopping; resume it once `orch runs` shows CANCELLED)"
-                        if run.state == "CANCELLING" else f" (`orch cancel {run.id}` first)"))
+        return _fail(
+            f"{run.id} is {run.state}: only a finished run can be resumed"
+            + (
+                " (it is saving a checkpoint and stopping; resume it once `orch runs` shows CANCELLED)"
+                if run.state == "CANCELLING"
+                else f" (`orch cancel {run.id}` first)"
+            )
+        )
     handle = executor.resume(run)
     print(f"resumed {run.id} ({handle}): {run.run_dir}")
     if not args.follow:
@@ -278,8 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("config", nargs="?", help="a job or pipeline YAML file, e.g. jobs/pretrain.yaml")
     s.add_argument("overrides", nargs="*", help="key=value, e.g. train.max_steps=50")
     s.add_argument("--follow", "-f", action="store_true", help="stream the log and exit with the job's status")
-    s.add_argument("--check-fit", action="store_true",
-                   help="refuse (exit 2) a job whose plan (orch plan) exceeds its GPUs' memory, before queueing it")
+    s.add_argument(
+        "--check-fit",
+        action="store_true",
+        help="refuse (exit 2) a job whose plan (orch plan) exceeds its GPUs' memory, before queueing it",
+    )
     s.set_defaults(func=cmd_submit)
 
     s = sub.add_parser("config", help="print the resolved config of a job file")

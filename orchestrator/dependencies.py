@@ -44,8 +44,9 @@ def blocked(runs: Sequence[Run]) -> list[tuple[Run, str]]:
     return found
 
 
-def cancel_dependents(registry: Registry, runs: Sequence[Run],
-                      cancel_one: Optional[Callable[[Run], None]] = None) -> list[Run]:
+def cancel_dependents(
+    registry: Registry, runs: Sequence[Run], cancel_one: Optional[Callable[[Run], None]] = None
+) -> list[Run]:
     """Mark CANCELLED every pending or running stage downstream of a FAILED or CANCELLED one, then call
     `cancel_one(run)` for each (a backend that must be told: scancel a job Slurm still holds). Returns the stages
     cancelled now."""

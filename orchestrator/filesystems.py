@@ -23,9 +23,36 @@ from typing import Optional
 MOUNTS = "/proc/mounts"
 
 # File systems whose files other machines share: what SQLite advises against for its database.
-NETWORK = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "beegfs", "gpfs", "ceph", "glusterfs", "ocfs2", "gfs2",
-           "afs", "9p", "orangefs", "pvfs2", "panfs", "wekafs", "davfs", "fuse.glusterfs", "fuse.sshfs", "fuse.ceph",
-           "fuse.ceph-fuse", "fuse.juicefs", "fuse.s3fs", "fuse.gcsfuse", "fuse.rclone", "fuse.beegfs"}
+NETWORK = {
+    "nfs",
+    "nfs4",
+    "cifs",
+    "smb3",
+    "smbfs",
+    "lustre",
+    "beegfs",
+    "gpfs",
+    "ceph",
+    "glusterfs",
+    "ocfs2",
+    "gfs2",
+    "afs",
+    "9p",
+    "orangefs",
+    "pvfs2",
+    "panfs",
+    "wekafs",
+    "davfs",
+    "fuse.glusterfs",
+    "fuse.sshfs",
+    "fuse.ceph",
+    "fuse.ceph-fuse",
+    "fuse.juicefs",
+    "fuse.s3fs",
+    "fuse.gcsfuse",
+    "fuse.rclone",
+    "fuse.beegfs",
+}
 
 
 @dataclass(frozen=True)
@@ -111,10 +138,12 @@ def warn_if_shared(orch_home: Path, mounts_file: str = MOUNTS) -> Optional[str]:
     if mount is None or mount.fstype not in NETWORK or str(orch_home) in _warned:
         return None
     _warned.add(str(orch_home))
-    message = (f"warning: ORCH_HOME={orch_home} is on {mount.point}, a {mount.fstype} file system: the run registry "
-               "there is SQLite, whose locks network file systems often break (a corrupt registry, or orch commands "
-               "failing with `database is locked`). Set ORCH_HOME to a folder on a local disk of the machine where "
-               "you type orch commands (see docs/slurm.md); the run folders can stay on the shared file system.")
+    message = (
+        f"warning: ORCH_HOME={orch_home} is on {mount.point}, a {mount.fstype} file system: the run registry "
+        "there is SQLite, whose locks network file systems often break (a corrupt registry, or orch commands "
+        "failing with `database is locked`). Set ORCH_HOME to a folder on a local disk of the machine where "
+        "you type orch commands (see docs/slurm.md); the run folders can stay on the shared file system."
+    )
     print(message, file=sys.stderr)
     return message
 
@@ -128,14 +157,18 @@ def check_runs_dir(runs_dir: str, source: str, across_nodes: bool, mounts_file: 
         return None
     scope, why = flock_scope(mount)
     if scope == "none":
-        raise ValueError(f"{source}: runs_dir={runs_dir!r} is on {mount.point}, {why}; each trainer takes an flock() "
-                         "on its run folder (one trainer per folder), so none could start. Put runs_dir on a file "
-                         "system with flock (Lustre: mount with -o flock) and submit again.")
+        raise ValueError(
+            f"{source}: runs_dir={runs_dir!r} is on {mount.point}, {why}; each trainer takes an flock() "
+            "on its run folder (one trainer per folder), so none could start. Put runs_dir on a file "
+            "system with flock (Lustre: mount with -o flock) and submit again."
+        )
     if scope == "node" and across_nodes:
-        message = (f"warning: {source}: runs_dir={runs_dir!r} is on {mount.point} ({mount.fstype}), {why}: a trainer "
-                   "on one node would not see the run-folder lock of a trainer on another, so nothing but orch's "
-                   "own checks (it refuses `orch resume` while Slurm holds a job of the run) keeps two trainers off "
-                   "one folder. Prefer a file system whose flock holds across nodes (docs/slurm.md).")
+        message = (
+            f"warning: {source}: runs_dir={runs_dir!r} is on {mount.point} ({mount.fstype}), {why}: a trainer "
+            "on one node would not see the run-folder lock of a trainer on another, so nothing but orch's "
+            "own checks (it refuses `orch resume` while Slurm holds a job of the run) keeps two trainers off "
+            "one folder. Prefer a file system whose flock holds across nodes (docs/slurm.md)."
+        )
         print(message, file=sys.stderr)
         return message
     return None

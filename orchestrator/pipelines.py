@@ -50,11 +50,15 @@ def submit(pipeline: Pipeline, registry: Registry) -> tuple[str, list[Run]]:
             stage.cfg.data.dir = str(Path(run_dirs[curated.name]) / TOKENIZED)
         run_dirs[stage.name] = str(run_folder(stage.cfg, run_id))
         parent = f"{pipeline_id}-{stage.after}" if stage.after else None
-        runs.append(register_run(registry, stage.cfg, executor, run_id, pipeline_id=pipeline_id, stage=stage.name,
-                                 depends_on=parent))
+        runs.append(
+            register_run(
+                registry, stage.cfg, executor, run_id, pipeline_id=pipeline_id, stage=stage.name, depends_on=parent
+            )
+        )
     fault("submit.registered")
-    executors.executor_for(executor, registry).submit_pipeline(pipeline_id, runs,
-                                                                {s.name: s.cfg for s in pipeline.stages})
+    executors.executor_for(executor, registry).submit_pipeline(
+        pipeline_id, runs, {s.name: s.cfg for s in pipeline.stages}
+    )
     return pipeline_id, [registry.get(r.id) for r in runs]
 
 
@@ -123,8 +127,9 @@ def reconcile(registry: Registry, pipeline_id: Optional[str] = None) -> None:
         cancel_dependents(registry, runs, cancel_one=lambda r: executors.executor_for(r.executor, registry).cancel(r))
 
 
-def wait(registry: Registry, pipeline_id: str, *, stream: bool = True, timeout: Optional[float] = None,
-         poll_s: float = 1.0) -> int:
+def wait(
+    registry: Registry, pipeline_id: str, *, stream: bool = True, timeout: Optional[float] = None, poll_s: float = 1.0
+) -> int:
     """Print stage state changes (and, with stream, each stage's log lines) until every stage has ended.
     Returns 0 when all COMPLETED, else 1 (2 on timeout)."""
     positions: dict[str, int] = {}
@@ -173,8 +178,7 @@ def status_rows(registry: Registry, pipeline_id: str) -> list[tuple[str, ...]]:
     """`orch pipeline status`: one row per stage, as the executors see it now (nothing is written)."""
     rows = []
     for run in executors.observed(registry, stages(registry, pipeline_id)):
-        parent = run.depends_on[len(pipeline_id) + 1:] if run.depends_on else "-"
+        parent = run.depends_on[len(pipeline_id) + 1 :] if run.depends_on else "-"
         detail = run.reason if run.state in ("FAILED", "CANCELLED", "LOST") and run.reason else run.run_dir
         rows.append((run.stage, run.id, run.kind, parent, run.state, run.slurm_job_id or "-", detail))
     return rows
-

@@ -134,7 +134,8 @@ class Registry:
             f"nothing was {'changed' if write else 'read'}. Most likely an orch command is stuck or stopped in the "
             f"middle of a write (`fuser -v {self.path}*` names it; end it, and its write is rolled back), or "
             "ORCH_HOME is on a network file system whose locks SQLite can't use (keep it on a local disk: see "
-            "docs/slurm.md). Then run the command again.")
+            "docs/slurm.md). Then run the command again."
+        )
 
     @contextmanager
     def _connect(self, write: bool = False) -> Iterator[sqlite3.Connection]:
@@ -142,8 +143,9 @@ class Registry:
         front (BEGIN IMMEDIATE), so two never deadlock upgrading a read, and wait up to a minute for it. A lock
         not had in time is a RegistryLocked that says so, not SQLite's traceback."""
         try:
-            db = sqlite3.connect(self.path, timeout=self.write_timeout_s if write else READ_TIMEOUT_S,
-                                 isolation_level=None)
+            db = sqlite3.connect(
+                self.path, timeout=self.write_timeout_s if write else READ_TIMEOUT_S, isolation_level=None
+            )
         except sqlite3.OperationalError as e:
             raise self._error(e, write) from None
         db.row_factory = sqlite3.Row
@@ -165,8 +167,10 @@ class Registry:
     def add(self, run: Run) -> None:
         cols = [f.name for f in fields(Run)]
         with self._connect(write=True) as db:
-            db.execute(f"INSERT INTO runs ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
-                       [getattr(run, c) for c in cols])
+            db.execute(
+                f"INSERT INTO runs ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                [getattr(run, c) for c in cols],
+            )
 
     def update(self, run_id: str, **values) -> None:
         if not values:
@@ -181,8 +185,9 @@ class Registry:
         sets = ", ".join(f"{k} = ?" for k in values)
         marks = ", ".join("?" * len(from_states))
         with self._connect(write=True) as db:
-            cursor = db.execute(f"UPDATE runs SET {sets} WHERE id = ? AND state IN ({marks})",
-                                [*values.values(), run_id, *from_states])
+            cursor = db.execute(
+                f"UPDATE runs SET {sets} WHERE id = ? AND state IN ({marks})", [*values.values(), run_id, *from_states]
+            )
             return cursor.rowcount == 1
 
     def get(self, run_id: str) -> Optional[Run]:
@@ -195,8 +200,10 @@ class Registry:
         path = str(Path(prefix).resolve())
         with self._connect() as db:
             # a prefix compared as such: LIKE would read '_' and '%' in an id as wildcards, and ignore case
-            rows = db.execute("SELECT * FROM runs WHERE substr(id, 1, ?) = ? OR run_dir = ? "
-                              "ORDER BY created_at DESC", (len(prefix), prefix, path)).fetchall()
+            rows = db.execute(
+                "SELECT * FROM runs WHERE substr(id, 1, ?) = ? OR run_dir = ? ORDER BY created_at DESC",
+                (len(prefix), prefix, path),
+            ).fetchall()
         if len(rows) == 1:
             return Run(**dict(rows[0]))
         exact = [r for r in rows if r["id"] == prefix or r["run_dir"] == path]
@@ -204,8 +211,9 @@ class Registry:
             return Run(**dict(exact[0]))
         if not rows:
             raise LookupError(f"no run matches {prefix!r} in {self.path} (see `orch runs`)")
-        raise LookupError(f"{prefix!r} matches {len(rows)} runs: {', '.join(r['id'] for r in rows[:5])}; "
-                          "give more of the id")
+        raise LookupError(
+            f"{prefix!r} matches {len(rows)} runs: {', '.join(r['id'] for r in rows[:5])}; give more of the id"
+        )
 
     def list(self, limit: Optional[int] = None, pipeline_id: Optional[str] = None) -> list[Run]:
         query, args = "SELECT * FROM runs", []
@@ -220,15 +228,21 @@ class Registry:
     def active_pipelines(self) -> list[str]:
         """Ids of pipelines with a stage not yet finished."""
         with self._connect() as db:
-            rows = db.execute("SELECT DISTINCT pipeline_id FROM runs WHERE pipeline_id IS NOT NULL AND state IN "
-                              "('PENDING', 'RUNNING', 'CANCELLING')").fetchall()
+            rows = db.execute(
+                "SELECT DISTINCT pipeline_id FROM runs WHERE pipeline_id IS NOT NULL AND state IN "
+                "('PENDING', 'RUNNING', 'CANCELLING')"
+            ).fetchall()
         return [r[0] for r in rows]
 
     def find_pipeline(self, prefix: str) -> str:
         """A pipeline id from a prefix of it; LookupError naming the choices otherwise."""
         with self._connect() as db:
-            ids = [r[0] for r in db.execute("SELECT DISTINCT pipeline_id FROM runs "
-                                            "WHERE substr(pipeline_id, 1, ?) = ?", (len(prefix), prefix)).fetchall()]
+            ids = [
+                r[0]
+                for r in db.execute(
+                    "SELECT DISTINCT pipeline_id FROM runs WHERE substr(pipeline_id, 1, ?) = ?", (len(prefix), prefix)
+                ).fetchall()
+            ]
         if prefix in ids or len(ids) == 1:
             return prefix if prefix in ids else ids[0]
         if not ids:

@@ -26,9 +26,16 @@ def run_folder(cfg: DictConfig, run_id: str) -> Path:
     return (Path(cfg.runs_dir) / run_id).resolve()
 
 
-def register_run(registry: Registry, cfg: DictConfig, executor: str, run_id: Optional[str] = None, *,
-                 pipeline_id: Optional[str] = None, stage: Optional[str] = None,
-                 depends_on: Optional[str] = None) -> Run:
+def register_run(
+    registry: Registry,
+    cfg: DictConfig,
+    executor: str,
+    run_id: Optional[str] = None,
+    *,
+    pipeline_id: Optional[str] = None,
+    stage: Optional[str] = None,
+    depends_on: Optional[str] = None,
+) -> Run:
     """Create the run folder (it must not exist), write its config.yaml, add the PENDING row. A run of its own is
     owned by this process until its executor starts it: if we die first, `orch runs` shows it LOST, not PENDING
     forever (a pipeline's stages are its supervisor's, named by the pipeline's pid file)."""
@@ -37,8 +44,18 @@ def register_run(registry: Registry, cfg: DictConfig, executor: str, run_id: Opt
     folder.path.mkdir(parents=True)
     save_config(cfg, folder.config)
     fault("submit.run_folder")
-    run = Run(id=run_id, name=cfg.name, kind=cfg.kind, executor=executor, state="PENDING", run_dir=str(folder.path),
-              created_at=now(), pipeline_id=pipeline_id, stage=stage, depends_on=depends_on,
-              **({} if pipeline_id else this_process()))
+    run = Run(
+        id=run_id,
+        name=cfg.name,
+        kind=cfg.kind,
+        executor=executor,
+        state="PENDING",
+        run_dir=str(folder.path),
+        created_at=now(),
+        pipeline_id=pipeline_id,
+        stage=stage,
+        depends_on=depends_on,
+        **({} if pipeline_id else this_process()),
+    )
     registry.add(run)
     return run

@@ -3,6 +3,7 @@
 #   bash scripts/dev.sh demo       # the demo pipeline on this machine's CPU: pretrain, SFT, DPO, GRPO, eval
 #   bash scripts/dev.sh pretrain   # the demo pretrain alone
 #   bash scripts/dev.sh test   # the whole test suite (starts the local Slurm cluster when root)
+#   bash scripts/dev.sh fast   # the unit tests alone: no end-to-end run, no Slurm (about a minute or two)
 # Set-up is idempotent: the virtualenv is made once and reinstalled only when pyproject.toml changes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -59,8 +60,13 @@ case "${1:-}" in
     fi
     exec "$VENV/bin/python" -m pytest "$@"
     ;;
+  fast)  # what a change to one file usually needs first; `test` runs these too
+    setup
+    shift
+    exec "$VENV/bin/python" -m pytest -m "not slow and not slurm" "$@"
+    ;;
   *)
-    echo "usage: bash scripts/dev.sh demo|pretrain|test [args]" >&2
+    echo "usage: bash scripts/dev.sh demo|pretrain|test|fast [args]" >&2
     exit 2
     ;;
 esac

@@ -27,7 +27,7 @@ def _functions(path: Path) -> list[list[str]]:
     """Each function's source lines (ASCII, no blank lines), at least 6 of them."""
     source = path.read_text(encoding="utf-8", errors="replace")
     if not source.isascii():
-        source = "\n".join(l for l in source.splitlines() if l.isascii())
+        source = "\n".join(line for line in source.splitlines() if line.isascii())
     try:
         tree = ast.parse(source)
     except SyntaxError:
@@ -36,19 +36,19 @@ def _functions(path: Path) -> list[list[str]]:
     out = []
     for node in ast.walk(tree):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not node.decorator_list:
-            body = [l for l in lines[node.lineno - 1:node.end_lineno] if l.strip()]
-            if len(body) >= 6 and all(len(l) <= 100 for l in body):
+            body = [line for line in lines[node.lineno - 1 : node.end_lineno] if line.strip()]
+            if len(body) >= 6 and all(len(line) <= 100 for line in body):
                 out.append(body)
     return out
 
 
 def _dedent(lines: list[str]) -> list[str]:
     indent = len(lines[0]) - len(lines[0].lstrip())
-    return [l[indent:] if l[:indent].isspace() or not l[:indent] else l.lstrip() for l in lines]
+    return [line[indent:] if line[:indent].isspace() or not line[:indent] else line.lstrip() for line in lines]
 
 
 def continuation_questions(functions: list[list[str]], n: int, rng: random.Random) -> list[dict]:
-    code_lines = sorted({l.strip() for f in functions for l in f[1:] if len(l.strip()) >= 8})
+    code_lines = sorted({line.strip() for f in functions for line in f[1:] if len(line.strip()) >= 8})
     questions = []
     for func in rng.sample(functions, len(functions)):
         func = _dedent(func)
@@ -56,7 +56,7 @@ def continuation_questions(functions: list[list[str]], n: int, rng: random.Rando
         answer = func[cut]
         if len(answer.strip()) < 8 or answer.strip().startswith(("#", '"', "'")):
             continue
-        indent = answer[:len(answer) - len(answer.lstrip())]
+        indent = answer[: len(answer) - len(answer.lstrip())]
         distractors = []
         while len(distractors) < 3:
             line = rng.choice(code_lines)
@@ -65,8 +65,9 @@ def continuation_questions(functions: list[list[str]], n: int, rng: random.Rando
         choices = [answer] + [indent + d for d in distractors]
         order = list(range(4))
         rng.shuffle(order)
-        questions.append({"context": "\n".join(func[:cut]) + "\n", "choices": [choices[i] for i in order],
-                          "label": order.index(0)})
+        questions.append(
+            {"context": "\n".join(func[:cut]) + "\n", "choices": [choices[i] for i in order], "label": order.index(0)}
+        )
         if len(questions) == n:
             break
     return questions
@@ -75,8 +76,15 @@ def continuation_questions(functions: list[list[str]], n: int, rng: random.Rando
 def instruction(node: ast.FunctionDef) -> str:
     """What a chat model is asked for the same function (metadata.chat_prompt), in the words of the
     demo SFT data (training/posttrain/demo_data.py)."""
-    stub = ast.FunctionDef(name=node.name, args=node.args, body=[ast.Pass()], decorator_list=[],
-                           returns=node.returns, type_comment=None, type_params=[])
+    stub = ast.FunctionDef(
+        name=node.name,
+        args=node.args,
+        body=[ast.Pass()],
+        decorator_list=[],
+        returns=node.returns,
+        type_comment=None,
+        type_params=[],
+    )
     signature = ast.unparse(ast.fix_missing_locations(stub)).split("\n")[0]
     return f"Write the Python function `{signature}`:\n{ast.get_docstring(node)}"
 
@@ -97,8 +105,13 @@ def body_prompts(functions: list[list[str]], n: int, rng: random.Random) -> list
         # No final newline: "\n" + indentation is one token to a BPE trained on code, so a prompt cut
         # after the "\n" would leave the model at a token boundary it has rarely seen.
         # reference: the real body, which the eval report's len_ratio compares completions with
-        prompts.append({"prompt": "\n".join(func[:doc.end_lineno]), "instruction": instruction(node),
-                        "reference": "\n" + "\n".join(func[doc.end_lineno:])})
+        prompts.append(
+            {
+                "prompt": "\n".join(func[: doc.end_lineno]),
+                "instruction": instruction(node),
+                "reference": "\n" + "\n".join(func[doc.end_lineno :]),
+            }
+        )
         if len(prompts) == n:
             break
     return prompts
@@ -107,8 +120,10 @@ def body_prompts(functions: list[list[str]], n: int, rng: random.Random) -> list
 def main() -> None:
     functions = [f for path in demo_files("val") for f in _functions(path)]
     OUT.mkdir(parents=True, exist_ok=True)
-    for name, rows in (("stdlib_continuation", continuation_questions(functions, 200, random.Random(0))),
-                       ("stdlib_bodies", body_prompts(functions, 40, random.Random(1)))):
+    for name, rows in (
+        ("stdlib_continuation", continuation_questions(functions, 200, random.Random(0))),
+        ("stdlib_bodies", body_prompts(functions, 40, random.Random(1))),
+    ):
         path = OUT / f"{name}.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         print(f"{path}: {len(rows)} records from {len(functions)} functions")

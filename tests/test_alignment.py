@@ -120,17 +120,20 @@ def test_grpo_policy_loss_clips_the_ratio_and_masks_padding():
 SIG = "def area(width, height=1):"
 
 
-@pytest.mark.parametrize("completion, expected", [
-    ("def area(width, height=1):\n    return width * height\n", 1.0),
-    ("    return width * height\n", 1.0),  # only the body, after a prompt ending in the signature
-    ("import math\n\ndef area(width, height=1):\n    '''Doc.'''\n    return math.prod((width, height))\n", 1.0),
-    ("def area(width, height=1):\n    return width *\n", 0.0),  # does not parse
-    ("def area(width, height=2):\n    return width * height\n", 0.0),  # another default
-    ("def area(w, h=1):\n    return w * h\n", 0.0),  # renamed parameters
-    ("def volume(width, height=1):\n    return width * height\n", 0.0),  # another name
-    ("width * height\n", 0.0),  # parses, but defines nothing
-    ("", 0.0),
-])
+@pytest.mark.parametrize(
+    "completion, expected",
+    [
+        ("def area(width, height=1):\n    return width * height\n", 1.0),
+        ("    return width * height\n", 1.0),  # only the body, after a prompt ending in the signature
+        ("import math\n\ndef area(width, height=1):\n    '''Doc.'''\n    return math.prod((width, height))\n", 1.0),
+        ("def area(width, height=1):\n    return width *\n", 0.0),  # does not parse
+        ("def area(width, height=2):\n    return width * height\n", 0.0),  # another default
+        ("def area(w, h=1):\n    return w * h\n", 0.0),  # renamed parameters
+        ("def volume(width, height=1):\n    return width * height\n", 0.0),  # another name
+        ("width * height\n", 0.0),  # parses, but defines nothing
+        ("", 0.0),
+    ],
+)
 def test_python_parses(completion, expected):
     assert python_parses(completion, {"prompt": "...", "signature": SIG}) == expected
 
@@ -143,6 +146,7 @@ def test_reward_spec_errors_name_the_key():
 
 
 # ---------------------------------------------------------------- data plumbing
+
 
 def test_example_stream_shards_ranks_apart_and_resumes_exactly():
     from training.posttrain.examples import ExampleStream, eval_batches
@@ -167,6 +171,7 @@ def test_example_stream_shards_ranks_apart_and_resumes_exactly():
 
 # ---------------------------------------------------------------- end to end, from a tiny pretrain
 
+
 @pytest.fixture(scope="module")
 def source(posttrain_source, tmp_path_factory) -> dict:
     """The session's tiny pretrain and demo files; this module's runs go in a folder of its own."""
@@ -178,8 +183,14 @@ def command(kind: str, source: dict, run_dir: Path, *extra: str, nproc: int = 1)
 
 
 def run(kind: str, source: dict, run_dir: Path, *extra: str, nproc: int = 1) -> str:
-    result = subprocess.run(command(kind, source, run_dir, *extra, nproc=nproc), cwd=source["root"],
-                            env=env_for(source["root"]), capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        command(kind, source, run_dir, *extra, nproc=nproc),
+        cwd=source["root"],
+        env=env_for(source["root"]),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert (run_dir / "summary.json").is_file()
     return result.stdout + result.stderr
@@ -214,8 +225,14 @@ def test_reward_model_trains_its_head_and_saves_it(rm_run):
 
 @pytest.mark.slow
 def test_dpo_on_two_processes_resumes_bitwise_after_sigkill(source):
-    extra = ["train.max_steps=12", "checkpoint.every=4", "checkpoint.keep_last=2", "train.micro_batch_size=4",
-             "train.val_every=6", "dpo.val_max=16"]
+    extra = [
+        "train.max_steps=12",
+        "checkpoint.every=4",
+        "checkpoint.keep_last=2",
+        "train.micro_batch_size=4",
+        "train.val_every=6",
+        "dpo.val_max=16",
+    ]
     reference, killed = source["root"] / "dpo-reference", source["root"] / "dpo-killed"
     run("dpo", source, reference, *extra, nproc=2)
     train, evals = records(reference)
@@ -239,20 +256,31 @@ def test_dpo_on_two_processes_resumes_bitwise_after_sigkill(source):
 @pytest.mark.slow
 def test_grpo_takes_its_reward_from_a_reward_model_run(source, rm_run):
     grpo = source["root"] / "grpo-rm"
-    run("grpo", source, grpo, "train.max_steps=2", "train.micro_batch_size=2", "grpo.max_new_tokens=8",
-        "grpo.val_prompts=4", f"grpo.reward={rm_run}")
+    run(
+        "grpo",
+        source,
+        grpo,
+        "train.max_steps=2",
+        "train.micro_batch_size=2",
+        "grpo.max_new_tokens=8",
+        "grpo.val_prompts=4",
+        f"grpo.reward={rm_run}",
+    )
     train, evals = records(grpo)
     assert all(r["reward_std"] > 0 and r["frac_reward_zero_std"] == 0 for r in train), "a scalar head's scores differ"
     assert 0 <= evals[0]["val_parses"] <= 1
 
 
-@pytest.mark.parametrize("completion, expected", [
-    ("def area(width, height=1):\n    return width * height\n", 1.0),
-    ("def area(w):\n    return w\n", 0.75),  # the requested name, other parameters
-    ("def volume(width, height=1):\n    return 0\n", 0.5),  # valid Python, another function
-    ("width * height\n", 0.0),  # parses, but defines nothing
-    ("def area(width, height=1):\n    return (\n", 0.0),
-])
+@pytest.mark.parametrize(
+    "completion, expected",
+    [
+        ("def area(width, height=1):\n    return width * height\n", 1.0),
+        ("def area(w):\n    return w\n", 0.75),  # the requested name, other parameters
+        ("def volume(width, height=1):\n    return 0\n", 0.5),  # valid Python, another function
+        ("width * height\n", 0.0),  # parses, but defines nothing
+        ("def area(width, height=1):\n    return (\n", 0.0),
+    ],
+)
 def test_partial_credit_reward(completion, expected):
     from training.posttrain.rewards import defines_function, python_parses_partial
 

@@ -49,9 +49,19 @@ def import_cycles(graph) -> list[list[str]]:
 
 
 def test_import_contracts_are_kept(tmp_path):
-    result = subprocess.run([sys.executable, "-c", "from importlinter.cli import lint_imports_command; "
-                             "lint_imports_command()", "--no-cache"],
-                            cwd=REPO, env=env_for(tmp_path), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from importlinter.cli import lint_imports_command; lint_imports_command()",
+            "--no-cache",
+        ],
+        cwd=REPO,
+        env=env_for(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert "0 broken" in result.stdout
 
@@ -72,21 +82,32 @@ def test_the_cycle_finder_finds_a_cycle():
 
 
 def test_orch_loads_no_torch_until_a_command_needs_it(tmp_path):
-    code = ("import sys; import orchestrator.cli as c; c.build_parser(); "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'training', 'model')))")
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env_for(tmp_path), capture_output=True,
-                            text=True, timeout=120)
+    code = (
+        "import sys; import orchestrator.cli as c; c.build_parser(); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'training', 'model')))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env_for(tmp_path), capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     loaded = ast.literal_eval(result.stdout.strip())
     assert not [m for m in loaded if m.split(".")[0] == "torch"], loaded
-    assert [m for m in loaded if m.split(".")[0] == "training"] == ["training", "training.tools", "training.tools.sample"]
+    assert [m for m in loaded if m.split(".")[0] == "training"] == [
+        "training",
+        "training.tools",
+        "training.tools.sample",
+    ]
     assert [m for m in loaded if m.split(".")[0] == "model"] == ["model", "model.config"]  # the shape: torch-free
 
 
 def test_no_caller_branches_on_a_backend_name():
     """A backend is one file behind orchestrator/executors/base.py: nobody else asks which one it is."""
     branch = re.compile(r"""executor\s*[!=]=\s*["'](local|slurm)["']""")
-    offenders = [f"{path.relative_to(REPO)}:{n}" for path in REPO.glob("orchestrator/**/*.py")
-                 if "executors" not in path.parts
-                 for n, line in enumerate(path.read_text().splitlines(), 1) if branch.search(line)]
+    offenders = [
+        f"{path.relative_to(REPO)}:{n}"
+        for path in REPO.glob("orchestrator/**/*.py")
+        if "executors" not in path.parts
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if branch.search(line)
+    ]
     assert offenders == []

@@ -24,8 +24,9 @@ PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14, 15, 16], [3]]  # different leng
 
 
 def gqa_model() -> GPT:
-    model = GPT(GPTConfig(vocab_size=97, n_layer=2, n_head=8, n_kv_head=2, d_model=64, max_seq_len=64,
-                          tie_embeddings=False))
+    model = GPT(
+        GPTConfig(vocab_size=97, n_layer=2, n_head=8, n_kv_head=2, d_model=64, max_seq_len=64, tie_embeddings=False)
+    )
     model.init_weights(seed=0)
     with torch.no_grad():  # sharper logits: greedy choices far from ties
         model.output.weight.mul_(20)
@@ -83,6 +84,7 @@ def test_decoding_reads_the_cached_kv_heads_without_copying_them():
 
 # ---------------------------------------------------------------- packed documents
 
+
 def packed_doc_ids(batch: int, seq: int, seed: int) -> torch.Tensor:
     """Rows of documents of random lengths, from a few tokens to several 128-token tiles, the last cut at seq."""
     gen = torch.Generator().manual_seed(seed)
@@ -99,8 +101,12 @@ def packed_doc_ids(batch: int, seq: int, seed: int) -> torch.Tensor:
 
 def packed_positions(doc_ids: torch.Tensor) -> torch.Tensor:
     """Rotary positions that restart at 0 with each document, as training/posttrain/chat.py packs them."""
-    return torch.stack([torch.cat([torch.arange(int(n)) for n in torch.unique_consecutive(row, return_counts=True)[1]])
-                        for row in doc_ids.cpu()]).to(doc_ids.device)
+    return torch.stack(
+        [
+            torch.cat([torch.arange(int(n)) for n in torch.unique_consecutive(row, return_counts=True)[1]])
+            for row in doc_ids.cpu()
+        ]
+    ).to(doc_ids.device)
 
 
 @pytest.mark.parametrize("seq", [700, 512, 64])
@@ -109,16 +115,18 @@ def test_block_mask_tiles_are_those_of_torchs_dense_construction(seq):
     create_block_mask, which evaluates the mask at every (query, key) pair."""
     doc_ids = packed_doc_ids(3, seq, seed=seq)
     ours = document_block_mask(doc_ids)
-    theirs = create_block_mask(lambda b, h, q, kv: (kv <= q) & (doc_ids[b, q] == doc_ids[b, kv]), 3, None, seq, seq,
-                               device="cpu")
+    theirs = create_block_mask(
+        lambda b, h, q, kv: (kv <= q) & (doc_ids[b, q] == doc_ids[b, kv]), 3, None, seq, seq, device="cpu"
+    )
     for count, index in (("kv_num_blocks", "kv_indices"), ("full_kv_num_blocks", "full_kv_indices")):
         n_ours, n_theirs = getattr(ours, count), getattr(theirs, count)
         assert torch.equal(n_ours, n_theirs), count
         for b in range(3):
             for i in range(n_ours.shape[-1]):
                 k = int(n_ours[b, 0, i])
-                assert sorted(getattr(ours, index)[b, 0, i, :k].tolist()) == \
-                    sorted(getattr(theirs, index)[b, 0, i, :k].tolist()), (count, b, i)
+                assert sorted(getattr(ours, index)[b, 0, i, :k].tolist()) == sorted(
+                    getattr(theirs, index)[b, 0, i, :k].tolist()
+                ), (count, b, i)
     if seq >= 512:  # these rows have tiles wholly inside one document: the kernel skips their mask
         assert int(ours.full_kv_num_blocks.sum()) > 0
 

@@ -111,8 +111,9 @@ def test_a_trainer_that_died_of_a_full_disk_fails_once_saying_so(chaos, tmp_path
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(ws.runs_dir)]).returncode:
         pytest.skip("mounting a small tmpfs needs root")
     try:
-        run_id, _ = ws.submit("resources.nproc_per_node=1", "resources.max_retries=2",
-                              env=ws.env("supervisor.started:wait"))
+        run_id, _ = ws.submit(
+            "resources.nproc_per_node=1", "resources.max_retries=2", env=ws.env("supervisor.started:wait")
+        )
         log = Path(ws.run(run_id).run_dir) / "logs" / "supervisor.log"
         wait_for(lambda: log.is_file() and "[orch fault]" in log.read_text(), "the supervisor to be held")
         fill(ws.runs_dir)  # before the trainer starts: it can't even write its lock file's note

@@ -43,8 +43,12 @@ for step in map(int, sys.argv[2:]):
 
 def test_prune_never_counts_a_bit_flipped_checkpoint_nor_deletes_a_good_one_for_it(tmp_path):
     """Steps 4, 8, 12 written by an earlier trainer process; then one bit of step 8 flips (its size unchanged)."""
-    subprocess.run([sys.executable, "-c", WRITE_CHECKPOINTS, str(tmp_path), "4", "8", "12"], cwd=REPO, check=True,
-                   env=dict(os.environ, PYTHONPATH=str(REPO)))
+    subprocess.run(
+        [sys.executable, "-c", WRITE_CHECKPOINTS, str(tmp_path), "4", "8", "12"],
+        cwd=REPO,
+        check=True,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
     root = tmp_path / "checkpoints"
     shard = sorted((root / "step_00000008" / "model").glob("*.safetensors"))[0]
     with open(shard, "r+b") as f:
@@ -74,7 +78,9 @@ def small_disk(tmp_path):
     mount.mkdir()
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs needs root")
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True, text=True)
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True, text=True
+    )
     if result.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
     yield mount
@@ -113,9 +119,14 @@ def test_streamed_safetensors_files_read_back_with_safetensors(tmp_path):
     from training.safetensors_writer import write_safetensors
 
     g = torch.Generator().manual_seed(0)
-    tensors = {"w": torch.randn(3, 5, generator=g), "half": torch.randn(7, generator=g).to(torch.bfloat16),
-               "step": torch.tensor(12.0), "ids": torch.arange(4), "empty": torch.zeros(0, 2),
-               "strided": torch.randn(4, 6, generator=g).t()}  # not contiguous: written in logical order
+    tensors = {
+        "w": torch.randn(3, 5, generator=g),
+        "half": torch.randn(7, generator=g).to(torch.bfloat16),
+        "step": torch.tensor(12.0),
+        "ids": torch.arange(4),
+        "empty": torch.zeros(0, 2),
+        "strided": torch.randn(4, 6, generator=g).t(),
+    }  # not contiguous: written in logical order
     write_safetensors(tmp_path / "x.safetensors", tensors, {"note": "hello"})
     with safe_open(str(tmp_path / "x.safetensors"), framework="pt") as f:
         assert f.metadata() == {"note": "hello"}
@@ -167,9 +178,14 @@ def test_streamed_reader_loads_what_torchs_reader_loads(tmp_path):
     from training.safetensors_reader import StreamingHFStorageReader
 
     g = torch.Generator().manual_seed(0)
-    state = {"w": torch.randn(16, 8, generator=g), "half": torch.randn(33, generator=g).to(torch.bfloat16),
-             "step": torch.tensor(7.0), "ids": torch.arange(5), "empty": torch.zeros(0, 3),
-             "square": torch.randn(6, 6, generator=g)}
+    state = {
+        "w": torch.randn(16, 8, generator=g),
+        "half": torch.randn(33, generator=g).to(torch.bfloat16),
+        "step": torch.tensor(7.0),
+        "ids": torch.arange(5),
+        "empty": torch.zeros(0, 3),
+        "square": torch.randn(6, 6, generator=g),
+    }
     dcp.save(state, storage_writer=_writer(tmp_path, state, distributed=False))
 
     def destinations() -> dict[str, torch.Tensor]:

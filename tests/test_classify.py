@@ -46,11 +46,15 @@ def test_loss_is_a_sum_and_a_count_so_micro_batches_add_up_to_the_weighted_mean(
     logits, labels = torch.randn(10, 3, generator=gen), torch.tensor([0, 0, 0, 0, 0, 0, 1, 1, 2, 0])
     weights = torch.tensor([0.4, 1.5, 3.0])
     model = lambda tokens, last: logits[tokens]  # noqa: E731  (the "model": the logits of these rows)
-    for task_weights, expected in ((weights, F.cross_entropy(logits, labels, weight=weights)),
-                                   (None, F.cross_entropy(logits, labels))):
+    for task_weights, expected in (
+        (weights, F.cross_entropy(logits, labels, weight=weights)),
+        (None, F.cross_entropy(logits, labels)),
+    ):
         task = SimpleNamespace(weights=task_weights)
-        parts = [ClassifyTask.loss(task, model, {"tokens": rows, "last": None, "labels": labels[rows]})
-                 for rows in (torch.arange(0, 3), torch.arange(3, 10))]
+        parts = [
+            ClassifyTask.loss(task, model, {"tokens": rows, "last": None, "labels": labels[rows]})
+            for rows in (torch.arange(0, 3), torch.arange(3, 10))
+        ]
         total, count = (sum(x) for x in zip(*parts))
         assert (total / count).item() == pytest.approx(expected.item(), rel=1e-6)
 
@@ -66,14 +70,29 @@ def source(posttrain_source, tmp_path_factory) -> dict:
 
 
 def classify(source: dict, run_dir: Path, *extra: str, train=None, val=None) -> subprocess.CompletedProcess:
-    overrides = [*TINY, f"model.max_seq_len={POSTTRAIN_SEQ}", f"data.seq_len={SEQ}",
-                 f"checkpoint.init_from={source['run']}", f"classify.train_file={train or source['train']}",
-                 f"classify.val_file={val or source['val']}",
-                 "train.log_every=1", "classify.val_max=64", *extra]
-    cmd = [sys.executable, "-m", "training.main", str(REPO / "jobs" / "classify.yaml"), *overrides,
-           "--run-dir", str(run_dir)]
-    return subprocess.run(cmd, cwd=source["root"], env=env_for(source["root"]), capture_output=True, text=True,
-                          timeout=600)
+    overrides = [
+        *TINY,
+        f"model.max_seq_len={POSTTRAIN_SEQ}",
+        f"data.seq_len={SEQ}",
+        f"checkpoint.init_from={source['run']}",
+        f"classify.train_file={train or source['train']}",
+        f"classify.val_file={val or source['val']}",
+        "train.log_every=1",
+        "classify.val_max=64",
+        *extra,
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "training.main",
+        str(REPO / "jobs" / "classify.yaml"),
+        *overrides,
+        "--run-dir",
+        str(run_dir),
+    ]
+    return subprocess.run(
+        cmd, cwd=source["root"], env=env_for(source["root"]), capture_output=True, text=True, timeout=600
+    )
 
 
 def test_demo_task_shares_no_module_and_is_balanced(source):
@@ -93,14 +112,24 @@ def test_demo_task_shares_no_module_and_is_balanced(source):
 @pytest.mark.slow
 def test_classify_run_reports_against_baselines_and_exports_for_transformers(source, tmp_path):
     run_dir = source["root"] / "classify"
-    result = classify(source, run_dir, "train.max_steps=6", "classify.train_last_blocks=1",
-                      "classify.class_weights=balanced")
+    result = classify(
+        source, run_dir, "train.max_steps=6", "classify.train_last_blocks=1", "classify.class_weights=balanced"
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert json.loads((run_dir / "labels.json").read_text()) == ["original", "shuffled"]
-    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if "lr" not in json.loads(line)]
+    evals = [
+        json.loads(line)
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+        if "lr" not in json.loads(line)
+    ]
     final = evals[-1]
-    assert {"val_loss", "val_accuracy", "val_macro_f1", "baseline_majority_macro_f1",
-            "baseline_tfidf_logreg_macro_f1"} <= set(final)
+    assert {
+        "val_loss",
+        "val_accuracy",
+        "val_macro_f1",
+        "baseline_majority_macro_f1",
+        "baseline_tfidf_logreg_macro_f1",
+    } <= set(final)
     assert final["baseline_majority_macro_f1"] == pytest.approx(1 / 3, abs=0.05)  # one class of two, always
     report = (run_dir / "eval_report.md").read_text()
     assert "Confusion matrix" in report and "tfidf logreg" in report and "majority" in report
@@ -116,8 +145,13 @@ def test_classify_run_reports_against_baselines_and_exports_for_transformers(sou
     assert not torch.equal(tuned["layers.1.attention.wq.weight"], base["layers.1.attention.wq.weight"])
 
     out = tmp_path / "hf"
-    export = subprocess.run([sys.executable, "-m", "orchestrator.cli", "export", str(run_dir), "--hf", str(out)],
-                            cwd=source["root"], env=env_for(source["root"]), capture_output=True, text=True)
+    export = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "export", str(run_dir), "--hf", str(out)],
+        cwd=source["root"],
+        env=env_for(source["root"]),
+        capture_output=True,
+        text=True,
+    )
     assert export.returncode == 0, export.stderr
     from transformers import LlamaForSequenceClassification
 
@@ -135,7 +169,7 @@ def test_classify_run_reports_against_baselines_and_exports_for_transformers(sou
     rows = [[5, 9, 33, 70, EOS_ID], [12, 8, EOS_ID]]
     tokens = torch.full((2, 5), PAD_ID)
     for i, r in enumerate(rows):
-        tokens[i, :len(r)] = torch.tensor(r)
+        tokens[i, : len(r)] = torch.tensor(r)
     with torch.no_grad():
         theirs = hf(input_ids=tokens, attention_mask=(tokens != PAD_ID).long()).logits
         mine = ours(tokens, torch.tensor([4, 2]))
@@ -149,10 +183,13 @@ def load_hf_state_dict_without_head(folder):
     return config_from_hf(json.loads((Path(folder) / "config.json").read_text()), folder), None
 
 
-@pytest.mark.parametrize("lines, message", [
-    ([{"text": "a", "label": "x"}, {"text": "b", "label": "x"}], "a single label 'x'"),
-    ([{"text": "a", "label": "x"}, {"text": "b"}], ":2 (classify.train_file): the record has no key 'label'"),
-])
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        ([{"text": "a", "label": "x"}, {"text": "b", "label": "x"}], "a single label 'x'"),
+        ([{"text": "a", "label": "x"}, {"text": "b"}], ":2 (classify.train_file): the record has no key 'label'"),
+    ],
+)
 def test_bad_classification_files_stop_with_one_sentence(source, tmp_path, lines, message):
     bad = tmp_path / "bad.jsonl"
     bad.write_text("".join(json.dumps(r) + "\n" for r in lines))

@@ -10,8 +10,14 @@ from conftest import REPO, env_for
 
 
 def orch(tmp_path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=tmp_path, env=env_for(tmp_path),
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", *args],
+        cwd=tmp_path,
+        env=env_for(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_version_prints_the_installed_version(tmp_path):
@@ -44,12 +50,15 @@ def test_config_json_of_a_pipeline_has_one_object_per_stage(tmp_path):
 def test_runs_json_lists_registered_runs(tmp_path):
     assert json.loads(orch(tmp_path, "runs", "--json").stdout) == []
     # A registered run, through the same function `orch submit` uses, without starting it.
-    code = ("from jobspec import load_spec; from orchestrator.registry import Registry; "
-            "from orchestrator.runs import register_run; "
-            f"cfg = load_spec({str(REPO / 'jobs' / 'pretrain.yaml')!r}, [], launch=True); cfg.executor = 'local'; "
-            "print(register_run(Registry(), cfg, 'local').id)")
-    made = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env_for(tmp_path), capture_output=True,
-                          text=True, timeout=120)
+    code = (
+        "from jobspec import load_spec; from orchestrator.registry import Registry; "
+        "from orchestrator.runs import register_run; "
+        f"cfg = load_spec({str(REPO / 'jobs' / 'pretrain.yaml')!r}, [], launch=True); cfg.executor = 'local'; "
+        "print(register_run(Registry(), cfg, 'local').id)"
+    )
+    made = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env_for(tmp_path), capture_output=True, text=True, timeout=120
+    )
     assert made.returncode == 0, made.stderr
     runs = json.loads(orch(tmp_path, "runs", "--json").stdout)
     assert [r["id"] for r in runs] == [made.stdout.strip()]

@@ -20,7 +20,9 @@ class CountingRows(np.ndarray):
     compared = 0
 
     def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
-        plain = lambda xs: tuple(x.view(np.ndarray) if isinstance(x, CountingRows) else x for x in xs)
+        def plain(xs):
+            return tuple(x.view(np.ndarray) if isinstance(x, CountingRows) else x for x in xs)
+
         if "out" in kwargs:
             kwargs["out"] = plain(kwargs["out"])
         out = getattr(ufunc, method)(*plain(inputs), **kwargs)
@@ -50,8 +52,12 @@ def test_clusters_lie_within_those_of_comparing_every_pair():
     from training.data.corpus import demo_files
 
     second = next(p for p in sorted(demo_files("train")) if 4_000 <= p.stat().st_size <= 8_000)
-    sigs = np.concatenate([near_copy_signatures(template_file().read_text(), 200, NEAR, seed=2),
-                           near_copy_signatures(second.read_text(), 80, NEAR, seed=3)])
+    sigs = np.concatenate(
+        [
+            near_copy_signatures(template_file().read_text(), 200, NEAR, seed=2),
+            near_copy_signatures(second.read_text(), 80, NEAR, seed=3),
+        ]
+    )
     sigs = sigs[np.random.default_rng(0).permutation(len(sigs))]  # the two families interleaved
     ours, every_pair = near_duplicates(sigs, NEAR.bands, NEAR.threshold), all_pairs(sigs, NEAR.bands, NEAR.threshold)
     assert np.all(every_pair[ours] == every_pair), "a cluster spans two of comparing every pair's"

@@ -23,18 +23,31 @@ def test_distinct_per_group_and_length_against_the_references():
 
 
 def stage(parses: float, distinct: float, len_ratio: float, completion: str) -> dict:
-    return {"source": "/runs/x", "run_dir": None, "checkpoint": "/runs/x/checkpoints/step_00000060",
-            "metrics": {"val/perplexity": 40.0, "stdlib_bodies/parses": parses, "stdlib_bodies/n": 40,
-                        "stdlib_bodies/distinct_frac": distinct, "stdlib_bodies/len_ratio": len_ratio},
-            "samples": {"stdlib_bodies": [{"prompt": "def f(self, x):\n    \"\"\"Do it.\"\"\"",
-                                           "completion": completion}]}}
+    return {
+        "source": "/runs/x",
+        "run_dir": None,
+        "checkpoint": "/runs/x/checkpoints/step_00000060",
+        "metrics": {
+            "val/perplexity": 40.0,
+            "stdlib_bodies/parses": parses,
+            "stdlib_bodies/n": 40,
+            "stdlib_bodies/distinct_frac": distinct,
+            "stdlib_bodies/len_ratio": len_ratio,
+        },
+        "samples": {"stdlib_bodies": [{"prompt": "def f(self, x):\n    \"\"\"Do it.\"\"\"", "completion": completion}]},
+    }
 
 
 def test_report_flags_the_collapsed_stage_and_marks_its_parses(tmp_path):
-    results = {"stages": {"sft": stage(0.45, 0.95, 0.8, "\n    y = x + 1\n    return self.g(y)"),
-                          "grpo": stage(1.0, 1 / 40, 0.04, "\n    return self")}}
+    results = {
+        "stages": {
+            "sft": stage(0.45, 0.95, 0.8, "\n    y = x + 1\n    return self.g(y)"),
+            "grpo": stage(1.0, 1 / 40, 0.04, "\n    return self"),
+        }
+    }
     assert collapsed_tasks(results["stages"]["grpo"]["metrics"]) == {
-        "stdlib_bodies": ["distinct_frac 0.03 < 0.5", "len_ratio 0.04 < 0.3"]}
+        "stdlib_bodies": ["distinct_frac 0.03 < 0.5", "len_ratio 0.04 < 0.3"]
+    }
     assert collapsed_tasks(results["stages"]["sft"]["metrics"]) == {}
     (tmp_path / "eval.json").write_text(json.dumps(results))
     report = write_report(tmp_path, results).read_text()
@@ -65,8 +78,10 @@ def test_within_budget_keeps_the_references_first_tokens():
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     body = "    return sum(values) / len(values)\n" * 20
-    tokenizer.train_from_iterator([body], trainers.BpeTrainer(vocab_size=300, show_progress=False,
-                                                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer.train_from_iterator(
+        [body],
+        trainers.BpeTrainer(vocab_size=300, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
+    )
     ids = tokenizer.encode(body).ids
     assert len(ids) > 10
     assert within_budget(body, tokenizer, 10) == tokenizer.decode(ids[:10])

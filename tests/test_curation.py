@@ -17,8 +17,14 @@ from conftest import REPO, env_for
 from test_slurm_cluster import slurm_cluster, wait_until  # noqa: F401  (the session fixture)
 
 from jobspec import load_spec
-from jobspec.curate_schema import (C4Config, CodeFilterConfig, FineWebConfig, GopherQualityConfig,
-                                      GopherRepetitionConfig, PIIConfig)
+from jobspec.curate_schema import (
+    C4Config,
+    CodeFilterConfig,
+    FineWebConfig,
+    GopherQualityConfig,
+    GopherRepetitionConfig,
+    PIIConfig,
+)
 from training.data.corpus import demo_files, is_val
 from training.data.curate import decontam, pii
 from training.data.curate.filters import c4, code, fineweb, gopher
@@ -71,8 +77,10 @@ def planted(tmp_path_factory) -> dict:
     (src / "c_empty.py").write_bytes(b"")
     (src / "c_blank.txt").write_bytes(b"  \n\n\t\n")
     run_dir = root / "run"
-    cfg = load_spec(JOB, [f"data.sources=[{src}]", "data.val_fraction=0", "curate.decontamination.enabled=false",
-                          "curate.workers=2"])
+    cfg = load_spec(
+        JOB,
+        [f"data.sources=[{src}]", "data.val_fraction=0", "curate.decontamination.enabled=false", "curate.workers=2"],
+    )
     run_dir.mkdir()
     from omegaconf import OmegaConf
 
@@ -80,8 +88,15 @@ def planted(tmp_path_factory) -> dict:
     make_plan(cfg, run_dir, workers=2)
     stats = run_stage(run_dir, workers=2)
     removed = [json.loads(line) for line in (run_dir / "removed.jsonl").read_text().splitlines()]
-    return {"src": src, "run_dir": run_dir, "stats": stats, "removed": removed, "exact": exact, "near": near,
-            "originals": {p.name for p in originals.values()}}
+    return {
+        "src": src,
+        "run_dir": run_dir,
+        "stats": stats,
+        "removed": removed,
+        "exact": exact,
+        "near": near,
+        "originals": {p.name for p in originals.values()},
+    }
 
 
 def _by_name(removed: list[dict]) -> dict[str, dict]:
@@ -90,16 +105,21 @@ def _by_name(removed: list[dict]) -> dict[str, dict]:
 
 def test_planted_copies_are_found_and_untouched_files_kept(planted):
     removed = _by_name(planted["removed"])
-    exact_found = [n for n, orig in planted["exact"].items()
-                   if removed.get(n, {}).get("reason") == "exact_duplicate"
-                   and Path(removed[n]["kept"]["source"]).name == orig]
-    near_found = [n for n, orig in planted["near"].items()
-                  if removed.get(n, {}).get("reason") == "near_duplicate"
-                  and Path(removed[n]["kept"]["source"]).name == orig]
+    exact_found = [
+        n
+        for n, orig in planted["exact"].items()
+        if removed.get(n, {}).get("reason") == "exact_duplicate" and Path(removed[n]["kept"]["source"]).name == orig
+    ]
+    near_found = [
+        n
+        for n, orig in planted["near"].items()
+        if removed.get(n, {}).get("reason") == "near_duplicate" and Path(removed[n]["kept"]["source"]).name == orig
+    ]
     assert len(exact_found) / len(planted["exact"]) == 1.0
     assert len(near_found) / len(planted["near"]) >= 0.95, {n: removed.get(n) for n in planted["near"]}
-    untouched_removed = [n for n in planted["originals"]
-                         if removed.get(n, {}).get("reason") in ("exact_duplicate", "near_duplicate")]
+    untouched_removed = [
+        n for n in planted["originals"] if removed.get(n, {}).get("reason") in ("exact_duplicate", "near_duplicate")
+    ]
     assert len(untouched_removed) / len(planted["originals"]) < 0.01, untouched_removed
     stats = planted["stats"]
     assert stats["exact_duplicates"] == len(exact_found) and stats["near_duplicates"] >= len(near_found)
@@ -108,7 +128,11 @@ def test_planted_copies_are_found_and_untouched_files_kept(planted):
 def test_bad_files_are_counted_and_listed_never_fatal(planted):
     removed = _by_name(planted["removed"])
     assert {n: removed[n]["detail"] for n in ("c_binary.py", "c_latin1.py", "c_empty.py", "c_blank.txt")} == {
-        "c_binary.py": "binary", "c_latin1.py": "not_utf8", "c_empty.py": "empty", "c_blank.txt": "empty"}
+        "c_binary.py": "binary",
+        "c_latin1.py": "not_utf8",
+        "c_empty.py": "empty",
+        "c_blank.txt": "empty",
+    }
     assert all(removed[n]["reason"] == "unreadable" for n in ("c_binary.py", "c_latin1.py", "c_empty.py"))
     assert planted["stats"]["unreadable_by_kind"] == {"binary": 1, "empty": 2, "not_utf8": 1}
 
@@ -116,18 +140,36 @@ def test_bad_files_are_counted_and_listed_never_fatal(planted):
 def test_outputs_stats_report_and_corpus(planted):
     run_dir, stats = planted["run_dir"], planted["stats"]
     on_disk = json.loads((run_dir / "stats.json").read_text())
-    for key in ("input_docs", "output_docs", "unreadable", "exact_duplicates", "near_duplicates", "filtered",
-                "pii_redactions", "decontaminated", "bytes_in", "bytes_out"):
+    for key in (
+        "input_docs",
+        "output_docs",
+        "unreadable",
+        "exact_duplicates",
+        "near_duplicates",
+        "filtered",
+        "pii_redactions",
+        "decontaminated",
+        "bytes_in",
+        "bytes_out",
+    ):
         assert key in on_disk, key
     assert on_disk["input_docs"] == 164 and on_disk["unreadable"] == 4
     funnel = {row["step"]: row["docs"] for row in on_disk["funnel"]}
     assert funnel["read"] == 160 and funnel["exact_dedup"] == 160 - stats["exact_duplicates"]
-    assert funnel["decontamination"] == on_disk["output_docs"] == (
-        160 - stats["exact_duplicates"] - stats["near_duplicates"] - sum(stats["filtered"].values()))
+    assert (
+        funnel["decontamination"]
+        == on_disk["output_docs"]
+        == (160 - stats["exact_duplicates"] - stats["near_duplicates"] - sum(stats["filtered"].values()))
+    )
     assert len(planted["removed"]) == on_disk["input_docs"] - on_disk["output_docs"]
-    written = [json.loads(line) for part in sorted((run_dir / "corpus" / "train").glob("part-*.jsonl"))
-               for line in part.read_text().splitlines()]
-    assert len(written) == on_disk["output_docs"] and sum(len(d["text"].encode()) for d in written) == on_disk["bytes_out"]
+    written = [
+        json.loads(line)
+        for part in sorted((run_dir / "corpus" / "train").glob("part-*.jsonl"))
+        for line in part.read_text().splitlines()
+    ]
+    assert (
+        len(written) == on_disk["output_docs"] and sum(len(d["text"].encode()) for d in written) == on_disk["bytes_out"]
+    )
     report = (run_dir / "report.md").read_text()
     assert "| step | documents | MB | removed here |" in report and "![funnel](funnel.png)" in report
     assert (run_dir / "funnel.png").stat().st_size > 5_000
@@ -143,24 +185,37 @@ def test_outputs_stats_report_and_corpus(planted):
 
 # ------------------------------------------------------------------ filters and PII, on hand-made examples
 
-PROSE = ("The committee met on Tuesday to discuss the budget. It was agreed that the library would have new "
-         "opening hours, and that the park should be cleaned with the help of volunteers. Members of the public "
-         "were invited to comment, and several of them spoke about the need for better lighting in the evening. "
-         "The chair thanked everyone for coming and closed the meeting at nine.\n") * 2
+PROSE = (
+    "The committee met on Tuesday to discuss the budget. It was agreed that the library would have new "
+    "opening hours, and that the park should be cleaned with the help of volunteers. Members of the public "
+    "were invited to comment, and several of them spoke about the need for better lighting in the evening. "
+    "The chair thanked everyone for coming and closed the meeting at nine.\n"
+) * 2
 CODE = "def add(a, b):\n    \"\"\"Return the sum.\"\"\"\n    return a + b\n\n\nprint(add(1, 2))\n"
 
 
-@pytest.mark.parametrize("text, reason", [
-    (CODE, None),
-    ("x = 1\n" + "y = '" + "a" * 1200 + "'\n", "a line of"),
-    ("\n".join(["z = '" + "q" * 150 + "'"] * 5), "mean line length"),
-    ("# ---- ++++ ==== ----\n" * 20, "alphanumeric fraction"),
-    ("# This file is automatically generated. Do not edit.\n" + CODE, "auto-generated"),
-    ("DATA = (\n" + "\n".join(["QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo0123456789abcdefghijklmnopqrstuv"] * 20) + ")\n",
-     "encoded data"),
-    ("T = [\n" + ",\n".join(", ".join(f"0x{i:02x}" for i in range(r, r + 12)) for r in range(0, 240, 12)) + "]\n",
-     "encoded data"),
-])
+@pytest.mark.parametrize(
+    "text, reason",
+    [
+        (CODE, None),
+        ("x = 1\n" + "y = '" + "a" * 1200 + "'\n", "a line of"),
+        ("\n".join(["z = '" + "q" * 150 + "'"] * 5), "mean line length"),
+        ("# ---- ++++ ==== ----\n" * 20, "alphanumeric fraction"),
+        ("# This file is automatically generated. Do not edit.\n" + CODE, "auto-generated"),
+        (
+            "DATA = (\n"
+            + "\n".join(["QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo0123456789abcdefghijklmnopqrstuv"] * 20)
+            + ")\n",
+            "encoded data",
+        ),
+        (
+            "T = [\n"
+            + ",\n".join(", ".join(f"0x{i:02x}" for i in range(r, r + 12)) for r in range(0, 240, 12))
+            + "]\n",
+            "encoded data",
+        ),
+    ],
+)
 def test_code_filter(text, reason):
     _, why = code.check(text, CodeFilterConfig())
     assert (why is None) if reason is None else (why is not None and reason in why), why
@@ -183,13 +238,15 @@ def test_prose_filters_keep_prose_and_reject_what_they_describe():
 
 
 def test_pii_rules():
-    text = ("contact: Jane Roe <jane.roe@example.org>\n"
-            "dns = ['8.8.8.8', '2001:4860:4860::8888']\nlocal = ('127.0.0.1', '192.168.1.20', '10.0.0.1')\n"
-            "slice = x[::2]\nversion = '3.11.2'\n"
-            "aws = 'AKIAIOSFODNN7EXAMPLE'\ngh = 'ghp_aBcDeFgHiJkLmNoPqRsTuVwXyZ0123456789'\n"
-            "api_key = \"q8Zr3kP9xW2mT7vB1nL5sQ\"\npassword = 'correcthorse'\n"
-            "-----BEGIN RSA PRIVATE KEY-----\nMIIBOgIBAAJBAKj34GkxFhD90vcNLYLInFEX6Ppy1tPf9Cnzj4p4WGeKLs1Pt8Qu\n"
-            "-----END RSA PRIVATE KEY-----\n")
+    text = (
+        "contact: Jane Roe <jane.roe@example.org>\n"
+        "dns = ['8.8.8.8', '2001:4860:4860::8888']\nlocal = ('127.0.0.1', '192.168.1.20', '10.0.0.1')\n"
+        "slice = x[::2]\nversion = '3.11.2'\n"
+        "aws = 'AKIAIOSFODNN7EXAMPLE'\ngh = 'ghp_aBcDeFgHiJkLmNoPqRsTuVwXyZ0123456789'\n"
+        "api_key = \"q8Zr3kP9xW2mT7vB1nL5sQ\"\npassword = 'correcthorse'\n"
+        "-----BEGIN RSA PRIVATE KEY-----\nMIIBOgIBAAJBAKj34GkxFhD90vcNLYLInFEX6Ppy1tPf9Cnzj4p4WGeKLs1Pt8Qu\n"
+        "-----END RSA PRIVATE KEY-----\n"
+    )
     out, counts = pii.redact(text, PIIConfig())
     assert counts == Counter({"secret": 4, "ip_address": 2, "email": 1})
     assert "jane.roe" not in out and "<EMAIL>" in out
@@ -210,19 +267,24 @@ def test_decontamination_against_tasks_and_the_heldout_split(tmp_path):
     words = " ".join(record["context"].split())
     src = tmp_path / "src"
     src.mkdir()
-    heldout_text = ("the quick brown fox jumps over the lazy dog while seven tired wizards quietly brew strong "
-                    "coffee in the old stone tower")
+    heldout_text = (
+        "the quick brown fox jumps over the lazy dog while seven tired wizards quietly brew strong "
+        "coffee in the old stone tower"
+    )
     val_name = next(f"held_{i}.txt" for i in range(1000) if is_val(f"held_{i}.txt", 0, 0.5))
     train_names = [f"t_{i}.txt" for i in range(1000) if not is_val(f"t_{i}.txt", 0, 0.5)][:4]
     (src / val_name).write_text(heldout_text)
-    docs = {train_names[0]: "notes about code\n" + words + "\nmore notes",  # a task's context, verbatim
-            train_names[1]: "a story: " + " ".join(heldout_text.split()[:13]) + " and then it ended",  # 13 words
-            train_names[2]: "a story: " + " ".join(heldout_text.split()[:12]) + " and then it ended",  # 12: kept
-            train_names[3]: "nothing in common with anything else in this little corpus of ours today"}
+    docs = {
+        train_names[0]: "notes about code\n" + words + "\nmore notes",  # a task's context, verbatim
+        train_names[1]: "a story: " + " ".join(heldout_text.split()[:13]) + " and then it ended",  # 13 words
+        train_names[2]: "a story: " + " ".join(heldout_text.split()[:12]) + " and then it ended",  # 12: kept
+        train_names[3]: "nothing in common with anything else in this little corpus of ours today",
+    }
     for name, text in docs.items():
         (src / name).write_text(text)
-    stats, removed = _run_small(tmp_path, src, ["data.val_fraction=0.5", "curate.near_dedup.enabled=false",
-                                                "curate.filters.code.enabled=false"])
+    stats, removed = _run_small(
+        tmp_path, src, ["data.val_fraction=0.5", "curate.near_dedup.enabled=false", "curate.filters.code.enabled=false"]
+    )
     reasons = {Path(r["source"]).name: r.get("reference") for r in removed}
     assert reasons == {train_names[0]: "task:stdlib_continuation", train_names[1]: "heldout"}
     assert stats["decontaminated"] == 2 and stats["heldout_docs"] == 1
@@ -258,8 +320,14 @@ def _train_main(tmp: Path, run_dir: Path, overrides: list[str], stop: str | None
     env.pop("ORCH_CURATE_STOP", None)
     if stop:
         env["ORCH_CURATE_STOP"] = stop
-    return subprocess.run([sys.executable, "-m", "training.main", JOB, *overrides, "--run-dir", str(run_dir)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "training.main", JOB, *overrides, "--run-dir", str(run_dir)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_a_restart_skips_the_tasks_that_finished(tmp_path):
@@ -296,9 +364,24 @@ def test_the_job_through_orch_submit_and_status(tmp_path):
     from orchestrator.status.collect import Collector
 
     src = _small_source(tmp_path)
-    result = subprocess.run([sys.executable, "-m", "orchestrator.cli", "submit", JOB, f"data.sources=[{src}]",
-                             f"runs_dir={tmp_path / 'runs'}", "executor=local", "--follow"],
-                            cwd=tmp_path, env=env_for(tmp_path), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "orchestrator.cli",
+            "submit",
+            JOB,
+            f"data.sources=[{src}]",
+            f"runs_dir={tmp_path / 'runs'}",
+            "executor=local",
+            "--follow",
+        ],
+        cwd=tmp_path,
+        env=env_for(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     registry = Registry(tmp_path / ".orch" / "registry.db")
     run = registry.list()[0]
@@ -313,24 +396,50 @@ def test_the_job_through_orch_submit_and_status(tmp_path):
     assert (row.step, row.max_steps) == (25, 25)
 
 
-@pytest.mark.parametrize("override, names", [
-    ("curate.filters.gopher_qualty.enabled=true", ["curate.filters.gopher_qualty.enabled", "gopher_quality"]),
-    ("curate.near_dedup.threshold=1.5", ["curate.near_dedup.threshold", "1.5"]),
-    ("curate.filters.code.min_alnum_fraction=-0.1", ["curate.filters.code.min_alnum_fraction", "-0.1"]),
-    ("data.sources=[/no/such/folder]", ["data.sources[0]", "/no/such/folder"]),
-])
+@pytest.mark.parametrize(
+    "override, names",
+    [
+        ("curate.filters.gopher_qualty.enabled=true", ["curate.filters.gopher_qualty.enabled", "gopher_quality"]),
+        ("curate.near_dedup.threshold=1.5", ["curate.near_dedup.threshold", "1.5"]),
+        ("curate.filters.code.min_alnum_fraction=-0.1", ["curate.filters.code.min_alnum_fraction", "-0.1"]),
+        ("data.sources=[/no/such/folder]", ["data.sources[0]", "/no/such/folder"]),
+    ],
+)
 def test_bad_input_is_refused_with_exit_2(tmp_path, override, names):
-    result = subprocess.run([sys.executable, "-m", "orchestrator.cli", "submit", JOB, override,
-                             f"runs_dir={tmp_path / 'runs'}", "executor=local"],
-                            cwd=tmp_path, env=env_for(tmp_path), capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "orchestrator.cli",
+            "submit",
+            JOB,
+            override,
+            f"runs_dir={tmp_path / 'runs'}",
+            "executor=local",
+        ],
+        cwd=tmp_path,
+        env=env_for(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2, result.stdout + result.stderr
     message = result.stderr.strip()
     assert message.startswith("error: ") and message.count("\n") == 0
     assert all(name in message for name in names), message
     assert not (tmp_path / "runs").exists()  # nothing registered, nothing written
-    assert not os.path.exists(tmp_path / ".orch" / "registry.db") or not subprocess.run(
-        [sys.executable, "-m", "orchestrator.cli", "runs"], cwd=tmp_path, env=env_for(tmp_path),
-        capture_output=True, text=True).stdout.strip().splitlines()[1:]
+    assert (
+        not os.path.exists(tmp_path / ".orch" / "registry.db")
+        or not subprocess.run(
+            [sys.executable, "-m", "orchestrator.cli", "runs"],
+            cwd=tmp_path,
+            env=env_for(tmp_path),
+            capture_output=True,
+            text=True,
+        )
+        .stdout.strip()
+        .splitlines()[1:]
+    )
 
 
 @pytest.mark.slurm
@@ -340,9 +449,24 @@ def test_the_job_runs_as_slurm_job_arrays(tmp_path, slurm_cluster):  # noqa: F81
     from orchestrator.registry import Registry
 
     src = _small_source(tmp_path, n=8)
-    result = subprocess.run([sys.executable, "-m", "orchestrator.cli", "submit", JOB, f"data.sources=[{src}]",
-                             f"runs_dir={tmp_path / 'runs'}", "executor=slurm", "curate.shards=3"],
-                            cwd=tmp_path, env=env_for(tmp_path), capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "orchestrator.cli",
+            "submit",
+            JOB,
+            f"data.sources=[{src}]",
+            f"runs_dir={tmp_path / 'runs'}",
+            "executor=slurm",
+            "curate.shards=3",
+        ],
+        cwd=tmp_path,
+        env=env_for(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     registry = Registry(tmp_path / ".orch" / "registry.db")
     run = registry.list()[0]
@@ -358,6 +482,7 @@ def test_the_job_runs_as_slurm_job_arrays(tmp_path, slurm_cluster):  # noqa: F81
     assert done.state == "COMPLETED", done.reason
     stats = json.loads((Path(run.run_dir) / "stats.json").read_text())
     assert stats["shards"] == 3 and stats["exact_duplicates"] == 1
-    sacct = subprocess.run(["sacct", "-X", "-n", "-P", "-j", ids[0], "-o", "JobID,State"], capture_output=True,
-                           text=True, timeout=60).stdout.split()
+    sacct = subprocess.run(
+        ["sacct", "-X", "-n", "-P", "-j", ids[0], "-o", "JobID,State"], capture_output=True, text=True, timeout=60
+    ).stdout.split()
     assert sorted(sacct) == [f"{ids[0]}_{i}|COMPLETED" for i in range(3)]  # one array task per shard

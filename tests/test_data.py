@@ -26,12 +26,31 @@ from training.data import DataError
 from training.data.corpus import demo_files, iter_documents
 from training.data.loader import TokenLoader, iter_val_batches
 from training.data.prepare import ensure_data, prepare_data
-from training.data.tokenizer import (EOS, EOS_ID, SPECIAL_TOKENS, load_tokenizer, token_byte_lengths,
-                                     train_tokenizer)
+from training.data.tokenizer import EOS, EOS_ID, SPECIAL_TOKENS, load_tokenizer, token_byte_lengths, train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-WORDS = ["the", "model", "naïve", "café", "中文", "日本語", "🤗", "emoji 🎉", "data", "\n", "\t", "  ", "def",
-         "return", "x = 1", "Ω", "ß", "\r\n", "token", "<|endoftext|>"]
+WORDS = [
+    "the",
+    "model",
+    "naïve",
+    "café",
+    "中文",
+    "日本語",
+    "🤗",
+    "emoji 🎉",
+    "data",
+    "\n",
+    "\t",
+    "  ",
+    "def",
+    "return",
+    "x = 1",
+    "Ω",
+    "ß",
+    "\r\n",
+    "token",
+    "<|endoftext|>",
+]
 
 
 def make_docs(n: int, seed: int) -> list[str]:
@@ -40,6 +59,7 @@ def make_docs(n: int, seed: int) -> list[str]:
 
 
 # ---------------------------------------------------------------- tokenizer
+
 
 @pytest.fixture(scope="module")
 def tok():
@@ -53,8 +73,22 @@ def test_special_tokens_are_reserved_first(tok):
     assert tok.get_vocab_size() == 400
 
 
-@pytest.mark.parametrize("text", ["", "é", "中文 and 日本語", "emoji 🤗🎉", "  two leading spaces", "\n\n\tindented",
-                                  "trailing  \n", "a\r\nb", "\x00\x7f", "text with <|endoftext|> inside", " <|pad|>"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "é",
+        "中文 and 日本語",
+        "emoji 🤗🎉",
+        "  two leading spaces",
+        "\n\n\tindented",
+        "trailing  \n",
+        "a\r\nb",
+        "\x00\x7f",
+        "text with <|endoftext|> inside",
+        " <|pad|>",
+    ],
+)
 def test_round_trip_and_byte_lengths(tok, text):
     ids = tok.encode(text).ids
     assert tok.decode(ids) == text
@@ -88,6 +122,7 @@ def test_load_tokenizer(tok, tmp_path):
 
 # ---------------------------------------------------------------- corpus
 
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> list[str]:
     """One .jsonl, a folder of .txt files (and a README that is skipped) and one .parquet."""
@@ -98,8 +133,9 @@ def corpus(tmp_path_factory) -> list[str]:
     for i, d in enumerate(make_docs(10, 2)):
         (root / "txt" / ("sub" if i % 2 else "") / f"{i:02}.txt").write_bytes(d.encode("utf-8"))
     (root / "txt" / "README.md").write_text("not a document")
-    pq.write_table(pa.table({"text": make_docs(40, 3), "n": list(range(40))}), root / "books.parquet",
-                   row_group_size=16)
+    pq.write_table(
+        pa.table({"text": make_docs(40, 3), "n": list(range(40))}), root / "books.parquet", row_group_size=16
+    )
     return [str(root / "docs.jsonl"), str(root / "txt"), str(root / "books.parquet")]
 
 
@@ -145,6 +181,7 @@ def test_bad_sources_are_named(tmp_path):
 
 # ---------------------------------------------------------------- prepare
 
+
 @pytest.fixture(scope="module")
 def prepared(corpus, tmp_path_factory):
     cfg = small_cfg(corpus, tmp_path_factory.mktemp("prepared") / "data")
@@ -170,7 +207,7 @@ def test_prepare_packs_documents_separated_by_eos(prepared, split):
     pieces = np.split(ids, ends + 1)[:-1]  # complete documents; the cut-off tail is dropped
     docs = list(iter_documents(cfg, split))
     assert len(pieces) >= len(docs) - 1
-    assert [tok.decode(p[:-1].tolist()) for p in pieces] == docs[:len(pieces)]
+    assert [tok.decode(p[:-1].tolist()) for p in pieces] == docs[: len(pieces)]
     assert meta["splits"][split]["documents"] == len(docs)
     assert meta["splits"][split]["tokens"] == sum(len(tok.encode(d).ids) + 1 for d in docs)
     assert meta["splits"][split]["bytes"] == sum(len(d.encode("utf-8")) for d in docs)
@@ -249,7 +286,7 @@ def test_loader_resumes_exactly_in_a_fresh_process(prepared, tmp_path):
     assert x.shape == y.shape == (8, cfg.seq_len) and x.dtype == y.dtype == torch.int64
     assert torch.equal(x[:, 1:], y[:, :-1])
     epoch0 = torch.cat([b[0] for b in batches[:per_epoch]])
-    epoch1 = torch.cat([b[0] for b in batches[per_epoch:2 * per_epoch]])
+    epoch1 = torch.cat([b[0] for b in batches[per_epoch : 2 * per_epoch]])
     assert len({tuple(r) for r in epoch0.tolist()}) == len(epoch0)  # each sample once per epoch
     assert not torch.equal(epoch0, epoch1)  # reshuffled
     assert states[per_epoch - 1]["epoch"] == 0 and states[per_epoch]["epoch"] == 1 and loader.epoch == 2
@@ -266,9 +303,18 @@ def test_loader_resumes_exactly_in_a_fresh_process(prepared, tmp_path):
     for ks in ((3, per_epoch), (per_epoch - 2, per_epoch + 1)):
         out = tmp_path / f"{ks[0]}.pt"
         jobs = json.dumps([(k, states[k - 1]) for k in ks])
-        procs.append((out, subprocess.Popen([sys.executable, "-c", RESUME_SCRIPT, json.dumps(asdict(cfg)), jobs,
-                                             str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                            text=True)))
+        procs.append(
+            (
+                out,
+                subprocess.Popen(
+                    [sys.executable, "-c", RESUME_SCRIPT, json.dumps(asdict(cfg)), jobs, str(out)],
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                ),
+            )
+        )
     for out, proc in procs:
         output = proc.communicate(timeout=120)[0]
         assert proc.returncode == 0, output
@@ -299,8 +345,9 @@ sys.stdin.read()  # the loader stays open (its shared memory with it) until the 
 
 
 def _waits_on_a_file_lock(pid: int) -> bool:
-    return any(line.split()[1] == "->" and line.split()[5] == str(pid)
-               for line in Path("/proc/locks").read_text().splitlines())
+    return any(
+        line.split()[1] == "->" and line.split()[5] == str(pid) for line in Path("/proc/locks").read_text().splitlines()
+    )
 
 
 def test_two_jobs_opening_their_data_at_once_on_one_machine_both_start(prepared, tmp_path):
@@ -312,9 +359,15 @@ def test_two_jobs_opening_their_data_at_once_on_one_machine_both_start(prepared,
     pause_read, pause_write = os.pipe()
 
     def job(pause_fd: int) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-c", OPEN_SCRIPT, json.dumps(asdict(cfg)), str(pause_fd)], env=env,
-                                pass_fds=(pause_read,), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
+        return subprocess.Popen(
+            [sys.executable, "-c", OPEN_SCRIPT, json.dumps(asdict(cfg)), str(pause_fd)],
+            env=env,
+            pass_fds=(pause_read,),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
 
     a = job(pause_read)
     assert a.stdout.readline().startswith("found"), a.communicate(timeout=60)[0]
@@ -354,9 +407,15 @@ def test_a_loader_removes_what_killed_loaders_of_each_split_left(prepared, tmp_p
     env = dict(os.environ, PYTHONPATH=str(REPO), TMPDIR=str(tmp_path), OMP_NUM_THREADS="1")
 
     def job() -> subprocess.Popen:
-        proc = subprocess.Popen([sys.executable, "-c", BOTH_SPLITS_SCRIPT, json.dumps(asdict(cfg))], env=env,
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", BOTH_SPLITS_SCRIPT, json.dumps(asdict(cfg))],
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
         assert proc.stdout.readline().startswith("opened"), proc.communicate(timeout=60)[0]
         return proc
 

@@ -25,15 +25,27 @@ GLOBAL_BATCH = 8
 
 def command(nproc: int, run_dir: Path, data_dir: str, *extra: str, dp_shard: int = -1, tp: int = 1) -> list[str]:
     dp = nproc // tp
-    overrides = tiny_overrides(data_dir, f"train.micro_batch_size={GLOBAL_BATCH // dp}", "train.log_every=1",
-                               f"parallel.tp={tp}", f"parallel.dp_shard={dp_shard}", *extra)
+    overrides = tiny_overrides(
+        data_dir,
+        f"train.micro_batch_size={GLOBAL_BATCH // dp}",
+        "train.log_every=1",
+        f"parallel.tp={tp}",
+        f"parallel.dp_shard={dp_shard}",
+        *extra,
+    )
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     return [*launcher, "-m", "training.main", JOB, *overrides, "--run-dir", str(run_dir)]
 
 
 def train(nproc: int, run_dir: Path, data_dir: str, *extra: str, tp: int = 1, check: bool = True):
-    result = subprocess.run(command(nproc, run_dir, data_dir, *extra, tp=tp), cwd=run_dir.parent,
-                            env=env_for(run_dir.parent), capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        command(nproc, run_dir, data_dir, *extra, tp=tp),
+        cwd=run_dir.parent,
+        env=env_for(run_dir.parent),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     if check:
         assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return result
@@ -73,8 +85,10 @@ def test_same_losses_on_one_process_dp2_tp2_and_dp4(tmp_path, tiny_data):
         for step, loss in base.items():
             assert other[step] == pytest.approx(loss, rel=1e-4), (step, loss, other[step])
     # The final validation too: under tp its loss is computed on logits sharded over the vocabulary.
-    final = [[json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if "val_bpb" in l][-1]
-             for run in (single, hybrid, dp4)]
+    final = [
+        [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "val_bpb" in line][-1]
+        for run in (single, hybrid, dp4)
+    ]
     for other in final[1:]:
         assert other["val_loss"] == pytest.approx(final[0]["val_loss"], rel=1e-4)
         assert other["val_bpb"] == pytest.approx(final[0]["val_bpb"], rel=1e-4)

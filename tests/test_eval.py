@@ -19,17 +19,24 @@ import torch.nn.functional as F
 from conftest import REPO, env_for, tiny_overrides
 
 THREE_QUESTIONS = [
-    {"context": "import os\n\ndef main(argv):\n    for arg in argv:\n        print(arg)\n    return",
-     "choices": ["0", "banana split", "))))"], "label": 0},
+    {
+        "context": "import os\n\ndef main(argv):\n    for arg in argv:\n        print(arg)\n    return",
+        "choices": ["0", "banana split", "))))"],
+        "label": 0,
+    },
     {"context": "def check(x):\n    if x is", "choices": ["None:", "import", "def def"], "label": 0},
-    {"context": "class Foo(object):\n    def __init__(self):\n        self.value =",
-     "choices": ["0", "class", "return return"], "label": 0},
+    {
+        "context": "class Foo(object):\n    def __init__(self):\n        self.value =",
+        "choices": ["0", "class", "return return"],
+        "label": 0,
+    },
 ]
 
 
 def _run(args, tmp, **kw):
-    return subprocess.run([sys.executable, *args], cwd=REPO, env=env_for(tmp), capture_output=True, text=True,
-                          timeout=300, **kw)
+    return subprocess.run(
+        [sys.executable, *args], cwd=REPO, env=env_for(tmp), capture_output=True, text=True, timeout=300, **kw
+    )
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +47,17 @@ def workdir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def pretrain_run(workdir, tiny_data) -> Path:
     run_dir = workdir / "pretrain"
-    r = _run(["-m", "training.main", "jobs/pretrain.yaml", *tiny_overrides(tiny_data, "train.max_steps=20"),
-              "--run-dir", str(run_dir)], workdir)
+    r = _run(
+        [
+            "-m",
+            "training.main",
+            "jobs/pretrain.yaml",
+            *tiny_overrides(tiny_data, "train.max_steps=20"),
+            "--run-dir",
+            str(run_dir),
+        ],
+        workdir,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return run_dir
 
@@ -79,9 +95,23 @@ metric_list:
 def eval_run(workdir, tiny_data, pretrain_run, hf_export, three_questions) -> Path:
     run_dir = workdir / "eval"
     tasks = f"[{three_questions},jobs/tasks/stdlib_continuation.yaml,jobs/tasks/python_functions.yaml]"
-    r = _run(["-m", "training.main", "jobs/eval.yaml", f"data.dir={tiny_data}", "train.micro_batch_size=8",
-              "train.val_batches=4", "train.device=cpu", f"eval.tasks={tasks}", "eval.max_examples=20",
-              f"eval.compare=[pretrain={pretrain_run},exported={hf_export}]", "--run-dir", str(run_dir)], workdir)
+    r = _run(
+        [
+            "-m",
+            "training.main",
+            "jobs/eval.yaml",
+            f"data.dir={tiny_data}",
+            "train.micro_batch_size=8",
+            "train.val_batches=4",
+            "train.device=cpu",
+            f"eval.tasks={tasks}",
+            "eval.max_examples=20",
+            f"eval.compare=[pretrain={pretrain_run},exported={hf_export}]",
+            "--run-dir",
+            str(run_dir),
+        ],
+        workdir,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return run_dir
 
@@ -90,9 +120,16 @@ def test_eval_json_has_every_metric(eval_run, pretrain_run):
     results = json.loads((eval_run / "eval.json").read_text())
     assert list(results["stages"]) == ["pretrain", "exported"]
     pre = results["stages"]["pretrain"]["metrics"]
-    for key in ("val/perplexity", "val/bpb", "three_questions/acc", "three_questions/acc_norm",
-                "stdlib_continuation/acc", "stdlib_continuation/acc_norm", "python_functions/parses",
-                "python_functions/passes"):
+    for key in (
+        "val/perplexity",
+        "val/bpb",
+        "three_questions/acc",
+        "three_questions/acc_norm",
+        "stdlib_continuation/acc",
+        "stdlib_continuation/acc_norm",
+        "python_functions/parses",
+        "python_functions/passes",
+    ):
         assert 0 <= pre[key] < math.inf, key
     assert pre["stdlib_continuation/n"] == 20 and pre["three_questions/n"] == 3 and pre["python_functions/n"] == 12
     # generation tasks carry the collapse numbers (python_functions' records have reference bodies)
@@ -100,7 +137,9 @@ def test_eval_json_has_every_metric(eval_run, pretrain_run):
     assert "three_questions/distinct_frac" not in pre, "multiple choice generates nothing"
     assert pre["val/perplexity"] == pytest.approx(math.exp(pre["val/loss"]))
     # The same 4 batches of 8 as the pretraining's last validation: the same bits per byte.
-    last_val = [json.loads(l) for l in (pretrain_run / "metrics.jsonl").read_text().splitlines() if "val_bpb" in l][-1]
+    last_val = [
+        json.loads(line) for line in (pretrain_run / "metrics.jsonl").read_text().splitlines() if "val_bpb" in line
+    ][-1]
     assert pre["val/bpb"] == pytest.approx(last_val["val_bpb"], rel=1e-6)
     assert pre["val/loss"] == pytest.approx(last_val["val_loss"], rel=1e-6)
     # A 20-step model is far from the data (the tokenizer's bytes would give 8 bpb, xz ~1.6).
@@ -122,7 +161,7 @@ def test_acc_matches_an_independent_computation(eval_run, pretrain_run):
         lls = []
         for choice in q["choices"]:
             ids = tok.encode(q["context"] + " " + choice).ids  # the harness' default target_delimiter
-            assert ids[:len(ctx)] == ctx
+            assert ids[: len(ctx)] == ctx
             with torch.no_grad():
                 logp = F.log_softmax(model(torch.tensor([ids[:-1]])).double(), dim=-1)[0]
             lls.append(sum(float(logp[i - 1, ids[i]]) for i in range(len(ctx), len(ids))))
@@ -153,8 +192,20 @@ def test_bad_task_file_is_a_user_error(workdir, tiny_data, pretrain_run):
     bad = workdir / "bad.yaml"
     bad.write_text("task: bad\ndataset_path: json\noutput_type: multiple_choise\n")
     run_dir = workdir / "eval-bad"
-    r = _run(["-m", "training.main", "jobs/eval.yaml", f"data.dir={tiny_data}", "train.device=cpu",
-              f"eval.source={pretrain_run}", f"eval.tasks=[{bad}]", "--run-dir", str(run_dir)], workdir)
+    r = _run(
+        [
+            "-m",
+            "training.main",
+            "jobs/eval.yaml",
+            f"data.dir={tiny_data}",
+            "train.device=cpu",
+            f"eval.source={pretrain_run}",
+            f"eval.tasks=[{bad}]",
+            "--run-dir",
+            str(run_dir),
+        ],
+        workdir,
+    )
     assert r.returncode == 2
     assert str(bad) in r.stderr and "output_type" in r.stderr and "multiple_choise" in r.stderr
     assert not (run_dir / "eval.json").exists()
@@ -168,16 +219,34 @@ def test_orch_generate_streams_greedy_text_and_stops_at_the_stop_string(workdir,
     prompt = "def main(argv):\n    "
     full = tok.decode(generate(model, [tok.encode(prompt).ids], 30, temperature=0, stop_tokens=[0])[0])
     # The latest place where a 2-character string first appears (a 20-step model may repeat one character).
-    at = max(i for i in range(len(full) - 1) if full.find(full[i:i + 2]) == i)
-    stop = full[at:at + 2]
-    r = _run(["-m", "orchestrator.cli", "generate", str(pretrain_run), "--prompt", prompt, "--max-new-tokens", "30",
-              "--temperature", "0", "--stop", stop], workdir)
+    at = max(i for i in range(len(full) - 1) if full.find(full[i : i + 2]) == i)
+    stop = full[at : at + 2]
+    r = _run(
+        [
+            "-m",
+            "orchestrator.cli",
+            "generate",
+            str(pretrain_run),
+            "--prompt",
+            prompt,
+            "--max-new-tokens",
+            "30",
+            "--temperature",
+            "0",
+            "--stop",
+            stop,
+        ],
+        workdir,
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout == prompt + full[:at] + "\n"
     assert "stopped by stop_string" in r.stderr
     # Chat: two turns in the chat template, then an empty line ends it.
-    r = _run(["-m", "orchestrator.cli", "chat", str(pretrain_run), "--max-new-tokens", "8", "--seed", "0"], workdir,
-             input="hello\nwrite a function\n\n")
+    r = _run(
+        ["-m", "orchestrator.cli", "chat", str(pretrain_run), "--max-new-tokens", "8", "--seed", "0"],
+        workdir,
+        input="hello\nwrite a function\n\n",
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("model> ") == 2
 
@@ -193,16 +262,48 @@ def _lm_eval_python():
 @pytest.mark.skipif(_lm_eval_python() is None, reason="lm_eval is not installed (see docs/eval.md)")
 def test_multiple_choice_scores_as_lm_evaluation_harness(workdir, eval_run, hf_export):
     out = workdir / "lm_eval"
-    env = dict(env_for(workdir), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               HF_HOME=str(workdir / "hf_home"), HF_DATASETS_CACHE=str(workdir / "hf_datasets"))
-    r = subprocess.run([_lm_eval_python(), "-m", "lm_eval", "--model", "hf",
-                        "--model_args", f"pretrained={hf_export},dtype=float32", "--tasks", "stdlib_continuation",
-                        "--include_path", "jobs/tasks", "--device", "cpu", "--batch_size", "8", "--limit", "20",
-                        "--output_path", str(out), "--log_samples"],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    env = dict(
+        env_for(workdir),
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_HOME=str(workdir / "hf_home"),
+        HF_DATASETS_CACHE=str(workdir / "hf_datasets"),
+    )
+    r = subprocess.run(
+        [
+            _lm_eval_python(),
+            "-m",
+            "lm_eval",
+            "--model",
+            "hf",
+            "--model_args",
+            f"pretrained={hf_export},dtype=float32",
+            "--tasks",
+            "stdlib_continuation",
+            "--include_path",
+            "jobs/tasks",
+            "--device",
+            "cpu",
+            "--batch_size",
+            "8",
+            "--limit",
+            "20",
+            "--output_path",
+            str(out),
+            "--log_samples",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     theirs = json.loads(next(out.rglob("results_*.json")).read_text())["results"]["stdlib_continuation"]
-    samples = [json.loads(l) for l in next(out.rglob("samples_stdlib_continuation_*.jsonl")).read_text().splitlines()]
+    samples = [
+        json.loads(line) for line in next(out.rglob("samples_stdlib_continuation_*.jsonl")).read_text().splitlines()
+    ]
     assert len(samples) == 20
     results = json.loads((eval_run / "eval.json").read_text())
     for stage in ("pretrain", "exported"):  # our job on the run's checkpoint and on the same export

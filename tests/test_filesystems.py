@@ -42,10 +42,19 @@ def test_the_mount_of_a_path_is_the_deepest_one_above_it(mounts):
     assert mount_of("/anywhere", "/no/such/mounts") is None
 
 
-@pytest.mark.parametrize("point, scope", [
-    ("/home", "cluster"), ("/scratch", "node"), ("/old", "node"), ("/lustre/flock", "cluster"),
-    ("/lustre/local", "node"), ("/lustre/none", "none"), ("/mnt/beegfs", "node"), ("/", "cluster"),
-])
+@pytest.mark.parametrize(
+    "point, scope",
+    [
+        ("/home", "cluster"),
+        ("/scratch", "node"),
+        ("/old", "node"),
+        ("/lustre/flock", "cluster"),
+        ("/lustre/local", "node"),
+        ("/lustre/none", "none"),
+        ("/mnt/beegfs", "node"),
+        ("/", "cluster"),
+    ],
+)
 def test_how_far_an_flock_reaches_on_each_cluster_file_system(mounts, point, scope):
     assert flock_scope(mount_of(point, mounts))[0] == scope
 
@@ -73,6 +82,12 @@ def test_orch_home_on_a_network_file_system_is_warned_about_once(mounts, capsys)
 def test_this_machines_mounts_pass_and_orch_says_nothing(tmp_path):
     assert mount_of(tmp_path) is not None and parse_mounts(open(filesystems.MOUNTS).read())
     assert check_runs_dir(str(tmp_path / "runs"), "job.yaml", across_nodes=True) is None
-    result = subprocess.run([sys.executable, "-m", "orchestrator.cli", "runs"], cwd=tmp_path, env=env_for(tmp_path),
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "runs"],
+        cwd=tmp_path,
+        env=env_for(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0 and "warning" not in result.stderr, result.stderr

@@ -16,8 +16,9 @@ PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14, 15, 16], [3], [20, 21, 22, 23, 
 def model() -> GPT:
     torch.set_num_threads(1)
     # Untied: a random model with tied embeddings just repeats its last token.
-    m = GPT(GPTConfig(vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, d_model=32, max_seq_len=48,
-                      tie_embeddings=False))
+    m = GPT(
+        GPTConfig(vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, d_model=32, max_seq_len=48, tie_embeddings=False)
+    )
     m.init_weights(seed=0)
     # Sharper logits than the init's: greedy choices are then far from ties, so float noise can't flip them.
     with torch.no_grad():
@@ -31,7 +32,7 @@ def greedy_reference(model, prompt: list[int], n: int) -> list[int]:
     with torch.no_grad():
         for _ in range(n):
             seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
-    return seq[len(prompt):]
+    return seq[len(prompt) :]
 
 
 def test_kv_cache_gives_the_same_greedy_tokens_batched_over_different_lengths(model):
@@ -48,7 +49,11 @@ def test_kv_cache_logits_match_the_full_forward(model):
     with torch.no_grad():
         full = model(tokens)
         cache = model.new_cache()
-        parts = [model(tokens[:, :4], cache=cache), model(tokens[:, 4:6], cache=cache), model(tokens[:, 6:], cache=cache)]
+        parts = [
+            model(tokens[:, :4], cache=cache),
+            model(tokens[:, 4:6], cache=cache),
+            model(tokens[:, 6:], cache=cache),
+        ]
     torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
@@ -93,7 +98,7 @@ def test_stop_tokens_end_each_row_on_its_own(model):
     stop = greedy[0][5]  # the 6th token of the first row
     out = generate(model, PROMPTS, 20, temperature=0, stop_tokens=[stop])
     for full, cut in zip(greedy, out):
-        expected = full[:full.index(stop) + 1] if stop in full else full
+        expected = full[: full.index(stop) + 1] if stop in full else full
         assert cut == expected
     assert len(out[0]) == greedy[0].index(stop) + 1 <= 6
     assert list(stream(model, PROMPTS[0], 20, temperature=0, stop_tokens=[stop])) == out[0]
@@ -110,8 +115,8 @@ def test_stop_strings_stop_generation_and_are_not_shown(model):
     tok = _Chars()
     full = tok.decode(generate(model, [PROMPTS[0]], 30, temperature=0)[0])
     # A string greedy decoding produces, first at a position >= 5: the stream must end just before it.
-    at = next(i for i in range(5, 25) if full.find(full[i:i + 3]) == i)
-    stop = full[at:at + 3]
+    at = next(i for i in range(5, 25) if full.find(full[i : i + 3]) == i)
+    stop = full[at : at + 3]
     text_stream = TextStream(model, tok, PROMPTS[0], 30, stop=["@@not there@@", stop], temperature=0)
     pieces = list(text_stream)
     assert "".join(pieces) == full[:at]

@@ -16,8 +16,12 @@ from tests.conftest import env_for, posttrain_command
 from tests.test_distributed import final_weights, killed_at, losses
 
 # Small and quick: 2 prompts x 4 completions of <= 16 tokens per step, 4 held-out prompts.
-SMALL = ["train.micro_batch_size=2", "grpo.max_new_tokens=16", "grpo.val_prompts=4",
-         "grpo.reward=tests.test_grpo:letter_share"]
+SMALL = [
+    "train.micro_batch_size=2",
+    "grpo.max_new_tokens=16",
+    "grpo.val_prompts=4",
+    "grpo.reward=tests.test_grpo:letter_share",
+]
 
 
 def letter_share(completion: str, example: dict) -> float:
@@ -31,8 +35,14 @@ def source(posttrain_source, tmp_path_factory) -> dict:
 
 
 def run(source: dict, run_dir: Path, *extra: str) -> str:
-    result = subprocess.run(posttrain_command("grpo", source, run_dir, *SMALL, *extra), cwd=source["root"],
-                            env=env_for(source["root"]), capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        posttrain_command("grpo", source, run_dir, *SMALL, *extra),
+        cwd=source["root"],
+        env=env_for(source["root"]),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout + result.stderr
 
@@ -55,8 +65,10 @@ def test_grpo_samples_groups_and_learns_from_their_spread(source):
     assert train[0]["kl"] == 0 and train[-1]["kl"] > 0, "the policy leaves its reference"
     assert all(r["clip_frac"] == 0 for r in train), "one update per sampled batch: the ratio is 1, never clipped"
     assert [r["step"] for r in evals] == [0, 4]  # jobs/grpo.yaml: val_at_start, then at the end
-    assert all({"val_parses", "val_signature", "val_reward", "val_completion_len", "val_distinct_frac"} <= set(r)
-               for r in evals)
+    assert all(
+        {"val_parses", "val_signature", "val_reward", "val_completion_len", "val_distinct_frac"} <= set(r)
+        for r in evals
+    )
 
 
 @pytest.mark.slow
@@ -65,8 +77,15 @@ def test_two_updates_per_batch_clip_and_a_kill_between_them_resumes_exactly(sour
     ratio has left 1, so the clip acts (clip_frac > 0); the first's is exactly 1. Killed after step 2's
     optimizer step, the run resumes from step 1's checkpoint, between the two updates of the first batch:
     the kept batch (tokens, rewards, sampling log-probs) makes step 2 again exactly, and the rest follows."""
-    extra = ["train.max_steps=4", "grpo.num_iterations=2", "checkpoint.every=1", "checkpoint.keep_last=4",
-             "optim.lr=3e-2", "optim.warmup_steps=0", "train.val_at_start=false"]
+    extra = [
+        "train.max_steps=4",
+        "grpo.num_iterations=2",
+        "checkpoint.every=1",
+        "checkpoint.keep_last=4",
+        "optim.lr=3e-2",
+        "optim.warmup_steps=0",
+        "train.val_at_start=false",
+    ]
     reference, killed = source["root"] / "iter-reference", source["root"] / "iter-killed"
     run(source, reference, *extra)
     train, _ = records(reference)
@@ -92,9 +111,19 @@ def test_grpo_with_lora_takes_the_base_as_its_kl_reference(source):
     """With LoRA no second model is built: the reference is the policy with its adapters off, so the KL is 0
     while the adapters are 0 (step 1), and grows once they have learned."""
     run_dir = source["root"] / "lora"
-    output = run(source, run_dir, "train.max_steps=3", "grpo.num_iterations=1", "lora.enabled=true", "lora.rank=4",
-                 "lora.alpha=8", "lora.target_modules=[wq,wv,w1,w2,w3]", "optim.lr=1e-2", "optim.warmup_steps=0",
-                 "train.val_at_start=false")
+    output = run(
+        source,
+        run_dir,
+        "train.max_steps=3",
+        "grpo.num_iterations=1",
+        "lora.enabled=true",
+        "lora.rank=4",
+        "lora.alpha=8",
+        "lora.target_modules=[wq,wv,w1,w2,w3]",
+        "optim.lr=1e-2",
+        "optim.warmup_steps=0",
+        "train.val_at_start=false",
+    )
     assert "LoRA:" in output and "parameters train" in output
     train, _ = records(run_dir)
     assert train[0]["kl"] == 0, "adapters start at zero: the policy is its reference"
@@ -108,8 +137,9 @@ def test_collapsing_completions_are_warned_about_in_the_logs(source):
     """Sampled almost greedily, a group's completions are one answer repeated: distinct_frac falls to about
     1/group_size and the log says so, beside reward_mean."""
     run_dir = source["root"] / "collapse"
-    output = run(source, run_dir, "train.max_steps=1", "grpo.temperature=0.001", "grpo.val_prompts=2",
-                 "train.val_at_start=false")
+    output = run(
+        source, run_dir, "train.max_steps=1", "grpo.temperature=0.001", "grpo.val_prompts=2", "train.val_at_start=false"
+    )
     train, _ = records(run_dir)
     assert train[0]["distinct_frac"] < 0.5
     assert f"warning: GRPO completions are collapsing (distinct_frac {train[0]['distinct_frac']:.2f} < 0.5" in output

@@ -62,8 +62,9 @@ def test_epsilon_high_widens_the_upper_clip_only():
     # A > 0, ratio 1.25: clipped at 1 + 0.2 (loss -1.2, no gradient), but not at 1 + 0.28
     loss, m = grpo_policy_loss(new, old, new.detach(), torch.tensor([1.0]), one, clip_eps=0.2, kl_coef=0)
     assert loss.item() == pytest.approx(-1.2) and m["clip_frac"].item() == 1.0
-    loss, m = grpo_policy_loss(new, old, new.detach(), torch.tensor([1.0]), one, clip_eps=0.2, kl_coef=0,
-                               clip_eps_high=0.28)
+    loss, m = grpo_policy_loss(
+        new, old, new.detach(), torch.tensor([1.0]), one, clip_eps=0.2, kl_coef=0, clip_eps_high=0.28
+    )
     assert loss.item() == pytest.approx(-1.25) and m["clip_frac"].item() == 0.0
     loss.backward()
     assert new.grad.item() == pytest.approx(-1.25)  # d(-ratio)/dlogp = -ratio
@@ -116,8 +117,7 @@ def test_sampled_logprobs_are_the_frequencies_the_sampler_produces():
     log_softmax of the raw logits is measurably another distribution."""
     torch.manual_seed(0)
     logits = torch.randn(1, 8) * 2
-    draws = sample_next(logits.expand(40_000, 8), temperature=0.7, top_k=3,
-                        generator=torch.Generator().manual_seed(1))
+    draws = sample_next(logits.expand(40_000, 8), temperature=0.7, top_k=3, generator=torch.Generator().manual_seed(1))
     freq = torch.bincount(draws, minlength=8).double() / draws.numel()
     labels = torch.arange(8).view(1, 8)
     ours = sampled_logprobs(logits.view(1, 1, 8).expand(1, 8, 8), labels, 0.7, 3).exp().view(8).double()

@@ -54,8 +54,19 @@ def make_run(root: Path, data_dir: Path, *, tie: bool, n_kv_head, step: int = 7)
     """A run folder as the trainer leaves it: config.yaml (vocab_size null) and one checkpoint."""
     vocab = load_tokenizer(data_dir / "tokenizer.json").get_vocab_size()
     # init_std 0.1, not 0.02: peaked attention, so a rotary or norm mismatch shows far above 1e-4.
-    model_section = dict(vocab_size=None, n_layer=2, n_head=4, n_kv_head=n_kv_head, d_model=64, ffn_hidden=None,
-                         max_seq_len=64, rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=tie, init_std=0.1)
+    model_section = dict(
+        vocab_size=None,
+        n_layer=2,
+        n_head=4,
+        n_kv_head=n_kv_head,
+        d_model=64,
+        ffn_hidden=None,
+        max_seq_len=64,
+        rope_theta=10000.0,
+        norm_eps=1e-5,
+        tie_embeddings=tie,
+        init_std=0.1,
+    )
     cfg = GPTConfig(**{**model_section, "vocab_size": 64 * ((vocab + 63) // 64)})
     torch.manual_seed(0)
     model = GPT(cfg)
@@ -67,14 +78,16 @@ def make_run(root: Path, data_dir: Path, *, tie: bool, n_kv_head, step: int = 7)
     opt.step()
     run = root / "run"
     run.mkdir()
-    (run / "config.yaml").write_text(yaml.safe_dump({"kind": "pretrain", "model": model_section,
-                                                     "data": {"dir": str(data_dir), "tokenizer": None}}))
+    (run / "config.yaml").write_text(
+        yaml.safe_dump({"kind": "pretrain", "model": model_section, "data": {"dir": str(data_dir), "tokenizer": None}})
+    )
     save_checkpoint(run, step, model, opt, {"step": step, "tokens_seen": 0})
     return run, model.eval()
 
 
-@pytest.mark.parametrize("tie,n_kv_head", [(True, 2), (False, 2), (True, None)],
-                         ids=["tied-gqa", "untied-gqa", "tied-mha"])
+@pytest.mark.parametrize(
+    "tie,n_kv_head", [(True, 2), (False, 2), (True, None)], ids=["tied-gqa", "untied-gqa", "tied-mha"]
+)
 def test_transformers_reads_the_export(tmp_path, tokenizer_dir, tie, n_kv_head):
     run, model = make_run(tmp_path, tokenizer_dir, tie=tie, n_kv_head=n_kv_head)
     out = export_hf(run, tmp_path / "hf")
@@ -147,12 +160,15 @@ def test_newest_valid_checkpoint_and_overwrite_rules(tmp_path, tokenizer_dir):
     assert state["tok_embeddings.weight"].dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("key,value", [
-    ("rope_scaling", {"rope_type": "linear", "factor": 2.0}),
-    ("attention_bias", True),
-    ("model_type", "mistral"),
-    ("hidden_act", "gelu"),
-])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("rope_scaling", {"rope_type": "linear", "factor": 2.0}),
+        ("attention_bias", True),
+        ("model_type", "mistral"),
+        ("hidden_act", "gelu"),
+    ],
+)
 def test_unrepresentable_configs_are_refused(tmp_path, exported, key, value):
     out = shutil.copytree(exported, tmp_path / "hf")
     config = json.loads((out / "config.json").read_text())
@@ -222,17 +238,30 @@ def test_export_reassembles_a_checkpoint_saved_by_two_tensor_parallel_ranks(tmp_
     from tests.conftest import env_for
 
     vocab = load_tokenizer(tokenizer_dir / "tokenizer.json").get_vocab_size()
-    section = dict(vocab_size=None, n_layer=2, n_head=4, n_kv_head=2, d_model=64, max_seq_len=64,
-                   tie_embeddings=False)
+    section = dict(vocab_size=None, n_layer=2, n_head=4, n_kv_head=2, d_model=64, max_seq_len=64, tie_embeddings=False)
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.yaml").write_text(yaml.safe_dump({"model": section, "data": {"dir": str(tokenizer_dir)}}))
     script = tmp_path / "save.py"
     script.write_text(SAVE_ON_TWO_RANKS)
     cfg = json.dumps({**section, "vocab_size": 64 * ((vocab + 63) // 64)})
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(script), str(run), cfg], cwd=tmp_path, env=env_for(tmp_path),
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(script),
+            str(run),
+            cfg,
+        ],
+        cwd=tmp_path,
+        env=env_for(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     shards = sorted((run / "checkpoints" / "step_00000005" / "model").glob("*.safetensors"))
     writers = {p.name.split("-model-")[0] for p in shards}  # "shard-0000R": the rank that wrote it

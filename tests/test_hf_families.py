@@ -30,17 +30,38 @@ transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=64, rms_norm_eps=1e-6, initializer_range=0.1)
+TINY = dict(
+    vocab_size=320,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-6,
+    initializer_range=0.1,
+)
 # Llama 3.1's scaling with a 64-position "pretraining context": over 16 dims at theta 1e4 the wavelengths fall in
 # all three bands (kept, interpolated, slowed by factor).
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 64}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
 FAMILIES = {
     "llama3-gqa-untied": ("Llama", dict(num_key_value_heads=2, tie_word_embeddings=False, rope_scaling=LLAMA3_ROPE)),
     "smollm2-tied": ("Llama", dict(num_key_value_heads=2, tie_word_embeddings=True, rope_theta=100000.0)),
-    "qwen2-tied": ("Qwen2", dict(num_key_value_heads=2, tie_word_embeddings=True, use_sliding_window=False,
-                                 sliding_window=32, max_window_layers=1)),  # a window named, not used
+    "qwen2-tied": (
+        "Qwen2",
+        dict(
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+            use_sliding_window=False,
+            sliding_window=32,
+            max_window_layers=1,
+        ),
+    ),  # a window named, not used
     "qwen3": ("Qwen3", dict(num_key_value_heads=2, head_dim=32, tie_word_embeddings=True)),  # head_dim != 64 / 4
 }
 
@@ -120,11 +141,17 @@ def save_config(folder: Path, prefix: str, **extra) -> Path:
 
 # config.json as transformers writes it, with a family or option our GPT doesn't have
 REFUSED = {
-    "sliding-window": (("Qwen2", dict(use_sliding_window=True, sliding_window=16, max_window_layers=1)),
-                       "layer_types", "sliding_attention"),
+    "sliding-window": (
+        ("Qwen2", dict(use_sliding_window=True, sliding_window=16, max_window_layers=1)),
+        "layer_types",
+        "sliding_attention",
+    ),
     "moe": (("Qwen3Moe", dict(num_experts=4, num_experts_per_tok=2)), "model_type", "'qwen3_moe'"),
-    "rope-yarn": (("Llama", dict(rope_scaling={"rope_type": "yarn", "factor": 4.0,
-                                               "original_max_position_embeddings": 32})), "rope_scaling", "'yarn'"),
+    "rope-yarn": (
+        ("Llama", dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32})),
+        "rope_scaling",
+        "'yarn'",
+    ),
     "gelu": (("Llama", dict(hidden_act="gelu")), "hidden_act", "'gelu'"),
 }
 
@@ -142,10 +169,21 @@ def test_unsupported_families_and_options_are_refused_naming_key_and_value(tmp_p
 def test_orch_submit_refuses_an_unsupported_init_from_before_queueing(tmp_path):
     folder = save_config(tmp_path / "qwen", "Qwen2", use_sliding_window=True, sliding_window=16, max_window_layers=1)
     result = subprocess.run(
-        [sys.executable, "-m", "orchestrator.cli", "submit", str(REPO / "jobs" / "sft.yaml"),
-         f"checkpoint.init_from={folder}", "executor=local"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
-        env={"PYTHONPATH": str(REPO), "ORCH_HOME": str(tmp_path / ".orch"), "PATH": "/usr/bin:/bin"})
+        [
+            sys.executable,
+            "-m",
+            "orchestrator.cli",
+            "submit",
+            str(REPO / "jobs" / "sft.yaml"),
+            f"checkpoint.init_from={folder}",
+            "executor=local",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PYTHONPATH": str(REPO), "ORCH_HOME": str(tmp_path / ".orch"), "PATH": "/usr/bin:/bin"},
+    )
     assert result.returncode == 2, result.stderr
     assert f"key 'checkpoint.init_from' has the value '{folder}'" in result.stderr
     assert f"{folder / 'config.json'}: key 'layer_types' has the value" in result.stderr
@@ -194,21 +232,36 @@ def test_a_lora_sft_run_from_a_qwen2_folder_exports_merged(tmp_path, posttrain_s
 
     vocab = 64 * ((load_tokenizer(posttrain_source["tokenizer"]).get_vocab_size() + 63) // 64)
     _, extra = FAMILIES["qwen2-tied"]
-    config = transformers.Qwen2Config(**{**TINY, **extra, "vocab_size": vocab,
-                                         "max_position_embeddings": POSTTRAIN_SEQ})
+    config = transformers.Qwen2Config(
+        **{**TINY, **extra, "vocab_size": vocab, "max_position_embeddings": POSTTRAIN_SEQ}
+    )
     torch.manual_seed(0)
     transformers.Qwen2ForCausalLM(config).save_pretrained(tmp_path / "qwen2", safe_serialization=True)
     shutil.copyfile(posttrain_source["tokenizer"], tmp_path / "qwen2" / "tokenizer.json")
 
     run = tmp_path / "run"
-    cmd = posttrain_command("sft", dict(posttrain_source, run=tmp_path / "qwen2"), run, "train.max_steps=2",
-                            "optim.lr=1e-2", "train.val_at_start=false", "lora.enabled=true", "lora.rank=4",
-                            "lora.alpha=8", "lora.target_modules=[wq,wk,wv,w1]")
+    cmd = posttrain_command(
+        "sft",
+        dict(posttrain_source, run=tmp_path / "qwen2"),
+        run,
+        "train.max_steps=2",
+        "optim.lr=1e-2",
+        "train.val_at_start=false",
+        "lora.enabled=true",
+        "lora.rank=4",
+        "lora.alpha=8",
+        "lora.target_modules=[wq,wk,wv,w1]",
+    )
     result = subprocess.run(cmd, cwd=tmp_path, env=env_for(tmp_path), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    result = subprocess.run([sys.executable, "-m", "orchestrator.cli", "export", str(run), "--hf",
-                             str(tmp_path / "out"), "--merge"], cwd=tmp_path, env=env_for(tmp_path),
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "export", str(run), "--hf", str(tmp_path / "out"), "--merge"],
+        cwd=tmp_path,
+        env=env_for(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
 
     ours, _ = load_model(run)
@@ -264,7 +317,12 @@ def test_qwen3_q_k_norm_gains_get_whole_gradients_under_tensor_parallel(tmp_path
     from conftest import env_for
 
     (tmp_path / "tp.py").write_text(TP_SCRIPT)
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(tmp_path / "tp.py")], cwd=tmp_path, env=env_for(tmp_path), capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(tmp_path / "tp.py")],
+        cwd=tmp_path,
+        env=env_for(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0 and "gradients match" in result.stdout, result.stdout[-2000:] + result.stderr[-3000:]

@@ -16,13 +16,23 @@ pytestmark = pytest.mark.slow
 
 
 def orch(tmp_path, *args, **kw):
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=tmp_path, env=env_for(tmp_path),
-                          capture_output=True, text=True, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", *args],
+        cwd=tmp_path,
+        env=env_for(tmp_path),
+        capture_output=True,
+        text=True,
+        **kw,
+    )
 
 
 def submit(tmp_path, data_dir, *extra):
-    result = orch(tmp_path, "submit", str(REPO / "jobs" / "pretrain.yaml"),
-                  *tiny_overrides(data_dir, f"runs_dir={tmp_path / 'runs'}", *extra))
+    result = orch(
+        tmp_path,
+        "submit",
+        str(REPO / "jobs" / "pretrain.yaml"),
+        *tiny_overrides(data_dir, f"runs_dir={tmp_path / 'runs'}", *extra),
+    )
     assert result.returncode == 0, result.stderr
     run_id = result.stdout.split()[1]
     return run_id, Registry(tmp_path / ".orch" / "registry.db")
@@ -69,7 +79,9 @@ def test_a_killed_trainer_is_restarted_and_resumes(tmp_path, tiny_data):
     run_id, registry = submit(tmp_path, tiny_data, "train.max_steps=40", "checkpoint.every=10")
     run_dir = registry.get(run_id).run_dir
     wait_for(lambda: os.path.isdir(os.path.join(run_dir, "checkpoints", "step_00000010")), "the first checkpoint")
-    trainer = subprocess.run(["pgrep", "-f", f"training.main .*{run_id}"], capture_output=True, text=True).stdout.split()
+    trainer = subprocess.run(
+        ["pgrep", "-f", f"training.main .*{run_id}"], capture_output=True, text=True
+    ).stdout.split()
     assert trainer
     os.kill(int(trainer[0]), signal.SIGKILL)
     wait_for(lambda: registry.get(run_id).finished, "the run to finish", timeout=600)

@@ -82,11 +82,14 @@ def test_only_adapters_get_gradients_and_modules_to_save_train_too():
     assert "norm.weight" in model.checkpoint_keys and "norm.weight" not in model.fresh_keys
 
 
-@pytest.mark.parametrize("kw, match", [
-    ({"target_modules": ["wz"]}, "'wz', which matches no projection"),
-    ({"target_modules": ["wq"], "modules_to_save": ["head"]}, "'head', which is no module"),
-    ({"target_modules": ["wq"], "rank": 0}, "lora.rank=0"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"target_modules": ["wz"]}, "'wz', which matches no projection"),
+        ({"target_modules": ["wq"], "modules_to_save": ["head"]}, "'head', which is no module"),
+        ({"target_modules": ["wq"], "rank": 0}, "lora.rank=0"),
+    ],
+)
 def test_bad_targets_are_named(kw, match):
     args = {"rank": 4, "alpha": 8, **kw}
     with pytest.raises(ValueError, match=match):
@@ -108,8 +111,9 @@ def source(posttrain_source, tmp_path_factory) -> dict:
 
 
 def job(kind: str, source: dict, run_dir: Path, *extra: str, nproc: int = 1) -> list[str]:
-    return posttrain_command(kind, source, run_dir, "optim.lr=3e-3", "train.val_at_start=false", *LORA, *extra,
-                             nproc=nproc)
+    return posttrain_command(
+        kind, source, run_dir, "optim.lr=3e-3", "train.val_at_start=false", *LORA, *extra, nproc=nproc
+    )
 
 
 def run_job(cmd: list[str], cwd: Path, expect: int = 0) -> str:
@@ -120,8 +124,13 @@ def run_job(cmd: list[str], cwd: Path, expect: int = 0) -> str:
 
 @pytest.mark.slow
 def test_lora_sft_on_two_fsdp_ranks_saves_adapters_only_and_resumes_exactly(source):
-    extra = ["train.max_steps=8", "checkpoint.every=3", "checkpoint.keep_last=3", "train.micro_batch_size=2",
-             "sft.val_max=8"]
+    extra = [
+        "train.max_steps=8",
+        "checkpoint.every=3",
+        "checkpoint.keep_last=3",
+        "train.micro_batch_size=2",
+        "sft.val_max=8",
+    ]
     reference, killed = source["root"] / "lora-reference", source["root"] / "lora-killed"
     output = run_job(job("sft", source, reference, *extra, nproc=2), source["root"])
     assert "LoRA:" in output and "parameters train" in output
@@ -169,8 +178,10 @@ def test_a_changed_base_stops_the_resume_with_a_sentence(source, tmp_path):
 @pytest.mark.slow
 def test_lora_dpo_uses_the_base_as_its_reference(source):
     run_dir = source["root"] / "lora-dpo"
-    output = run_job(job("dpo", source, run_dir, "train.max_steps=3", "train.micro_batch_size=4", "dpo.val_max=8",
-                         "optim.lr=1e-2"), source["root"])
+    output = run_job(
+        job("dpo", source, run_dir, "train.max_steps=3", "train.micro_batch_size=4", "dpo.val_max=8", "optim.lr=1e-2"),
+        source["root"],
+    )
     assert "initialized weights" in output
     train = losses(run_dir)
     assert train[1] == pytest.approx(0.6931, abs=1e-3), "adapters start at zero: policy = reference, loss log 2"
@@ -191,8 +202,9 @@ def test_export_writes_the_base_and_a_peft_adapter_that_peft_loads_with_our_logi
     for merge in (False, True):
         target = out if not merge else tmp_path / "hf-merged"
         cmd = [sys.executable, "-m", "orchestrator.cli", "export", str(run_dir), "--hf", str(target)]
-        result = subprocess.run(cmd + (["--merge"] if merge else []), cwd=tmp_path, env=env_for(tmp_path),
-                                capture_output=True, text=True)
+        result = subprocess.run(
+            cmd + (["--merge"] if merge else []), cwd=tmp_path, env=env_for(tmp_path), capture_output=True, text=True
+        )
         assert result.returncode == 0, result.stderr
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8

@@ -27,8 +27,12 @@ def saved_by_attention_and_mlp(model: GPT, dtype: torch.dtype, autocast: bool) -
     distinct non-leaf tensors, as in the model."""
     batch, seq = 3, 20  # 60 rows: no weight has that shape, so copies of weights are told apart by their shape
     params = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    weight_shapes = {shape for m in model.modules() if isinstance(m, torch.nn.Linear)  # as saved: transposed
-                     for shape in (tuple(m.weight.shape), tuple(m.weight.shape)[::-1])}
+    weight_shapes = {
+        shape
+        for m in model.modules()
+        if isinstance(m, torch.nn.Linear)  # as saved: transposed
+        for shape in (tuple(m.weight.shape), tuple(m.weight.shape)[::-1])
+    }
     saved: dict[int, tuple[int, bool]] = {}
 
     def pack(t):
@@ -57,8 +61,9 @@ def test_a_blocks_saved_activations_are_the_plans(fsdp):
     model.init_weights(seed=0)
     if fsdp:
         model = model.to(torch.bfloat16)
-    activations, weight_copies = saved_by_attention_and_mlp(model, torch.bfloat16 if fsdp else torch.float32,
-                                                           autocast=not fsdp)
+    activations, weight_copies = saved_by_attention_and_mlp(
+        model, torch.bfloat16 if fsdp else torch.float32, autocast=not fsdp
+    )
     terms = layer_activations(cfg, tp=1, fsdp=fsdp)
     assert activations == terms["linear_inputs"] + terms["attention_and_mlp"]
     if not fsdp:

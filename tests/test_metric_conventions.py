@@ -16,8 +16,13 @@ from training.data.tokenizer import EOS_ID, text_nats_and_bytes, token_byte_leng
 from training.evaluate.scoring import multiple_choice
 from training.evaluate.tasks import Task
 
-DOCS = ["Καλημέρα κόσμε, τι κάνεις σήμερα;", "日本語のテキストも数えます。", "naïve café, crème brûlée — déjà vu 🙂",
-        "plain ASCII text between the others", "Ελληνικά και 中文 mixed"]
+DOCS = [
+    "Καλημέρα κόσμε, τι κάνεις σήμερα;",
+    "日本語のテキストも数えます。",
+    "naïve café, crème brûlée — déjà vu 🙂",
+    "plain ASCII text between the others",
+    "Ελληνικά και 中文 mixed",
+]
 
 
 @pytest.fixture(scope="module")
@@ -53,19 +58,32 @@ def test_bits_per_byte_counts_the_texts_bytes_and_leaves_end_of_text_targets_out
 
 
 def choice_task(tmp_path: Path, docs: list[dict]) -> Task:
-    return Task(name="non_ascii", path=tmp_path / "non_ascii.yaml", output_type="multiple_choice", docs=docs,
-                doc_to_text="{{context}}", doc_to_choice="{{choices}}", doc_to_target="{{label}}")
+    return Task(
+        name="non_ascii",
+        path=tmp_path / "non_ascii.yaml",
+        output_type="multiple_choice",
+        docs=docs,
+        doc_to_text="{{context}}",
+        doc_to_choice="{{choices}}",
+        doc_to_target="{{label}}",
+    )
 
 
 def test_acc_norm_divides_the_log_likelihood_by_characters_as_lm_eval_does(tokenizer, model, tmp_path):
     """Choices of about the same number of characters but 1 to 4 bytes each, so that dividing by bytes ranks
     them otherwise. Each record's label is the choice lm-evaluation-harness's acc_norm picks (the highest
     log-likelihood per character, len(choice)): ours must pick it every time."""
-    choices = [["café", "cafe", "日本語", "κόσμε"], ["déjà vu", "deja vu", "中文字", "🙂🙂"],
-               ["naïve", "naive", "Ελλην", "テキスト"], ["brûlée", "brulee", "σήμερα", "のテキ"]]
-    docs = [{"context": context, "choices": c, "label": 0}
-            for context in ("Καλημέρα", "plain ASCII", "日本語の", "mixed 中文", "crème")
-            for c in choices]
+    choices = [
+        ["café", "cafe", "日本語", "κόσμε"],
+        ["déjà vu", "deja vu", "中文字", "🙂🙂"],
+        ["naïve", "naive", "Ελλην", "テキスト"],
+        ["brûlée", "brulee", "σήμερα", "のテキ"],
+    ]
+    docs = [
+        {"context": context, "choices": c, "label": 0}
+        for context in ("Καλημέρα", "plain ASCII", "日本語の", "mixed 中文", "crème")
+        for c in choices
+    ]
     lls = multiple_choice(model, tokenizer, choice_task(tmp_path, docs), batch_size=8)["loglikelihoods"]
 
     def picks(length) -> list[int]:

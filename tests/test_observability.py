@@ -19,12 +19,29 @@ pytest.importorskip("tensorboard")
 
 
 def train(run_dir: Path, data_dir: str, *extra: str, fault: str = "") -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "training.main", JOB,
-                           *tiny_overrides(data_dir, "logging.backends=[jsonl,tensorboard]", "train.log_every=1",
-                                           "train.max_steps=12", "checkpoint.every=4", *extra),
-                           "--run-dir", str(run_dir)],
-                          cwd=run_dir.parent, env=dict(env_for(run_dir.parent), ORCH_FAULT=fault),
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "training.main",
+            JOB,
+            *tiny_overrides(
+                data_dir,
+                "logging.backends=[jsonl,tensorboard]",
+                "train.log_every=1",
+                "train.max_steps=12",
+                "checkpoint.every=4",
+                *extra,
+            ),
+            "--run-dir",
+            str(run_dir),
+        ],
+        cwd=run_dir.parent,
+        env=dict(env_for(run_dir.parent), ORCH_FAULT=fault),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def tensorboard_scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
@@ -79,15 +96,25 @@ def test_goodput_sums_attempts_and_the_gaps_between_them():
     def attempt(start, last, **buckets):
         return {"start": start, "last": last, "buckets": buckets, "lost_steps": buckets.get("lost", 0) and 2}
 
-    account = summarize([attempt(100.0, 160.0, productive=40.0, restart=10.0, checkpoint=5.0, other=5.0),
-                         attempt(170.0, 200.0, productive=20.0, lost=4.0, restart=6.0)])
+    account = summarize(
+        [
+            attempt(100.0, 160.0, productive=40.0, restart=10.0, checkpoint=5.0, other=5.0),
+            attempt(170.0, 200.0, productive=20.0, lost=4.0, restart=6.0),
+        ]
+    )
     assert account["wall_s"] == 100.0 and account["attempts"] == 2 and account["lost_steps"] == 2
     assert account["buckets_s"]["interrupted"] == 10.0  # 160 -> 170: killed after its last record, restarted
     assert account["buckets_s"]["productive"] == 60.0 and account["goodput"] == 0.6
 
 
 def test_an_unknown_tracker_is_refused_with_the_key(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "orchestrator.cli", "config", JOB, "logging.backends=[jsonl,comet]"],
-                            cwd=tmp_path, env=env_for(tmp_path), capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "config", JOB, "logging.backends=[jsonl,comet]"],
+        cwd=tmp_path,
+        env=env_for(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert "logging.backends[1]" in result.stderr and "comet" in result.stderr

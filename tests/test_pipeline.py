@@ -21,14 +21,24 @@ PRETRAIN = str(REPO / "jobs" / "pretrain.yaml")
 
 
 def orch(tmp_path, *args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=tmp_path, env=env_for(tmp_path),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", *args],
+        cwd=tmp_path,
+        env=env_for(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def write_pipeline(tmp_path, stages: dict, overrides=(), name="tiny", executor="local") -> Path:
     path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({"kind": "pipeline", "name": name, "executor": executor,
-                                    "overrides": list(overrides), "stages": stages}, sort_keys=False))
+    path.write_text(
+        yaml.safe_dump(
+            {"kind": "pipeline", "name": name, "executor": executor, "overrides": list(overrides), "stages": stages},
+            sort_keys=False,
+        )
+    )
     return path
 
 
@@ -76,17 +86,30 @@ def final_weights(run_dir: str) -> dict[str, torch.Tensor]:
 
 
 BAD = {
-    "cycle": ({"a": {"job": PRETRAIN, "after": "c"}, "b": {"job": PRETRAIN, "after": "a"},
-               "c": {"job": PRETRAIN, "after": "b"}},
-              ["cycle", "'after'", "a -> b -> c -> a"]),
-    "unknown_after": ({"pretrain": {"job": PRETRAIN}, "sft": {"job": PRETRAIN, "after": "pretrian"}},
-                      ["stages.sft.after", "'pretrian'", "Did you mean 'pretrain'?"]),
-    "missing_job": ({"pretrain": {"job": PRETRAIN}, "sft": {"job": "no-such-job.yaml", "after": "pretrain"}},
-                    ["stages.sft.job", "'no-such-job.yaml'", "no such job file"]),
-    "bad_stage_job": ({"pretrain": {"job": PRETRAIN, "overrides": ["train.max_stepz=3"]}},
-                      ["stage 'pretrain'", "train.max_stepz", "Did you mean 'train.max_steps'?"]),
-    "unknown_stage_key": ({"pretrain": {"job": PRETRAIN, "afterr": "x"}},
-                          ["stages.pretrain.afterr", "Did you mean 'after'?"]),
+    "cycle": (
+        {
+            "a": {"job": PRETRAIN, "after": "c"},
+            "b": {"job": PRETRAIN, "after": "a"},
+            "c": {"job": PRETRAIN, "after": "b"},
+        },
+        ["cycle", "'after'", "a -> b -> c -> a"],
+    ),
+    "unknown_after": (
+        {"pretrain": {"job": PRETRAIN}, "sft": {"job": PRETRAIN, "after": "pretrian"}},
+        ["stages.sft.after", "'pretrian'", "Did you mean 'pretrain'?"],
+    ),
+    "missing_job": (
+        {"pretrain": {"job": PRETRAIN}, "sft": {"job": "no-such-job.yaml", "after": "pretrain"}},
+        ["stages.sft.job", "'no-such-job.yaml'", "no such job file"],
+    ),
+    "bad_stage_job": (
+        {"pretrain": {"job": PRETRAIN, "overrides": ["train.max_stepz=3"]}},
+        ["stage 'pretrain'", "train.max_stepz", "Did you mean 'train.max_steps'?"],
+    ),
+    "unknown_stage_key": (
+        {"pretrain": {"job": PRETRAIN, "afterr": "x"}},
+        ["stages.pretrain.afterr", "Did you mean 'after'?"],
+    ),
 }
 
 
@@ -139,9 +162,20 @@ def register_chain(reg: Registry, tmp_path, pipeline_id: str, states: dict[str, 
     parent = None
     for stage, state in states.items():
         run_id = f"{pipeline_id}-{stage}"
-        reg.add(Run(id=run_id, name=stage, kind="pretrain", executor="local", state=state,
-                    run_dir=str(tmp_path / run_id), created_at=created_at, pipeline_id=pipeline_id, stage=stage,
-                    depends_on=parent))
+        reg.add(
+            Run(
+                id=run_id,
+                name=stage,
+                kind="pretrain",
+                executor="local",
+                state=state,
+                run_dir=str(tmp_path / run_id),
+                created_at=created_at,
+                pipeline_id=pipeline_id,
+                stage=stage,
+                depends_on=parent,
+            )
+        )
         parent = run_id
 
 
@@ -154,7 +188,9 @@ def test_stages_after_a_failure_or_a_vanished_supervisor_are_cancelled(tmp_path)
     cancelled = cancel_dependents(reg, reg.list(pipeline_id="p1"))
     assert [r.stage for r in cancelled] == ["c", "d"]
     assert {r.stage: (r.state, r.reason) for r in reg.list(pipeline_id="p1")}["d"] == (
-        "CANCELLED", "dependency b failed")  # named after the stage that failed, not its direct parent
+        "CANCELLED",
+        "dependency b failed",
+    )  # named after the stage that failed, not its direct parent
     assert reg.get("p1-a").state == "COMPLETED"
 
     # a local pipeline whose supervisor is gone (no live pid) would leave its stages PENDING forever
@@ -166,15 +202,17 @@ def test_stages_after_a_failure_or_a_vanished_supervisor_are_cancelled(tmp_path)
     assert reg.active_pipelines() == ["p3"]
 
 
-
-
 def test_local_pipeline_runs_each_stage_from_its_parents_final_checkpoint(tmp_path, tiny_data):
     # b trains 0 steps: the checkpoint it saves must be exactly the weights it started from, a's last.
-    path = write_pipeline(tmp_path, {
-        "a": {"job": PRETRAIN, "overrides": ["train.max_steps=4"]},
-        "b": {"job": PRETRAIN, "after": "a", "overrides": ["train.max_steps=0"]},
-        "c": {"job": PRETRAIN, "after": "b", "overrides": ["train.max_steps=3"]},
-    }, overrides=tiny_pipeline_overrides(tmp_path, tiny_data))
+    path = write_pipeline(
+        tmp_path,
+        {
+            "a": {"job": PRETRAIN, "overrides": ["train.max_steps=4"]},
+            "b": {"job": PRETRAIN, "after": "a", "overrides": ["train.max_steps=0"]},
+            "c": {"job": PRETRAIN, "after": "b", "overrides": ["train.max_steps=3"]},
+        },
+        overrides=tiny_pipeline_overrides(tmp_path, tiny_data),
+    )
     result = orch(tmp_path, "submit", str(path))
     assert result.returncode == 0, result.stderr
     pipeline_id, ids = submitted_ids(result.stdout)
@@ -212,18 +250,26 @@ def test_local_pipeline_runs_each_stage_from_its_parents_final_checkpoint(tmp_pa
 
 def test_a_failed_stage_cancels_its_dependents(tmp_path, tiny_data):
     # b asks for a model narrower than a's checkpoint: loading it fails at run time, not at submit time.
-    path = write_pipeline(tmp_path, {
-        "a": {"job": PRETRAIN},
-        "b": {"job": PRETRAIN, "after": "a", "overrides": ["model.d_model=32"]},
-        "c": {"job": PRETRAIN, "after": "b"},
-        "d": {"job": PRETRAIN, "after": "c"},
-    }, overrides=[*tiny_pipeline_overrides(tmp_path, tiny_data), "train.max_steps=2"])
+    path = write_pipeline(
+        tmp_path,
+        {
+            "a": {"job": PRETRAIN},
+            "b": {"job": PRETRAIN, "after": "a", "overrides": ["model.d_model=32"]},
+            "c": {"job": PRETRAIN, "after": "b"},
+            "d": {"job": PRETRAIN, "after": "c"},
+        },
+        overrides=[*tiny_pipeline_overrides(tmp_path, tiny_data), "train.max_steps=2"],
+    )
     result = orch(tmp_path, "submit", str(path), "--follow")
     assert result.returncode == 1, result.stdout[-3000:]
     pipeline_id, _ = submitted_ids(result.stdout)
     runs = {r.stage: r for r in registry(tmp_path).list(pipeline_id=pipeline_id)}
-    assert {s: r.state for s, r in runs.items()} == {"a": "COMPLETED", "b": "FAILED", "c": "CANCELLED",
-                                                     "d": "CANCELLED"}
+    assert {s: r.state for s, r in runs.items()} == {
+        "a": "COMPLETED",
+        "b": "FAILED",
+        "c": "CANCELLED",
+        "d": "CANCELLED",
+    }
     assert runs["c"].reason == runs["d"].reason == "dependency b failed"
     assert runs["c"].attempts == runs["d"].attempts == 0, "never started"
     assert not (Path(runs["c"].run_dir) / "logs" / "train.log").exists()
@@ -231,10 +277,14 @@ def test_a_failed_stage_cancels_its_dependents(tmp_path, tiny_data):
 
 
 def test_cancelling_a_pipeline_stops_the_running_stage_and_the_rest(tmp_path, tiny_data):
-    path = write_pipeline(tmp_path, {
-        "a": {"job": PRETRAIN, "overrides": ["train.max_steps=100000"]},
-        "b": {"job": PRETRAIN, "after": "a"},
-    }, overrides=tiny_pipeline_overrides(tmp_path, tiny_data))
+    path = write_pipeline(
+        tmp_path,
+        {
+            "a": {"job": PRETRAIN, "overrides": ["train.max_steps=100000"]},
+            "b": {"job": PRETRAIN, "after": "a"},
+        },
+        overrides=tiny_pipeline_overrides(tmp_path, tiny_data),
+    )
     result = orch(tmp_path, "submit", str(path))
     assert result.returncode == 0, result.stderr
     pipeline_id, ids = submitted_ids(result.stdout)
@@ -254,15 +304,17 @@ def test_cancelling_a_pipeline_stops_the_running_stage_and_the_rest(tmp_path, ti
 
 def squeue_jobs(job_ids) -> dict[str, tuple[str, str]]:
     """job id -> (state, dependency) for the jobs slurmctld still knows."""
-    out = subprocess.run(["squeue", "-h", "-t", "all", "-j", ",".join(job_ids), "-o", "%i|%T|%E"],
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["squeue", "-h", "-t", "all", "-j", ",".join(job_ids), "-o", "%i|%T|%E"], capture_output=True, text=True
+    ).stdout
     return {i: (state, dep) for i, state, dep in (line.split("|") for line in out.split())}
 
 
 def sacct_state(job_id: str) -> str:
     """The job's state in the accounting database ("" until slurmdbd has it); "CANCELLED by 0" -> "CANCELLED"."""
-    out = subprocess.run(["sacct", "--parsable2", "-n", "-X", "-j", job_id, "-o", "State"],
-                         capture_output=True, text=True).stdout.splitlines()
+    out = subprocess.run(
+        ["sacct", "--parsable2", "-n", "-X", "-j", job_id, "-o", "State"], capture_output=True, text=True
+    ).stdout.splitlines()
     return out[-1].split()[0] if out and out[-1].strip() else ""
 
 
@@ -271,11 +323,17 @@ def slurm_stages(tmp_path, pipeline_id) -> dict:
 
 
 @pytest.mark.slurm
-def test_slurm_pipeline_queues_every_stage_with_dependencies_and_completes(slurm_cluster, tmp_path, tiny_data):
+def test_slurm_pipeline_queues_every_stage_with_dependencies_and_completes(slurm_cluster, tmp_path, tiny_data):  # noqa: F811  (the fixture, imported above)
     pytest.importorskip("orchestrator.executors.slurm")
     chain = REPO / "jobs" / "pipeline-pretrain-chain.yaml"
-    result = orch(tmp_path, "submit", str(chain), "executor=slurm", *tiny_pipeline_overrides(tmp_path, tiny_data),
-                  "train.max_steps=2")
+    result = orch(
+        tmp_path,
+        "submit",
+        str(chain),
+        "executor=slurm",
+        *tiny_pipeline_overrides(tmp_path, tiny_data),
+        "train.max_steps=2",
+    )
     assert result.returncode == 0, result.stderr
     pipeline_id, ids = submitted_ids(result.stdout)
     stages = slurm_stages(tmp_path, pipeline_id)
@@ -301,21 +359,30 @@ def test_slurm_pipeline_queues_every_stage_with_dependencies_and_completes(slurm
 
 
 @pytest.mark.slurm
-def test_slurm_pipeline_cancels_the_dependents_of_a_failed_stage(slurm_cluster, tmp_path, tiny_data):
+def test_slurm_pipeline_cancels_the_dependents_of_a_failed_stage(slurm_cluster, tmp_path, tiny_data):  # noqa: F811  (the fixture, imported above)
     pytest.importorskip("orchestrator.executors.slurm")
-    path = write_pipeline(tmp_path, {
-        # a's init_from has no checkpoint: it fails at run time, on the cluster
-        "a": {"job": PRETRAIN, "overrides": [f"checkpoint.init_from={tmp_path / 'no-such-run'}"]},
-        "b": {"job": PRETRAIN, "after": "a"},
-        "c": {"job": PRETRAIN, "after": "b"},
-        "d": {"job": PRETRAIN, "after": "c"},
-    }, overrides=[*tiny_pipeline_overrides(tmp_path, tiny_data), "train.max_steps=2"], executor="slurm")
+    path = write_pipeline(
+        tmp_path,
+        {
+            # a's init_from has no checkpoint: it fails at run time, on the cluster
+            "a": {"job": PRETRAIN, "overrides": [f"checkpoint.init_from={tmp_path / 'no-such-run'}"]},
+            "b": {"job": PRETRAIN, "after": "a"},
+            "c": {"job": PRETRAIN, "after": "b"},
+            "d": {"job": PRETRAIN, "after": "c"},
+        },
+        overrides=[*tiny_pipeline_overrides(tmp_path, tiny_data), "train.max_steps=2"],
+        executor="slurm",
+    )
     result = orch(tmp_path, "submit", str(path), "--follow", timeout=300)
     assert result.returncode == 1, result.stdout[-3000:]
     pipeline_id, _ = submitted_ids(result.stdout)
     stages = slurm_stages(tmp_path, pipeline_id)
-    assert {s: r.state for s, r in stages.items()} == {"a": "FAILED", "b": "CANCELLED", "c": "CANCELLED",
-                                                       "d": "CANCELLED"}
+    assert {s: r.state for s, r in stages.items()} == {
+        "a": "FAILED",
+        "b": "CANCELLED",
+        "c": "CANCELLED",
+        "d": "CANCELLED",
+    }
     assert "no-such-run" in stages["a"].reason
     assert stages["b"].reason == stages["c"].reason == stages["d"].reason == "dependency a failed"
     cancelled = [stages[s].slurm_job_id for s in "bcd"]
@@ -325,13 +392,18 @@ def test_slurm_pipeline_cancels_the_dependents_of_a_failed_stage(slurm_cluster, 
 
 
 @pytest.mark.slurm
-def test_cancelling_a_slurm_pipeline_scancels_every_stage_and_waits_for_slurm(slurm_cluster, tmp_path, tiny_data):
+def test_cancelling_a_slurm_pipeline_scancels_every_stage_and_waits_for_slurm(slurm_cluster, tmp_path, tiny_data):  # noqa: F811  (the fixture, imported above)
     pytest.importorskip("orchestrator.executors.slurm")
-    path = write_pipeline(tmp_path, {
-        "a": {"job": PRETRAIN, "overrides": ["train.max_steps=100000"]},  # still pending or training when cancelled
-        "b": {"job": PRETRAIN, "after": "a"},
-        "c": {"job": PRETRAIN, "after": "b"},
-    }, overrides=[*tiny_pipeline_overrides(tmp_path, tiny_data), "train.max_steps=2"], executor="slurm")
+    path = write_pipeline(
+        tmp_path,
+        {
+            "a": {"job": PRETRAIN, "overrides": ["train.max_steps=100000"]},  # still pending or training when cancelled
+            "b": {"job": PRETRAIN, "after": "a"},
+            "c": {"job": PRETRAIN, "after": "b"},
+        },
+        overrides=[*tiny_pipeline_overrides(tmp_path, tiny_data), "train.max_steps=2"],
+        executor="slurm",
+    )
     result = orch(tmp_path, "submit", str(path))
     assert result.returncode == 0, result.stderr
     pipeline_id, _ = submitted_ids(result.stdout)
@@ -344,9 +416,17 @@ def test_cancelling_a_slurm_pipeline_scancels_every_stage_and_waits_for_slurm(sl
     stages = slurm_stages(tmp_path, pipeline_id)
     assert {s: r.state for s, r in stages.items()} == dict.fromkeys("abc", "CANCELLING"), result.stdout
     assert {r.reason for r in stages.values()} == {"pipeline cancelled by user"}
-    wait_until(lambda: not [j for j, (state, _) in squeue_jobs(list(jobs.values())).items()
-                            if state in ("PENDING", "RUNNING", "CONFIGURING", "REQUEUED")],
-               60, "Slurm to end the pipeline's jobs")
+    wait_until(
+        lambda: (
+            not [
+                j
+                for j, (state, _) in squeue_jobs(list(jobs.values())).items()
+                if state in ("PENDING", "RUNNING", "CONFIGURING", "REQUEUED")
+            ]
+        ),
+        60,
+        "Slurm to end the pipeline's jobs",
+    )
 
     result = orch(tmp_path, "pipeline", "wait", pipeline_id, "--timeout", "120", timeout=180)
     assert result.returncode == 1, result.stdout[-3000:]

@@ -25,18 +25,28 @@ SEQ = 128
 
 
 def pipeline_overrides(tmp_path: Path) -> list[str]:
-    every_stage = [*TINY, f"model.max_seq_len={SEQ}", "train.max_steps=6", "train.val_batches=2", "checkpoint.every=0",
-                   f"runs_dir={tmp_path / 'runs'}", "resources.max_retries=0", "executor=local"]
+    every_stage = [
+        *TINY,
+        f"model.max_seq_len={SEQ}",
+        "train.max_steps=6",
+        "train.val_batches=2",
+        "checkpoint.every=0",
+        f"runs_dir={tmp_path / 'runs'}",
+        "resources.max_retries=0",
+        "executor=local",
+    ]
     # Pretraining and eval read data.dir, which the pipeline points at the data stage's tokenized/ (pretraining
     # prepares it from the cleaned corpus); eval finds the post-trained models' tokenizer by following
     # checkpoint.init_from back to the pretraining run.
-    one_stage = [
-        f"stages.{stage}.data.seq_len={SEQ}" for stage in ("sft", "dpo", "grpo")] + [
+    one_stage = [f"stages.{stage}.data.seq_len={SEQ}" for stage in ("sft", "dpo", "grpo")] + [
         "stages.pretrain.train.max_steps=20",
         "stages.dpo.dpo.val_max=8",
-        "stages.grpo.train.max_steps=2", "stages.grpo.train.micro_batch_size=2", "stages.grpo.grpo.max_new_tokens=24",
+        "stages.grpo.train.max_steps=2",
+        "stages.grpo.train.micro_batch_size=2",
+        "stages.grpo.grpo.max_new_tokens=24",
         "stages.grpo.grpo.val_prompts=4",
-        "stages.eval.eval.max_examples=4", "stages.eval.train.val_batches=2",
+        "stages.eval.eval.max_examples=4",
+        "stages.eval.train.val_batches=2",
     ]
     return [*every_stage, *one_stage]
 
@@ -64,9 +74,22 @@ def _header_for(report: str, row: str) -> list[str]:
 
 
 def test_default_pipeline_runs_every_stage_and_compares_them(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "orchestrator.cli", "submit", "--follow",
-                             str(REPO / "jobs" / "pipeline.yaml"), *pipeline_overrides(tmp_path)],
-                            cwd=tmp_path, env=env_for(tmp_path), capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "orchestrator.cli",
+            "submit",
+            "--follow",
+            str(REPO / "jobs" / "pipeline.yaml"),
+            *pipeline_overrides(tmp_path),
+        ],
+        cwd=tmp_path,
+        env=env_for(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     log = result.stdout[-4000:] + result.stderr[-3000:]
     assert result.returncode == 0, log
 
@@ -116,13 +139,27 @@ def test_the_status_dashboard_shows_stages_that_can_no_longer_run_and_changes_no
 
     registry = Registry(tmp_path / ".orch" / "registry.db")
     created = time.time() - 120
-    for stage, state, parent in (("pretrain", "FAILED", None), ("sft", "PENDING", "p-0a0b0c-pretrain"),
-                                 ("dpo", "PENDING", "p-0a0b0c-sft")):
+    for stage, state, parent in (
+        ("pretrain", "FAILED", None),
+        ("sft", "PENDING", "p-0a0b0c-pretrain"),
+        ("dpo", "PENDING", "p-0a0b0c-sft"),
+    ):
         run_dir = tmp_path / "runs" / f"p-0a0b0c-{stage}"
         run_dir.mkdir(parents=True)
-        registry.add(Run(id=f"p-0a0b0c-{stage}", name=stage, kind="pretrain", executor="local", state=state,
-                         run_dir=str(run_dir), created_at=created, pipeline_id="p-0a0b0c", stage=stage,
-                         depends_on=parent))
+        registry.add(
+            Run(
+                id=f"p-0a0b0c-{stage}",
+                name=stage,
+                kind="pretrain",
+                executor="local",
+                state=state,
+                run_dir=str(run_dir),
+                created_at=created,
+                pipeline_id="p-0a0b0c",
+                stage=stage,
+                depends_on=parent,
+            )
+        )
 
     frame = Collector(registry, use_slurm=False).collect()
 

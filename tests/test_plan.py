@@ -14,8 +14,17 @@ from orchestrator.cli import main
 REPO = Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "jobs" / "pretrain.yaml")
 # the demo's shape, wider, with a vocabulary of its own: sharded state large enough to count exactly
-SMALL = ["model.n_layer=2", "model.d_model=512", "model.n_head=8", "model.n_kv_head=8", "model.vocab_size=8192",
-         "data.seq_len=128", "train.micro_batch_size=2", "train.compile=false", "optim.name=adamw"]
+SMALL = [
+    "model.n_layer=2",
+    "model.d_model=512",
+    "model.n_head=8",
+    "model.n_kv_head=8",
+    "model.vocab_size=8192",
+    "data.seq_len=128",
+    "train.micro_batch_size=2",
+    "train.compile=false",
+    "optim.name=adamw",
+]
 
 
 def orch(capsys, *argv) -> tuple[int, str, str]:
@@ -35,20 +44,24 @@ def test_a_named_size_fills_the_model_and_written_keys_win(tmp_path):
         load_spec(str(job), ["model.size=13b"])
 
 
-@pytest.mark.parametrize("argv, words", [
-    (["parallel.tp=3", "--world", "6"], "must divide the model's 4 attention heads"),
-    (["parallel.tp=4", "--nodes", "2", "--gpus-per-node", "2"], "must divide resources.nproc_per_node = 2"),
-    (["parallel.dp_replicate=3", "--world", "8"], "does not divide the job's resources.nodes x"),
-])
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["parallel.tp=3", "--world", "6"], "must divide the model's 4 attention heads"),
+        (["parallel.tp=4", "--nodes", "2", "--gpus-per-node", "2"], "must divide resources.nproc_per_node = 2"),
+        (["parallel.dp_replicate=3", "--world", "8"], "does not divide the job's resources.nodes x"),
+    ],
+)
 def test_a_wrong_mesh_fails_with_the_words_of_submit(capsys, tmp_path, monkeypatch, argv, words):
     monkeypatch.setenv("ORCH_HOME", str(tmp_path / ".orch"))
     overrides = [a for a in argv if "=" in a]
     code, _, err = orch(capsys, "plan", DEMO, *argv)
     assert code == 2 and words in err
     # what --world N / --nodes N --gpus-per-node G mean: the job's resources
-    layout = {"6": ["resources.nodes=1", "resources.nproc_per_node=6"],
-              "8": ["resources.nodes=1", "resources.nproc_per_node=8"]}.get(argv[-1], [
-        "resources.nodes=2", "resources.nproc_per_node=2"])
+    layout = {
+        "6": ["resources.nodes=1", "resources.nproc_per_node=6"],
+        "8": ["resources.nodes=1", "resources.nproc_per_node=8"],
+    }.get(argv[-1], ["resources.nodes=2", "resources.nproc_per_node=2"])
     code, _, submit_err = orch(capsys, "submit", DEMO, *overrides, *layout)
     assert code == 2 and submit_err == err
 
@@ -71,8 +84,20 @@ def test_fsdp_over_8_counts_the_sharded_state_and_the_collectives(capsys):
 
 
 def test_hsdp_over_2_nodes_with_tp_and_muon(capsys):
-    code, out, _ = orch(capsys, "plan", DEMO, *SMALL, "optim.name=muon", "parallel.dp_replicate=2", "parallel.tp=2",
-                        "--nodes", "2", "--gpus-per-node", "4", "--json")
+    code, out, _ = orch(
+        capsys,
+        "plan",
+        DEMO,
+        *SMALL,
+        "optim.name=muon",
+        "parallel.dp_replicate=2",
+        "parallel.tp=2",
+        "--nodes",
+        "2",
+        "--gpus-per-node",
+        "4",
+        "--json",
+    )
     plan = json.loads(out)
     assert plan["layout"] == {"world": 8, "gpus_per_node": 4, "nodes": 2, "dp_replicate": 2, "dp_shard": 2, "tp": 2}
     groups = {(c["role"], c["op"], c["group"]): c["intra_node"] for c in plan["collectives"]}
@@ -85,8 +110,14 @@ def test_hsdp_over_2_nodes_with_tp_and_muon(capsys):
 
 def test_a_job_that_does_not_fit_is_refused_before_it_queues_with_its_levers(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("ORCH_HOME", str(tmp_path / ".orch"))
-    tight = [*SMALL, "train.micro_batch_size=16", "data.seq_len=256", "resources.gpu_mem_gib=2.3",
-             f"runs_dir={tmp_path / 'runs'}", "resources.nproc_per_node=2"]
+    tight = [
+        *SMALL,
+        "train.micro_batch_size=16",
+        "data.seq_len=256",
+        "resources.gpu_mem_gib=2.3",
+        f"runs_dir={tmp_path / 'runs'}",
+        "resources.nproc_per_node=2",
+    ]
     code, _out, err = orch(capsys, "submit", DEMO, *tight, "--check-fit")
     assert code == 2
     assert "resources.nodes=1 x resources.nproc_per_node=2" in err and "more than the 2.3 GiB" in err

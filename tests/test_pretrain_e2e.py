@@ -11,9 +11,17 @@ from tests.conftest import REPO, env_for, tiny_overrides
 
 
 def test_tiny_pretrain_through_orch_submit(tmp_path, tiny_data):
-    args = [sys.executable, "-m", "orchestrator.cli", "submit", str(REPO / "jobs" / "pretrain.yaml"),
-            *tiny_overrides(tiny_data, "train.max_steps=60", "checkpoint.every=30", "name=tiny",
-                            f"runs_dir={tmp_path / 'runs'}"), "--follow"]
+    args = [
+        sys.executable,
+        "-m",
+        "orchestrator.cli",
+        "submit",
+        str(REPO / "jobs" / "pretrain.yaml"),
+        *tiny_overrides(
+            tiny_data, "train.max_steps=60", "checkpoint.every=30", "name=tiny", f"runs_dir={tmp_path / 'runs'}"
+        ),
+        "--follow",
+    ]
     result = subprocess.run(args, cwd=tmp_path, env=env_for(tmp_path), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "COMPLETED" in result.stdout
@@ -45,8 +53,13 @@ def test_tiny_pretrain_through_orch_submit(tmp_path, tiny_data):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert Path(summary["checkpoint"]) == ckpts[-1]
 
-    runs = subprocess.run([sys.executable, "-m", "orchestrator.cli", "runs"], cwd=tmp_path, env=env_for(tmp_path),
-                          capture_output=True, text=True)
+    runs = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "runs"],
+        cwd=tmp_path,
+        env=env_for(tmp_path),
+        capture_output=True,
+        text=True,
+    )
     assert run_dir.name in runs.stdout and "COMPLETED" in runs.stdout
 
 
@@ -56,16 +69,40 @@ def test_export_then_start_a_job_from_the_hugging_face_folder(tmp_path, tiny_dat
     job = str(REPO / "jobs" / "pretrain.yaml")
     common = tiny_overrides(tiny_data, "train.val_every=0")
     source = tmp_path / "source"
-    first = subprocess.run([sys.executable, "-m", "training.main", job, *common, "train.max_steps=20",
-                            "--run-dir", str(source)], cwd=tmp_path, env=env_for(tmp_path), capture_output=True, text=True)
+    first = subprocess.run(
+        [sys.executable, "-m", "training.main", job, *common, "train.max_steps=20", "--run-dir", str(source)],
+        cwd=tmp_path,
+        env=env_for(tmp_path),
+        capture_output=True,
+        text=True,
+    )
     assert first.returncode == 0, first.stderr[-3000:]
-    export = subprocess.run([sys.executable, "-m", "orchestrator.cli", "export", str(source), "--hf", str(tmp_path / "hf")],
-                            cwd=tmp_path, env=env_for(tmp_path), capture_output=True, text=True)
+    export = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "export", str(source), "--hf", str(tmp_path / "hf")],
+        cwd=tmp_path,
+        env=env_for(tmp_path),
+        capture_output=True,
+        text=True,
+    )
     assert export.returncode == 0, export.stderr
     assert (tmp_path / "hf" / "config.json").is_file() and (tmp_path / "hf" / "model.safetensors").is_file()
-    second = subprocess.run([sys.executable, "-m", "training.main", job, *common, "train.max_steps=0",
-                             f"checkpoint.init_from={tmp_path / 'hf'}", "--run-dir", str(tmp_path / "second")],
-                            cwd=tmp_path, env=env_for(tmp_path), capture_output=True, text=True)
+    second = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "training.main",
+            job,
+            *common,
+            "train.max_steps=0",
+            f"checkpoint.init_from={tmp_path / 'hf'}",
+            "--run-dir",
+            str(tmp_path / "second"),
+        ],
+        cwd=tmp_path,
+        env=env_for(tmp_path),
+        capture_output=True,
+        text=True,
+    )
     assert second.returncode == 0, second.stderr[-3000:]
     assert "initialized weights from the Hugging Face folder" in second.stdout
 

@@ -26,8 +26,12 @@ from training.optim import MuonAdamW, build_optimizer, lr_scale, set_lr
 # save_checkpoint in one process: DCP says it assumes one process, which is the point.
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
-OPTIONS = {"qk_norm": {"qk_norm": True}, "relu2": {"mlp": "relu2"}, "softcap": {"logit_softcap": 5.0},
-           "untied": {"tie_embeddings": False}}
+OPTIONS = {
+    "qk_norm": {"qk_norm": True},
+    "relu2": {"mlp": "relu2"},
+    "softcap": {"logit_softcap": 5.0},
+    "untied": {"tie_embeddings": False},
+}
 
 
 def tiny(**options) -> GPTConfig:
@@ -96,15 +100,24 @@ def test_checkpoint_round_trip_continues_exactly(tmp_path, name, optimizer):
 
 def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     model = GPT(tiny(tie_embeddings=False))
-    opt = build_optimizer(model, optim_cfg(name="muon", muon_lr=0.05, muon_weight_decay=0.01),
-                          torch.device("cpu"))
+    opt = build_optimizer(model, optim_cfg(name="muon", muon_lr=0.05, muon_weight_decay=0.01), torch.device("cpu"))
     assert isinstance(opt, MuonAdamW)
     names = {id(p): n for n, p in model.named_parameters()}
     muon = [g for g in opt.param_groups if g["muon"]]
     assert len(muon) == 1 and muon[0]["lr"] == 0.05 and muon[0]["weight_decay"] == 0.01
-    expected = {f"layers.{i}.{m}.weight" for i in range(2) for m in
-                ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
-                 "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")}
+    expected = {
+        f"layers.{i}.{m}.weight"
+        for i in range(2)
+        for m in (
+            "attention.wq",
+            "attention.wk",
+            "attention.wv",
+            "attention.wo",
+            "feed_forward.w1",
+            "feed_forward.w2",
+            "feed_forward.w3",
+        )
+    }
     assert {names[id(p)] for p in muon[0]["params"]} == expected
     adamw = {names[id(p)] for g in opt.param_groups if not g["muon"] for p in g["params"]}
     assert {"tok_embeddings.weight", "output.weight", "norm.weight", "layers.0.attention_norm.weight"} <= adamw
@@ -130,10 +143,16 @@ def test_muon_adamw_steps_exactly_as_torchs_muon_and_adamw():
     named = list(theirs.named_parameters())
     matrices = [p for n, p in named if n.startswith("layers.") and p.ndim == 2]
     muon = torch.optim.Muon(matrices, lr=0.05, weight_decay=0.01, momentum=0.95, nesterov=True)
-    adamw = torch.optim.AdamW([{"params": [p for n, p in named if not n.startswith("layers.") and p.ndim == 2],
-                                "weight_decay": 0.1},
-                               {"params": [p for n, p in named if p.ndim == 1], "weight_decay": 0.0}],
-                              lr=3e-3, betas=(0.9, 0.95), eps=1e-8, fused=True)
+    adamw = torch.optim.AdamW(
+        [
+            {"params": [p for n, p in named if not n.startswith("layers.") and p.ndim == 2], "weight_decay": 0.1},
+            {"params": [p for n, p in named if p.ndim == 1], "weight_decay": 0.0},
+        ],
+        lr=3e-3,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+        fused=True,
+    )
     torch.manual_seed(0)
     for _ in range(3):
         tokens = torch.randint(0, 128, (2, 32))
@@ -158,17 +177,30 @@ def test_wsd_schedule_values_by_hand():
     assert lr_scale(55, cosine, 100) == pytest.approx(0.55) and lr_scale(100, cosine, 100) == pytest.approx(0.1)
 
 
-@pytest.mark.parametrize("key,value", [("model.mlp", "gelu"), ("optim.name", "sgd"), ("optim.schedule", "linear"),
-                                       ("model.logit_softcap", "-1"), ("optim.decay_fraction", "0")])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("model.mlp", "gelu"),
+        ("optim.name", "sgd"),
+        ("optim.schedule", "linear"),
+        ("model.logit_softcap", "-1"),
+        ("optim.decay_fraction", "0"),
+    ],
+)
 def test_bad_recipe_values_are_refused_naming_the_key(key, value):
     with pytest.raises(SpecError, match=key) as info:
         load_spec(str(REPO / "jobs" / "pretrain.yaml"), [f"{key}={value}"])
     assert value in str(info.value)
 
 
-@pytest.mark.parametrize("option,key", [({"mlp": "relu2"}, "model.mlp"),
-                                        ({"qk_norm": True, "qkv_bias": True}, "model.qkv_bias"),
-                                        ({"logit_softcap": 15.0}, "model.logit_softcap")])
+@pytest.mark.parametrize(
+    "option,key",
+    [
+        ({"mlp": "relu2"}, "model.mlp"),
+        ({"qk_norm": True, "qkv_bias": True}, "model.qkv_bias"),
+        ({"logit_softcap": 15.0}, "model.logit_softcap"),
+    ],
+)
 def test_export_refuses_options_a_llama_cannot_represent(tmp_path, option, key):
     from training.data.tokenizer import train_tokenizer
 
@@ -178,10 +210,24 @@ def test_export_refuses_options_a_llama_cannot_represent(tmp_path, option, key):
     model.init_weights(seed=0)
     run = tmp_path / "run"
     run.mkdir()
-    section = {k: getattr(cfg, k) for k in ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "max_seq_len",
-                                            "mlp", "qk_norm", "qkv_bias", "logit_softcap")}
-    (run / "config.yaml").write_text(yaml.safe_dump({"kind": "pretrain", "model": section,
-                                                     "data": {"dir": str(tmp_path), "tokenizer": None}}))
+    section = {
+        k: getattr(cfg, k)
+        for k in (
+            "vocab_size",
+            "n_layer",
+            "n_head",
+            "n_kv_head",
+            "d_model",
+            "max_seq_len",
+            "mlp",
+            "qk_norm",
+            "qkv_bias",
+            "logit_softcap",
+        )
+    }
+    (run / "config.yaml").write_text(
+        yaml.safe_dump({"kind": "pretrain", "model": section, "data": {"dir": str(tmp_path), "tokenizer": None}})
+    )
     save_checkpoint(run, 1, model, torch.optim.AdamW(model.parameters()), {"step": 1})
     with pytest.raises(HFError, match=f"can't export as a Hugging Face Llama: {key}="):
         export_hf(run, tmp_path / "hf")
@@ -193,9 +239,17 @@ def test_muon_on_two_ranks_matches_one_and_resumes_bitwise(tmp_path, tiny_data):
     """FSDP2 shards every matrix over 2 gloo ranks: gathered before orthogonalizing, the losses match one
     process; a run resumed from its step-6 checkpoint repeats steps 7..12 bitwise (Muon's momentum and
     AdamW's moments restored), with every model option on; and the WSD run extends from its stable phase."""
-    recipe = ["optim.name=muon", "optim.schedule=wsd", "optim.decay_fraction=0.5", "model.qk_norm=true",
-              "model.mlp=relu2", "model.logit_softcap=15", "train.max_steps=12", "checkpoint.every=6",
-              "checkpoint.keep_last=5"]
+    recipe = [
+        "optim.name=muon",
+        "optim.schedule=wsd",
+        "optim.decay_fraction=0.5",
+        "model.qk_norm=true",
+        "model.mlp=relu2",
+        "model.logit_softcap=15",
+        "train.max_steps=12",
+        "checkpoint.every=6",
+        "checkpoint.keep_last=5",
+    ]
     one, two = tmp_path / "one", tmp_path / "two"
     train(1, one, tiny_data, *recipe)
     train(2, two, tiny_data, *recipe)

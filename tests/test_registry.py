@@ -19,8 +19,14 @@ from tests.conftest import env_for
 
 
 def orch(tmp_path: Path, *args: str, env: dict | None = None, timeout: float = 30) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=tmp_path,
-                          env={**env_for(tmp_path), **(env or {})}, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", *args],
+        cwd=tmp_path,
+        env={**env_for(tmp_path), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def registry(tmp_path: Path) -> Registry:
@@ -30,8 +36,16 @@ def registry(tmp_path: Path) -> Registry:
 def add_run(reg: Registry, tmp_path: Path, run_id: str, state: str = "RUNNING", **values) -> Run:
     run_dir = tmp_path / "runs" / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
-    run = Run(id=run_id, name=run_id.rsplit("-", 1)[0], kind="pretrain", executor="local", state=state,
-              run_dir=str(run_dir), created_at=time.time(), **values)
+    run = Run(
+        id=run_id,
+        name=run_id.rsplit("-", 1)[0],
+        kind="pretrain",
+        executor="local",
+        state=state,
+        run_dir=str(run_dir),
+        created_at=time.time(),
+        **values,
+    )
     reg.add(run)
     return run
 
@@ -39,10 +53,14 @@ def add_run(reg: Registry, tmp_path: Path, run_id: str, state: str = "RUNNING", 
 def stuck_writer(tmp_path: Path, run_id: str) -> subprocess.Popen:
     """`orch cancel RUN` held at the registry.write fault point, inside its write transaction (the write lock
     held) until the file `release` exists; returns once it is there."""
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "cancel", run_id, "--no-wait"],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**env_for(tmp_path), "ORCH_FAULT": "registry.write:wait",
-                                 "ORCH_FAULT_RELEASE": str(tmp_path / "release")})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.cli", "cancel", run_id, "--no-wait"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**env_for(tmp_path), "ORCH_FAULT": "registry.write:wait", "ORCH_FAULT_RELEASE": str(tmp_path / "release")},
+    )
     line = proc.stdout.readline()  # the fault point announces itself before it waits
     assert line.startswith("[orch fault] registry.write"), line + proc.stdout.read()
     return proc
@@ -113,10 +131,18 @@ def _pending_signals(pid: int) -> int:
 def test_a_pid_recorded_without_its_start_time_is_never_signalled(tmp_path):
     # Another process now has the pid the registry recorded (a registry older than pid_start, a reused pid).
     # It blocks SIGTERM, so a signal sent to it stays pending where /proc shows it.
-    other = subprocess.Popen([sys.executable, "-c", "import signal, sys; "
-                              "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM}); "
-                              "print('ready', flush=True); sys.stdin.read()"],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    other = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import signal, sys; "
+            "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM}); "
+            "print('ready', flush=True); sys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert other.stdout.readline() == "ready\n"
         reg = registry(tmp_path)

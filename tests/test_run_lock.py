@@ -31,8 +31,9 @@ def test_a_probe_never_makes_an_acquire_fail(tmp_path):
     """`orch runs`, `orch status` and `orch resume` probe the lock; a trainer starting meanwhile must get it."""
     run, stop, ready = tmp_path / "run", tmp_path / "stop", tmp_path / "ready"
     run.mkdir()
-    prober = subprocess.Popen([sys.executable, "-c", PROBE, str(run), str(stop), str(ready)], cwd=REPO,
-                              stdout=subprocess.PIPE, text=True)
+    prober = subprocess.Popen(
+        [sys.executable, "-c", PROBE, str(run), str(stop), str(ready)], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
     try:
         deadline = time.monotonic() + 60
         while not ready.exists():  # the prober is probing in a loop from now on

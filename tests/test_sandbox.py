@@ -23,8 +23,14 @@ def namespaces():
 
 def test_nothing_it_writes_survives_and_nothing_is_writable_but_its_folder(namespaces, request):
     name = f"orch-sandbox-{secrets.token_hex(8)}"
-    targets = [f"/dev/shm/{name}", f"/tmp/{name}", f"/var/tmp/{name}", f"/{name}", str(REPO / name),
-               f"{Path.home()}/{name}"]
+    targets = [
+        f"/dev/shm/{name}",
+        f"/tmp/{name}",
+        f"/var/tmp/{name}",
+        f"/{name}",
+        str(REPO / name),
+        f"{Path.home()}/{name}",
+    ]
     request.addfinalizer(lambda: [Path(t).unlink(missing_ok=True) for t in targets])  # should it get through
     program = f"""import os
 for path in {targets!r} + ['{name}']:
@@ -64,10 +70,19 @@ for pid in os.listdir('/proc'):
         except OSError:
             pass
 """
-    evaluator = ("import sys\nfrom training.evaluate.sandbox import run_untrusted\n"
-                 "sys.stdout.buffer.write(run_untrusted(sys.stdin.read()).stdout)")
-    seen = subprocess.run([sys.executable, "-c", evaluator], input=program, capture_output=True, text=True,
-                          env=dict(env_for(tmp_path), ORCH_TEST_SECRET=secret), timeout=60, check=True).stdout
+    evaluator = (
+        "import sys\nfrom training.evaluate.sandbox import run_untrusted\n"
+        "sys.stdout.buffer.write(run_untrusted(sys.stdin.read()).stdout)"
+    )
+    seen = subprocess.run(
+        [sys.executable, "-c", evaluator],
+        input=program,
+        capture_output=True,
+        text=True,
+        env=dict(env_for(tmp_path), ORCH_TEST_SECRET=secret),
+        timeout=60,
+        check=True,
+    ).stdout
     assert secret not in seen
     lines = seen.splitlines()
     assert lines[0] == "['LC_CTYPE']"  # Python's own locale coercion: nothing of ours
@@ -97,7 +112,9 @@ def test_output_is_capped_and_the_program_killed(level):
     if level == "namespaces" and isolation() != "namespaces":
         pytest.skip("no namespaces here")
     limits = Limits(output_bytes=1 << 16)
-    flood = "import sys\nsys.stderr.write('e' * 4096)\nsys.stderr.flush()\nwhile True:\n    sys.stdout.write('x' * 65536)\n"
+    flood = (
+        "import sys\nsys.stderr.write('e' * 4096)\nsys.stderr.flush()\nwhile True:\n    sys.stdout.write('x' * 65536)\n"
+    )
     outcome = run_untrusted(flood, timeout_s=30, limits=limits, namespaces=level == "namespaces")
     assert outcome.output_capped and not outcome.timed_out and outcome.returncode == -9
     assert len(outcome.stdout) + len(outcome.stderr) == limits.output_bytes
@@ -121,8 +138,12 @@ def test_a_test_passes_only_when_it_ran_to_its_end():
     body = "def add(a, b):\n    return a + b\n"
     assert passes_test(body + "\nassert add(2, 3) == 5\n")
     assert not passes_test(body + "\nassert add(2, 3) == 6\n")
-    for early in ("raise SystemExit(0)", "import sys; sys.exit()", "import os; os._exit(0)",
-                  "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"):
+    for early in (
+        "raise SystemExit(0)",
+        "import sys; sys.exit()",
+        "import os; os._exit(0)",
+        "import os, signal; os.kill(os.getpid(), signal.SIGKILL)",
+    ):
         exits = f"def add(a, b):\n    {early}\nadd(0, 0)\n"
         assert not passes_test(exits + "\nassert add(2, 3) == 6\n"), early
     # printing what the harness prints is not enough: the token is new every time

@@ -26,8 +26,12 @@ from tests.conftest import REPO, env_for
 openai = pytest.importorskip("openai")
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
-TEXTS = ["def main():\n    print('hello, world')\n", "for i in range(10):\n    total += i * i\n",
-         "The quick brown fox jumps over the lazy dog.\n", "import os\nimport sys\n"]
+TEXTS = [
+    "def main():\n    print('hello, world')\n",
+    "for i in range(10):\n    total += i * i\n",
+    "The quick brown fox jumps over the lazy dog.\n",
+    "import os\nimport sys\n",
+]
 MAX_LEN = 256
 
 
@@ -42,8 +46,9 @@ def make_run(root: Path) -> Path:
     run.mkdir(parents=True)
     tok = train_tokenizer(TEXTS * 4, vocab_size=300)
     tok.save(str(run / "tokenizer.json"))
-    section = dict(vocab_size=320, n_layer=2, n_head=4, n_kv_head=2, d_model=64, max_seq_len=MAX_LEN,
-                   tie_embeddings=False)
+    section = dict(
+        vocab_size=320, n_layer=2, n_head=4, n_kv_head=2, d_model=64, max_seq_len=MAX_LEN, tie_embeddings=False
+    )
     model = GPT(GPTConfig(**section))
     model.init_weights(seed=3)
     with torch.no_grad():
@@ -71,11 +76,25 @@ class Server:
     def __init__(self, run: Path, *args: str, env: dict | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "serve", str(run), "--port",
-                                      str(self.port), "--threads", "1", *args], cwd=run.parent,
-                                     env={**env_for(run.parent), **(env or {})}, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT,
-                                     text=True)
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "orchestrator.cli",
+                "serve",
+                str(run),
+                "--port",
+                str(self.port),
+                "--threads",
+                "1",
+                *args,
+            ],
+            cwd=run.parent,
+            env={**env_for(run.parent), **(env or {})},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         # The server says where it listens once the model is loaded; then /health answers.
         for line in self.proc.stdout:
             if line.startswith("serving "):
@@ -145,6 +164,7 @@ def chat_prompt(local, messages) -> list[int]:
 
 # ---------------------------------------------------------------- the batching engine, in process
 
+
 def test_concurrent_requests_share_decode_steps_and_get_their_own_tokens(local):
     """Requests joining and leaving a batch of 3 get exactly the tokens generate() gives each alone."""
     from training.serve.engine import Engine, Request, Sampling
@@ -162,6 +182,7 @@ def test_concurrent_requests_share_decode_steps_and_get_their_own_tokens(local):
             got[i].append(ev.token)
             if ev.finish_reason:
                 finished.release()
+
         return take
 
     try:
@@ -173,13 +194,15 @@ def test_concurrent_requests_share_decode_steps_and_get_their_own_tokens(local):
         engine.stop()
     for (p, s), tokens in zip(specs, got):
         gen = torch.Generator().manual_seed(s.seed) if s.seed is not None else None
-        assert tokens == alone(local, p, s.max_tokens, stop_tokens=(), temperature=s.temperature, top_p=s.top_p,
-                               generator=gen)
+        assert tokens == alone(
+            local, p, s.max_tokens, stop_tokens=(), temperature=s.temperature, top_p=s.top_p, generator=gen
+        )
     assert engine.largest_batch == 3
     assert engine.decode_steps < sum(len(t) for t in got) / 2  # steps were shared
 
 
 # ---------------------------------------------------------------- the server, through the openai client
+
 
 def test_models_health_and_the_chat_page(server):
     client = server.client()
@@ -200,10 +223,21 @@ def test_completion_is_what_generate_gives_streamed_or_not(server, local):
     r = client.completions.create(model="tiny", prompt="def main", max_tokens=20, temperature=0)
     assert r.choices[0].text == text
     assert r.choices[0].finish_reason == ("stop" if expected[-1] == 0 else "length")
-    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (len(ids), len(expected),
-                                                                                       len(ids) + len(expected))
-    chunks = list(client.completions.create(model="tiny", prompt="def main", max_tokens=20, temperature=0,
-                                            stream=True, stream_options={"include_usage": True}))
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (
+        len(ids),
+        len(expected),
+        len(ids) + len(expected),
+    )
+    chunks = list(
+        client.completions.create(
+            model="tiny",
+            prompt="def main",
+            max_tokens=20,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == text
     assert [c.usage is not None for c in chunks] == [False] * (len(chunks) - 1) + [True]  # usage once, last
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(expected)
@@ -222,8 +256,16 @@ def test_chat_uses_the_chat_template_streamed_or_not(server, local):
     r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=30, temperature=0)
     assert r.choices[0].message.role == "assistant" and r.choices[0].message.content == text
     assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == len(expected)
-    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=30, temperature=0,
-                                                 stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny",
+            messages=messages,
+            max_tokens=30,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
     assert chunks[-2].choices[0].finish_reason == r.choices[0].finish_reason
@@ -234,8 +276,9 @@ def test_seed_n_stop_and_logprobs(server, local):
     model, tok = local
     client = server.client()
     ids = tok.encode("import os").ids
-    r = client.completions.create(model="tiny", prompt="import os", max_tokens=25, temperature=1.0, seed=11, n=2,
-                                  logprobs=2)
+    r = client.completions.create(
+        model="tiny", prompt="import os", max_tokens=25, temperature=1.0, seed=11, n=2, logprobs=2
+    )
     for j, choice in enumerate(r.choices):  # choice j samples with seed + j, as generate() alone would
         expected = alone(local, ids, 25, temperature=1.0, generator=torch.Generator().manual_seed(11 + j))
         assert choice.text == tok.decode([t for t in expected if t != 0])
@@ -251,9 +294,10 @@ def test_seed_n_stop_and_logprobs(server, local):
     assert again.choices[0].text == r.choices[0].text
     # A stop string ends the text before it.
     greedy = client.completions.create(model="tiny", prompt="import os", max_tokens=30, temperature=0).choices[0].text
-    at = max(i for i in range(1, len(greedy) - 1) if greedy.find(greedy[i:i + 2]) == i)
-    stopped = client.completions.create(model="tiny", prompt="import os", max_tokens=30, temperature=0,
-                                        stop=[greedy[at:at + 2]])
+    at = max(i for i in range(1, len(greedy) - 1) if greedy.find(greedy[i : i + 2]) == i)
+    stopped = client.completions.create(
+        model="tiny", prompt="import os", max_tokens=30, temperature=0, stop=[greedy[at : at + 2]]
+    )
     assert stopped.choices[0].text == greedy[:at] and stopped.choices[0].finish_reason == "stop"
 
 
@@ -264,8 +308,14 @@ def test_concurrent_http_clients_are_batched_and_each_gets_its_own_answer(server
     prompts = ["def main", "import os", "for i in", "The quick", "print(", "total +=", "hello", "x = 1"]
     before = server.get("/health")[1]["decode_steps"]
     with ThreadPoolExecutor(8) as pool:
-        texts = list(pool.map(lambda p: client.completions.create(model="tiny", prompt=p, max_tokens=40,
-                                                                   temperature=0).choices[0].text, prompts))
+        texts = list(
+            pool.map(
+                lambda p: (
+                    client.completions.create(model="tiny", prompt=p, max_tokens=40, temperature=0).choices[0].text
+                ),
+                prompts,
+            )
+        )
     for p, text in zip(prompts, texts):
         assert text == local[1].decode([t for t in alone(local, local[1].encode(p).ids, 40, temperature=0) if t != 0])
     health = server.get("/health")[1]
@@ -284,10 +334,14 @@ def test_errors_are_openai_errors_and_the_server_goes_on(server):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=0)
     assert e.value.param == "max_tokens"
-    for raw, param in ((b"{not json", None), (b"[1, 2]", None), (b'{"model": "tiny", "prompt": "a", "max_tokens": "x"}',
-                                                                 "max_tokens"),
-                       (b'{"model": "tiny", "prompt": "a", "temperature": 9}', "temperature"),
-                       (b'{"model": "tiny"}', "prompt"), (b'{"model": "tiny", "prompt": [99999]}', "prompt")):
+    for raw, param in (
+        (b"{not json", None),
+        (b"[1, 2]", None),
+        (b'{"model": "tiny", "prompt": "a", "max_tokens": "x"}', "max_tokens"),
+        (b'{"model": "tiny", "prompt": "a", "temperature": 9}', "temperature"),
+        (b'{"model": "tiny"}', "prompt"),
+        (b'{"model": "tiny", "prompt": [99999]}', "prompt"),
+    ):
         status, body, _ = server.request("POST", "/v1/completions", raw)
         assert status == 400 and body["error"]["type"] == "invalid_request_error", (raw, body)
         assert body["error"]["param"] == param and body["error"]["message"]
@@ -304,12 +358,34 @@ def test_errors_are_openai_errors_and_the_server_goes_on(server):
 def test_orch_chat_url_talks_to_the_server(server, local):
     from training.data.tokenizer import IM_END_ID
 
-    r = subprocess.run([sys.executable, "-m", "orchestrator.cli", "chat", "--url", server.url, "--temperature", "0",
-                        "--max-new-tokens", "12"], input="write a loop\n\n", capture_output=True, text=True,
-                       env=env_for(REPO), cwd=REPO, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "orchestrator.cli",
+            "chat",
+            "--url",
+            server.url,
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "12",
+        ],
+        input="write a loop\n\n",
+        capture_output=True,
+        text=True,
+        env=env_for(REPO),
+        cwd=REPO,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
-    expected = alone(local, chat_prompt(local, [{"role": "user", "content": "write a loop"}]), 12,
-                     stop_tokens=(0, IM_END_ID), temperature=0)
+    expected = alone(
+        local,
+        chat_prompt(local, [{"role": "user", "content": "write a loop"}]),
+        12,
+        stop_tokens=(0, IM_END_ID),
+        temperature=0,
+    )
     assert r.stdout == "you> model> " + local[1].decode([t for t in expected if t not in (0, IM_END_ID)]) + "\nyou> "
 
 
@@ -318,8 +394,11 @@ def open_stream(port: int, body: dict, headers: dict) -> socket.socket:
     raw = json.dumps({**body, "stream": True}).encode()
     head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
     sock = socket.create_connection(("127.0.0.1", port), timeout=60)
-    sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{head}"
-                 f"Content-Length: {len(raw)}\r\n\r\n".encode() + raw)
+    sock.sendall(
+        f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{head}"
+        f"Content-Length: {len(raw)}\r\n\r\n".encode()
+        + raw
+    )
     return sock
 
 
@@ -338,8 +417,18 @@ def test_bad_clients_never_stop_the_server(run_dir, tmp_path):
     (served or refused with 429 and Retry-After), raw garbage: each answered, then a normal request is served."""
     release = tmp_path / "release"
     # The engine holds at its 3rd decode step until `release` exists: the streaming client goes away meanwhile.
-    s = Server(run_dir, "--max-batch", "1", "--max-queue", "2", "--api-key", "secret", "--served-model-name", "tiny",
-               env={"ORCH_FAULT": "serve.decode_step#3:wait", "ORCH_FAULT_RELEASE": str(release)})
+    s = Server(
+        run_dir,
+        "--max-batch",
+        "1",
+        "--max-queue",
+        "2",
+        "--api-key",
+        "secret",
+        "--served-model-name",
+        "tiny",
+        env={"ORCH_FAULT": "serve.decode_step#3:wait", "ORCH_FAULT_RELEASE": str(release)},
+    )
     key = {"Authorization": "Bearer secret"}
     try:
         with pytest.raises(openai.AuthenticationError):
@@ -349,11 +438,17 @@ def test_bad_clients_never_stop_the_server(run_dir, tmp_path):
         assert s.get("/health")[0] == 200  # health needs no key
 
         # A stream of up to 90 tokens; the client reads its first token and leaves while the engine is held.
-        sock = open_stream(s.port, {"model": "tiny", "prompt": "def", "max_tokens": 90, "temperature": 0,
-                                     "logprobs": 0}, key)  # logprobs: a chunk for every token
+        sock = open_stream(
+            s.port, {"model": "tiny", "prompt": "def", "max_tokens": 90, "temperature": 0, "logprobs": 0}, key
+        )  # logprobs: a chunk for every token
         read_until(sock, b'"text"')
-        waiting = threading.Thread(target=lambda: out.append(s.client(api_key="secret").completions.create(
-            model="tiny", prompt="import", max_tokens=5, temperature=0)))
+        waiting = threading.Thread(
+            target=lambda: out.append(
+                s.client(api_key="secret").completions.create(
+                    model="tiny", prompt="import", max_tokens=5, temperature=0
+                )
+            )
+        )
         out: list = []
         waiting.start()
         for _ in range(400):  # bounded: until the second request is queued behind the first
@@ -379,8 +474,12 @@ def test_bad_clients_never_stop_the_server(run_dir, tmp_path):
 
         body = json.dumps({"model": "tiny", "prompt": "for", "max_tokens": 20, "temperature": 0}).encode()
         with ThreadPoolExecutor(100) as pool:
-            answers = list(pool.map(lambda _: s.request("POST", "/v1/completions", body,
-                                                        {**key, "Content-Type": "application/json"}), range(100)))
+            answers = list(
+                pool.map(
+                    lambda _: s.request("POST", "/v1/completions", body, {**key, "Content-Type": "application/json"}),
+                    range(100),
+                )
+            )
         statuses = [a[0] for a in answers]
         assert set(statuses) <= {200, 429} and statuses.count(200) >= 3, statuses
         for status, body_, headers in answers:
@@ -400,11 +499,16 @@ def test_bad_clients_never_stop_the_server(run_dir, tmp_path):
 @pytest.mark.slow  # a server of its own
 def test_shutdown_lets_the_stream_in_flight_finish(run_dir, tmp_path):
     release = tmp_path / "release"
-    s = Server(run_dir, "--served-model-name", "tiny",
-               env={"ORCH_FAULT": "serve.decode_step#2:wait", "ORCH_FAULT_RELEASE": str(release)})
+    s = Server(
+        run_dir,
+        "--served-model-name",
+        "tiny",
+        env={"ORCH_FAULT": "serve.decode_step#2:wait", "ORCH_FAULT_RELEASE": str(release)},
+    )
     try:
-        sock = open_stream(s.port, {"model": "tiny", "prompt": "def", "max_tokens": 30, "temperature": 0,
-                                     "logprobs": 0}, {})
+        sock = open_stream(
+            s.port, {"model": "tiny", "prompt": "def", "max_tokens": 30, "temperature": 0, "logprobs": 0}, {}
+        )
         read_until(sock, b'"text"')  # the first token came; the engine is held at its 2nd decode step
         s.proc.send_signal(signal.SIGTERM)
         release.touch()
@@ -430,10 +534,21 @@ class Browser:
             os.dup2(high_r, 3)
             os.dup2(high_w, 4)
 
-        self.proc = subprocess.Popen(["chromium", "--headless", "--no-sandbox", "--disable-gpu",
-                                      "--remote-debugging-pipe", f"--user-data-dir={profile}", "about:blank"],
-                                     pass_fds=(3, 4), preexec_fn=as_fds_3_and_4,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [
+                "chromium",
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--remote-debugging-pipe",
+                f"--user-data-dir={profile}",
+                "about:blank",
+            ],
+            pass_fds=(3, 4),
+            preexec_fn=as_fds_3_and_4,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         os.close(commands_r)
         os.close(replies_w)
         self._buf, self._n, self.session = b"", 0, None
@@ -475,8 +590,14 @@ class Browser:
         self.call("Input.insertText", text=text)
         assert self.js(f"document.querySelector({selector!r}).value") == text
         for kind in ("keyDown", "keyUp"):
-            self.call("Input.dispatchKeyEvent", type=kind, key="Enter", code="Enter", windowsVirtualKeyCode=13,
-                      **({"text": "\r"} if kind == "keyDown" else {}))
+            self.call(
+                "Input.dispatchKeyEvent",
+                type=kind,
+                key="Enter",
+                code="Enter",
+                windowsVirtualKeyCode=13,
+                **({"text": "\r"} if kind == "keyDown" else {}),
+            )
 
     def close(self) -> None:
         try:
@@ -501,8 +622,9 @@ def test_the_chat_page_streams_an_answer_and_keeps_the_conversation(server, loca
     try:
         browser.open(server.url + "/")
         browser.wait_for("document.readyState == 'complete' && !!document.getElementById('temperature')")
-        browser.js("document.getElementById('temperature').value = '0';"
-                   "document.getElementById('max_tokens').value = '20'")
+        browser.js(
+            "document.getElementById('temperature').value = '0';document.getElementById('max_tokens').value = '20'"
+        )
         browser.type_and_enter("#say", "write a loop")
         browser.wait_for("document.querySelectorAll('.assistant[data-done]').length == 1")
         browser.type_and_enter("#say", "and another")

@@ -22,8 +22,7 @@ from tests.conftest import REPO, TINY, env_for, tiny_overrides
 from tests.test_distributed import killed_at, losses
 from training.data import DataError
 from training.data.tokenizer import load_tokenizer
-from training.posttrain.chat import (IGNORE, encode_example, encode_prompt, end_of_turn_id, pack,
-                                     render_chat)
+from training.posttrain.chat import IGNORE, encode_example, encode_prompt, end_of_turn_id, pack, render_chat
 from training.posttrain.demo_data import write_demo_data
 from training.posttrain.jsonl import read_jsonl
 
@@ -42,8 +41,15 @@ def source(tmp_path_factory, tiny_data) -> dict:
     """A tiny pretraining run to fine-tune, and SFT files derived from 200 stdlib files that fit SEQ tokens."""
     root = tmp_path_factory.mktemp("sft-source")
     run = root / "pretrain"
-    cmd = [sys.executable, "-m", "training.main", str(REPO / "jobs" / "pretrain.yaml"),
-           *tiny_overrides(tiny_data, f"model.max_seq_len={SEQ}", "train.max_steps=30"), "--run-dir", str(run)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "training.main",
+        str(REPO / "jobs" / "pretrain.yaml"),
+        *tiny_overrides(tiny_data, f"model.max_seq_len={SEQ}", "train.max_steps=30"),
+        "--run-dir",
+        str(run),
+    ]
     result = subprocess.run(cmd, cwd=root, env=env_for(root), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     paths = write_demo_data(root / "posttrain", Path(tiny_data) / "tokenizer.json", max_docs=200, max_tokens=SEQ)
@@ -52,23 +58,40 @@ def source(tmp_path_factory, tiny_data) -> dict:
 
 def sft_command(source: dict, run_dir: Path, *extra: str, nproc: int = 1) -> list[str]:
     # model.* is unused (the shape is the source's) but the spec check compares it with data.seq_len.
-    overrides = [*TINY, f"data.seq_len={SEQ}", f"model.max_seq_len={SEQ}", f"checkpoint.init_from={source['run']}",
-                 f"sft.train_file={source['sft_train']}", f"sft.val_file={source['sft_val']}", *extra]
-    launcher = [sys.executable] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    overrides = [
+        *TINY,
+        f"data.seq_len={SEQ}",
+        f"model.max_seq_len={SEQ}",
+        f"checkpoint.init_from={source['run']}",
+        f"sft.train_file={source['sft_train']}",
+        f"sft.val_file={source['sft_val']}",
+        *extra,
+    ]
+    launcher = (
+        [sys.executable]
+        if nproc == 1
+        else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    )
     return [*launcher, "-m", "training.main", SFT_JOB, *overrides, "--run-dir", str(run_dir)]
 
 
 def run_sft(source: dict, run_dir: Path, *extra: str, nproc: int = 1) -> tuple[dict, str]:
     """(summary.json, the output) of a finished SFT run."""
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run(sft_command(source, run_dir, *extra, nproc=nproc), cwd=run_dir.parent,
-                            env=env_for(run_dir.parent), capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        sft_command(source, run_dir, *extra, nproc=nproc),
+        cwd=run_dir.parent,
+        env=env_for(run_dir.parent),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return json.loads((run_dir / "summary.json").read_text()), result.stdout + result.stderr
 
 
 # ---------------------------------------------------------------- the chat format
+
 
 def test_prompt_carries_no_loss_and_the_end_of_turn_does(tokenizer):
     input_ids, labels = encode_example(tokenizer, EXAMPLE, None)
@@ -81,7 +104,7 @@ def test_prompt_carries_no_loss_and_the_end_of_turn_does(tokenizer):
     assert all(t == IGNORE for t in labels[:first]) and len(input_ids) - first == len(learned) + 1
     # Generation starts where the answer starts, and the ids spell the template's text.
     prompt = encode_prompt(tokenizer, EXAMPLE["prompt"])
-    assert input_ids[:len(prompt)] == prompt and len(prompt) == first + 1
+    assert input_ids[: len(prompt)] == prompt and len(prompt) == first + 1
     messages = [{"role": "user", "content": EXAMPLE["prompt"]}, {"role": "assistant", "content": EXAMPLE["completion"]}]
     assert tokenizer.decode(prompt, skip_special_tokens=False) == render_chat(messages[:1], add_generation_prompt=True)
 
@@ -103,6 +126,7 @@ def test_jsonl_errors_name_the_file_line_and_key(tmp_path):
 
 
 # ---------------------------------------------------------------- packing
+
 
 def test_packed_documents_do_not_attend_to_each_other(tokenizer):
     torch.manual_seed(0)
@@ -127,11 +151,12 @@ def test_packed_documents_do_not_attend_to_each_other(tokenizer):
         after = logits(changed)
         alone = model(torch.tensor(second[0])[None])[0]
     assert not torch.allclose(before[:n1], after[:n1])  # the change is visible within document 1 ...
-    assert torch.equal(before[n1:n1 + n2], after[n1:n1 + n2])  # ... and nowhere in document 2
-    torch.testing.assert_close(before[n1:n1 + n2], alone, atol=1e-5, rtol=1e-5)  # as if it were alone
+    assert torch.equal(before[n1 : n1 + n2], after[n1 : n1 + n2])  # ... and nowhere in document 2
+    torch.testing.assert_close(before[n1 : n1 + n2], alone, atol=1e-5, rtol=1e-5)  # as if it were alone
 
 
 # ---------------------------------------------------------------- demo data
+
 
 def is_one_function(source: str) -> bool:
     try:
@@ -162,6 +187,7 @@ def test_demo_data_keeps_held_out_functions_out_of_training(tmp_path):
 
 # ---------------------------------------------------------------- real runs
 
+
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory, source) -> tuple[Path, dict]:
     """A finished 40-step SFT run from the tiny source: (run folder, summary.json)."""
@@ -173,16 +199,23 @@ def tuned(tmp_path_factory, source) -> tuple[Path, dict]:
 def test_sft_lowers_the_held_out_completion_loss(tmp_path, source, tuned):
     before, _ = run_sft(source, tmp_path / "before", "train.max_steps=0")  # evaluates the starting model
     after = tuned[1]
-    print(f"held-out completion loss {before['val_loss']:.3f} -> {after['val_loss']:.3f} nats/token, "
-          f"token accuracy {before['val_token_acc']:.3f} -> {after['val_token_acc']:.3f}")
+    print(
+        f"held-out completion loss {before['val_loss']:.3f} -> {after['val_loss']:.3f} nats/token, "
+        f"token accuracy {before['val_token_acc']:.3f} -> {after['val_token_acc']:.3f}"
+    )
     assert after["val_loss"] < before["val_loss"] - 0.2
     assert after["val_token_acc"] > before["val_token_acc"]
 
 
 @pytest.mark.slow
 def test_sft_on_two_processes_resumes_exactly_after_a_kill(tmp_path, source):
-    extra = ["train.max_steps=16", "checkpoint.every=4", "checkpoint.keep_last=2", "train.log_every=1",
-             "train.micro_batch_size=4"]
+    extra = [
+        "train.max_steps=16",
+        "checkpoint.every=4",
+        "checkpoint.keep_last=2",
+        "train.log_every=1",
+        "train.micro_batch_size=4",
+    ]
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     run_sft(source, reference, *extra, nproc=2)
     kill_step = random.Random(20261201).randint(6, 12)  # seeded: a failure replays exactly
@@ -217,8 +250,11 @@ def test_hf_export_of_a_tuned_run_ships_the_chat_template(tmp_path, source, tune
 
 
 def first_step(run_dir: Path) -> dict:
-    return next(json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-                if json.loads(line).get("step") == 1 and "loss" in json.loads(line))
+    return next(
+        json.loads(line)
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+        if json.loads(line).get("step") == 1 and "loss" in json.loads(line)
+    )
 
 
 @pytest.mark.slow
@@ -226,11 +262,20 @@ def test_the_loss_weighs_every_completion_token_alike_however_the_step_is_split(
     """One fp32 step on the same 8 rows (completions of uneven lengths): 1 x 8, 4 micro-batches x 2, 2 ranks
     x 4, and 2 tensor-parallel ranks (the loss on logits sharded over the vocabulary) give the same loss and
     gradient norm. A mean of per-micro-batch means would weigh short rows more."""
-    common = ["train.max_steps=1", "train.log_every=1", "train.val_every=0", "checkpoint.every=0",
-              "optim.grad_clip=0", "train.dtype=fp32"]
-    shapes = {"1x8": (["train.micro_batch_size=8"], 1), "4x2": (["train.micro_batch_size=2",
-              "train.grad_accum_steps=4"], 1), "2ranks": (["train.micro_batch_size=4"], 2),
-              "tp2": (["train.micro_batch_size=8", "parallel.tp=2"], 2)}
+    common = [
+        "train.max_steps=1",
+        "train.log_every=1",
+        "train.val_every=0",
+        "checkpoint.every=0",
+        "optim.grad_clip=0",
+        "train.dtype=fp32",
+    ]
+    shapes = {
+        "1x8": (["train.micro_batch_size=8"], 1),
+        "4x2": (["train.micro_batch_size=2", "train.grad_accum_steps=4"], 1),
+        "2ranks": (["train.micro_batch_size=4"], 2),
+        "tp2": (["train.micro_batch_size=8", "parallel.tp=2"], 2),
+    }
     steps = {}
     for name, (extra, nproc) in shapes.items():
         run_sft(source, tmp_path / name, *common, *extra, nproc=nproc)

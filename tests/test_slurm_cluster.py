@@ -22,8 +22,17 @@ pytestmark = pytest.mark.slurm
 
 REPO = Path(__file__).resolve().parents[1]
 IN_CI = os.environ.get("CI", "").lower() == "true"
-TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
-            "BOOT_FAIL", "DEADLINE"}
+TERMINAL = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "OUT_OF_MEMORY",
+    "NODE_FAIL",
+    "PREEMPTED",
+    "BOOT_FAIL",
+    "DEADLINE",
+}
 
 
 def _skip_or_fail(reason: str):
@@ -71,8 +80,9 @@ def sbatch(*args: str, cwd: Path) -> str:
 
 def sacct_state(job_id: str) -> str:
     """The job's state in the accounting database ("" until slurmdbd has it)."""
-    out = subprocess.run(["sacct", "--parsable2", "-n", "-X", "-j", job_id, "-o", "State"],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        ["sacct", "--parsable2", "-n", "-X", "-j", job_id, "-o", "State"], capture_output=True, text=True
+    )
     lines = out.stdout.splitlines()
     return lines[-1].split()[0] if lines and lines[-1].strip() else ""  # "CANCELLED by 0" -> "CANCELLED"
 
@@ -83,8 +93,14 @@ def wait_terminal(job_id: str, timeout: float = 120) -> str:
 
 def test_two_node_job_runs_on_both_nodes(slurm_cluster, tmp_path):
     out = tmp_path / "out.txt"
-    job = sbatch("--nodes=2", "--ntasks-per-node=1", f"--output={out}",
-                 "--wrap", "srun bash -c 'echo node=$SLURMD_NODENAME'", cwd=tmp_path)
+    job = sbatch(
+        "--nodes=2",
+        "--ntasks-per-node=1",
+        f"--output={out}",
+        "--wrap",
+        "srun bash -c 'echo node=$SLURMD_NODENAME'",
+        cwd=tmp_path,
+    )
     assert wait_terminal(job) == "COMPLETED", out.read_text() if out.exists() else "(no output)"
     nodes = {line.split("=", 1)[1] for line in out.read_text().split() if line.startswith("node=")}
     assert nodes == {"node1", "node2"}
@@ -93,8 +109,9 @@ def test_two_node_job_runs_on_both_nodes(slurm_cluster, tmp_path):
 def test_failing_job_ends_failed(slurm_cluster, tmp_path):
     job = sbatch(f"--output={tmp_path / 'out.txt'}", "--wrap", "echo about to fail; exit 3", cwd=tmp_path)
     assert wait_terminal(job) == "FAILED"
-    exit_code = subprocess.run(["sacct", "--parsable2", "-n", "-X", "-j", job, "-o", "ExitCode"],
-                               capture_output=True, text=True).stdout.strip()
+    exit_code = subprocess.run(
+        ["sacct", "--parsable2", "-n", "-X", "-j", job, "-o", "ExitCode"], capture_output=True, text=True
+    ).stdout.strip()
     assert exit_code == "3:0"
 
 
@@ -111,14 +128,16 @@ def test_submitit_job_returns_result(slurm_cluster, tmp_path, monkeypatch):
     # The job unpickles `add` by reference: it must import this module (jobs get the submitting env).
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), str(REPO)]))
     executor = submitit.AutoExecutor(folder=tmp_path / "submitit", cluster="slurm", slurm_python=sys.executable)
-    executor.update_parameters(timeout_min=5, slurm_partition="debug", nodes=1, tasks_per_node=1,
-                               cpus_per_task=1, name="orch-test-submitit")
+    executor.update_parameters(
+        timeout_min=5, slurm_partition="debug", nodes=1, tasks_per_node=1, cpus_per_task=1, name="orch-test-submitit"
+    )
     job = executor.submit(add, 2, 3)
     assert job.result() == 5
     # The result file appears before the job has ended, and slurmctld reports to slurmdbd asynchronously:
     # poll sacct (through submitit's watcher) until it says COMPLETED.
-    wait_until(lambda: job.get_info(mode="force").get("State") == "COMPLETED", 60, "sacct to report COMPLETED",
-               interval=1)
+    wait_until(
+        lambda: job.get_info(mode="force").get("State") == "COMPLETED", 60, "sacct to report COMPLETED", interval=1
+    )
 
     crash = executor.submit(die_hard)
     with pytest.raises(submitit.core.utils.UncompletedJobError, match="FAILED"):
@@ -149,8 +168,9 @@ def test_scontrol_requeue_runs_the_job_again(slurm_cluster, tmp_path, monkeypatc
     finally:
         (tmp_path / "release").touch()
         subprocess.run(["scancel", job], capture_output=True)
-    history = subprocess.run(["sacct", "--parsable2", "-n", "-X", "--duplicates", "-j", job, "-o", "State"],
-                             capture_output=True, text=True).stdout.split()
+    history = subprocess.run(
+        ["sacct", "--parsable2", "-n", "-X", "--duplicates", "-j", job, "-o", "State"], capture_output=True, text=True
+    ).stdout.split()
     assert history == ["REQUEUED", "COMPLETED"], history
 
 
@@ -168,18 +188,27 @@ def test_qos_high_preempts_with_warning_signal_and_requeues(slurm_cluster, tmp_p
     script = tmp_path / "job.sh"
     script.write_text(PREEMPTIBLE_SCRIPT)
     # Jobs left by earlier tests would take the CPUs this test fills: wait for an idle cluster.
-    wait_until(lambda: not subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.strip(),
-               180, "the cluster to be idle (squeue empty)", interval=1)
+    wait_until(
+        lambda: not subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.strip(),
+        180,
+        "the cluster to be idle (squeue empty)",
+        interval=1,
+    )
     # Fill both nodes (2 CPUs each) so the high job can only run by preempting one of them.
-    jobs = [sbatch("--requeue", "--cpus-per-task=2", "--signal=B:USR1@60", "--output=/dev/null", str(script),
-                   cwd=tmp_path) for _ in range(2)]
+    jobs = [
+        sbatch("--requeue", "--cpus-per-task=2", "--signal=B:USR1@60", "--output=/dev/null", str(script), cwd=tmp_path)
+        for _ in range(2)
+    ]
     try:
         wait_until(lambda: all((tmp_path / f"runs.{j}").exists() for j in jobs), 60, "both jobs to start")
         high = sbatch("--qos=high", "--cpus-per-task=2", "--output=/dev/null", "--wrap", "true", cwd=tmp_path)
         assert wait_terminal(high) == "COMPLETED"
         # Slurm may pick (and warn) a second candidate too; every requeued job must have had its warning.
-        victims = wait_until(lambda: [j for j in jobs if (tmp_path / f"runs.{j}").read_text().split() == ["0", "1"]],
-                             120, "a preempted job to run again (SLURM_RESTART_COUNT=1)")
+        victims = wait_until(
+            lambda: [j for j in jobs if (tmp_path / f"runs.{j}").read_text().split() == ["0", "1"]],
+            120,
+            "a preempted job to run again (SLURM_RESTART_COUNT=1)",
+        )
         for victim in victims:
             record = tmp_path / f"signals.{victim}"
             signals = record.read_text().splitlines() if record.exists() else ["(no signal recorded)"]

@@ -3,8 +3,8 @@ their time limit, `scontrol requeue` and a SIGKILLed task, ending with the same 
 interrupted.
 
 Jobs go through `orch submit ... executor=slurm`; states come from the registry, refreshed from sacct by
-`orchestrator.executors.slurm.SlurmExecutor.refresh`. Synchronisation is by polling sacct, the registry and the files the
-jobs write, each with a bounded timeout. Skipped without root (no cluster), failed under CI=true.
+`orchestrator.executors.slurm.SlurmExecutor.refresh`. Synchronisation is by polling sacct, the registry and the files
+the jobs write, each with a bounded timeout. Skipped without root (no cluster), failed under CI=true.
 """
 
 from __future__ import annotations
@@ -35,16 +35,29 @@ def registry_for(tmp: Path) -> Registry:
 
 
 def orch(tmp: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=tmp, env=env_for(tmp),
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", *args],
+        cwd=tmp,
+        env=env_for(tmp),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     if check:
         assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
 
 
 def submit(tmp: Path, data_dir: str, name: str, *extra: str) -> Run:
-    orch(tmp, "submit", JOB, *tiny_overrides(data_dir, *EXACT, *extra), "executor=slurm", f"name={name}",
-         f"runs_dir={tmp / 'runs'}")
+    orch(
+        tmp,
+        "submit",
+        JOB,
+        *tiny_overrides(data_dir, *EXACT, *extra),
+        "executor=slurm",
+        f"name={name}",
+        f"runs_dir={tmp / 'runs'}",
+    )
     run = next(r for r in registry_for(tmp).list() if r.name == name)
     assert run.executor == "slurm" and run.slurm_job_id and run.state == "PENDING", run
     return run
@@ -90,8 +103,9 @@ def assert_same_weights(run_dir: str, reference_dir: str) -> None:
     got, want = final_weights(run_dir), final_weights(reference_dir)
     assert got.keys() == want.keys()
     differing = [k for k in want if not torch.equal(got[k], want[k])]
-    assert not differing, (f"{len(differing)} of {len(want)} tensors differ from the uninterrupted run, "
-                           f"e.g. {differing[:3]}")
+    assert not differing, (
+        f"{len(differing)} of {len(want)} tensors differ from the uninterrupted run, e.g. {differing[:3]}"
+    )
 
 
 def checkpoint_steps(run_dir: str) -> list[int]:
@@ -109,8 +123,12 @@ def task_pid(job_id: str) -> int | None:
             environ = (entry / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if (b"submitit.core._submit" in cmdline and f"SLURM_JOB_ID={job_id}".encode() in environ
-                and b"SLURM_PROCID=0" in environ and any(e.startswith(b"SLURM_STEP_ID=") for e in environ)):
+        if (
+            b"submitit.core._submit" in cmdline
+            and f"SLURM_JOB_ID={job_id}".encode() in environ
+            and b"SLURM_PROCID=0" in environ
+            and any(e.startswith(b"SLURM_STEP_ID=") for e in environ)
+        ):
             return int(entry.name)
     return None
 
@@ -123,18 +141,51 @@ def test_batch_script_asks_for_the_resources(tmp_path):
 
     from jobspec import load_spec
 
-    cfg = load_spec(JOB, ["resources.nodes=3", "resources.nproc_per_node=4", "resources.gpus_per_node=4",
-                          "resources.cpus_per_task=8", "resources.mem_gb=64", "resources.time_min=120",
-                          "resources.partition=gpu", "resources.account=proj", "resources.qos=high",
-                          "resources.constraint=h100", "resources.sbatch_extra=[--exclusive,--reservation=r1]"])
-    run = Run(id="pretrain-abc123", name="pretrain", kind="pretrain", executor="slurm", state="PENDING",
-              run_dir=str(tmp_path / "run"), created_at=0.0)
+    cfg = load_spec(
+        JOB,
+        [
+            "resources.nodes=3",
+            "resources.nproc_per_node=4",
+            "resources.gpus_per_node=4",
+            "resources.cpus_per_task=8",
+            "resources.mem_gb=64",
+            "resources.time_min=120",
+            "resources.partition=gpu",
+            "resources.account=proj",
+            "resources.qos=high",
+            "resources.constraint=h100",
+            "resources.sbatch_extra=[--exclusive,--reservation=r1]",
+        ],
+    )
+    run = Run(
+        id="pretrain-abc123",
+        name="pretrain",
+        kind="pretrain",
+        executor="slurm",
+        state="PENDING",
+        run_dir=str(tmp_path / "run"),
+        created_at=0.0,
+    )
     params = slurm.executor_parameters(run, cfg.resources, dependency_job_ids=["11", "12"])
     script = _make_sbatch_string(command="python -m submitit.core._submit FOLDER", folder=tmp_path, **params)
-    for line in ["--nodes=3", "--ntasks-per-node=4", "--gpus-per-node=4", "--cpus-per-task=8", "--mem=64G",
-                 "--time=120", "--partition=gpu", "--account=proj", "--qos=high", "--constraint=h100",
-                 "--dependency=afterok:11:12", "--signal=USR2@300", "--requeue", "--exclusive", "--reservation=r1",
-                 "--job-name=pretrain-abc123"]:
+    for line in [
+        "--nodes=3",
+        "--ntasks-per-node=4",
+        "--gpus-per-node=4",
+        "--cpus-per-task=8",
+        "--mem=64G",
+        "--time=120",
+        "--partition=gpu",
+        "--account=proj",
+        "--qos=high",
+        "--constraint=h100",
+        "--dependency=afterok:11:12",
+        "--signal=USR2@300",
+        "--requeue",
+        "--exclusive",
+        "--reservation=r1",
+        "--job-name=pretrain-abc123",
+    ]:
         assert f"#SBATCH {line}\n" in script, (line, script)
     srun = next(line for line in script.splitlines() if line.startswith("srun "))
     assert "--kill-on-bad-exit=1" in srun and "torchrun" not in script
@@ -189,12 +240,21 @@ def test_after_srun_ends_the_job_when_done_on_user_errors_and_when_allowances_ar
 # --------------------------------------------------------------------------------------------- multi-node
 
 
-def test_two_nodes_two_tasks_each_train_and_complete(slurm_cluster, tiny_data, tmp_path):
+def test_two_nodes_two_tasks_each_train_and_complete(slurm_cluster, tiny_data, tmp_path):  # noqa: F811  (the fixture, imported above)
     """nodes=2 x nproc_per_node=2: four gloo ranks over two Slurm nodes (tp=2 x dp_shard=2)."""
     cpus = sum(n["cpus"] for n in slurm_cluster["nodes"].values())
     assert cpus >= 4, f"the cluster has {cpus} CPUs; 2 nodes x 2 tasks x 1 CPU need 4 (ORCH_SLURM_NODE_CPUS)"
-    run = submit(tmp_path, tiny_data, "multinode", "resources.nodes=2", "resources.nproc_per_node=2",
-                 "resources.cpus_per_task=1", "parallel.tp=2", "train.max_steps=10", "checkpoint.every=5")
+    run = submit(
+        tmp_path,
+        tiny_data,
+        "multinode",
+        "resources.nodes=2",
+        "resources.nproc_per_node=2",
+        "resources.cpus_per_task=1",
+        "parallel.tp=2",
+        "train.max_steps=10",
+        "checkpoint.every=5",
+    )
     script = (Path(run.run_dir) / "slurm" / f"{run.slurm_job_id}_submission.sh").read_text()
     assert "#SBATCH --nodes=2" in script and "#SBATCH --ntasks-per-node=2" in script
 
@@ -202,8 +262,9 @@ def test_two_nodes_two_tasks_each_train_and_complete(slurm_cluster, tiny_data, t
     assert done.state == "COMPLETED", (done, log_of(done))
     assert sacct_history(run.slurm_job_id) == ["COMPLETED"]
     assert checkpoint_steps(run.run_dir) == [5, 10]
-    nodes = subprocess.run(["sacct", "-n", "-X", "-P", "-j", run.slurm_job_id, "-o", "NodeList"],
-                           capture_output=True, text=True).stdout.strip()
+    nodes = subprocess.run(
+        ["sacct", "-n", "-X", "-P", "-j", run.slurm_job_id, "-o", "NodeList"], capture_output=True, text=True
+    ).stdout.strip()
     assert nodes == "node[1-2]", nodes
     log = orch(tmp_path, "logs", run.id).stdout  # rank 0's submitit log
     assert "world 4 = dp_replicate 1 x dp_shard 2 x tp 2" in log, log
@@ -219,15 +280,30 @@ def test_two_nodes_two_tasks_each_train_and_complete(slurm_cluster, tiny_data, t
 def _measure_steps_per_s(data_dir: str, tmp: Path) -> float:
     """This machine's speed on the tiny job now, to size the runs in seconds rather than steps."""
     run_dir = tmp / "calibrate"
-    subprocess.run([sys.executable, "-m", "training.main", JOB, *tiny_overrides(data_dir, *EXACT),
-                    "train.max_steps=150", "checkpoint.every=0", "--run-dir", str(run_dir)],
-                   cwd=tmp, env=env_for(tmp), check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "training.main",
+            JOB,
+            *tiny_overrides(data_dir, *EXACT),
+            "train.max_steps=150",
+            "checkpoint.every=0",
+            "--run-dir",
+            str(run_dir),
+        ],
+        cwd=tmp,
+        env=env_for(tmp),
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     summary = json.loads((run_dir / "summary.json").read_text())
     return summary["step"] / max(summary["train_minutes"] * 60, 1e-3)
 
 
 @pytest.fixture(scope="module")
-def interrupted_runs(slurm_cluster, tiny_data, tmp_path_factory):
+def interrupted_runs(slurm_cluster, tiny_data, tmp_path_factory):  # noqa: F811  (the fixture, imported above)
     """Sizes, and the uninterrupted reference runs (local processes) started in the background:
     - long: 45 s of training at today's speed, more than one start of a job with time_min=1 can do (the
       SIGUSR2 warning comes 15-45 s after the start);
@@ -245,12 +321,31 @@ def interrupted_runs(slurm_cluster, tiny_data, tmp_path_factory):
     for size, extra in sizes.items():
         run_dir = tmp / f"reference-{size}"
         log = open(tmp / f"reference-{size}.log", "wb")
-        proc = subprocess.Popen([sys.executable, "-m", "training.main", JOB, *tiny_overrides(tiny_data, *EXACT, *extra),
-                                 "--run-dir", str(run_dir)], cwd=tmp, env=env_for(tmp), stdout=log,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "training.main",
+                JOB,
+                *tiny_overrides(tiny_data, *EXACT, *extra),
+                "--run-dir",
+                str(run_dir),
+            ],
+            cwd=tmp,
+            env=env_for(tmp),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         references[size] = (proc, run_dir)
-    time_limited = submit(tmp, tiny_data, "timelimit", *sizes["long"], "resources.time_min=1",
-                          "resources.max_requeues=12", "resources.max_retries=3")
+    time_limited = submit(
+        tmp,
+        tiny_data,
+        "timelimit",
+        *sizes["long"],
+        "resources.time_min=1",
+        "resources.max_requeues=12",
+        "resources.max_retries=3",
+    )
 
     def reference(size: str) -> str:
         proc, run_dir = references[size]
@@ -303,12 +398,24 @@ def test_preempted_by_a_higher_qos_resumes_to_the_same_weights(interrupted_runs,
     tmp = interrupted_runs["tmp"]
     run = submit(tmp, tiny_data, "preempted", *interrupted_runs["sizes"]["short"])
     wait_until(lambda: checkpoint_steps(run.run_dir), 180, f"{run.id}'s first checkpoint")
-    node = subprocess.run(["squeue", "-h", "-j", run.slurm_job_id, "-o", "%N"], capture_output=True,
-                          text=True).stdout.strip()
+    node = subprocess.run(
+        ["squeue", "-h", "-j", run.slurm_job_id, "-o", "%N"], capture_output=True, text=True
+    ).stdout.strip()
     assert node in ("node1", "node2"), node
     # Every CPU of that node, at a higher priority: our job must make room.
-    subprocess.run(["sbatch", "--qos=high", f"--nodelist={node}", "--cpus-per-task=2", "--job-name=preemptor",
-                    f"--output={tmp / 'preemptor.out'}", "--wrap=hostname"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "sbatch",
+            "--qos=high",
+            f"--nodelist={node}",
+            "--cpus-per-task=2",
+            "--job-name=preemptor",
+            f"--output={tmp / 'preemptor.out'}",
+            "--wrap=hostname",
+        ],
+        check=True,
+        capture_output=True,
+    )
 
     done = wait_finished(tmp, run, timeout=240)
     log = log_of(done)
@@ -358,12 +465,12 @@ def test_time_limit_requeues_until_done_with_the_same_weights(interrupted_runs):
 def _finished_run(tmp: Path, data_dir: str, name: str) -> Run:
     """A Slurm run that ended FAILED, with its folder and config.yaml, as `orch resume` finds it."""
     from jobspec import load_spec
-    from jobspec.loading import save_config
 
     from orchestrator.runs import register_run
 
-    cfg = load_spec(JOB, [*tiny_overrides(data_dir), "executor=slurm", f"name={name}", f"runs_dir={tmp / 'runs'}"],
-                    launch=True)
+    cfg = load_spec(
+        JOB, [*tiny_overrides(data_dir), "executor=slurm", f"name={name}", f"runs_dir={tmp / 'runs'}"], launch=True
+    )
     registry = registry_for(tmp)
     run = register_run(registry, cfg, "slurm")
     registry.update(run.id, state="FAILED", reason="failed before", ended_at=time.time())
@@ -374,7 +481,7 @@ def _jobs_named(name: str) -> list[str]:
     return subprocess.run(["squeue", "-h", "--name", name, "-o", "%i"], capture_output=True, text=True).stdout.split()
 
 
-def test_resume_refuses_while_a_trainer_holds_the_run_folder(slurm_cluster, tiny_data, tmp_path):
+def test_resume_refuses_while_a_trainer_holds_the_run_folder(slurm_cluster, tiny_data, tmp_path):  # noqa: F811  (the fixture, imported above)
     from jobspec.run_lock import RunLock
 
     run = _finished_run(tmp_path, tiny_data, "held")
@@ -390,11 +497,15 @@ def test_resume_refuses_while_a_trainer_holds_the_run_folder(slurm_cluster, tiny
         subprocess.run(["scancel", "--name", run.id], capture_output=True)
 
 
-def test_resume_refuses_while_slurm_holds_a_job_of_the_run(slurm_cluster, tiny_data, tmp_path):
+def test_resume_refuses_while_slurm_holds_a_job_of_the_run(slurm_cluster, tiny_data, tmp_path):  # noqa: F811  (the fixture, imported above)
     # where flock() holds on one node only, Slurm's queue is what says a trainer may still come or run
     run = _finished_run(tmp_path, tiny_data, "queued")
-    job = subprocess.run(["sbatch", "--parsable", "--hold", f"--job-name={run.id}", f"--output={tmp_path}/held.out",
-                          "--wrap", "true"], capture_output=True, text=True, check=True).stdout.strip()
+    job = subprocess.run(
+        ["sbatch", "--parsable", "--hold", f"--job-name={run.id}", f"--output={tmp_path}/held.out", "--wrap", "true"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     try:
         result = orch(tmp_path, "resume", run.id, check=False)
         assert result.returncode == 2, result.stdout + result.stderr

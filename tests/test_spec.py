@@ -18,6 +18,7 @@ def job(tmp_path):
         path = tmp_path / "job.yaml"
         path.write_text(text)
         return str(path)
+
     return write
 
 
@@ -91,16 +92,23 @@ def test_unknown_kind_suggests(job):
 
 
 def run_orch(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=cwd,
-                          capture_output=True, text=True, env={"PYTHONPATH": str(REPO), "ORCH_HOME": str(cwd / ".orch"),
-                                                               "PATH": "/usr/bin:/bin"})
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(REPO), "ORCH_HOME": str(cwd / ".orch"), "PATH": "/usr/bin:/bin"},
+    )
 
 
-@pytest.mark.parametrize("contents, override, needle", [
-    ("train:\n  max_steps: 5\n bad: [\n", None, "malformed"),
-    ("kind: pretrain\n", "trian.max_steps=5", "Did you mean 'train.max_steps'"),
-    ("data:\n  sources: [/no/such/corpus]\n", None, "/no/such/corpus"),
-])
+@pytest.mark.parametrize(
+    "contents, override, needle",
+    [
+        ("train:\n  max_steps: 5\n bad: [\n", None, "malformed"),
+        ("kind: pretrain\n", "trian.max_steps=5", "Did you mean 'train.max_steps'"),
+        ("data:\n  sources: [/no/such/corpus]\n", None, "/no/such/corpus"),
+    ],
+)
 def test_orch_submit_bad_input_exits_2_and_submits_nothing(tmp_path, contents, override, needle):
     job_file = tmp_path / "job.yaml"
     job_file.write_text(contents)
@@ -123,35 +131,50 @@ def test_orch_config_prints_resolved_yaml(tmp_path):
 # ---------------------------------------------------------------- values that used to fail only on the nodes
 
 
-@pytest.mark.parametrize("contents, overrides, needle", [
-    ("kind: pretrain\ntrain:\n  max_steps: 5\ntrain:\n  log_every: 1\n", [], "line 4: key 'train' is written twice"),
-    ("kind: pretrain\nname: a\nname: b\n", [], "line 3: key 'name' is written twice (first at line 2)"),
-    ("", [], "the file is empty"),
-    ("# only a comment\n", [], "the file is empty"),
-    ("kind: pretrain\ntrain:\n  max_steps: 99999999999999999999999999999\n", [], "line 3: key 'train.max_steps'"),
-    ("kind: pretrain\n", ["train.max_steps=99999999999999999999999999999"], "beyond what a 64-bit integer holds"),
-    ("kind: pretrain\noptim:\n  lr: .inf\n", [], "line 3: key 'optim.lr' has the value inf"),
-    ("kind: pretrain\nname: ../outside\n", [], "key 'name' has the value '../outside'"),
-    ("kind: pretrain\nname: a/b\n", [], "letters, digits"),
-    ("kind: pretrain\nname: \"a\\nb\"\n", [], "control character"),
-    ("kind: pretrain\nresources:\n  partition: \"gpu\\n#SBATCH --uid=0\"\n", [], "resources.partition"),
-    ("kind: pretrain\nresources:\n  account: \"a b\"\n", [], "resources.account"),
-    ("kind: pretrain\nresources:\n  sbatch_extra: [\"--exclusive\\nrm -rf /\"]\n", [], "control character"),
-    ("kind: pretrain\n", ["checkpoint.keep_last=0"], "checkpoint.keep_last"),
-    ("kind: pretrain\n", ["checkpoint.keep_last=-1"], "at least 1"),
-    ("kind: pretrain\n", ["train.log_every=0"], "train.log_every"),
-    ("kind: pretrain\n", ["resources.nodes=0"], "resources.nodes"),
-    ("kind: pretrain\n", ["resources.nproc_per_node=0"], "resources.nproc_per_node"),
-    ("kind: pretrain\n", ["resources.cpus_per_task=0"], "resources.cpus_per_task"),
-    ("kind: pretrain\n", ["resources.time_min=0"], "resources.time_min"),
-    ("kind: pretrain\n", ["resources.max_retries=-1"], "resources.max_retries"),
-    ("kind: pretrain\n", ["model.vocab_size=100"], "smaller than the tokenizer's 4096 tokens"),
-    ("kind: pretrain\n", ["model.n_kv_head=3"], "model.n_kv_head"),
-    ("kind: pretrain\n", ["parallel.tp=3", "resources.nproc_per_node=3"], "must divide the model's 4 attention heads"),
-    ("kind: pretrain\n", ["parallel.tp=2", "model.n_kv_head=1", "resources.nproc_per_node=2"], "1 key/value heads"),
-    ("kind: pretrain\n", ["parallel.tp=2"], "does not divide the job's resources.nodes x resources.nproc_per_node = 1"),
-    ("kind: rm\n", ["parallel.tp=2", "resources.nproc_per_node=2"], "reward model's head is not tensor-parallel"),
-])
+@pytest.mark.parametrize(
+    "contents, overrides, needle",
+    [
+        (
+            "kind: pretrain\ntrain:\n  max_steps: 5\ntrain:\n  log_every: 1\n",
+            [],
+            "line 4: key 'train' is written twice",
+        ),
+        ("kind: pretrain\nname: a\nname: b\n", [], "line 3: key 'name' is written twice (first at line 2)"),
+        ("", [], "the file is empty"),
+        ("# only a comment\n", [], "the file is empty"),
+        ("kind: pretrain\ntrain:\n  max_steps: 99999999999999999999999999999\n", [], "line 3: key 'train.max_steps'"),
+        ("kind: pretrain\n", ["train.max_steps=99999999999999999999999999999"], "beyond what a 64-bit integer holds"),
+        ("kind: pretrain\noptim:\n  lr: .inf\n", [], "line 3: key 'optim.lr' has the value inf"),
+        ("kind: pretrain\nname: ../outside\n", [], "key 'name' has the value '../outside'"),
+        ("kind: pretrain\nname: a/b\n", [], "letters, digits"),
+        ("kind: pretrain\nname: \"a\\nb\"\n", [], "control character"),
+        ("kind: pretrain\nresources:\n  partition: \"gpu\\n#SBATCH --uid=0\"\n", [], "resources.partition"),
+        ("kind: pretrain\nresources:\n  account: \"a b\"\n", [], "resources.account"),
+        ("kind: pretrain\nresources:\n  sbatch_extra: [\"--exclusive\\nrm -rf /\"]\n", [], "control character"),
+        ("kind: pretrain\n", ["checkpoint.keep_last=0"], "checkpoint.keep_last"),
+        ("kind: pretrain\n", ["checkpoint.keep_last=-1"], "at least 1"),
+        ("kind: pretrain\n", ["train.log_every=0"], "train.log_every"),
+        ("kind: pretrain\n", ["resources.nodes=0"], "resources.nodes"),
+        ("kind: pretrain\n", ["resources.nproc_per_node=0"], "resources.nproc_per_node"),
+        ("kind: pretrain\n", ["resources.cpus_per_task=0"], "resources.cpus_per_task"),
+        ("kind: pretrain\n", ["resources.time_min=0"], "resources.time_min"),
+        ("kind: pretrain\n", ["resources.max_retries=-1"], "resources.max_retries"),
+        ("kind: pretrain\n", ["model.vocab_size=100"], "smaller than the tokenizer's 4096 tokens"),
+        ("kind: pretrain\n", ["model.n_kv_head=3"], "model.n_kv_head"),
+        (
+            "kind: pretrain\n",
+            ["parallel.tp=3", "resources.nproc_per_node=3"],
+            "must divide the model's 4 attention heads",
+        ),
+        ("kind: pretrain\n", ["parallel.tp=2", "model.n_kv_head=1", "resources.nproc_per_node=2"], "1 key/value heads"),
+        (
+            "kind: pretrain\n",
+            ["parallel.tp=2"],
+            "does not divide the job's resources.nodes x resources.nproc_per_node = 1",
+        ),
+        ("kind: rm\n", ["parallel.tp=2", "resources.nproc_per_node=2"], "reward model's head is not tensor-parallel"),
+    ],
+)
 def test_values_that_would_fail_on_the_nodes_are_refused_at_submit(tmp_path, contents, overrides, needle):
     job_file = tmp_path / "job.yaml"
     job_file.write_text(contents)

@@ -37,8 +37,7 @@ def write(tmp_path: Path, text: str, name: str = "job.yaml") -> str:
 
 def test_a_pipeline_name_from_a_block_scalar_is_refused(tmp_path):
     """`name: |` ends the name with a newline, which '$' let through; the job name then split the batch script."""
-    path = write(tmp_path, f"kind: pipeline\nname: |\n  demo\nstages:\n  pretrain: {{job: {PRETRAIN}}}\n",
-                 "pipe.yaml")
+    path = write(tmp_path, f"kind: pipeline\nname: |\n  demo\nstages:\n  pretrain: {{job: {PRETRAIN}}}\n", "pipe.yaml")
     with pytest.raises(SpecError) as e:
         load_pipeline(path)
     assert "line 2" in str(e.value) and "key 'name'" in str(e.value) and "'demo\\n'" in str(e.value)
@@ -50,12 +49,15 @@ def test_a_stage_name_with_a_trailing_newline_is_refused(tmp_path):
         load_pipeline(path)
 
 
-@pytest.mark.parametrize("override, env, key", [
-    ("name=${oc.env:ORCH_TEST_VALUE}", "demo\n", "name"),
-    ("resources.partition=${oc.env:ORCH_TEST_VALUE}", "gpu\n", "resources.partition"),
-    ("optim.lr=${oc.env:ORCH_TEST_VALUE}", "nan", "optim.lr"),
-    ("train.max_steps=${oc.env:ORCH_TEST_VALUE}", "100000000000000000000", "train.max_steps"),
-])
+@pytest.mark.parametrize(
+    "override, env, key",
+    [
+        ("name=${oc.env:ORCH_TEST_VALUE}", "demo\n", "name"),
+        ("resources.partition=${oc.env:ORCH_TEST_VALUE}", "gpu\n", "resources.partition"),
+        ("optim.lr=${oc.env:ORCH_TEST_VALUE}", "nan", "optim.lr"),
+        ("train.max_steps=${oc.env:ORCH_TEST_VALUE}", "100000000000000000000", "train.max_steps"),
+    ],
+)
 def test_values_are_checked_after_interpolation(monkeypatch, override, env, key):
     monkeypatch.setenv("ORCH_TEST_VALUE", env)
     msg = refused(PRETRAIN, override)
@@ -76,7 +78,7 @@ def test_every_numeric_key_of_every_kind_declares_its_range_and_its_default_is_i
         for key, allowed, nullable in numeric_keys(schema):
             assert allowed is not None, f"{kind}: {key} declares no range (jobspec/schema.py `bounded`)"
             value = OmegaConf.select(defaults, key)
-            for v in (value if OmegaConf.is_list(value) else [value]):
+            for v in value if OmegaConf.is_list(value) else [value]:
                 assert (v is None and nullable) or v in allowed, (kind, key, v)
 
 
@@ -118,17 +120,31 @@ def test_a_value_just_outside_each_range_is_refused_naming_key_and_value():
     assert len(seen) > 100
 
 
-@pytest.mark.parametrize("override, needle", [
-    ("optim.lr=-1", "must be positive"), ("optim.lr=0", "must be positive"), ("optim.beta1=2", "in [0, 1)"),
-    ("optim.eps=-1", "positive"), ("optim.min_lr_ratio=5", "in [0, 1]"), ("optim.grad_clip=-1", "0 or more"),
-    ("optim.warmup_steps=-5", "0 or more"), ("optim.weight_decay=-3", "0 or more"),
-    ("model.rope_theta=0", "positive"), ("model.norm_eps=-1", "positive"), ("model.init_std=-1", "positive"),
-    ("model.ffn_hidden=-8", "at least 1, or null"), ("model.vocab_size=0", "at least 1, or null"),
-    ("train.time_budget_min=-5", "positive, or null (null = no budget)"), ("train.time_budget_min=0", "positive"),
-    ("data.max_docs=-3", "at least 1, or null"), ("seed=-1", "in [0, 4294967295]"),
-    ("optim.lr=inf", "not a finite number"), ("optim.lr=nan", "not a finite number"),
-    ("data.sources=[]", "at least one source"),
-])
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("optim.lr=-1", "must be positive"),
+        ("optim.lr=0", "must be positive"),
+        ("optim.beta1=2", "in [0, 1)"),
+        ("optim.eps=-1", "positive"),
+        ("optim.min_lr_ratio=5", "in [0, 1]"),
+        ("optim.grad_clip=-1", "0 or more"),
+        ("optim.warmup_steps=-5", "0 or more"),
+        ("optim.weight_decay=-3", "0 or more"),
+        ("model.rope_theta=0", "positive"),
+        ("model.norm_eps=-1", "positive"),
+        ("model.init_std=-1", "positive"),
+        ("model.ffn_hidden=-8", "at least 1, or null"),
+        ("model.vocab_size=0", "at least 1, or null"),
+        ("train.time_budget_min=-5", "positive, or null (null = no budget)"),
+        ("train.time_budget_min=0", "positive"),
+        ("data.max_docs=-3", "at least 1, or null"),
+        ("seed=-1", "in [0, 4294967295]"),
+        ("optim.lr=inf", "not a finite number"),
+        ("optim.lr=nan", "not a finite number"),
+        ("data.sources=[]", "at least one source"),
+    ],
+)
 def test_the_values_orch_config_accepted_are_refused(override, needle):
     msg = refused(PRETRAIN, override)
     key = override.split("=")[0]
@@ -136,9 +152,14 @@ def test_the_values_orch_config_accepted_are_refused(override, needle):
 
 
 def run_orch(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=120, env={"PYTHONPATH": str(REPO), "ORCH_HOME": str(tmp_path / ".orch"),
-                                                      "PATH": "/usr/bin:/bin"})
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PYTHONPATH": str(REPO), "ORCH_HOME": str(tmp_path / ".orch"), "PATH": "/usr/bin:/bin"},
+    )
 
 
 @pytest.mark.parametrize("command", ["config", "submit"])
@@ -164,15 +185,21 @@ def test_an_alias_bomb_is_refused_at_once(tmp_path):
 
 
 def test_shared_sections_through_aliases_still_load(tmp_path):
-    path = write(tmp_path, "kind: pretrain\ntrain: &t {max_steps: 5}\nresources: {sbatch_extra: &x [--exclusive]}\n"
-                           "data: {sources: [demo]}\n")
+    path = write(
+        tmp_path,
+        "kind: pretrain\ntrain: &t {max_steps: 5}\nresources: {sbatch_extra: &x [--exclusive]}\n"
+        "data: {sources: [demo]}\n",
+    )
     assert load_spec(path).train.max_steps == 5
 
 
-@pytest.mark.parametrize("text, needle", [
-    ("kind: pretrain\nmodel: &m {n_layer: 2, x: *m}\n", "alias to itself"),
-    ("kind: pretrain\nx: " + "[" * 1000 + "]" * 1000 + "\n", "nested too deeply"),
-])
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("kind: pretrain\nmodel: &m {n_layer: 2, x: *m}\n", "alias to itself"),
+        ("kind: pretrain\nx: " + "[" * 1000 + "]" * 1000 + "\n", "nested too deeply"),
+    ],
+)
 def test_yaml_that_never_ends_is_refused(tmp_path, text, needle):
     assert needle in refused(write(tmp_path, text))
 
@@ -180,16 +207,19 @@ def test_yaml_that_never_ends_is_refused(tmp_path, text, needle):
 # ---------------------------------------------------------------- sbatch_extra
 
 
-@pytest.mark.parametrize("flag, setter", [
-    ("--dependency=singleton", "a pipeline stage's 'after' key"),
-    ("--dep=singleton", "which sbatch reads as --dependency"),
-    ("--signal=USR1@10", "resources.time_min"),
-    ("--open-mode=truncate", "every start of a job appends to its logs"),
-    ("--job-name=other", "the run id, from name"),
-    ("--time=5", "resources.time_min"),
-    ("--no-requeue", "resources.max_requeues"),
-    ("--ntasks=3", "resources.nodes x resources.nproc_per_node"),
-])
+@pytest.mark.parametrize(
+    "flag, setter",
+    [
+        ("--dependency=singleton", "a pipeline stage's 'after' key"),
+        ("--dep=singleton", "which sbatch reads as --dependency"),
+        ("--signal=USR1@10", "resources.time_min"),
+        ("--open-mode=truncate", "every start of a job appends to its logs"),
+        ("--job-name=other", "the run id, from name"),
+        ("--time=5", "resources.time_min"),
+        ("--no-requeue", "resources.max_requeues"),
+        ("--ntasks=3", "resources.nodes x resources.nproc_per_node"),
+    ],
+)
 def test_sbatch_extra_cannot_replace_what_orch_sets(flag, setter):
     msg = refused(PRETRAIN, f"resources.sbatch_extra=[--exclusive,{flag}]")
     assert f"key 'resources.sbatch_extra[1]' has the value {flag!r}" in msg and setter in msg, msg
@@ -204,12 +234,15 @@ def test_sbatch_extra_still_takes_other_options():
 # ---------------------------------------------------------------- what the command line says
 
 
-@pytest.mark.parametrize("override, needle", [
-    ("data.sources=/x", "key 'data.sources' has the value '/x', but it must be a list"),
-    ("model=3", "key 'model' has the value 3, but 'model' is a section"),
-    ("train.max_steps=[1]", "takes a single value"),
-    ("data.sources=[[a]]", "each of its entries must be a single value"),
-])
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("data.sources=/x", "key 'data.sources' has the value '/x', but it must be a list"),
+        ("model=3", "key 'model' has the value 3, but 'model' is a section"),
+        ("train.max_steps=[1]", "takes a single value"),
+        ("data.sources=[[a]]", "each of its entries must be a single value"),
+    ],
+)
 def test_a_value_of_the_wrong_shape_is_named_in_our_words(override, needle):
     msg = refused(PRETRAIN, override)
     assert needle in msg and "Node" not in msg and "ListConfig" not in msg, msg
@@ -239,15 +272,41 @@ def test_the_refused_options_are_every_one_orch_writes_in_a_batch_script(tmp_pat
     from orchestrator.executors import slurm, slurm_array
     from orchestrator.registry import Run
 
-    cfg = load_spec(PRETRAIN, ["resources.gpus_per_node=1", "resources.mem_gb=8", "resources.partition=p",
-                               "resources.account=a", "resources.qos=q", "resources.constraint=c"])
-    run = Run(id="pretrain-abc123", name="pretrain", kind="pretrain", executor="slurm", state="PENDING",
-              run_dir=str(tmp_path / "run"), created_at=0.0)
+    cfg = load_spec(
+        PRETRAIN,
+        [
+            "resources.gpus_per_node=1",
+            "resources.mem_gb=8",
+            "resources.partition=p",
+            "resources.account=a",
+            "resources.qos=q",
+            "resources.constraint=c",
+        ],
+    )
+    run = Run(
+        id="pretrain-abc123",
+        name="pretrain",
+        kind="pretrain",
+        executor="slurm",
+        state="PENDING",
+        run_dir=str(tmp_path / "run"),
+        created_at=0.0,
+    )
     params = slurm.executor_parameters(run, cfg.resources, dependency_job_ids=["11"])
-    scripts = [_make_sbatch_string(command="true", folder=tmp_path, **params),
-               _make_sbatch_string(command="true", folder=tmp_path, map_count=4,  # a data job's array step
-                                   **slurm_array.array_parameters(params, run, "analyze"))]
-    written = {line.split()[1][2:].split("=")[0] for script in scripts for line in script.splitlines()
-               if line.startswith("#SBATCH --")}
+    scripts = [
+        _make_sbatch_string(command="true", folder=tmp_path, **params),
+        _make_sbatch_string(
+            command="true",
+            folder=tmp_path,
+            map_count=4,  # a data job's array step
+            **slurm_array.array_parameters(params, run, "analyze"),
+        ),
+    ]
+    written = {
+        line.split()[1][2:].split("=")[0]
+        for script in scripts
+        for line in script.splitlines()
+        if line.startswith("#SBATCH --")
+    }
     assert "dependency" in written and "array" in written and "signal" in written
     assert written - {"wckey"} <= set(ORCH_SBATCH_OPTIONS), written - set(ORCH_SBATCH_OPTIONS)  # wckey: a label

@@ -30,8 +30,17 @@ IN_CI = os.environ.get("CI", "").lower() == "true"
 # ---------------------------------------------------------------- run folders written by hand
 
 
-def make_run(registry: Registry, root: Path, run_id: str, state: str = "RUNNING", max_steps: int = 100,
-             records: list[dict] = (), checkpoints: list[int] = (), log: str = "", **fields) -> Run:
+def make_run(
+    registry: Registry,
+    root: Path,
+    run_id: str,
+    state: str = "RUNNING",
+    max_steps: int = 100,
+    records: list[dict] = (),
+    checkpoints: list[int] = (),
+    log: str = "",
+    **fields,
+) -> Run:
     run_dir = root / "runs" / run_id
     (run_dir / "logs").mkdir(parents=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump({"kind": "pretrain", "train": {"max_steps": max_steps}}))
@@ -46,15 +55,34 @@ def make_run(registry: Registry, root: Path, run_id: str, state: str = "RUNNING"
         # a live run has a live supervisor: this test process stands in for it (pid + start time)
         fields.setdefault("pid", os.getpid())
         fields.setdefault("pid_start", process_start(os.getpid()))
-    run = Run(id=run_id, name=run_id.rsplit("-", 1)[0], kind="pretrain", executor=fields.pop("executor", "local"),
-              state=state, run_dir=str(run_dir), created_at=created, started_at=created, **fields)
+    run = Run(
+        id=run_id,
+        name=run_id.rsplit("-", 1)[0],
+        kind="pretrain",
+        executor=fields.pop("executor", "local"),
+        state=state,
+        run_dir=str(run_dir),
+        created_at=created,
+        started_at=created,
+        **fields,
+    )
     registry.add(run)
     return run
 
 
 def train_record(step: int, loss: float, **extra) -> dict:
-    return {"time": time.time(), "step": step, "loss": loss, "lr": 1e-3, "grad_norm": 1.0,
-            "tokens_per_s": 1500.0 + step, "tokens_seen": 512 * step, "mfu": None, "eta_s": 100.0 - step, **extra}
+    return {
+        "time": time.time(),
+        "step": step,
+        "loss": loss,
+        "lr": 1e-3,
+        "grad_norm": 1.0,
+        "tokens_per_s": 1500.0 + step,
+        "tokens_seen": 512 * step,
+        "mfu": None,
+        "eta_s": 100.0 - step,
+        **extra,
+    }
 
 
 @pytest.fixture
@@ -64,15 +92,37 @@ def registry(tmp_path) -> Registry:
 
 def populate(registry: Registry, root: Path) -> None:
     """A running run, a finished one, and a three-stage pipeline, with ids as long as real ones."""
-    make_run(registry, root, "pretrain-a1b2c3", records=[train_record(s, 4.0 - s / 10) for s in (5, 10, 15)],
-             checkpoints=[10], log="step     15/100 | loss 2.5000 | 1,515 tok/s\n")
-    make_run(registry, root, "pretrain-d4e5f6", state="COMPLETED", max_steps=20,
-             records=[train_record(s, 3.0) for s in (10, 20)], checkpoints=[20], created_at=time.time() - 100)
+    make_run(
+        registry,
+        root,
+        "pretrain-a1b2c3",
+        records=[train_record(s, 4.0 - s / 10) for s in (5, 10, 15)],
+        checkpoints=[10],
+        log="step     15/100 | loss 2.5000 | 1,515 tok/s\n",
+    )
+    make_run(
+        registry,
+        root,
+        "pretrain-d4e5f6",
+        state="COMPLETED",
+        max_steps=20,
+        records=[train_record(s, 3.0) for s in (10, 20)],
+        checkpoints=[20],
+        created_at=time.time() - 100,
+    )
     parent = None
     # Registered seconds ago: a pipeline younger than a minute has no supervisor yet and keeps its stages.
     for stage in ("pretrain", "sft", "dpo"):
-        run = make_run(registry, root, f"chain-{stage}-0a0b0c", state="PENDING" if parent else "RUNNING",
-                       pipeline_id="chain-0a0b0c", stage=stage, depends_on=parent, created_at=time.time() - 5)
+        run = make_run(
+            registry,
+            root,
+            f"chain-{stage}-0a0b0c",
+            state="PENDING" if parent else "RUNNING",
+            pipeline_id="chain-0a0b0c",
+            stage=stage,
+            depends_on=parent,
+            created_at=time.time() - 5,
+        )
         parent = run.id
 
 
@@ -86,10 +136,13 @@ def frame_text(frame, width: int, height=None) -> str:
 
 
 def test_collect_reads_step_loss_throughput_and_eta(registry, tmp_path):
-    records = [train_record(5, 3.5), train_record(10, 3.1, mfu=0.25),
-               {"time": time.time(), "step": 10, "val_loss": 3.3, "val_bpb": 1.9}]
+    records = [
+        train_record(5, 3.5),
+        train_record(10, 3.1, mfu=0.25),
+        {"time": time.time(), "step": 10, "val_loss": 3.3, "val_bpb": 1.9},
+    ]
     make_run(registry, tmp_path, "pretrain-a1b2c3", records=records, checkpoints=[5, 10], max_steps=40)
-    job, = Collector(registry, use_slurm=False).collect().jobs
+    (job,) = Collector(registry, use_slurm=False).collect().jobs
     assert (job.step, job.max_steps, job.loss, job.tokens_per_s, job.eta_s) == (10, 40, 3.1, 1510.0, 90.0)
     assert job.mfu == 0.25 and job.val_loss == 3.3
     assert job.losses == [3.5, 3.1]
@@ -141,8 +194,19 @@ def test_frame_fits_the_width_and_shows_the_facts(registry, tmp_path, width):
     text = frame_text(frame, width)
     too_wide = [line for line in text.splitlines() if len(line) > width]
     assert not too_wide, too_wide
-    for fact in ("pretrain-a1b2c3", "RUNNING", "COMPLETED", "PENDING", "15/100", "20/20", "chain-0a0b0c",
-                 "sft", "dpo", "this machine", "step     15/100"):
+    for fact in (
+        "pretrain-a1b2c3",
+        "RUNNING",
+        "COMPLETED",
+        "PENDING",
+        "15/100",
+        "20/20",
+        "chain-0a0b0c",
+        "sft",
+        "dpo",
+        "this machine",
+        "step     15/100",
+    ):
         assert fact in text, f"{fact!r} missing at width {width}:\n{text}"
     if width >= 80:
         assert "2.500" in text and "1.5k" in text  # loss and tokens/s of the running run
@@ -158,8 +222,13 @@ def test_live_frame_fits_a_small_screen(registry, tmp_path):
 
 
 def test_live_frame_gives_spare_lines_to_the_log(registry, tmp_path):
-    make_run(registry, tmp_path, "pretrain-a1b2c3", records=[train_record(5, 3.0)],
-             log="".join(f"log line {i}\n" for i in range(100)))
+    make_run(
+        registry,
+        tmp_path,
+        "pretrain-a1b2c3",
+        records=[train_record(5, 3.0)],
+        log="".join(f"log line {i}\n" for i in range(100)),
+    )
     frame = Collector(registry, use_slurm=False).collect()
     text = frame_text(frame, 80, height=40)
     assert len(text.splitlines()) <= 40, text
@@ -173,8 +242,15 @@ def orch(tmp_path, *args, path: str | None = None, **kw):
     env = env_for(tmp_path)
     if path is not None:
         env["PATH"] = path
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        **kw,
+    )
 
 
 def test_json_parses_and_narrows_to_a_pipeline(registry, tmp_path):
@@ -235,8 +311,9 @@ class Screen:
         self._tmux("new-session", "-d", "-s", self.session, "-x", "80", "-y", "30", command)
 
     def _tmux(self, *args) -> str:
-        return subprocess.run([self.tmux, "-L", self.socket, *args], capture_output=True, text=True,
-                              check=True, timeout=30).stdout
+        return subprocess.run(
+            [self.tmux, "-L", self.socket, *args], capture_output=True, text=True, check=True, timeout=30
+        ).stdout
 
     def text(self) -> str:
         return self._tmux("capture-pane", "-p", "-t", self.session)
@@ -252,8 +329,9 @@ def poll(predicate, timeout: float, what: str, screen: Screen):
         if value:
             return value
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}; the screen:\n{screen.text()}",
-                        pytrace=False)
+            pytest.fail(
+                f"timed out after {timeout:.0f}s waiting for {what}; the screen:\n{screen.text()}", pytrace=False
+            )
         time.sleep(0.2)
 
 
@@ -262,9 +340,19 @@ def watch_a_job(tmp_path: Path, tiny_data: str, *extra: str) -> None:
     try:
         poll(lambda: "orch status" in screen.text(), 60, "the dashboard to draw", screen)
         max_steps = 200
-        submitted = orch(tmp_path, "submit", str(REPO / "jobs" / "pretrain.yaml"),
-                         *tiny_overrides(tiny_data, f"runs_dir={tmp_path / 'runs'}", f"train.max_steps={max_steps}",
-                                         "train.log_every=2", "checkpoint.every=100", *extra))
+        submitted = orch(
+            tmp_path,
+            "submit",
+            str(REPO / "jobs" / "pretrain.yaml"),
+            *tiny_overrides(
+                tiny_data,
+                f"runs_dir={tmp_path / 'runs'}",
+                f"train.max_steps={max_steps}",
+                "train.log_every=2",
+                "checkpoint.every=100",
+                *extra,
+            ),
+        )
         assert submitted.returncode == 0, submitted.stderr
         run_id = submitted.stdout.split()[1]
         row = re.compile(rf"^{re.escape(run_id[:16])}\S*\s+(\w+)\s+(\d+|-)/{max_steps}", re.M)
@@ -304,11 +392,13 @@ def test_live_dashboard_follows_a_slurm_job(tmp_path, tiny_data, request):
 def test_node_line_parsing_counts_cpus_and_gpus():
     from orchestrator.status.slurm_query import parse_nodes
 
-    line = ("NodeName=gpu7 Arch=x86_64 CoresPerSocket=32 CPUAlloc=48 CPUEfctv=64 CPUTot=64 CPULoad=47.90 "
-            "Gres=gpu:h100:8 NodeAddr=gpu7 OS=Linux 6.8 #1 SMP State=MIXED Partitions=gpu,debug "
-            "CfgTRES=cpu=64,mem=1000G,billing=64,gres/gpu=8 AllocTRES=cpu=48,mem=500G,gres/gpu=6 "
-            "Reason=Kill task failed [root@2026-11-24T10:00:00]")
-    node, = parse_nodes(line)
+    line = (
+        "NodeName=gpu7 Arch=x86_64 CoresPerSocket=32 CPUAlloc=48 CPUEfctv=64 CPUTot=64 CPULoad=47.90 "
+        "Gres=gpu:h100:8 NodeAddr=gpu7 OS=Linux 6.8 #1 SMP State=MIXED Partitions=gpu,debug "
+        "CfgTRES=cpu=64,mem=1000G,billing=64,gres/gpu=8 AllocTRES=cpu=48,mem=500G,gres/gpu=6 "
+        "Reason=Kill task failed [root@2026-11-24T10:00:00]"
+    )
+    (node,) = parse_nodes(line)
     assert (node.name, node.state, node.cpus_alloc, node.cpus_total) == ("gpu7", "MIXED", 48, 64)
     assert (node.gpus_alloc, node.gpus_total, node.load) == (6, 8, 47.9)
     assert node.partitions == "gpu,debug" and node.reason.startswith("Kill task failed")

@@ -18,8 +18,15 @@ SWEEP = str(REPO / "jobs" / "sweep.yaml")
 
 
 def orch(tmp_path, *args):
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=tmp_path, env=env_for(tmp_path),
-                          capture_output=True, text=True, timeout=300, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", *args],
+        cwd=tmp_path,
+        env=env_for(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
 
 
 def write_sweep(tmp_path, **changes) -> str:
@@ -65,20 +72,27 @@ def test_n_is_the_real_models_parameters_less_its_embeddings(depth):
 
 
 def test_grid_plan_and_attention_flops(tmp_path):
-    grid = load_sweep(write_sweep(tmp_path, isoflop=None, grid={"n_layer": [2, 4], "tokens": [1e5, 4e5]},
-                                  flops="6ND+attention"))
+    grid = load_sweep(
+        write_sweep(tmp_path, isoflop=None, grid={"n_layer": [2, 4], "tokens": [1e5, 4e5]}, flops="6ND+attention")
+    )
     assert [m.name for m in grid.members] == ["t0-L2", "t1-L2", "t0-L4", "t1-L4"]
     for m in grid.members:  # C from D, with attention's 6 x depth x seq_len x d_model a token
         assert m.C == pytest.approx((6 * m.N + 6 * m.n_layer * 256 * m.d_model) * (1e5 if m.name[1] == "0" else 4e5))
 
 
 BAD = {
-    "heads_do_not_divide_width": ({"shape": {"width_per_layer": 20, "head_dim": 16}},
-                                  ["isoflop.n_layer", "d_model = 20 x 2 = 40", "head_dim=16"]),
-    "kv_heads_do_not_divide_heads": ({"shape": {"width_per_layer": 48, "head_dim": 16}},
-                                     ["isoflop.n_layer", "has the value 3", "the GPT refuses", "n_kv_head"]),
-    "budget_too_small_for_a_step": ({"isoflop": {"budgets": [1e9, 1e12], "n_layer": [2, 5]}},
-                                    ["isoflop.budgets", "budget 1e+09 FLOPs", "less than one step's 2,048"]),
+    "heads_do_not_divide_width": (
+        {"shape": {"width_per_layer": 20, "head_dim": 16}},
+        ["isoflop.n_layer", "d_model = 20 x 2 = 40", "head_dim=16"],
+    ),
+    "kv_heads_do_not_divide_heads": (
+        {"shape": {"width_per_layer": 48, "head_dim": 16}},
+        ["isoflop.n_layer", "has the value 3", "the GPT refuses", "n_kv_head"],
+    ),
+    "budget_too_small_for_a_step": (
+        {"isoflop": {"budgets": [1e9, 1e12], "n_layer": [2, 5]}},
+        ["isoflop.budgets", "budget 1e+09 FLOPs", "less than one step's 2,048"],
+    ),
     "both_plans": ({"grid": {"n_layer": [2], "tokens": [1e6]}}, ["exactly one plan", "both"]),
     "no_rule": ({"shape": None}, ["key 'shape'", "width_per_layer"]),
     "fractional_depth": ({"isoflop": {"budgets": [1e12], "n_layer": [2.5]}}, ["isoflop.n_layer", "2.5"]),

@@ -24,8 +24,11 @@ def _orch(*argv) -> int:
 
 
 def _write_rows(path, N, D, C, L):
-    path.write_text(json.dumps([{"N": float(n), "D": float(d), "C": float(c), "loss": float(l)}
-                                for n, d, c, l in zip(N, D, C, L)]))
+    path.write_text(
+        json.dumps(
+            [{"N": float(n), "D": float(d), "C": float(c), "loss": float(loss)} for n, d, c, loss in zip(N, D, C, L)]
+        )
+    )
     return path
 
 
@@ -40,7 +43,10 @@ def test_approach3_recovers_epoch_refit_of_chinchilla(seed):
 def test_objective_gradient_and_grid_agree():
     N, D, _, L = ladder(np.random.default_rng(3))
     logN, logD, logL = np.log(N), np.log(D), np.log(L)
-    f = lambda t: approach3.objective(t, logN, logD, logL)
+
+    def f(t):
+        return approach3.objective(t, logN, logD, logL)
+
     x = approach3.theta(TRUE) + 0.05
     assert check_grad(lambda t: f(t)[0], lambda t: f(t)[1], x) < 1e-4 * np.linalg.norm(f(x)[1]) + 1e-6
     i = 1234
@@ -111,11 +117,11 @@ def test_orch_sweep_fit_refuses_bad_rows_naming_file_row_and_key(tmp_path, capsy
 def test_orch_sweep_fit_reads_a_sweep_folder_and_names_unfinished_members(tmp_path, capsys):
     N, D, C, L = ladder(np.random.default_rng(6), sizes=4, span=4.0)
     members = []
-    for i, (n, d, c, l) in enumerate(zip(N, D, C, L)):
+    for i, (n, d, c, loss) in enumerate(zip(N, D, C, L)):
         run_dir = tmp_path / "runs" / f"m{i}"
         run_dir.mkdir(parents=True)
         if i != 3:  # member m3 has not finished: no summary.json
-            (run_dir / "summary.json").write_text(json.dumps({"val_loss": float(l), "tokens_seen": float(d)}))
+            (run_dir / "summary.json").write_text(json.dumps({"val_loss": float(loss), "tokens_seen": float(d)}))
         members.append({"id": f"m{i}", "run_dir": str(run_dir), "N": float(n), "D": float(d), "C": float(c)})
     sweep = tmp_path / "sweep"
     sweep.mkdir()

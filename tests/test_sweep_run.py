@@ -17,19 +17,42 @@ from tests.conftest import REPO, TINY, env_for
 
 
 def orch(tmp_path, *args, timeout=900):
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=tmp_path, env=env_for(tmp_path),
-                          capture_output=True, text=True, timeout=timeout, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", *args],
+        cwd=tmp_path,
+        env=env_for(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 @pytest.mark.slow
 def test_local_sweep_runs_every_member_then_fits_and_resume_redoes_nothing(tmp_path, tiny_data):
     # 2 budgets x 3 depths of the tiny model (512 tokens a step): 3 to 118 steps each
     sweep = tmp_path / "sweep.yaml"
-    sweep.write_text(yaml.safe_dump({
-        "kind": "sweep", "name": "tiny", "executor": "local", "job": str(REPO / "jobs" / "pretrain.yaml"),
-        "overrides": [*TINY, f"data.dir={tiny_data}", f"runs_dir={tmp_path / 'runs'}", "resources.max_retries=0"],
-        "parallel": 2, "shape": {"width_per_layer": 32, "head_dim": 16},
-        "isoflop": {"budgets": [3.0e9, 6.0e9], "n_layer": [1, 2, 3]}, "fit_budgets": [1.0e12]}, sort_keys=False))
+    sweep.write_text(
+        yaml.safe_dump(
+            {
+                "kind": "sweep",
+                "name": "tiny",
+                "executor": "local",
+                "job": str(REPO / "jobs" / "pretrain.yaml"),
+                "overrides": [
+                    *TINY,
+                    f"data.dir={tiny_data}",
+                    f"runs_dir={tmp_path / 'runs'}",
+                    "resources.max_retries=0",
+                ],
+                "parallel": 2,
+                "shape": {"width_per_layer": 32, "head_dim": 16},
+                "isoflop": {"budgets": [3.0e9, 6.0e9], "n_layer": [1, 2, 3]},
+                "fit_budgets": [1.0e12],
+            },
+            sort_keys=False,
+        )
+    )
     result = orch(tmp_path, "submit", str(sweep))
     assert result.returncode == 0, result.stderr
     sweep_id = result.stdout.split()[2]
@@ -67,12 +90,27 @@ def test_local_sweep_runs_every_member_then_fits_and_resume_redoes_nothing(tmp_p
 def test_cancelling_a_sweep_then_resuming_it_finishes_the_rest_and_redoes_no_completed_member(tmp_path, tiny_data):
     # one member at a time: b0-L1 (a few steps) completes, b1-L1 (hundreds) is cancelled mid-run, b0/b1-L2 never start
     sweep = tmp_path / "sweep.yaml"
-    sweep.write_text(yaml.safe_dump({
-        "kind": "sweep", "name": "cut", "executor": "local", "job": str(REPO / "jobs" / "pretrain.yaml"),
-        "overrides": [*TINY, f"data.dir={tiny_data}", f"runs_dir={tmp_path / 'runs'}", "resources.max_retries=0",
-                      "checkpoint.every=20"],
-        "parallel": 1, "shape": {"width_per_layer": 32, "head_dim": 16},
-        "isoflop": {"budgets": [6.0e8, 3.0e10], "n_layer": [1, 2]}}, sort_keys=False))
+    sweep.write_text(
+        yaml.safe_dump(
+            {
+                "kind": "sweep",
+                "name": "cut",
+                "executor": "local",
+                "job": str(REPO / "jobs" / "pretrain.yaml"),
+                "overrides": [
+                    *TINY,
+                    f"data.dir={tiny_data}",
+                    f"runs_dir={tmp_path / 'runs'}",
+                    "resources.max_retries=0",
+                    "checkpoint.every=20",
+                ],
+                "parallel": 1,
+                "shape": {"width_per_layer": 32, "head_dim": 16},
+                "isoflop": {"budgets": [6.0e8, 3.0e10], "n_layer": [1, 2]},
+            },
+            sort_keys=False,
+        )
+    )
     result = orch(tmp_path, "submit", str(sweep))
     assert result.returncode == 0, result.stderr
     sweep_id = result.stdout.split()[2]

@@ -52,8 +52,17 @@ def test_time_budget_ends_the_schedule_early_and_anneals(tmp_path, tiny_data):
     import json
 
     run = tmp_path / "budget"
-    result = train(1, run, tiny_data, "train.max_steps=1000000", "train.time_budget_min=0.15",
-                   "train.log_every=5", "train.val_every=0", "checkpoint.every=0", "optim.min_lr_ratio=0.0")
+    result = train(
+        1,
+        run,
+        tiny_data,
+        "train.max_steps=1000000",
+        "train.time_budget_min=0.15",
+        "train.log_every=5",
+        "train.val_every=0",
+        "checkpoint.every=0",
+        "optim.min_lr_ratio=0.0",
+    )
     assert "the schedule now ends at step" in result.stdout
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train_records = [r for r in records if "lr" in r]

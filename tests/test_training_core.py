@@ -31,18 +31,21 @@ def test_a_device_backend_string_group_reduces_cpu_tensors(tmp_path):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("name, peak", [
-    ("NVIDIA H100 80GB HBM3", 989.4e12),  # SXM
-    ("NVIDIA H100 PCIe", 756e12),
-    ("NVIDIA H100 NVL", 835e12),
-    ("NVIDIA H200", 989.4e12),
-    ("NVIDIA H200 NVL", 835e12),
-    ("NVIDIA B200", 2250e12),
-    ("NVIDIA A100-SXM4-80GB", 312e12),
-    ("NVIDIA A100 80GB PCIe", 312e12),
-    ("NVIDIA GeForce RTX 4090", None),  # unknown: no MFU rather than a wrong one
-    ("Tesla T4", None),
-])
+@pytest.mark.parametrize(
+    "name, peak",
+    [
+        ("NVIDIA H100 80GB HBM3", 989.4e12),  # SXM
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H100 NVL", 835e12),
+        ("NVIDIA H200", 989.4e12),
+        ("NVIDIA H200 NVL", 835e12),
+        ("NVIDIA B200", 2250e12),
+        ("NVIDIA A100-SXM4-80GB", 312e12),
+        ("NVIDIA A100 80GB PCIe", 312e12),
+        ("NVIDIA GeForce RTX 4090", None),  # unknown: no MFU rather than a wrong one
+        ("Tesla T4", None),
+    ],
+)
 def test_mfu_uses_the_exact_device(name, peak):
     assert peak_flops_of(name) == peak
 
@@ -86,9 +89,21 @@ def tiny_job(*overrides: str):
     from jobspec import load_spec
     from tests.conftest import REPO
 
-    return load_spec(str(REPO / "jobs" / "pretrain.yaml"), [
-        "model.n_layer=2", "model.n_head=4", "model.n_kv_head=2", "model.d_model=32", "model.max_seq_len=16",
-        f"model.vocab_size={VOCAB}", f"data.vocab_size={VOCAB}", "data.seq_len=16", "train.device=cpu", *overrides])
+    return load_spec(
+        str(REPO / "jobs" / "pretrain.yaml"),
+        [
+            "model.n_layer=2",
+            "model.n_head=4",
+            "model.n_kv_head=2",
+            "model.d_model=32",
+            "model.max_seq_len=16",
+            f"model.vocab_size={VOCAB}",
+            f"data.vocab_size={VOCAB}",
+            "data.seq_len=16",
+            "train.device=cpu",
+            *overrides,
+        ],
+    )
 
 
 def built(cfg, tie: bool = True):
@@ -103,6 +118,7 @@ def built(cfg, tie: bool = True):
 
 
 # ---------------------------------------------------------------- tensor parallel alone in bf16
+
 
 @pytest.mark.filterwarnings("ignore:CUDA is not available")
 def test_tensor_parallel_alone_takes_bf16_from_autocast_on_gpus():
@@ -147,6 +163,7 @@ def _tp2_dp1_dtypes(rank: int) -> None:
 
 
 # ---------------------------------------------------------------- the vocabulary stays sharded
+
 
 def test_loss_on_vocabulary_sharded_logits_equals_the_whole_logits_loss(tmp_path):
     on_two_ranks(tmp_path, _vocab_parallel_losses)
@@ -193,6 +210,7 @@ def _vocab_parallel_loss(tie: bool) -> None:
 
 # ---------------------------------------------------------------- async checkpoint staging stays on the host
 
+
 def test_staging_keeps_the_copy_on_the_host_whatever_the_meshs_device(tmp_path):
     """A shard of a GPU mesh is staged into host memory and stays there. (A mesh of device type cuda, made
     without a GPU: DTensor.from_local, used before, moved the staged copy onto the mesh's device, a second
@@ -238,8 +256,11 @@ def _stage_fsdp_shards(rank: int, run_dir: str) -> None:
     buffers = {}
     staged = stage(state, buffers)
     flat = [(staged["model"][k], v) for k, v in state["model"].items()]
-    flat += [(staged["optim"]["state"][k][m], v) for k, moments in state["optim"]["state"].items()
-             for m, v in moments.items()]
+    flat += [
+        (staged["optim"]["state"][k][m], v)
+        for k, moments in state["optim"]["state"].items()
+        for m, v in moments.items()
+    ]
     for copy, source in flat:
         if isinstance(source, DTensor):
             assert isinstance(copy, DTensor) and copy.device_mesh == source.device_mesh

@@ -50,8 +50,9 @@ def stage(obj, buffers: dict, key: str = ""):
 def _copy(tensor: torch.Tensor, buffers: dict, key: str) -> torch.Tensor:
     buf = buffers.get(key)
     if buf is None or buf.shape != tensor.shape or buf.dtype != tensor.dtype:
-        buf = buffers[key] = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu",
-                                         pin_memory=tensor.is_cuda)  # pinned: a faster copy from the GPU
+        buf = buffers[key] = torch.empty(
+            tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=tensor.is_cuda
+        )  # pinned: a faster copy from the GPU
     buf.copy_(tensor.detach(), non_blocking=tensor.is_cuda)
     return buf
 
@@ -72,8 +73,9 @@ class AsyncSaver:
         self.buffers: dict[str, torch.Tensor] = {}  # the staging copies, reused by every save
         self.stream = torch.cuda.Stream(device) if torch.device(device).type == "cuda" else None
 
-    def save(self, run_dir: Path, step: int, model, optimizer, trainer_state: dict,
-             keep_last: int, keep_every: int) -> None:
+    def save(
+        self, run_dir: Path, step: int, model, optimizer, trainer_state: dict, keep_last: int, keep_every: int
+    ) -> None:
         """Start a save of the current state and return at once; call `wait_staged()` before the
         state next changes."""
         self.wait()
@@ -84,8 +86,9 @@ class AsyncSaver:
             ready = torch.cuda.Event()
             ready.record()
         self.staged = self.copier.submit(self._stage, ready, model_state, optim_state)
-        self.pending = self.writer.submit(self._write, self.staged, run_dir, step, rng_state(), dict(trainer_state),
-                                          keep_last, keep_every)
+        self.pending = self.writer.submit(
+            self._write, self.staged, run_dir, step, rng_state(), dict(trainer_state), keep_last, keep_every
+        )
 
     def _stage(self, ready, model_state: dict, optim_state: dict) -> tuple[dict, dict]:
         fault("checkpoint.staging")
@@ -100,8 +103,9 @@ class AsyncSaver:
 
     def _write(self, staged: Future, run_dir, step, rng, trainer_state, keep_last, keep_every) -> Path:
         model_copy, optim_copy = staged.result()
-        return write_checkpoint(run_dir, step, model_copy, optim_copy, rng, trainer_state,
-                                keep_last, keep_every, self.group)
+        return write_checkpoint(
+            run_dir, step, model_copy, optim_copy, rng, trainer_state, keep_last, keep_every, self.group
+        )
 
     def wait_staged(self) -> None:
         """Block until the save in flight has its own copy of the state (the weights may change after)."""

@@ -40,14 +40,19 @@ def compiles(cfg, dist_info) -> bool:
         return False
     if dist_info.tp > 1:
         if dist_info.rank == 0:
-            print("note: train.compile is not used with parallel.tp > 1 (torch 2.14's DTensor backward fails on "
-                  "compiled blocks); training eager", file=sys.stderr, flush=True)
+            print(
+                "note: train.compile is not used with parallel.tp > 1 (torch 2.14's DTensor backward fails on "
+                "compiled blocks); training eager",
+                file=sys.stderr,
+                flush=True,
+            )
         return False
     return can_compile(dist_info.device)
 
 
-def build_model(model_cfg: GPTConfig, cfg, dist_info, param_dtype: torch.dtype, *, trainable: bool = True,
-                model_class: type = GPT) -> GPT:
+def build_model(
+    model_cfg: GPTConfig, cfg, dist_info, param_dtype: torch.dtype, *, trainable: bool = True, model_class: type = GPT
+) -> GPT:
     """Build on the meta device (no memory), spread over the mesh, then materialize and initialize.
     Tasks call it too, e.g. for DPO's frozen reference model (trainable=False). model_class: a GPT
     subclass with extra parameters (the reward model's value head); a task names it as `task.model_class`."""
@@ -57,11 +62,21 @@ def build_model(model_cfg: GPTConfig, cfg, dist_info, param_dtype: torch.dtype, 
     if trainable and lora is not None and lora.enabled:  # adapters join before FSDP shards the blocks
         from model.lora import apply_lora
 
-        apply_lora(model, lora.rank, lora.alpha, list(lora.target_modules), lora.dropout,
-                   [*lora.modules_to_save, *getattr(model, "lora_modules_to_save", ())])
-    model = parallelize(model, dist_info.mesh, param_dtype=param_dtype,
-                        compile=trainable and compiles(cfg, dist_info),
-                        activation_checkpointing=cfg.train.activation_checkpointing and trainable)
+        apply_lora(
+            model,
+            lora.rank,
+            lora.alpha,
+            list(lora.target_modules),
+            lora.dropout,
+            [*lora.modules_to_save, *getattr(model, "lora_modules_to_save", ())],
+        )
+    model = parallelize(
+        model,
+        dist_info.mesh,
+        param_dtype=param_dtype,
+        compile=trainable and compiles(cfg, dist_info),
+        activation_checkpointing=cfg.train.activation_checkpointing and trainable,
+    )
     model.to_empty(device=dist_info.device)
     model.init_weights(seed=cfg.seed)
     if getattr(model, "checkpoint_keys", None) is not None:

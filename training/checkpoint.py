@@ -118,8 +118,11 @@ def _file_hashes(paths: list[Path]) -> list[str]:
 
 
 def _files(folder: Path) -> list[str]:
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
-                  if p.is_file() and p.name != MANIFEST and not p.name.startswith(".manifest-part"))
+    return sorted(
+        str(p.relative_to(folder))
+        for p in folder.rglob("*")
+        if p.is_file() and p.name != MANIFEST and not p.name.startswith(".manifest-part")
+    )
 
 
 def _fsync_dir(path: Path) -> None:
@@ -153,6 +156,7 @@ def _barrier(group=None) -> None:
 
 # ---------------------------------------------------------------- RNG states as JSON
 
+
 def rng_state() -> dict:
     def b64(t: torch.Tensor) -> str:
         return base64.b64encode(t.numpy().tobytes()).decode()
@@ -183,6 +187,7 @@ def set_rng_state(state: dict) -> None:
 
 
 # ---------------------------------------------------------------- save
+
 
 def _model_tensors(model, whole: bool = False) -> dict:
     """The model's state dict, with a tied output head left out: it is the embedding matrix,
@@ -227,19 +232,38 @@ def _writer(folder: Path, state: dict, distributed: bool) -> StreamingHFStorageW
         i = load.index(min(load))  # the lightest file so far
         mapping[name] = i + 1
         load[i] += size
-    return StreamingHFStorageWriter(str(folder), fqn_to_index_mapping=mapping, thread_count=files,
-                                    save_distributed=distributed)
+    return StreamingHFStorageWriter(
+        str(folder), fqn_to_index_mapping=mapping, thread_count=files, save_distributed=distributed
+    )
 
 
-def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, trainer_state: dict,
-                    keep_last: int = 2, keep_every: int = 0) -> Path:
+def save_checkpoint(
+    run_dir: str | Path, step: int, model, optimizer, trainer_state: dict, keep_last: int = 2, keep_every: int = 0
+) -> Path:
     """Collective: every rank calls it. Returns the committed folder."""
-    return write_checkpoint(run_dir, step, _model_tensors(model), _optim_tensors(model, optimizer),
-                            rng_state(), trainer_state, keep_last, keep_every)
+    return write_checkpoint(
+        run_dir,
+        step,
+        _model_tensors(model),
+        _optim_tensors(model, optimizer),
+        rng_state(),
+        trainer_state,
+        keep_last,
+        keep_every,
+    )
 
 
-def write_checkpoint(run_dir: str | Path, step: int, model_state: dict, optim_state: dict, rng: dict,
-                     trainer_state: dict, keep_last: int = 2, keep_every: int = 0, group=None) -> Path:
+def write_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    model_state: dict,
+    optim_state: dict,
+    rng: dict,
+    trainer_state: dict,
+    keep_last: int = 2,
+    keep_every: int = 0,
+    group=None,
+) -> Path:
     """Write already-gathered state into `.tmp-step_N`, hash it into a manifest, rename into place.
 
     Collective over `group` (default: the world). The async saver calls it from a background thread
@@ -268,8 +292,10 @@ def write_checkpoint(run_dir: str | Path, step: int, model_state: dict, optim_st
         # Every rank hashes a share of the files; rank 0 merges the shares into the manifest.
         files = _files(tmp)
         mine = files[rank::world]
-        part = {f: {"bytes": (tmp / f).stat().st_size, "xxh64": digest}
-                for f, digest in zip(mine, _file_hashes([tmp / f for f in mine]))}
+        part = {
+            f: {"bytes": (tmp / f).stat().st_size, "xxh64": digest}
+            for f, digest in zip(mine, _file_hashes([tmp / f for f in mine]))
+        }
         _write_json(tmp / f".manifest-part-{rank}.json", part)
         _barrier(group)
         if rank == 0:
@@ -293,9 +319,11 @@ def write_checkpoint(run_dir: str | Path, step: int, model_state: dict, optim_st
         if rank == 0:  # an unfinished save is garbage, and on a full disk it holds the space we need
             shutil.rmtree(tmp, ignore_errors=True)
         if _disk_full(e):
-            raise CheckpointError(f"the disk holding {root} is full: checkpoint step {step} could not be written. "
-                                  "Earlier checkpoints are untouched; free space (or lower checkpoint.keep_last) "
-                                  "and resume.") from None
+            raise CheckpointError(
+                f"the disk holding {root} is full: checkpoint step {step} could not be written. "
+                "Earlier checkpoints are untouched; free space (or lower checkpoint.keep_last) "
+                "and resume."
+            ) from None
         raise
     _barrier(group)
     return final
@@ -407,6 +435,7 @@ def remove_checkpoint(path: Path) -> None:
 
 # ---------------------------------------------------------------- validate and load
 
+
 def verify(path: Path, files: Optional[list[str]] = None) -> Optional[str]:
     """None if the checkpoint matches its manifest, else a sentence naming what's wrong."""
     manifest_path = path / MANIFEST
@@ -472,9 +501,11 @@ def find_resumable(run_dir: str | Path, set_damaged_aside: bool = False) -> Opti
             warnings.warn(f"skipping checkpoint {path.name}: {problem}; trying the previous one", stacklevel=2)
     damaged = sorted(checkpoint_root(run_dir).glob("step_*.corrupt*")) if set_damaged_aside else []
     if candidates or damaged:
-        raise CheckpointError(f"{checkpoint_root(run_dir)} holds {len(candidates) + len(damaged)} checkpoint(s) and "
-                              "none is valid (see the warnings above; damaged ones are kept as step_N.corrupt). "
-                              "Nothing was deleted; restore the files or start a new run.")
+        raise CheckpointError(
+            f"{checkpoint_root(run_dir)} holds {len(candidates) + len(damaged)} checkpoint(s) and "
+            "none is valid (see the warnings above; damaged ones are kept as step_N.corrupt). "
+            "Nothing was deleted; restore the files or start a new run."
+        )
     return None
 
 
@@ -485,9 +516,10 @@ def _dcp_load(state: dict, folder: Path) -> None:
     except DCPException as e:
         first = next(iter(e.failures.values()), None)
         cause = first[0] if isinstance(first, tuple) else first
-        raise CheckpointError(f"could not load {folder} into this model: {cause!r}. Does the job's model: section "
-                              "(n_layer, d_model, n_head, n_kv_head, vocab_size) match the checkpoint's config.yaml?"
-                              ) from None
+        raise CheckpointError(
+            f"could not load {folder} into this model: {cause!r}. Does the job's model: section "
+            "(n_layer, d_model, n_head, n_kv_head, vocab_size) match the checkpoint's config.yaml?"
+        ) from None
 
 
 def load_checkpoint(path: Path, model, optimizer=None, whole: bool = False) -> dict:
@@ -507,8 +539,12 @@ def load_checkpoint(path: Path, model, optimizer=None, whole: bool = False) -> d
         optim_sd = get_optimizer_state_dict(model, optimizer)
         state = {"state": optim_sd["state"]}
         _dcp_load(state, path / "optim")
-        set_optimizer_state_dict(model, optimizer, {"state": state["state"], "param_groups": optim_sd["param_groups"]},
-                                 options=StateDictOptions(strict=True))
+        set_optimizer_state_dict(
+            model,
+            optimizer,
+            {"state": state["state"], "param_groups": optim_sd["param_groups"]},
+            options=StateDictOptions(strict=True),
+        )
     rng_file = path / "rng" / f"rank_{rank}.json"
     if rng_file.is_file():  # a new world size has new ranks without a saved state: they keep their seed
         set_rng_state(json.loads(rng_file.read_text()))

@@ -96,6 +96,9 @@ def can_compile(device) -> bool:
         get_cpp_compiler()
         return True
     except InvalidCxxCompiler:
-        print("note: train.compile needs a C++ compiler on CPUs (Debian: apt-get install g++); training eager",
-              file=sys.stderr, flush=True)
+        print(
+            "note: train.compile needs a C++ compiler on CPUs (Debian: apt-get install g++); training eager",
+            file=sys.stderr,
+            flush=True,
+        )
         return False

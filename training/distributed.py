@@ -61,12 +61,16 @@ def resolve_mesh_shape(world_size: int, dp_replicate: int, dp_shard: int, tp: in
     """Fill in dp_shard=-1 and check that the product is the world size."""
     if dp_shard == -1:
         if world_size % (dp_replicate * tp):
-            raise ValueError(f"world size {world_size} is not divisible by parallel.dp_replicate * parallel.tp "
-                             f"= {dp_replicate} * {tp}")
+            raise ValueError(
+                f"world size {world_size} is not divisible by parallel.dp_replicate * parallel.tp "
+                f"= {dp_replicate} * {tp}"
+            )
         dp_shard = world_size // (dp_replicate * tp)
     if dp_replicate * dp_shard * tp != world_size:
-        raise ValueError(f"parallel.dp_replicate * parallel.dp_shard * parallel.tp = {dp_replicate} * {dp_shard} * {tp} "
-                         f"= {dp_replicate * dp_shard * tp}, but the job has {world_size} processes")
+        raise ValueError(
+            f"parallel.dp_replicate * parallel.dp_shard * parallel.tp = {dp_replicate} * {dp_shard} * {tp} "
+            f"= {dp_replicate * dp_shard * tp}, but the job has {world_size} processes"
+        )
     return dp_replicate, dp_shard, tp
 
 
@@ -94,8 +98,9 @@ def init_distributed(parallel_cfg, device_pref: str = "auto") -> Dist:
         if not dist.is_initialized():
             # a rank that stops answering (a hung process, a lost node) fails its peers' next collective after
             # this long, instead of holding them forever: the executor then restarts the run (docs/reliability.md)
-            dist.init_process_group(process_group_backend(use_cuda),
-                                    timeout=timedelta(seconds=parallel_cfg.collective_timeout_s))
+            dist.init_process_group(
+                process_group_backend(use_cuda), timeout=timedelta(seconds=parallel_cfg.collective_timeout_s)
+            )
         mesh = init_device_mesh(device.type, shape, mesh_dim_names=("dp_replicate", "dp_shard", "tp"))
     return Dist(rank, world_size, local_rank, device, mesh, *shape)
 

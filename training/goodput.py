@@ -40,12 +40,17 @@ def process_started_at() -> float:
 def summarize(attempts: list[dict]) -> dict:
     """The run's totals: each bucket summed over attempts, the gaps between them, wall time and goodput."""
     totals = {b: sum(a["buckets"].get(b, 0.0) for a in attempts) for b in BUCKETS}
-    totals["interrupted"] = sum(max(0.0, later["start"] - earlier["last"])
-                                for earlier, later in zip(attempts, attempts[1:]))
+    totals["interrupted"] = sum(
+        max(0.0, later["start"] - earlier["last"]) for earlier, later in zip(attempts, attempts[1:])
+    )
     wall = attempts[-1]["last"] - attempts[0]["start"] if attempts else 0.0
-    return {"wall_s": round(wall, 3), "buckets_s": {k: round(v, 3) for k, v in totals.items()},
-            "goodput": round(totals["productive"] / wall, 4) if wall > 0 else None,
-            "attempts": len(attempts), "lost_steps": sum(a.get("lost_steps", 0) for a in attempts)}
+    return {
+        "wall_s": round(wall, 3),
+        "buckets_s": {k: round(v, 3) for k, v in totals.items()},
+        "goodput": round(totals["productive"] / wall, 4) if wall > 0 else None,
+        "attempts": len(attempts),
+        "lost_steps": sum(a.get("lost_steps", 0) for a in attempts),
+    }
 
 
 class Goodput:
@@ -56,8 +61,13 @@ class Goodput:
         earlier = self._read() if enabled else {}
         self.attempts: list[dict] = earlier.get("per_attempt", [])
         self.reached = max((a.get("reached_step", 0) for a in self.attempts), default=0)  # before this attempt
-        self.now = {"start": process_started_at(), "last": time.time(), "buckets": dict.fromkeys(BUCKETS, 0.0),
-                    "lost_steps": 0, "reached_step": self.reached}
+        self.now = {
+            "start": process_started_at(),
+            "last": time.time(),
+            "buckets": dict.fromkeys(BUCKETS, 0.0),
+            "lost_steps": 0,
+            "reached_step": self.reached,
+        }
         self.attempts.append(self.now)
         self._step_started: Optional[float] = None
 

@@ -29,6 +29,7 @@ EXPORT_MARKER = "orch_export.json"  # written into every export: marks a folder 
 
 # ---------------------------------------------------------------- export
 
+
 def _tokenizer_files(tokenizer_json: Path, max_len: int) -> tuple[dict, dict, dict[str, dict]]:
     """(special token ids, tokenizer_config.json, other JSON files) for our byte-level BPE."""
     from tokenizers import Tokenizer
@@ -44,8 +45,12 @@ def _tokenizer_files(tokenizer_json: Path, max_len: int) -> tuple[dict, dict, di
         raise HFError(f"{tokenizer_json} has no {EOS} token, which our models use as BOS and EOS")
     pad = tok.token_to_id(PAD)
     extra = [t for t in (IM_START, IM_END) if tok.token_to_id(t) is not None]
-    special = {"bos_token": EOS, "eos_token": EOS, **({"pad_token": PAD} if pad is not None else {}),
-               "additional_special_tokens": extra}
+    special = {
+        "bos_token": EOS,
+        "eos_token": EOS,
+        **({"pad_token": PAD} if pad is not None else {}),
+        "additional_special_tokens": extra,
+    }
     tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         **special,
@@ -77,8 +82,9 @@ def _is_previous_export(folder: Path) -> bool:
     return (folder / EXPORT_MARKER).is_file()
 
 
-def export_hf(source: str | Path, out_dir: str | Path, *, tokenizer: str | Path | None = None,
-              dtype: torch.dtype = torch.float32) -> Path:
+def export_hf(
+    source: str | Path, out_dir: str | Path, *, tokenizer: str | Path | None = None, dtype: torch.dtype = torch.float32
+) -> Path:
     """Write a run's newest valid checkpoint (or the given checkpoint folder) as a Hugging Face folder of the
     model's family (model/hf_families.py `family`). Written beside out_dir and renamed into place; replaces only
     an empty folder or an earlier export. Returns out_dir."""
@@ -90,8 +96,10 @@ def export_hf(source: str | Path, out_dir: str | Path, *, tokenizer: str | Path 
     if out.exists() and not out.is_dir():
         raise HFError(f"out_dir {out} is a file, not a folder")
     if out.is_dir() and any(out.iterdir()) and not _is_previous_export(out):
-        raise HFError(f"out_dir {out} is not empty and is not an earlier export (no {EXPORT_MARKER}): "
-                      "refusing to overwrite it; choose another folder or empty it")
+        raise HFError(
+            f"out_dir {out} is not empty and is not an earlier export (no {EXPORT_MARKER}): "
+            "refusing to overwrite it; choose another folder or empty it"
+        )
 
     run_dir, ckpt_dir = run_folder.resolve_checkpoint(source)
     run_kind = run_folder.run_config(run_dir).get("kind", "pretrain")
@@ -103,8 +111,10 @@ def export_hf(source: str | Path, out_dir: str | Path, *, tokenizer: str | Path 
         raise HFError(f"{run_dir / 'config.yaml'}: can't export as a Hugging Face Llama: {'; '.join(problems)}.")
     real_vocab = state["tok_embeddings.weight"].shape[0]
     if cfg.vocab_size != real_vocab:
-        raise HFError(f"{run_dir}: the run's model has vocab_size {cfg.vocab_size} but the checkpoint's embedding "
-                      f"has {real_vocab} rows")
+        raise HFError(
+            f"{run_dir}: the run's model has vocab_size {cfg.vocab_size} but the checkpoint's embedding "
+            f"has {real_vocab} rows"
+        )
     head = state.pop("score.weight", None)  # a classify run: LlamaForSequenceClassification's head
     check_shapes(cfg, state, ckpt_dir / "model")
 
@@ -128,8 +138,12 @@ def export_hf(source: str | Path, out_dir: str | Path, *, tokenizer: str | Path 
         config.update(classifier_config(run_dir, head.shape[0]))
         config["architectures"] = [causal_lm.replace("ForCausalLM", "ForSequenceClassification")]
     step = checkpoint_step(ckpt_dir.name)
-    generation = {"bos_token_id": ids["bos"], "eos_token_id": ids["eos"], "pad_token_id": ids["pad"],
-                  "max_length": cfg.max_seq_len}
+    generation = {
+        "bos_token_id": ids["bos"],
+        "eos_token_id": ids["eos"],
+        "pad_token_id": ids["pad"],
+        "max_length": cfg.max_seq_len,
+    }
     if chat_template is not None and ids.get("end_of_turn") is not None:  # a chat reply ends at <|im_end|>
         generation["eos_token_id"] = [ids["eos"], ids["end_of_turn"]]
     files = {

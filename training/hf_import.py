@@ -37,8 +37,7 @@ def _weight_files(folder: Path) -> list[Path]:
     if found:
         return found
     pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt*"))
-    hint = (f" (it holds {pickles[:3]}: pickled weights are not read; convert them to safetensors)"
-            if pickles else "")
+    hint = f" (it holds {pickles[:3]}: pickled weights are not read; convert them to safetensors)" if pickles else ""
     raise HFError(f"{folder} has no {WEIGHTS} or {WEIGHTS_INDEX}{hint}")
 
 
@@ -63,8 +62,10 @@ def load_hf_state_dict(folder: str | Path) -> tuple[GPTConfig, dict[str, torch.T
                     continue
                 state[ours] = sf.get_tensor(name)
     if unknown:
-        raise HFError(f"{folder} holds tensors a {family(cfg)} of our kind doesn't have: {unknown[:3]}"
-                      f"{' and more' if len(unknown) > 3 else ''}")
+        raise HFError(
+            f"{folder} holds tensors a {family(cfg)} of our kind doesn't have: {unknown[:3]}"
+            f"{' and more' if len(unknown) > 3 else ''}"
+        )
     if cfg.tie_embeddings and "output.weight" in state:
         # Some writers store the tied head anyway: accept it only if it really is the embedding.
         head = state.pop("output.weight")

@@ -58,13 +58,17 @@ def verify_base(record: dict, where: Path) -> Path:
     """The base checkpoint of a LoRA checkpoint at `where`, checked to be the one its adapters were trained on."""
     base = Path(record["checkpoint"])
     if not base.exists():
-        raise ckpt.CheckpointError(f"{where} holds LoRA adapters trained on the base checkpoint {base}, which no "
-                                   "longer exists: restore it (the adapters are useless without it)")
+        raise ckpt.CheckpointError(
+            f"{where} holds LoRA adapters trained on the base checkpoint {base}, which no "
+            "longer exists: restore it (the adapters are useless without it)"
+        )
     digest = _digest(base)
     if digest != record["xxh64"]:
-        raise ckpt.CheckpointError(f"{where} holds LoRA adapters trained on the base checkpoint {base}, but that "
-                                   f"checkpoint changed since (manifest hash {digest}, recorded {record['xxh64']}): "
-                                   "restore the original base, or start a new run from the new one")
+        raise ckpt.CheckpointError(
+            f"{where} holds LoRA adapters trained on the base checkpoint {base}, but that "
+            f"checkpoint changed since (manifest hash {digest}, recorded {record['xxh64']}): "
+            "restore the original base, or start a new run from the new one"
+        )
     return base
 
 
@@ -73,11 +77,15 @@ def base_to_resume(path: Path, lora_enabled: bool) -> Optional[dict]:
     a CheckpointError when the checkpoint and the job disagree about LoRA."""
     record = base_of(path)
     if record is not None and not lora_enabled:
-        raise ckpt.CheckpointError(f"{path} holds LoRA adapters: this run folder trained with lora.enabled; "
-                                   "resume it with lora.enabled=true (and the same lora: section)")
+        raise ckpt.CheckpointError(
+            f"{path} holds LoRA adapters: this run folder trained with lora.enabled; "
+            "resume it with lora.enabled=true (and the same lora: section)"
+        )
     if record is None and lora_enabled:
-        raise ckpt.CheckpointError(f"{path} holds a whole model, not LoRA adapters: this run folder was "
-                                   "trained without lora.enabled; resume it without LoRA or start a new run")
+        raise ckpt.CheckpointError(
+            f"{path} holds a whole model, not LoRA adapters: this run folder was "
+            "trained without lora.enabled; resume it without LoRA or start a new run"
+        )
     if record is not None:
         verify_base(record, path)
     return record

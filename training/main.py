@@ -25,8 +25,9 @@ from jobspec.loading import save_config
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m training.main", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m training.main", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("config", help="job YAML file")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=50")
     p.add_argument("--run-dir", help="run folder (default: <runs_dir>/<name>)")
@@ -130,9 +131,14 @@ def run(argv=None) -> int:
     except (SpecError, DataError, ckpt.CheckpointError, RunFolderBusy, LockUnsupported, ValueError, OSError) as e:
         if isinstance(e, OSError) and e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
-        message = str(e) if not isinstance(e, OSError) else (
-            f"the disk holding {folder.path} is full ({e.strerror}: {e.filename}): free space, then resume; "
-            "its checkpoints are untouched")
+        message = (
+            str(e)
+            if not isinstance(e, OSError)
+            else (
+                f"the disk holding {folder.path} is full ({e.strerror}: {e.filename}): free space, then resume; "
+                "its checkpoints are untouched"
+            )
+        )
         rank0 = int(os.environ.get("RANK", "0")) == 0
         # A refused trainer writes no sentence into the busy folder; its exit code still tells a launcher (torchrun
         # reports any failure as 1) not to retry.

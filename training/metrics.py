@@ -95,14 +95,23 @@ class MetricsLogger:
 
     def _line(self, r: dict) -> str:
         if "loss" not in r and "val_bpb" not in r:  # another kind's evaluation: its numbers as they are
-            numbers = [f"{k} {v:.4g}" for k, v in r.items()
-                       if k not in ("time", "step") and isinstance(v, (int, float)) and not isinstance(v, bool)]
+            numbers = [
+                f"{k} {v:.4g}"
+                for k, v in r.items()
+                if k not in ("time", "step") and isinstance(v, (int, float)) and not isinstance(v, bool)
+            ]
             return " | ".join([f"step {r['step']:>6}/{self.max_steps}", *numbers])
         if "val_loss" in r:
             extra = f" | xz {r['xz_bpb']:.3f} bpb" if r.get("xz_bpb") else ""
-            return f"step {r['step']:>6}/{self.max_steps} | val loss {r['val_loss']:.4f} | val {r['val_bpb']:.3f} bpb{extra}"
-        parts = [f"step {r['step']:>6}/{self.max_steps}", f"loss {r['loss']:.4f}", f"lr {r['lr']:.2e}",
-                 f"grad {r['grad_norm']:.2f}", f"{r['tokens_per_s']:,.0f} tok/s"]
+            step = f"step {r['step']:>6}/{self.max_steps}"
+            return f"{step} | val loss {r['val_loss']:.4f} | val {r['val_bpb']:.3f} bpb{extra}"
+        parts = [
+            f"step {r['step']:>6}/{self.max_steps}",
+            f"loss {r['loss']:.4f}",
+            f"lr {r['lr']:.2e}",
+            f"grad {r['grad_norm']:.2f}",
+            f"{r['tokens_per_s']:,.0f} tok/s",
+        ]
         if r.get("mfu") is not None:
             parts.append(f"MFU {100 * r['mfu']:.1f}%")
         if r.get("eta_s") is not None:

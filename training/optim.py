@@ -14,9 +14,11 @@ from __future__ import annotations
 import math
 
 import torch
+
 # torch.optim.Muon's own Newton-Schulz iteration and its defaults (5 steps, in bf16)
 from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, DEFAULT_NS_STEPS, EPS, _zeropower_via_newtonschulz
 from torch.optim.adamw import adamw
+
 
 def build_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.optim.Optimizer:
     """Weight decay on matrices only: decaying norm gains and biases only hurts."""
@@ -28,11 +30,19 @@ def build_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.
             muon.append(p)
         else:
             (decay if p.ndim >= 2 else no_decay).append(p)
-    adamw_groups = [{"params": decay, "weight_decay": cfg.weight_decay, "base_lr": cfg.lr},
-                    {"params": no_decay, "weight_decay": 0.0, "base_lr": cfg.lr}]
+    adamw_groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay, "base_lr": cfg.lr},
+        {"params": no_decay, "weight_decay": 0.0, "base_lr": cfg.lr},
+    ]
     if cfg.name == "muon":
-        muon_group = {"params": muon, "muon": True, "lr": cfg.muon_lr, "base_lr": cfg.muon_lr,
-                      "weight_decay": cfg.muon_weight_decay, "momentum": cfg.muon_momentum}
+        muon_group = {
+            "params": muon,
+            "muon": True,
+            "lr": cfg.muon_lr,
+            "base_lr": cfg.muon_lr,
+            "weight_decay": cfg.muon_weight_decay,
+            "momentum": cfg.muon_momentum,
+        }
         return MuonAdamW([muon_group, *adamw_groups], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     # One fused kernel per parameter (CPU and CUDA both have one) reads and writes each tensor once,
     # instead of once per elementwise op of the foreach path (docs/performance.md).
@@ -57,8 +67,15 @@ class MuonAdamW(torch.optim.Optimizer):
 
     def __init__(self, groups: list[dict], *, lr: float, betas: tuple[float, float], eps: float):
         # fused: what Optimizer.load_state_dict reads to put AdamW's step counts beside their parameters
-        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": 0.0, "muon": False, "momentum": 0.95,
-                    "fused": True}
+        defaults = {
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": 0.0,
+            "muon": False,
+            "momentum": 0.95,
+            "fused": True,
+        }
         super().__init__(groups, defaults)
         for group in self.param_groups:
             if group["muon"] and any(p.ndim != 2 for p in group["params"]):
@@ -94,9 +111,22 @@ class MuonAdamW(torch.optim.Optimizer):
                 state["exp_avg_sq"] = torch.zeros_like(p)
         states = [self.state[p] for p in params]
         beta1, beta2 = group["betas"]
-        adamw(params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-              [], [s["step"] for s in states], fused=True, amsgrad=False, beta1=beta1, beta2=beta2,
-              lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+        adamw(
+            params,
+            [p.grad for p in params],
+            [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states],
+            [],
+            [s["step"] for s in states],
+            fused=True,
+            amsgrad=False,
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=False,
+        )
 
 
 def orthogonalize(update: torch.Tensor) -> torch.Tensor:

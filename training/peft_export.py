@@ -29,12 +29,14 @@ def export(source: str | Path, out_dir: str | Path, merge: bool = False) -> tupl
     run_dir, ckpt_dir = resolve_checkpoint(source)
     record = base_of(ckpt_dir)
     if record is None or merge:
-        kind = (run_config(run_dir).get("kind") or "")
+        kind = run_config(run_dir).get("kind") or ""
         what = "LoRA adapters merged into the base" if record else "Hugging Face Llama layout"
         return export_hf(ckpt_dir, out_dir), what + (", sequence classification" if kind == "classify" else "")
     if run_config(run_dir).get("kind") == "classify":
-        raise ValueError(f"{source} is a LoRA classify run: export it with --merge (a LlamaForSequenceClassification "
-                         "folder); the PEFT adapter form is written for causal language models")
+        raise ValueError(
+            f"{source} is a LoRA classify run: export it with --merge (a LlamaForSequenceClassification "
+            "folder); the PEFT adapter form is written for causal language models"
+        )
     base = verify_base(record, ckpt_dir)
     out = export_hf(base, out_dir, tokenizer=tokenizer_file(run_dir))
     write_adapter(ckpt_dir, record, out / ADAPTER_DIR)
@@ -47,7 +49,7 @@ def peft_name(ours: str) -> str:
 
     for part in (".lora_A.", ".lora_B."):
         if part in ours:
-            module = to_hf_name(ours.replace(part, "."))[:-len(".weight")]
+            module = to_hf_name(ours.replace(part, "."))[: -len(".weight")]
             return f"{PEFT_PREFIX}{module}{part}weight"
     return PEFT_PREFIX + to_hf_name(ours)  # a module_to_save: its full weight
 
@@ -59,15 +61,28 @@ def write_adapter(ckpt_dir: Path, record: dict, out: Path) -> Path:
 
     state = read_checkpoint_model(ckpt_dir, merge_lora=False)
     tensors = {peft_name(k): v.float().contiguous() for k, v in state.items()}
-    targets = sorted({k[len(PEFT_PREFIX):].rsplit(".lora_", 1)[0] for k in tensors if ".lora_A." in k})
-    saved = sorted({k[len(PEFT_PREFIX):].rsplit(".", 1)[0] for k in tensors if ".lora_" not in k})
+    targets = sorted({k[len(PEFT_PREFIX) :].rsplit(".lora_", 1)[0] for k in tensors if ".lora_A." in k})
+    saved = sorted({k[len(PEFT_PREFIX) :].rsplit(".", 1)[0] for k in tensors if ".lora_" not in k})
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": "..",
-        "r": record["rank"], "lora_alpha": record["alpha"], "lora_dropout": 0.0,
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": "..",
+        "r": record["rank"],
+        "lora_alpha": record["alpha"],
+        "lora_dropout": 0.0,
         "target_modules": targets,  # full module names: exactly the wrapped projections
-        "modules_to_save": saved or None, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
-        "init_lora_weights": True, "use_rslora": False, "use_dora": False, "layers_to_transform": None,
-        "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}, "revision": None,
+        "modules_to_save": saved or None,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "use_rslora": False,
+        "use_dora": False,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "revision": None,
     }
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})

@@ -50,8 +50,10 @@ def resolve_checkpoint(source: str | Path) -> tuple[Path, Path]:
     """(run folder, checkpoint folder) for a run folder (its newest valid checkpoint) or a checkpoint folder."""
     src = Path(source).resolve()
     if not src.is_dir():
-        raise SourceError(f"{source} is not a folder: give a run folder, one of its checkpoints/step_* folders "
-                          "or a Hugging Face folder")
+        raise SourceError(
+            f"{source} is not a folder: give a run folder, one of its checkpoints/step_* folders "
+            "or a Hugging Face folder"
+        )
     if (src / "model").is_dir():
         problem = ckpt.verify(src)
         if problem is not None:
@@ -62,8 +64,10 @@ def resolve_checkpoint(source: str | Path) -> tuple[Path, Path]:
     except ckpt.CheckpointError as e:
         raise SourceError(str(e)) from None
     if path is None:
-        raise SourceError(f"{src} holds no checkpoint ({RunFolder(src).checkpoints} is empty or missing): give a "
-                          "run folder that has saved one, a checkpoint folder or a Hugging Face folder")
+        raise SourceError(
+            f"{src} holds no checkpoint ({RunFolder(src).checkpoints} is empty or missing): give a "
+            "run folder that has saved one, a checkpoint folder or a Hugging Face folder"
+        )
     return src, path
 
 
@@ -87,8 +91,9 @@ def gpt_config(section: dict, where: Path) -> GPTConfig:
     known = {f.name for f in fields(GPTConfig)}
     unknown = sorted(set(section) - known)
     if unknown:
-        raise SourceError(f"{where}: unknown key 'model.{unknown[0]}' (value {section[unknown[0]]!r}); "
-                          f"GPTConfig has {sorted(known)}")
+        raise SourceError(
+            f"{where}: unknown key 'model.{unknown[0]}' (value {section[unknown[0]]!r}); GPTConfig has {sorted(known)}"
+        )
     cfg = GPTConfig(**section)
     try:
         cfg.validate()
@@ -140,7 +145,7 @@ def model_config(source: str | Path) -> GPTConfig:
 def _find(name: str | Path, run_dir: Path) -> Optional[Path]:
     """A path from a run's config: absolute, or relative to here or to a parent of the run folder."""
     name = Path(name)
-    for base in ([Path("/")] if name.is_absolute() else [Path.cwd(), *run_dir.resolve().parents]):
+    for base in [Path("/")] if name.is_absolute() else [Path.cwd(), *run_dir.resolve().parents]:
         if (base / name).exists():
             return base / name
     return None
@@ -168,9 +173,11 @@ def tokenizer_file(source: str | Path) -> Path:
         found = _find(Path(data["dir"]) / "tokenizer.json", run_dir)
         if found is not None:
             return found
-    raise SourceError(f"no tokenizer.json for {run_dir}: it has none of its own, and none was found from its "
-                      f"data.tokenizer={data.get('tokenizer')!r}, checkpoint.init_from={init_from!r} or "
-                      f"data.dir={data.get('dir')!r}")
+    raise SourceError(
+        f"no tokenizer.json for {run_dir}: it has none of its own, and none was found from its "
+        f"data.tokenizer={data.get('tokenizer')!r}, checkpoint.init_from={init_from!r} or "
+        f"data.dir={data.get('dir')!r}"
+    )
 
 
 class StartingPoint(NamedTuple):
@@ -181,11 +188,15 @@ class StartingPoint(NamedTuple):
 def starting_point(init_from, tokenizer: Optional[str] = None, key: str = "checkpoint.init_from") -> StartingPoint:
     """(model shape, tokenizer.json) of what a job starts from; `tokenizer` (data.tokenizer) overrides the latter."""
     if not init_from:
-        raise SourceError(f"key '{key}' is not set: post-training starts from an existing model (a run folder, "
-                          f"a checkpoint folder or a Hugging Face Llama folder)")
+        raise SourceError(
+            f"key '{key}' is not set: post-training starts from an existing model (a run folder, "
+            f"a checkpoint folder or a Hugging Face Llama folder)"
+        )
     if not Path(init_from).exists():
-        raise SourceError(f"key '{key}' has the value {str(init_from)!r}, but no such folder exists (run the "
-                          "pretraining job first, or point it at a run, checkpoint or Hugging Face folder)")
+        raise SourceError(
+            f"key '{key}' has the value {str(init_from)!r}, but no such folder exists (run the "
+            "pretraining job first, or point it at a run, checkpoint or Hugging Face folder)"
+        )
     if tokenizer and not Path(tokenizer).is_file():
         raise SourceError(f"key 'data.tokenizer' has the value {tokenizer!r}, but no such file exists")
     return StartingPoint(model_config(init_from), Path(tokenizer) if tokenizer else tokenizer_file(init_from))
@@ -228,8 +239,9 @@ def load_model(source: str | Path, device: str | torch.device = "cpu", tokenizer
         model.init_weights(seed=0)  # only for the rotary tables: every weight is overwritten below
         missing, unexpected = model.load_state_dict(state, strict=False)
         if unexpected or set(missing) - ({"output.weight"} if cfg.tie_embeddings else set()):
-            raise SourceError(f"{ckpt_dir}: weights don't fit the run's model (missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]})")
+            raise SourceError(
+                f"{ckpt_dir}: weights don't fit the run's model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
     tok = load_tokenizer(Path(tokenizer) if tokenizer else tokenizer_file(src))
     return model.to(device).eval(), tok
 
@@ -251,11 +263,12 @@ def write_artifacts(run_dir: str | Path, model_cfg: GPTConfig, tokenizer: Path) 
     """The trainer's record of what it trains (rank 0, at start): model.json and a copy of tokenizer.json, so
     that whoever reads the run later needs no other folder. Atomic writes: a reader never sees half a file."""
     folder = RunFolder(run_dir)
-    for path, data in ((folder.model, json.dumps(asdict(model_cfg), indent=1).encode()),
-                       (folder.tokenizer, Path(tokenizer).read_bytes())):
+    for path, data in (
+        (folder.model, json.dumps(asdict(model_cfg), indent=1).encode()),
+        (folder.tokenizer, Path(tokenizer).read_bytes()),
+    ):
         if path.is_file() and path.read_bytes() == data:
             continue
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         tmp.write_bytes(data)
         os.replace(tmp, path)
-

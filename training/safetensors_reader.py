@@ -67,8 +67,12 @@ class StreamingHFStorageReader(HuggingFaceStorageReader):
                 entry = header[item.storage_index.fqn]
                 target = planner.resolve_tensor(item).detach()
                 whole = not any(item.storage_offsets) and list(item.lengths) == entry["shape"]
-                if not (whole and target.device.type == "cpu" and target.is_contiguous()
-                        and DTYPES.get(target.dtype) == entry["dtype"]):
+                if not (
+                    whole
+                    and target.device.type == "cpu"
+                    and target.is_contiguous()
+                    and DTYPES.get(target.dtype) == entry["dtype"]
+                ):
                     rest.append(item)
                     continue
                 begin, end = entry["data_offsets"]

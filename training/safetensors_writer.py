@@ -18,8 +18,14 @@ import threading
 
 import torch
 from torch.distributed.checkpoint import HuggingFaceStorageWriter
-from torch.distributed.checkpoint._hf_utils import (CUSTOM_METADATA_KEY, DCP_VERSION_KEY, FORMAT_KEY, FORMAT_VALUE,
-                                                    HF_DCP_VERSION, _gen_file_name)
+from torch.distributed.checkpoint._hf_utils import (
+    CUSTOM_METADATA_KEY,
+    DCP_VERSION_KEY,
+    FORMAT_KEY,
+    FORMAT_VALUE,
+    HF_DCP_VERSION,
+    _gen_file_name,
+)
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.planner import WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
@@ -27,9 +33,18 @@ from torch.futures import Future
 
 from jobspec.faults import fault
 
-DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
-          torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-          torch.bool: "BOOL"}
+DTYPES = {
+    torch.float32: "F32",
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 
 
 def write_safetensors(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
@@ -82,18 +97,28 @@ class StreamingHFStorageWriter(HuggingFaceStorageWriter):
                     tensors, sharding, written = {}, {}, []
                     for item in items:
                         if item.type == WriteItemType.BYTE_IO:
-                            raise TypeError(f"{item.index.fqn}: a non-tensor entry; a safetensors checkpoint "
-                                            "holds tensors only")
+                            raise TypeError(
+                                f"{item.index.fqn}: a non-tensor entry; a safetensors checkpoint holds tensors only"
+                            )
                         tensor = planner.resolve_data(item).to("cpu")
                         fqn = item.index.fqn
                         tensors[fqn] = tensor
                         sharding[fqn] = {"saved_offsets": item.tensor_data.chunk.offsets}
                         size = tensor.numel() * tensor.element_size()
-                        written.append(WriteResult(index=item.index, size_in_bytes=size,
-                                                   storage_data=_StorageInfo(file_name, 0, size)))
-                    write_safetensors(path, tensors, {CUSTOM_METADATA_KEY: json.dumps(sharding),
-                                                      DCP_VERSION_KEY: str(HF_DCP_VERSION),
-                                                      FORMAT_KEY: FORMAT_VALUE})
+                        written.append(
+                            WriteResult(
+                                index=item.index, size_in_bytes=size, storage_data=_StorageInfo(file_name, 0, size)
+                            )
+                        )
+                    write_safetensors(
+                        path,
+                        tensors,
+                        {
+                            CUSTOM_METADATA_KEY: json.dumps(sharding),
+                            DCP_VERSION_KEY: str(HF_DCP_VERSION),
+                            FORMAT_KEY: FORMAT_VALUE,
+                        },
+                    )
                     with lock:
                         results.extend(written)
             except BaseException as e:  # raised in the caller's thread below

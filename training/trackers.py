@@ -25,8 +25,11 @@ class Tracker(Protocol):
 
 def scalars(record: dict) -> dict[str, float]:
     """The record's numbers, as a tracker plots them (time and step are the axes, flags are not curves)."""
-    return {k: float(v) for k, v in record.items()
-            if k not in ("step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {
+        k: float(v)
+        for k, v in record.items()
+        if k not in ("step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
 
 
 class TensorBoardTracker:
@@ -57,7 +60,9 @@ def open_trackers(run_dir: Path, backends: list[str], config_yaml: str) -> list[
     for name in backends:
         if name == "tensorboard":
             if importlib.util.find_spec("tensorboard") is None:
-                raise SpecError("logging.backends names tensorboard, but the tensorboard package is not installed "
-                                "where the job runs: pip install tensorboard (or orch[tensorboard]) there")
+                raise SpecError(
+                    "logging.backends names tensorboard, but the tensorboard package is not installed "
+                    "where the job runs: pip install tensorboard (or orch[tensorboard]) there"
+                )
             trackers.append(TensorBoardTracker(run_dir, config_yaml))
     return trackers

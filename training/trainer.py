@@ -41,6 +41,7 @@ from training.signals import StopFlag
 from training.time_budget import CALIBRATION_STEPS, TimeBudget, steps_within_budget
 from training.tasks.base import Task
 
+
 class NonFiniteError(ValueError):
     """Too many steps in a row with a NaN/inf loss or gradient: a user error (the data, the learning rate)."""
 
@@ -92,18 +93,28 @@ class Trainer:
 
             self.saver = AsyncSaver(device, timeout_s=cfg.parallel.collective_timeout_s)
             if device.type == "cpu":
-                say("note: checkpoint.async_save on a CPU run: the background write competes with training for the "
+                say(
+                    "note: checkpoint.async_save on a CPU run: the background write competes with training for the "
                     "cores, so the steps lose about what a synchronous save takes (docs/performance.md); it pays "
-                    "off on GPUs", dist_info.is_main)
+                    "off on GPUs",
+                    dist_info.is_main,
+                )
 
     # ------------------------------------------------------------ state
 
     def trainer_state(self) -> dict:
-        return {"step": self.step, "tokens_seen": self.tokens_seen, "config_hash": config_hash(self.cfg),
-                "max_steps": self.max_steps, "configured_max_steps": self.cfg.train.max_steps,
-                "world_size": self.dist.world_size, "skipped_steps": self.skipped_steps,
-                "budget_used_s": self.budget.used(), "task": self.task.state_dict(),
-                **({lora_checkpoint.BASE_KEY: self.lora_base} if self.lora_base else {})}
+        return {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "config_hash": config_hash(self.cfg),
+            "max_steps": self.max_steps,
+            "configured_max_steps": self.cfg.train.max_steps,
+            "world_size": self.dist.world_size,
+            "skipped_steps": self.skipped_steps,
+            "budget_used_s": self.budget.used(),
+            "task": self.task.state_dict(),
+            **({lora_checkpoint.BASE_KEY: self.lora_base} if self.lora_base else {}),
+        }
 
     def resume_or_init(self) -> None:
         """Resume from this run's newest valid checkpoint, or start from init_from, or from scratch."""
@@ -156,11 +167,19 @@ class Trainer:
         self.check_finite_state()
         self.saved_step = self.step
         if self.saver is not None and background:
-            self.saver.save(self.run_dir, self.step, self.model, self.optimizer, self.trainer_state(),
-                            c.keep_last, c.keep_every)
+            self.saver.save(
+                self.run_dir, self.step, self.model, self.optimizer, self.trainer_state(), c.keep_last, c.keep_every
+            )
             return None
-        path = ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.trainer_state(),
-                                    keep_last=c.keep_last, keep_every=c.keep_every)
+        path = ckpt.save_checkpoint(
+            self.run_dir,
+            self.step,
+            self.model,
+            self.optimizer,
+            self.trainer_state(),
+            keep_last=c.keep_last,
+            keep_every=c.keep_every,
+        )
         say(f"checkpoint saved: {path}", self.dist.is_main)
         return path
 
@@ -169,15 +188,20 @@ class Trainer:
         would push the good ones out."""
         local = [t.to_local() if hasattr(t, "to_local") else t for t in self.model.parameters()]
         for state in self.optimizer.state.values():
-            local += [t.to_local() if hasattr(t, "to_local") else t for t in state.values()
-                      if isinstance(t, torch.Tensor) and t.is_floating_point()]
+            local += [
+                t.to_local() if hasattr(t, "to_local") else t
+                for t in state.values()
+                if isinstance(t, torch.Tensor) and t.is_floating_point()
+            ]
         bad = torch.tensor([0 if all(bool(torch.isfinite(t).all()) for t in local) else 1], device=self.dist.device)
         if self.dist.world_size > 1:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         if bad.item():
-            raise NonFiniteError(f"step {self.step}: the model or optimizer state is not finite (NaN or inf); it was "
-                                 f"not saved, so the checkpoints of {self.run_dir} stay as they were. Resume from "
-                                 "there with a lower optim.lr.")
+            raise NonFiniteError(
+                f"step {self.step}: the model or optimizer state is not finite (NaN or inf); it was "
+                f"not saved, so the checkpoints of {self.run_dir} stay as they were. Resume from "
+                "there with a lower optim.lr."
+            )
 
     # ------------------------------------------------------------ loop
 
@@ -199,8 +223,9 @@ class Trainer:
                 if fault("train.loss", step=self.step + 1) == "nan":
                     total = total * float("nan")
                 total.backward()
-            sums += torch.stack([total.detach().double(), torch.as_tensor(count, dtype=torch.float64,
-                                                                           device=sums.device)])
+            sums += torch.stack(
+                [total.detach().double(), torch.as_tensor(count, dtype=torch.float64, device=sums.device)]
+            )
             tokens += self.task.tokens_per_batch(batch)
         if self.dist.world_size > 1:  # the step's items on every rank (tensor-parallel peers count theirs alike)
             dist.all_reduce(sums)
@@ -232,19 +257,25 @@ class Trainer:
         self.skipped_steps += 1
         self.nonfinite_in_a_row += 1
         limit = self.cfg.train.max_nonfinite_steps
-        say(f"step {self.step + 1}: loss {loss} / gradient norm {grad_norm} is not finite: the step is skipped "
-            f"({self.nonfinite_in_a_row} in a row, train.max_nonfinite_steps={limit})", self.dist.is_main)
+        say(
+            f"step {self.step + 1}: loss {loss} / gradient norm {grad_norm} is not finite: the step is skipped "
+            f"({self.nonfinite_in_a_row} in a row, train.max_nonfinite_steps={limit})",
+            self.dist.is_main,
+        )
         if self.nonfinite_in_a_row >= limit:
-            raise NonFiniteError(f"the loss or gradient norm was not finite for {limit} steps in a row (up to step "
-                                 f"{self.step + 1}; train.max_nonfinite_steps={limit}). Nothing of those steps was "
-                                 f"applied or saved; the newest checkpoint in {self.run_dir} is good. Lower optim.lr, "
-                                 "check the data, or raise optim.warmup_steps, then resume.")
+            raise NonFiniteError(
+                f"the loss or gradient norm was not finite for {limit} steps in a row (up to step "
+                f"{self.step + 1}; train.max_nonfinite_steps={limit}). Nothing of those steps was "
+                f"applied or saved; the newest checkpoint in {self.run_dir} is good. Lower optim.lr, "
+                "check the data, or raise optim.warmup_steps, then resume."
+            )
 
     def should_stop(self) -> tuple[bool, bool]:
         """(a stop signal, the time budget spent), agreed by every rank: they must stop at the same step, or
         the checkpoint collective would hang. One small all-reduce per step."""
-        flags = torch.tensor([self.stop.signal is not None, self.budget.spent()], dtype=torch.int32,
-                             device=self.dist.device)
+        flags = torch.tensor(
+            [self.stop.signal is not None, self.budget.spent()], dtype=torch.int32, device=self.dist.device
+        )
         if self.dist.world_size > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         return bool(flags[0]), bool(flags[1])
@@ -258,11 +289,17 @@ class Trainer:
             from model.lora import trainable_share
 
             trainable, total = trainable_share(self.model)
-            say(f"LoRA: {trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%); base "
-                f"{self.lora_base['checkpoint']}", is_main)
-        say(f"model: {self.n_params / 1e6:.2f}M parameters, {self.flops_per_token / 1e6:.1f} MFLOP/token; "
+            say(
+                f"LoRA: {trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%); base "
+                f"{self.lora_base['checkpoint']}",
+                is_main,
+            )
+        say(
+            f"model: {self.n_params / 1e6:.2f}M parameters, {self.flops_per_token / 1e6:.1f} MFLOP/token; "
             f"world {self.dist.world_size} = dp_replicate {self.dist.dp_replicate} x dp_shard {self.dist.dp_shard} "
-            f"x tp {self.dist.tp}; {self.dist.device}, {cfg.train.dtype}", is_main)
+            f"x tp {self.dist.tp}; {self.dist.device}, {cfg.train.dtype}",
+            is_main,
+        )
         started, first_step = time.monotonic(), self.step
         throughput = Throughput(self.flops_per_token, self.dist.world_size, self.peak)
         self.goodput.training_starts()
@@ -279,12 +316,21 @@ class Trainer:
             self.calibrate_budget(first_step)
             if self.step % cfg.train.log_every == 0 or self.step == self.max_steps:
                 per_step = (time.monotonic() - started) / max(1, self.step - first_step)
-                self.metrics.log({"step": self.step, "loss": loss, "lr": lr_at(self.step - 1, cfg.optim, self.max_steps),
-                                  "grad_norm": grad_norm, **throughput.take(), "tokens_seen": self.tokens_seen,
-                                  "eta_s": per_step * (self.max_steps - self.step), "max_steps": self.max_steps,
-                                  "skipped_steps": self.skipped_steps,
-                                  # a task's own numbers since the last log (DPO's rewards/*, GRPO's reward and KL)
-                                  **self.task.train_metrics()})
+                self.metrics.log(
+                    {
+                        "step": self.step,
+                        "loss": loss,
+                        "lr": lr_at(self.step - 1, cfg.optim, self.max_steps),
+                        "grad_norm": grad_norm,
+                        **throughput.take(),
+                        "tokens_seen": self.tokens_seen,
+                        "eta_s": per_step * (self.max_steps - self.step),
+                        "max_steps": self.max_steps,
+                        "skipped_steps": self.skipped_steps,
+                        # a task's own numbers since the last log (DPO's rewards/*, GRPO's reward and KL)
+                        **self.task.train_metrics(),
+                    }
+                )
                 self.goodput.flush()
             if cfg.train.val_every and self.step % cfg.train.val_every == 0 and self.step < self.max_steps:
                 self.validate()
@@ -302,9 +348,15 @@ class Trainer:
         result = self.validate()
         path = self.save()
         if is_main:
-            summary = {"step": self.step, "tokens_seen": self.tokens_seen, "checkpoint": str(path),
-                       "metrics": str(self.metrics.path), "skipped_steps": self.skipped_steps, **result,
-                       "train_minutes": round((time.monotonic() - started) / 60, 2)}
+            summary = {
+                "step": self.step,
+                "tokens_seen": self.tokens_seen,
+                "checkpoint": str(path),
+                "metrics": str(self.metrics.path),
+                "skipped_steps": self.skipped_steps,
+                **result,
+                "train_minutes": round((time.monotonic() - started) / 60, 2),
+            }
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
             say(f"done: checkpoint {path}\n      metrics    {self.metrics.path}", is_main)
         self.close()
@@ -338,8 +390,11 @@ class Trainer:
             fits = int(value.item())
         if fits >= self.max_steps:
             return
-        say(f"train.time_budget_min={self.cfg.train.time_budget_min}: at {per_step:.2f} s/step, "
-            f"{self.max_steps} steps would not fit; the schedule now ends at step {fits}", self.dist.is_main)
+        say(
+            f"train.time_budget_min={self.cfg.train.time_budget_min}: at {per_step:.2f} s/step, "
+            f"{self.max_steps} steps would not fit; the schedule now ends at step {fits}",
+            self.dist.is_main,
+        )
         self.max_steps = self.metrics.max_steps = max(fits, self.step + 1)
 
     def validate(self) -> dict:

@@ -30,8 +30,13 @@ def prepare_data(root: Path) -> Path:
     data_dir = root / "data"
     if not (data_dir / "meta.json").is_file():
         env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-        subprocess.run([sys.executable, "-m", "orchestrator.cli", "data", "prepare", str(JOB), *DATA,
-                        f"data.dir={data_dir}"], cwd=root, env=env, check=True, capture_output=True)
+        subprocess.run(
+            [sys.executable, "-m", "orchestrator.cli", "data", "prepare", str(JOB), *DATA, f"data.dir={data_dir}"],
+            cwd=root,
+            env=env,
+            check=True,
+            capture_output=True,
+        )
     return data_dir
 
 
@@ -43,8 +48,15 @@ def context(root: Path, data_dir: Path | None = None) -> Context:
 
 
 def write_results(path: Path, rows: list[dict], *, planned: int, **about) -> dict:
-    record = {"name": "chaos", "device": device_name(), "versions": versions(), **about, "planned": planned,
-              **tabulate(rows), "rows": rows}
+    record = {
+        "name": "chaos",
+        "device": device_name(),
+        "versions": versions(),
+        **about,
+        "planned": planned,
+        **tabulate(rows),
+        "rows": rows,
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{path.name}")
     tmp.write_text(json.dumps(record, indent=1) + "\n")
@@ -53,17 +65,25 @@ def write_results(path: Path, rows: list[dict], *, planned: int, **about) -> dic
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m bench.chaos", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.chaos", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--faults", type=int, default=100)
     p.add_argument("--seed", type=int, default=None, help="default: a random seed (printed)")
-    p.add_argument("--executor", choices=["local", "slurm"], default="local",
-                   help="slurm: every kind that can run there does (kinds 6, 7, 8, 11, 12 are local-only; 3 and "
-                        "13 are Slurm-only)")
+    p.add_argument(
+        "--executor",
+        choices=["local", "slurm"],
+        default="local",
+        help="slurm: every kind that can run there does (kinds 6, 7, 8, 11, 12 are local-only; 3 and "
+        "13 are Slurm-only)",
+    )
     p.add_argument("--kinds", default=",".join(str(k) for k in KINDS), help="which kinds, e.g. 1,5")
     p.add_argument("--fault-seed", type=int, default=None, help="replay one fault: its kind (--kinds K) and seed")
-    p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "orch-chaos"),
-                   help="data, cached reference runs and each fault's folder (default: %(default)s)")
+    p.add_argument(
+        "--work",
+        default=os.path.join(tempfile.gettempdir(), "orch-chaos"),
+        help="data, cached reference runs and each fault's folder (default: %(default)s)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the folders of faults that went well too")
     p.add_argument("--doc", action="store_true", help="write the table into docs/reliability.md")
     return p.parse_args(argv)
@@ -94,8 +114,9 @@ def main(argv=None) -> int:
         if out.ok and not args.keep:
             shutil.rmtree(workspace, ignore_errors=True)
         # Rewritten after every fault: an interrupted run of hours keeps the table of the faults it ran.
-        record = write_results(path, rows, date=date, command=command, seed=seed, executor=args.executor,
-                               planned=len(faults))
+        record = write_results(
+            path, rows, date=date, command=command, seed=seed, executor=args.executor, planned=len(faults)
+        )
     figures = tabulate(rows)
     print(f"[chaos] {json.dumps({k: figures[k] for k in ('faults', *FIGURES, 'recovery_s')})}")
     print(f"[chaos] wrote {path}")

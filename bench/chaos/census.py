@@ -1,21 +1,21 @@
 """What a fault is measured by, once its runs have settled: the issue's figures, one Outcome per fault.
 
-    finished          the run reached its final step and the registry says COMPLETED
-    bitwise_equal     its final checkpoint equals the reference run's: the weights and AdamW moments bit for bit,
-                      and trainer_state.json (less the seconds it spent)
-    rng_equal         each rank's RNG states (rng/rank_R.json) equal the reference's; recorded, not scored: the
-                      trainer leaves Python's, NumPy's and torch's global generators unseeded, and its data
-                      loaders draw from torch's at each new iterator, so no two runs agree on them yet
-    checkpoints_lost  a committed, complete checkpoint that disappeared (other than by pruning beyond keep_last):
-                      a restart that resumed from before the newest checkpoint committed by then, by the trainer's
-                      own records (its "resumed from" line; a restart without one started from step 0)
-    crash_loops       restarts burned on an error that retrying can't fix (more retries than the fault explains)
-    not_fired         the fault never struck: a run that went through untouched tested nothing
-    wrong_restarts    fewer retries, or fewer restarts (retries, requeues, resumes), than the fault implies
-    orphans           processes of the fault left running once its runs ended (trainers, supervisors, torchrun)
-    leftovers         `.tmp-*` and `.trash-*` folders in checkpoints/ (an interrupted save or prune that no trainer
-                      cleared), /dev/shm blocks that our loaders made and nobody maps
-    wrong_state       the registry's final state is not what it should be
+finished          the run reached its final step and the registry says COMPLETED
+bitwise_equal     its final checkpoint equals the reference run's: the weights and AdamW moments bit for bit,
+                  and trainer_state.json (less the seconds it spent)
+rng_equal         each rank's RNG states (rng/rank_R.json) equal the reference's; recorded, not scored: the
+                  trainer leaves Python's, NumPy's and torch's global generators unseeded, and its data
+                  loaders draw from torch's at each new iterator, so no two runs agree on them yet
+checkpoints_lost  a committed, complete checkpoint that disappeared (other than by pruning beyond keep_last):
+                  a restart that resumed from before the newest checkpoint committed by then, by the trainer's
+                  own records (its "resumed from" line; a restart without one started from step 0)
+crash_loops       restarts burned on an error that retrying can't fix (more retries than the fault explains)
+not_fired         the fault never struck: a run that went through untouched tested nothing
+wrong_restarts    fewer retries, or fewer restarts (retries, requeues, resumes), than the fault implies
+orphans           processes of the fault left running once its runs ended (trainers, supervisors, torchrun)
+leftovers         `.tmp-*` and `.trash-*` folders in checkpoints/ (an interrupted save or prune that no trainer
+                  cleared), /dev/shm blocks that our loaders made and nobody maps
+wrong_state       the registry's final state is not what it should be
 """
 
 from __future__ import annotations
@@ -54,18 +54,39 @@ class Outcome:
 
     @property
     def ok(self) -> bool:
-        return (self.finished and self.bitwise_equal and not self.checkpoints_lost and not self.crash_loops
-                and not self.orphans and not self.leftovers and not self.wrong_state and not self.two_trainers
-                and not self.bound_exceeded and not self.not_fired and not self.wrong_restarts)
+        return (
+            self.finished
+            and self.bitwise_equal
+            and not self.checkpoints_lost
+            and not self.crash_loops
+            and not self.orphans
+            and not self.leftovers
+            and not self.wrong_state
+            and not self.two_trainers
+            and not self.bound_exceeded
+            and not self.not_fired
+            and not self.wrong_restarts
+        )
 
     def problems(self) -> list[str]:
         found = ["not fired"] if self.not_fired else []
         found += [] if self.finished else ["not finished"]
         found += [] if self.bitwise_equal or not self.finished else ["not bitwise equal"]
-        found += [f"{k.replace('_', ' ')}: {v}" for k, v in (("checkpoints_lost", self.checkpoints_lost),
-                  ("crash_loops", self.crash_loops), ("orphans", self.orphans), ("leftovers", self.leftovers),
-                  ("wrong_restarts", self.wrong_restarts), ("two_trainers", self.two_trainers)) if v]
-        return found + (["wrong state"] if self.wrong_state else []) + (["bound exceeded"] if self.bound_exceeded else [])
+        found += [
+            f"{k.replace('_', ' ')}: {v}"
+            for k, v in (
+                ("checkpoints_lost", self.checkpoints_lost),
+                ("crash_loops", self.crash_loops),
+                ("orphans", self.orphans),
+                ("leftovers", self.leftovers),
+                ("wrong_restarts", self.wrong_restarts),
+                ("two_trainers", self.two_trainers),
+            )
+            if v
+        ]
+        return (
+            found + (["wrong state"] if self.wrong_state else []) + (["bound exceeded"] if self.bound_exceeded else [])
+        )
 
     def row(self) -> dict:
         row = asdict(self)
@@ -74,6 +95,7 @@ class Outcome:
 
 
 # ---------------------------------------------------------------- bitwise
+
 
 def tensors(checkpoint: Path) -> dict[tuple[str, str], bytes]:
     """Every tensor of a checkpoint's model/ and optim/ safetensors files, as raw bytes, by (file, name)."""
@@ -123,7 +145,10 @@ def bitwise_equal(run_dir: Path, reference: Path, step: int) -> tuple[bool, str]
     """The final checkpoint against the reference's: every tensor's bits, then the trainer's state (step, tokens
     seen, the data loader's position, skipped steps...), which a run trained again from an earlier point could
     get wrong while its tensors agree."""
-    ours, theirs = Path(run_dir) / "checkpoints" / checkpoint_name(step), Path(reference) / "checkpoints" / checkpoint_name(step)
+    ours, theirs = (
+        Path(run_dir) / "checkpoints" / checkpoint_name(step),
+        Path(reference) / "checkpoints" / checkpoint_name(step),
+    )
     if not ours.is_dir():
         return False, f"no final checkpoint {ours.name}"
     a, b = tensors(ours), tensors(theirs)
@@ -137,8 +162,10 @@ def bitwise_equal(run_dir: Path, reference: Path, step: int) -> tuple[bool, str]
 
 # ---------------------------------------------------------------- leftovers
 
-SHM_NAME = re.compile(r"^\d{6}_(locals|barrier|next_epoch|cache_usage|shard_states|shard_access_times|resume|"
-                      r"epoch_shape|epoch_data)$")  # streaming's shared-memory blocks (streaming/base/constant.py)
+SHM_NAME = re.compile(
+    r"^\d{6}_(locals|barrier|next_epoch|cache_usage|shard_states|shard_access_times|resume|"
+    r"epoch_shape|epoch_data)$"
+)  # streaming's shared-memory blocks (streaming/base/constant.py)
 
 
 def shm_blocks() -> set[str]:
@@ -173,14 +200,22 @@ def stale_blocks_of(data_dir: Path, before: set[str]) -> list[str]:
 
 
 def leftovers(ws: Workspace, shm_before: set[str]) -> tuple[int, list[str]]:
-    tmp = [str(p.relative_to(ws.runs_dir)) for pattern in ("*/checkpoints/.tmp-*", "*/checkpoints/.trash-*")
-           for p in ws.runs_dir.glob(pattern)] if ws.runs_dir.is_dir() else []
+    tmp = (
+        [
+            str(p.relative_to(ws.runs_dir))
+            for pattern in ("*/checkpoints/.tmp-*", "*/checkpoints/.trash-*")
+            for p in ws.runs_dir.glob(pattern)
+        ]
+        if ws.runs_dir.is_dir()
+        else []
+    )
     shm = stale_blocks_of(ws.data_dir, shm_before)
     notes = ([f"left {', '.join(tmp)}"] if tmp else []) + ([f"left /dev/shm/{', '.join(shm)}"] if shm else [])
     return len(tmp) + len(shm), notes
 
 
 # ---------------------------------------------------------------- orphans
+
 
 def slurm_jobs_left(ws: Workspace) -> list[str]:
     """The fault's Slurm jobs that Slurm still holds (pending, requeued, running)."""
@@ -205,18 +240,28 @@ def orphans(ws: Workspace, grace_s: float = 30) -> tuple[int, list[str]]:
             pass
     if jobs:
         subprocess.run(["scancel", *jobs], capture_output=True, timeout=60)
-    return len(left) + len(jobs), ([f"orphan pid {p.pid}: {p.text[:120]}" for p in left]
-                                   + [f"Slurm job {j} still queued" for j in jobs])
+    return len(left) + len(jobs), (
+        [f"orphan pid {p.pid}: {p.text[:120]}" for p in left] + [f"Slurm job {j} still queued" for j in jobs]
+    )
 
 
 # ---------------------------------------------------------------- did the fault strike
+
 
 def fault_fired(ws: Workspace, spec: str, *texts: str) -> bool:
     """Whether every fault of an ORCH_FAULT spec struck: each prints `[orch fault] point@rank#n:action` where it
     fires, into a log under the fault's folder (a trainer's, a supervisor's, a pipeline's) or into the output of
     the orch command it killed (`texts`)."""
-    seen = "\n".join([*texts, *(p.read_text(errors="replace") for p in ws.root.rglob("*")
-                                 if p.suffix in (".log", ".out") and p.is_file())])
+    seen = "\n".join(
+        [
+            *texts,
+            *(
+                p.read_text(errors="replace")
+                for p in ws.root.rglob("*")
+                if p.suffix in (".log", ".out") and p.is_file()
+            ),
+        ]
+    )
     return all(re.search(pattern, seen) for pattern in firings(spec))
 
 
@@ -234,6 +279,7 @@ def firings(spec: str) -> list[str]:
 
 
 # ---------------------------------------------------------------- restarts, from the trainer's own records
+
 
 @dataclass
 class Restart:
@@ -263,9 +309,22 @@ def restarts_of(watch: Watch, run_id: str) -> list[Restart]:
 
 # ---------------------------------------------------------------- one run, measured
 
-def settle(ws: Workspace, watch: Watch, run_id: str, reference: Path, out: Outcome, *, step: int,
-           retries_expected: int = 0, restarts_expected: int = 0, resume_floor: Optional[int] = None,
-           spared: tuple = (), fault_at: Optional[float] = None, final_state: str = "COMPLETED") -> Outcome:
+
+def settle(
+    ws: Workspace,
+    watch: Watch,
+    run_id: str,
+    reference: Path,
+    out: Outcome,
+    *,
+    step: int,
+    retries_expected: int = 0,
+    restarts_expected: int = 0,
+    resume_floor: Optional[int] = None,
+    spared: tuple = (),
+    fault_at: Optional[float] = None,
+    final_state: str = "COMPLETED",
+) -> Outcome:
     """Measure one run that has ended: its state, its final checkpoint against the reference, the restarts it
     used and where each resumed.
 

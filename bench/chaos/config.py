@@ -22,27 +22,53 @@ VAL_EVERY = 8
 SHARDS_PER_SAVE = 8  # safetensors files one rank writes per save: 4 for the model, 4 for AdamW's moments
 
 DATA = [
-    "data.seq_len=64", "data.vocab_size=512", "data.max_docs=200",
+    "data.seq_len=64",
+    "data.vocab_size=512",
+    "data.max_docs=200",
 ]
 MODEL = ["model.n_layer=2", "model.n_head=4", "model.n_kv_head=2", "model.d_model=64", "model.max_seq_len=64"]
 TRAIN = [
-    f"train.max_steps={MAX_STEPS}", "train.micro_batch_size=8", "train.log_every=4", f"train.val_every={VAL_EVERY}",
-    "train.val_batches=2", "optim.warmup_steps=4", "optim.lr=3e-3", "train.dtype=fp32", "train.device=cpu",
+    f"train.max_steps={MAX_STEPS}",
+    "train.micro_batch_size=8",
+    "train.log_every=4",
+    f"train.val_every={VAL_EVERY}",
+    "train.val_batches=2",
+    "optim.warmup_steps=4",
+    "optim.lr=3e-3",
+    "train.dtype=fp32",
+    "train.device=cpu",
 ]
 RECIPE = [
-    "optim.name=adamw", "optim.schedule=cosine", "train.compile=false", "train.time_budget_min=null",
+    "optim.name=adamw",
+    "optim.schedule=cosine",
+    "train.compile=false",
+    "train.time_budget_min=null",
     "train.grad_accum_steps=1",
 ]
 RUN = [
-    "name=chaos", f"checkpoint.every={EVERY}", "checkpoint.keep_last=2", "resources.nproc_per_node=2",
-    "resources.max_retries=2", "resources.max_requeues=4", "resources.time_min=15",
+    "name=chaos",
+    f"checkpoint.every={EVERY}",
+    "checkpoint.keep_last=2",
+    "resources.nproc_per_node=2",
+    "resources.max_retries=2",
+    "resources.max_requeues=4",
+    "resources.time_min=15",
     "parallel.collective_timeout_s=30",
 ]
 
 # Keys that never change what a run computes: left out of a reference run's key.
-POLICY_PREFIXES = ("checkpoint.every=", "checkpoint.keep_last=", "checkpoint.keep_every=", "checkpoint.async_save=",
-                   "resources.", "executor=", "runs_dir=", "name=", "parallel.collective_timeout_s=",
-                   "train.log_every=")
+POLICY_PREFIXES = (
+    "checkpoint.every=",
+    "checkpoint.keep_last=",
+    "checkpoint.keep_every=",
+    "checkpoint.async_save=",
+    "resources.",
+    "executor=",
+    "runs_dir=",
+    "name=",
+    "parallel.collective_timeout_s=",
+    "train.log_every=",
+)
 
 
 def overrides(data_dir: str | Path, *extra: str) -> list[str]:
@@ -52,6 +78,7 @@ def overrides(data_dir: str | Path, *extra: str) -> list[str]:
 
 def math_key(resolved: dict) -> list[str]:
     """The keys of a resolved config that decide the numbers, as sorted `key=value` lines."""
+
     def leaves(node, prefix=""):
         for k, v in node.items():
             if isinstance(v, dict):

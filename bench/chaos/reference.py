@@ -37,8 +37,13 @@ def machine() -> dict:
     import numpy
     import torch
 
-    return {"cpu": device_name(), "arch": platform.machine(), "isa": torch.backends.cpu.get_cpu_capability(),
-            "numpy": numpy.__version__, **versions()}
+    return {
+        "cpu": device_name(),
+        "arch": platform.machine(),
+        "isa": torch.backends.cpu.get_cpu_capability(),
+        "numpy": numpy.__version__,
+        **versions(),
+    }
 
 
 def resolved(data_dir: Path, extra: tuple[str, ...]) -> dict:
@@ -57,8 +62,15 @@ class References:
         self.machine = machine()
 
     def key(self, extra: tuple[str, ...], fault: str) -> str:
-        text = json.dumps({"config": math_key(resolved(self.data_dir, extra)), "fault": fault, "code": self.code,
-                           "machine": self.machine}, sort_keys=True)
+        text = json.dumps(
+            {
+                "config": math_key(resolved(self.data_dir, extra)),
+                "fault": fault,
+                "code": self.code,
+                "machine": self.machine,
+            },
+            sort_keys=True,
+        )
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def get(self, *extra: str, fault: str = "") -> Path:
@@ -76,15 +88,27 @@ class References:
         import shutil
 
         shutil.rmtree(run_dir, ignore_errors=True)
-        env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-                   ORCH_FAULT=fault)
+        env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", ORCH_FAULT=fault)
         for name in ("ORCH_FAULT_ONCE", "ORCH_FAULT_RELEASE"):
             env.pop(name, None)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "training.main", str(JOB), *overrides(self.data_dir, *extra), "--run-dir", str(run_dir)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "training.main",
+            str(JOB),
+            *overrides(self.data_dir, *extra),
+            "--run-dir",
+            str(run_dir),
+        ]
         result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
         if result.returncode != 0:
-            raise RuntimeError(f"reference run failed ({result.returncode}): {result.stdout[-2000:]}{result.stderr[-2000:]}")
+            raise RuntimeError(
+                f"reference run failed ({result.returncode}): {result.stdout[-2000:]}{result.stderr[-2000:]}"
+            )
         about = {"overrides": list(extra), "fault": fault, "code": self.code, "machine": self.machine}
         (run_dir / "config.key.json").write_text(json.dumps(about) + "\n")
         (run_dir / "DONE").touch()

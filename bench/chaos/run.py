@@ -10,8 +10,17 @@ import traceback
 from bench.chaos.census import Outcome
 from bench.chaos.kinds import KINDS, Context, Fault, executor_for
 
-FIGURES = ("finished", "bitwise_equal", "checkpoints_lost", "crash_loops", "orphans", "leftovers", "wrong_state",
-           "not_fired", "wrong_restarts")
+FIGURES = (
+    "finished",
+    "bitwise_equal",
+    "checkpoints_lost",
+    "crash_loops",
+    "orphans",
+    "leftovers",
+    "wrong_state",
+    "not_fired",
+    "wrong_restarts",
+)
 
 
 def draw(n: int, seed: int, kinds: list[int], executor: str) -> list[Fault]:
@@ -47,8 +56,11 @@ def tabulate(rows: list[dict]) -> dict:
     figures = {"faults": len(rows)}
     for name in FIGURES:
         figures[name] = sum(int(r[name]) for r in rows)
-    figures["recovery_s"] = {"median": round(statistics.median(recovery), 1) if recovery else None,
-                             "max": round(max(recovery), 1) if recovery else None, "measured": len(recovery)}
+    figures["recovery_s"] = {
+        "median": round(statistics.median(recovery), 1) if recovery else None,
+        "max": round(max(recovery), 1) if recovery else None,
+        "measured": len(recovery),
+    }
     figures["two_trainers"] = sum(r["two_trainers"] for r in rows)
     figures["rng_equal"] = sum(bool(r.get("rng_equal")) for r in rows)  # recorded, not scored (census.py)
     by_kind = {}
@@ -62,14 +74,25 @@ def tabulate(rows: list[dict]) -> dict:
 
 
 def row_of(fault: Fault, out: Outcome, seconds: float) -> dict:
-    return {"kind": fault.kind, "name": KINDS[fault.kind].name, "point": fault.point, "seed": fault.seed,
-            "executor": fault.executor, "params": fault.params, **out.row(), "seconds": round(seconds, 1)}
+    return {
+        "kind": fault.kind,
+        "name": KINDS[fault.kind].name,
+        "point": fault.point,
+        "seed": fault.seed,
+        "executor": fault.executor,
+        "params": fault.params,
+        **out.row(),
+        "seconds": round(seconds, 1),
+    }
 
 
 def print_row(i: int, n: int, row: dict) -> None:
     rec = f"{row['recovery_s']:.1f}s" if row.get("recovery_s") is not None else "-"
-    print(f"[chaos {i}/{n}] kind {row['kind']} {row['executor']:<5} {row['point']} {row['params']}: {row['outcome']} "
-          f"(recovery {rec}, {row['seconds']:.0f}s)", flush=True)
+    print(
+        f"[chaos {i}/{n}] kind {row['kind']} {row['executor']:<5} {row['point']} {row['params']}: {row['outcome']} "
+        f"(recovery {rec}, {row['seconds']:.0f}s)",
+        flush=True,
+    )
     if row["outcome"] != "ok":
         for note in row["notes"]:
             print(f"      {note}", flush=True)

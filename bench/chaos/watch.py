@@ -55,7 +55,7 @@ def processes_of(ws: Workspace) -> list[Proc]:
         if not entry.name.isdigit() or int(entry.name) == _SELF:
             continue
         cmdline, stat = _read(f"/proc/{entry.name}/cmdline"), _read(f"/proc/{entry.name}/stat")
-        if not cmdline or not stat or stat[stat.rindex(b")") + 2:][:1] == b"Z":
+        if not cmdline or not stat or stat[stat.rindex(b")") + 2 :][:1] == b"Z":
             continue
         environ = _read(f"/proc/{entry.name}/environ") or b""
         if home not in environ.split(b"\0") and root not in cmdline:
@@ -119,7 +119,7 @@ class Watch:
             new = []  # in the order the log has them: a restart's "resumed from" comes before its training
             for name, pattern in EVENTS.items():
                 hits = [(m.start(), m.group(1) if pattern.groups else m.group(0)) for m in pattern.finditer(text)]
-                new += [(pos, name, value) for pos, value in hits[self._seen.get((run.id, name), 0):]]
+                new += [(pos, name, value) for pos, value in hits[self._seen.get((run.id, name), 0) :]]
                 self._seen[(run.id, name)] = len(hits)
             for _, name, value in sorted(new):
                 self.events.append((now, name, value, run.id))
@@ -137,8 +137,9 @@ class Watch:
                 self.wrong_holder.append((now, folder, held.get("pid"), trainers))
 
     def first(self, name: str, after: float = 0.0, run_id: Optional[str] = None) -> Optional[tuple]:
-        return next((e for e in self.events if e[1] == name and e[0] >= after and (run_id is None or e[3] == run_id)),
-                    None)
+        return next(
+            (e for e in self.events if e[1] == name and e[0] >= after and (run_id is None or e[3] == run_id)), None
+        )
 
     def wait(self, name: str, run_id: Optional[str] = None, after: float = 0.0, timeout: float = 300) -> float:
         """Seconds (on this watch) at which `name` was first seen in a log after `after`, waiting for it."""
@@ -158,12 +159,17 @@ def _describe(pid: int, folder: str) -> dict:
     """A trainer process as seen now: its parent, when it started (clock ticks since boot), its state, and
     whether it holds the run folder's lock."""
     stat = _read(f"/proc/{pid}/stat")
-    fields = stat[stat.rindex(b")") + 2:].split() if stat else []
+    fields = stat[stat.rindex(b")") + 2 :].split() if stat else []
     held = holder(folder) or {}
-    return {"pid": pid, "ppid": int(fields[1]) if fields else None, "start": int(fields[19]) if fields else None,
-            "state": fields[0].decode() if fields else None, "holds_lock": held.get("pid") == pid}
+    return {
+        "pid": pid,
+        "ppid": int(fields[1]) if fields else None,
+        "start": int(fields[19]) if fields else None,
+        "state": fields[0].decode() if fields else None,
+        "holds_lock": held.get("pid") == pid,
+    }
 
 
 def _parent(pid: int) -> Optional[int]:
     stat = _read(f"/proc/{pid}/stat")
-    return int(stat[stat.rindex(b")") + 2:].split()[1]) if stat else None
+    return int(stat[stat.rindex(b")") + 2 :].split()[1]) if stat else None

@@ -46,32 +46,54 @@ class Workspace:
     # ------------------------------------------------------------ processes
 
     def env(self, fault: str = "", **extra: str) -> dict:
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
-                   ORCH_HOME=str(self.home), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
-                   ORCH_FAULT_ONCE=str(self.once), ORCH_FAULT_RELEASE=str(self.release_file))
+        env = dict(
+            os.environ,
+            PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
+            ORCH_HOME=str(self.home),
+            PYTHONUNBUFFERED="1",
+            OMP_NUM_THREADS="1",
+            ORCH_FAULT_ONCE=str(self.once),
+            ORCH_FAULT_RELEASE=str(self.release_file),
+        )
         env.pop("ORCH_FAULT", None)
         if fault:
             env["ORCH_FAULT"] = fault
         env.update(extra)
         return env
 
-    def orch(self, *args: str, fault: str = "", env: Optional[dict] = None, timeout: float = 300,
-             check: bool = False) -> subprocess.CompletedProcess:
-        result = subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=self.root,
-                                env=env or self.env(fault), capture_output=True, text=True, timeout=timeout)
+    def orch(
+        self, *args: str, fault: str = "", env: Optional[dict] = None, timeout: float = 300, check: bool = False
+    ) -> subprocess.CompletedProcess:
+        result = subprocess.run(
+            [sys.executable, "-m", "orchestrator.cli", *args],
+            cwd=self.root,
+            env=env or self.env(fault),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         if check and result.returncode != 0:
-            raise ChaosError(f"`orch {' '.join(args[:2])}` exited {result.returncode}: "
-                             f"{(result.stderr or result.stdout).strip()[-600:]}")
+            raise ChaosError(
+                f"`orch {' '.join(args[:2])}` exited {result.returncode}: "
+                f"{(result.stderr or result.stdout).strip()[-600:]}"
+            )
         return result
 
     def job_overrides(self, *extra: str, executor: Optional[str] = None) -> list[str]:
         return overrides(self.data_dir, f"runs_dir={self.runs_dir}", f"executor={executor or self.executor}", *extra)
 
-    def submit(self, *extra: str, fault: str = "", executor: Optional[str] = None, env: Optional[dict] = None,
-               check: bool = True) -> tuple[Optional[str], subprocess.CompletedProcess]:
+    def submit(
+        self,
+        *extra: str,
+        fault: str = "",
+        executor: Optional[str] = None,
+        env: Optional[dict] = None,
+        check: bool = True,
+    ) -> tuple[Optional[str], subprocess.CompletedProcess]:
         """`orch submit` the chaos job; (run id or None, the command's result)."""
-        result = self.orch("submit", str(JOB), *self.job_overrides(*extra, executor=executor), fault=fault,
-                           env=env, check=check)
+        result = self.orch(
+            "submit", str(JOB), *self.job_overrides(*extra, executor=executor), fault=fault, env=env, check=check
+        )
         found = re.search(r"^submitted (\S+) ", result.stdout, re.MULTILINE)
         return (found.group(1) if found else None), result
 
@@ -98,8 +120,12 @@ class Workspace:
         return wait_for(lambda: (r := self.refresh(run_id)).finished and r, f"{run_id} to finish", timeout, 0.5)
 
     def wait_state(self, run_id: str, states: tuple[str, ...], timeout: float = 300) -> Run:
-        return wait_for(lambda: (r := self.refresh(run_id)).state in states and r,
-                        f"{run_id} to be {'/'.join(states)}", timeout, 0.5)
+        return wait_for(
+            lambda: (r := self.refresh(run_id)).state in states and r,
+            f"{run_id} to be {'/'.join(states)}",
+            timeout,
+            0.5,
+        )
 
     def log_files(self, run: Run) -> list[Path]:
         """Every log its trainers wrote: the local executor's train.log, or each Slurm task's log of each job."""

@@ -54,8 +54,12 @@ def observed(registry: Registry, runs: Sequence[Run]) -> list[Run]:
     for run in runs:
         o = seen.get(run.id)
         if o is not None:
-            run = dataclasses.replace(run, state=o.state, reason=o.reason if o.reason is not None else run.reason,
-                                      attempts=o.attempts if o.attempts is not None else run.attempts)
+            run = dataclasses.replace(
+                run,
+                state=o.state,
+                reason=o.reason if o.reason is not None else run.reason,
+                attempts=o.attempts if o.attempts is not None else run.attempts,
+            )
         out.append(run)
     return out
 

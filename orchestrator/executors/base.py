@@ -66,5 +66,7 @@ def refuse_if_held(run: Run) -> None:
     """Every resume asks first: one trainer per run folder (jobspec/run_lock.py), whoever started the other."""
     busy = holder(run.run_dir)
     if busy is not None:
-        raise RuntimeError(f"{run.id} can't be resumed: a trainer still holds {run.run_dir} ({describe(busy)}); "
-                           f"`orch cancel {run.id}` stops it after a checkpoint")
+        raise RuntimeError(
+            f"{run.id} can't be resumed: a trainer still holds {run.run_dir} ({describe(busy)}); "
+            f"`orch cancel {run.id}` stops it after a checkpoint"
+        )

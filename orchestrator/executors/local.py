@@ -41,9 +41,15 @@ def spawn_detached(argv: list[str], log_path: Path, registry: Registry) -> subpr
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, ORCH_HOME=str(registry.path.parent), PYTHONUNBUFFERED="1")
     with open(log_path, "ab") as log:
-        return subprocess.Popen([sys.executable, "-m", *argv], stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True, env=env,
-                                preexec_fn=_block_stop_signals)
+        return subprocess.Popen(
+            [sys.executable, "-m", *argv],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env=env,
+            preexec_fn=_block_stop_signals,
+        )
 
 
 def pipeline_files(registry: Registry, pipeline_id: str) -> tuple[Path, Path]:
@@ -84,8 +90,11 @@ class LocalExecutor:
 
     def start(self, run: Run) -> subprocess.Popen:
         """Start the run's supervisor and record it (pid, start time, host); a pipeline waits on the process."""
-        proc = spawn_detached(["orchestrator.executors.local_supervisor", run.id],
-                              RunFolder(run.run_dir).logs / "supervisor.log", self.registry)
+        proc = spawn_detached(
+            ["orchestrator.executors.local_supervisor", run.id],
+            RunFolder(run.run_dir).logs / "supervisor.log",
+            self.registry,
+        )
         self.registry.update(run.id, pid=proc.pid, pid_start=process_start(proc.pid), host=socket.gethostname())
         return proc
 
@@ -104,8 +113,9 @@ class LocalExecutor:
 
     def resume(self, run: Run) -> str:
         refuse_if_held(run)
-        if not self.registry.transition(run.id, TERMINAL, state="PENDING", ended_at=None, exit_code=None,
-                                        reason=None, **this_process()):  # ours until its supervisor runs
+        if not self.registry.transition(
+            run.id, TERMINAL, state="PENDING", ended_at=None, exit_code=None, reason=None, **this_process()
+        ):  # ours until its supervisor runs
             raise RuntimeError(f"{run.id} was resumed by someone else meanwhile ({self.registry.get(run.id).state})")
         self.start(self.registry.get(run.id))
         return "local"
@@ -139,32 +149,39 @@ class LocalExecutor:
             if run.state == "PENDING" and run.pid is None:  # a pipeline stage waiting for its turn
                 if run.pipeline_id and pipeline_supervisor_gone(self.registry, run):
                     log, _ = pipeline_files(self.registry, run.pipeline_id)
-                    seen[run.id] = Observation("CANCELLED", f"the pipeline's supervisor is gone (see {log}); "
-                                                            "submit the pipeline again")
+                    seen[run.id] = Observation(
+                        "CANCELLED", f"the pipeline's supervisor is gone (see {log}); submit the pipeline again"
+                    )
                 continue
             if same_process(run.pid, run.pid_start, run.host) is not False:  # alive, or on another host
                 seen[run.id] = Observation(run.state, where="local")
                 continue
             trainer = holder(run.run_dir)
             if trainer is not None:
-                seen[run.id] = Observation(run.state, f"its supervisor is gone; its trainer ({describe(trainer)}) "
-                                                      "still runs", where="local")
+                seen[run.id] = Observation(
+                    run.state, f"its supervisor is gone; its trainer ({describe(trainer)}) still runs", where="local"
+                )
             elif run.state == "CANCELLING":
                 seen[run.id] = Observation("CANCELLED", CANCELLED_BY_USER)
             else:
-                seen[run.id] = Observation("LOST", f"its supervisor (or the orch command starting it; pid {run.pid}) "
-                                                   "and its trainer are gone (killed, or the machine restarted); "
-                                                   f"`orch resume {run.id}` continues from its checkpoint")
+                seen[run.id] = Observation(
+                    "LOST",
+                    f"its supervisor (or the orch command starting it; pid {run.pid}) "
+                    "and its trainer are gone (killed, or the machine restarted); "
+                    f"`orch resume {run.id}` continues from its checkpoint",
+                )
         return seen
 
     def refresh(self, runs: Sequence[Run]) -> None:
         for run_id, seen in self.observe(runs).items():
             if seen.state == "LOST":
-                self.registry.transition(run_id, ("PENDING", "RUNNING"), state="FAILED", reason=seen.reason,
-                                         ended_at=now())
+                self.registry.transition(
+                    run_id, ("PENDING", "RUNNING"), state="FAILED", reason=seen.reason, ended_at=now()
+                )
             elif seen.state == "CANCELLED" and seen.reason:
-                self.registry.transition(run_id, ("PENDING", "CANCELLING"), state="CANCELLED", reason=seen.reason,
-                                         ended_at=now())
+                self.registry.transition(
+                    run_id, ("PENDING", "CANCELLING"), state="CANCELLED", reason=seen.reason, ended_at=now()
+                )
 
     def log_path(self, run: Run) -> Path:
         return RunFolder(run.run_dir).train_log

@@ -36,8 +36,19 @@ def trainer_command(run: Run, nproc: int) -> list[str]:
     config = str(folder.config)
     if nproc > 1:
         # torchrun's wait between its SIGTERM to the ranks and SIGKILL: long enough for the save they then make
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                f"--shutdown-timeout={stop_grace_s(folder)}", "-m", "training.main", config, "--run-dir", run.run_dir]
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            f"--shutdown-timeout={stop_grace_s(folder)}",
+            "-m",
+            "training.main",
+            config,
+            "--run-dir",
+            run.run_dir,
+        ]
     return [sys.executable, "-m", "training.main", config, "--run-dir", run.run_dir]
 
 
@@ -75,9 +86,13 @@ class Supervisor:
                     log.flush()
                 except OSError:  # a full disk: the attempt still runs, and its outcome goes to the registry
                     pass
-            self.child = subprocess.Popen(trainer_command(self.run, self.resources.nproc_per_node), stdout=log,
-                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                          preexec_fn=_die_with_parent)
+            self.child = subprocess.Popen(
+                trainer_command(self.run, self.resources.nproc_per_node),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=_die_with_parent,
+            )
             return self.child.wait()
 
     def finish(self, state: str, code: int, reason: str | None) -> int:
@@ -94,13 +109,20 @@ class Supervisor:
         for number in range(1, 2 + self.resources.max_retries + self.resources.max_requeues):
             if self.cancelled():
                 return self.finish("CANCELLED", code, CANCELLED_BY_USER)
-            if not self.registry.transition(self.run.id, ("PENDING", "RUNNING"), state="RUNNING", attempts=number,
-                                            started_at=self.run.started_at or now()):
+            if not self.registry.transition(
+                self.run.id,
+                ("PENDING", "RUNNING"),
+                state="RUNNING",
+                attempts=number,
+                started_at=self.run.started_at or now(),
+            ):
                 return self.finish("CANCELLED", code, CANCELLED_BY_USER)  # cancelled between the check and here
             try:
                 code = self.attempt(number, note)
             except OSError as e:  # the log can't even be opened: nothing can run in this folder
-                return self.finish("FAILED", EXIT_USER_ERROR, user_error(self.folder) or f"{self.folder.train_log}: {e}")
+                return self.finish(
+                    "FAILED", EXIT_USER_ERROR, user_error(self.folder) or f"{self.folder.train_log}: {e}"
+                )
             if code != 0:  # under torchrun any rank's failure is exit 1: rank 0's own code says what it was
                 code = trainer_exit(self.folder) or code
             fault("supervisor.trainer_exited")
@@ -114,9 +136,13 @@ class Supervisor:
             if code == EXIT_REQUEUE:
                 requeues += 1
                 if requeues > self.resources.max_requeues:
-                    return self.finish("FAILED", code, "stopped by a signal after saving a checkpoint; "
-                                       f"resources.max_requeues={self.resources.max_requeues} used up "
-                                       f"(`orch resume {self.run.id}` continues from the checkpoint)")
+                    return self.finish(
+                        "FAILED",
+                        code,
+                        "stopped by a signal after saving a checkpoint; "
+                        f"resources.max_requeues={self.resources.max_requeues} used up "
+                        f"(`orch resume {self.run.id}` continues from the checkpoint)",
+                    )
                 note = f"requeued after a stop signal ({requeues} of {self.resources.max_requeues})"
             else:
                 retries += 1

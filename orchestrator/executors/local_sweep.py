@@ -55,10 +55,13 @@ def supervise(sweep_id: str, folder: str, parallel: int) -> int:
 
     try:
         fit_path, report, missing = fit(folder)
-        print(f"[sweep] fit: {fit_path}, report: {report}" + (f" ({len(missing)} member(s) without a loss)"
-                                                             if missing else ""), flush=True)
+        print(
+            f"[sweep] fit: {fit_path}, report: {report}"
+            + (f" ({len(missing)} member(s) without a loss)" if missing else ""),
+            flush=True,
+        )
     except (ValueError, ArithmeticError, OSError) as e:  # too few members to fit, a degenerate law: said, and
-        print(f"[sweep] no fit: {e}", flush=True)         # `orch sweep fit` can be run again by hand
+        print(f"[sweep] no fit: {e}", flush=True)  # `orch sweep fit` can be run again by hand
     return 0 if all(r.state == "COMPLETED" for r in members) else 1
 
 

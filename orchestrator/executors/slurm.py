@@ -37,10 +37,19 @@ REPO = Path(__file__).resolve().parents[2]
 # sacct's states -> the registry's. Anything not listed (TIMEOUT, NODE_FAIL, OUT_OF_MEMORY, PREEMPTED,
 # BOOT_FAIL, DEADLINE, FAILED) is FAILED, with Slurm's word for it in the reason.
 STATES = {
-    "PENDING": "PENDING", "REQUEUED": "PENDING", "REQUEUE_HOLD": "PENDING", "REQUEUE_FED": "PENDING",
+    "PENDING": "PENDING",
+    "REQUEUED": "PENDING",
+    "REQUEUE_HOLD": "PENDING",
+    "REQUEUE_FED": "PENDING",
     "RESV_DEL_HOLD": "PENDING",
-    "RUNNING": "RUNNING", "COMPLETING": "RUNNING", "CONFIGURING": "RUNNING", "SUSPENDED": "RUNNING",
-    "RESIZING": "RUNNING", "SIGNALING": "RUNNING", "STAGE_OUT": "RUNNING", "STOPPED": "RUNNING",
+    "RUNNING": "RUNNING",
+    "COMPLETING": "RUNNING",
+    "CONFIGURING": "RUNNING",
+    "SUSPENDED": "RUNNING",
+    "RESIZING": "RUNNING",
+    "SIGNALING": "RUNNING",
+    "STAGE_OUT": "RUNNING",
+    "STOPPED": "RUNNING",
     "COMPLETED": "COMPLETED",
     "CANCELLED": "CANCELLED",
 }
@@ -67,8 +76,10 @@ def sbatch_extra_parameters(flags: Iterable[str]) -> dict:
     params = {}
     for flag in flags:
         if not flag.startswith("--"):
-            raise ValueError(f"resources.sbatch_extra has the value {flag!r}, but each entry must be one long sbatch "
-                             "option, --name or --name=value (e.g. \"--exclusive\", \"--reservation=r1\")")
+            raise ValueError(
+                f"resources.sbatch_extra has the value {flag!r}, but each entry must be one long sbatch "
+                "option, --name or --name=value (e.g. \"--exclusive\", \"--reservation=r1\")"
+            )
         name, _, value = flag[2:].partition("=")
         params[name] = value if value else True
     return params
@@ -89,9 +100,10 @@ def executor_parameters(run: Run, resources, dependency_job_ids: Sequence[str] =
         srun_args=["--kill-on-bad-exit=1"],
         setup=[f"export PYTHONPATH={shlex.quote(str(REPO))}${{PYTHONPATH:+:$PYTHONPATH}}"],
         # Right after srun: "$?" is its exit status; after_srun requeues or ends the job (see slurm_job.py).
-        teardown=["ORCH_SRUN_STATUS=$?",
-                  f"{python} -m orchestrator.executors.slurm_job after-srun \"$ORCH_SRUN_STATUS\" "
-                  f"{shlex.quote(run.run_dir)}"],
+        teardown=[
+            "ORCH_SRUN_STATUS=$?",
+            f"{python} -m orchestrator.executors.slurm_job after-srun \"$ORCH_SRUN_STATUS\" {shlex.quote(run.run_dir)}",
+        ],
         additional_parameters={"requeue": True},  # node failures and preemptions put the job back in the queue
     )
     if resources.gpus_per_node:
@@ -138,8 +150,10 @@ def sacct_records(job_ids: Sequence[str]) -> dict[str, list[dict]]:
     except (OSError, subprocess.TimeoutExpired) as e:
         raise SlurmError(f"`{' '.join(cmd)}` failed: {e}") from None
     if proc.returncode != 0:
-        raise SlurmError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}): {proc.stderr.strip()} "
-                         "(sacct needs slurmdbd: is accounting configured?)")
+        raise SlurmError(
+            f"`{' '.join(cmd)}` failed (exit {proc.returncode}): {proc.stderr.strip()} "
+            "(sacct needs slurmdbd: is accounting configured?)"
+        )
     records: dict[str, list[dict]] = {}
     for line in proc.stdout.splitlines():
         values = line.split("|")
@@ -285,11 +299,21 @@ class SlurmExecutor:
             time.sleep(1)  # a job just cancelled: Slurm is ending its processes; its state says when they are gone
         if held:
             jobs = ", ".join(f"{job} {state}" for job, state in sorted(held.items()))
-            raise RuntimeError(f"{run.id} can't be resumed: Slurm still holds a job of it ({jobs}), whose trainer "
-                               f"would share {run_dir}; `scancel` it, or wait until it has ended")
-        if not self.registry.transition(run.id, TERMINAL, state="PENDING", ended_at=None, exit_code=None,
-                                        reason=None, attempts=0, slurm_job_id=None,
-                                        **this_process()):  # ours until sbatch has taken it
+            raise RuntimeError(
+                f"{run.id} can't be resumed: Slurm still holds a job of it ({jobs}), whose trainer "
+                f"would share {run_dir}; `scancel` it, or wait until it has ended"
+            )
+        if not self.registry.transition(
+            run.id,
+            TERMINAL,
+            state="PENDING",
+            ended_at=None,
+            exit_code=None,
+            reason=None,
+            attempts=0,
+            slurm_job_id=None,
+            **this_process(),
+        ):  # ours until sbatch has taken it
             raise RuntimeError(f"{run.id} was resumed by someone else meanwhile ({self.registry.get(run.id).state})")
         for name in (RESTARTS, FINAL_REASON):
             (run_dir / "slurm" / name).unlink(missing_ok=True)
@@ -340,7 +364,9 @@ class SlurmExecutor:
             if state == "FAILED":
                 reason = failure_reason(run, slurm_state, last["ExitCode"])
             elif state == "CANCELLED":
-                reason = run.reason if run.state in ("CANCELLING", "CANCELLED") and run.reason else "cancelled (scancel)"
+                reason = (
+                    run.reason if run.state in ("CANCELLING", "CANCELLED") and run.reason else "cancelled (scancel)"
+                )
             elif run.state == "CANCELLING":
                 state, reason = "CANCELLING", run.reason  # scancel sent; the job is still saving
             elif state == "PENDING" and last["Reason"] not in ("", "None"):
@@ -354,8 +380,15 @@ class SlurmExecutor:
     def _never_submitted(self, runs: Sequence[Run]) -> dict[str, Observation]:
         """Runs the `orch` command starting them died with before sbatch took them (no job id, their owner
         gone, no job of their name): LOST, never PENDING forever."""
-        runs = [r for r in runs if r.executor == self.name and r.state == "PENDING" and not r.slurm_job_id
-                and r.pid and same_process(r.pid, r.pid_start, r.host) is False]
+        runs = [
+            r
+            for r in runs
+            if r.executor == self.name
+            and r.state == "PENDING"
+            and not r.slurm_job_id
+            and r.pid
+            and same_process(r.pid, r.pid_start, r.host) is False
+        ]
         if not runs:
             return {}
         try:
@@ -363,8 +396,14 @@ class SlurmExecutor:
         except SlurmError as e:
             print(f"warning: Slurm states not read: {e}", file=sys.stderr)
             return {}
-        return {r.id: Observation("LOST", f"the orch command submitting it (pid {r.pid}) died before sbatch; "
-                                          f"`orch resume {r.id}` submits it") for r in runs if r.id not in named}
+        return {
+            r.id: Observation(
+                "LOST",
+                f"the orch command submitting it (pid {r.pid}) died before sbatch; `orch resume {r.id}` submits it",
+            )
+            for r in runs
+            if r.id not in named
+        }
 
     def observe(self, runs: Sequence[Run]) -> dict[str, Observation]:
         return {**{run_id: o for run_id, (o, _) in self._read(runs).items()}, **self._never_submitted(runs)}
@@ -379,14 +418,24 @@ class SlurmExecutor:
             if run.id not in seen:
                 continue
             o, history = seen[run.id]
-            values = dict(state=o.state, attempts=o.attempts, reason=o.reason,
-                          started_at=o.attempts and _timestamp(history[0]["Start"]) or run.started_at)
+            values = dict(
+                state=o.state,
+                attempts=o.attempts,
+                reason=o.reason,
+                started_at=o.attempts and _timestamp(history[0]["Start"]) or run.started_at,
+            )
             if o.state in TERMINAL:
-                values.update(ended_at=_timestamp(history[-1]["End"]) or now(),
-                              exit_code=_exit_code(history[-1]["ExitCode"]))
+                values.update(
+                    ended_at=_timestamp(history[-1]["End"]) or now(), exit_code=_exit_code(history[-1]["ExitCode"])
+                )
             parent = self.registry.get(run.depends_on) if run.depends_on else None
-            if (o.state == "CANCELLED" and not o.attempts and run.state not in ("CANCELLING", "CANCELLED")
-                    and parent is not None and parent.state in ("FAILED", "CANCELLED")):
+            if (
+                o.state == "CANCELLED"
+                and not o.attempts
+                and run.state not in ("CANCELLING", "CANCELLED")
+                and parent is not None
+                and parent.state in ("FAILED", "CANCELLED")
+            ):
                 values["reason"] = dependency_reason(parent)
             # only if nobody moved the run meanwhile (`orch cancel` between our read and this write)
             self.registry.transition(run.id, (run.state,), **values)

@@ -58,8 +58,9 @@ def array_parameters(run_parameters: dict, run: Run, step: str) -> dict:
     return params
 
 
-def submit(run: Run, registry: Registry, cfg, parameters: Callable[..., dict],
-           dependency_job_ids: Sequence[str] = ()) -> dict[str, str]:
+def submit(
+    run: Run, registry: Registry, cfg, parameters: Callable[..., dict], dependency_job_ids: Sequence[str] = ()
+) -> dict[str, str]:
     """Plan the shards, submit the four jobs, record the report job as the run's; returns {step: job id}.
     `parameters(run, resources, dependency_job_ids)` gives a run's submitit parameters (slurm.executor_parameters)."""
     import submitit

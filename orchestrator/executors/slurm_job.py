@@ -75,9 +75,12 @@ class TrainingJob(Checkpointable):
             # so they must be one node to the data loader, or two "local leaders" claim the same memory.
             local_rank, local_world = job.global_rank, job.num_tasks
         os.environ.update(
-            RANK=str(job.global_rank), WORLD_SIZE=str(job.num_tasks), LOCAL_RANK=str(local_rank),
+            RANK=str(job.global_rank),
+            WORLD_SIZE=str(job.num_tasks),
+            LOCAL_RANK=str(local_rank),
             LOCAL_WORLD_SIZE=str(local_world),
-            MASTER_ADDR=job.hostnames[0], MASTER_PORT=str(master_port(job.job_id, restart)),
+            MASTER_ADDR=job.hostnames[0],
+            MASTER_PORT=str(master_port(job.job_id, restart)),
         )
         os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("SLURM_CPUS_PER_TASK", "1"))
         from training.main import run

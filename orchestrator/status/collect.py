@@ -36,7 +36,7 @@ class JobRow:
     name: str
     kind: str
     executor: str
-    state: str                      # Slurm's word while the registry has the run unfinished, else the registry's
+    state: str  # Slurm's word while the registry has the run unfinished, else the registry's
     registry_state: str
     slurm_job_id: Optional[str]
     nodes: str
@@ -52,21 +52,21 @@ class JobRow:
     step: Optional[int] = None
     max_steps: Optional[int] = None
     loss: Optional[float] = None
-    losses: list = field(default_factory=list)   # recent training losses, oldest first, for the sparkline
+    losses: list = field(default_factory=list)  # recent training losses, oldest first, for the sparkline
     tokens_per_s: Optional[float] = None
     mfu: Optional[float] = None
     eta_s: Optional[float] = None
     val_loss: Optional[float] = None
-    skipped_steps: Optional[int] = None          # steps skipped for a non-finite loss or gradient
-    last_checkpoint: Optional[str] = None        # folder name, e.g. step_00000100
-    goodput: Optional[dict] = None               # goodput.json's totals (training/goodput.py), + queue_s
+    skipped_steps: Optional[int] = None  # steps skipped for a non-finite loss or gradient
+    last_checkpoint: Optional[str] = None  # folder name, e.g. step_00000100
+    goodput: Optional[dict] = None  # goodput.json's totals (training/goodput.py), + queue_s
     finished: bool = False
 
 
 @dataclass
 class PipelineFacts:
     pipeline_id: str
-    stages: list[dict]              # {run_id, stage, depends_on, state}, parents before children
+    stages: list[dict]  # {run_id, stage, depends_on, state}, parents before children
 
 
 @dataclass
@@ -80,7 +80,7 @@ class LogTail:
 @dataclass
 class Frame:
     time: float
-    target: Optional[str]           # the run or pipeline id the view is narrowed to
+    target: Optional[str]  # the run or pipeline id the view is narrowed to
     cluster: slurm_query.ClusterFacts
     jobs: list[JobRow]
     pipelines: list[PipelineFacts]
@@ -92,8 +92,11 @@ class Frame:
 
 def newest_checkpoint(run_dir: str) -> Optional[str]:
     try:
-        names = [e.name for e in os.scandir(RunFolder(run_dir).checkpoints)
-                 if checkpoint_step(e.name) is not None and e.is_dir()]
+        names = [
+            e.name
+            for e in os.scandir(RunFolder(run_dir).checkpoints)
+            if checkpoint_step(e.name) is not None and e.is_dir()
+        ]
     except OSError:
         return None
     return max(names, key=checkpoint_step, default=None)
@@ -130,7 +133,7 @@ class Collector:
         self.use_slurm = use_slurm
         self.metrics = MetricsTail()
         self._max_steps: dict[str, Optional[int]] = {}
-        self._done: dict[str, tuple[tuple, JobRow]] = {}   # ended runs: (registry fields, their row)
+        self._done: dict[str, tuple[tuple, JobRow]] = {}  # ended runs: (registry fields, their row)
 
     # ---------------------------------------------------------------- which runs
 
@@ -156,7 +159,9 @@ class Collector:
                     cfg = yaml.load(f, Loader=_Loader) or {}
                 # an eval job measures, it takes no steps: its row shows none; a data job's total (documents to
                 # read) comes with its first metrics record
-                self._max_steps[run_dir] = None if cfg.get("kind") in ("eval", "data") else int(cfg["train"]["max_steps"])
+                self._max_steps[run_dir] = (
+                    None if cfg.get("kind") in ("eval", "data") else int(cfg["train"]["max_steps"])
+                )
             except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError):
                 self._max_steps[run_dir] = None
         return self._max_steps[run_dir]
@@ -171,12 +176,27 @@ class Collector:
         if cached and cached[0] == key:
             return cached[1]
         nodes = seen.where if seen is not None and seen.where else "-"
-        row = JobRow(run_id=run.id, name=run.name, kind=run.kind, executor=run.executor, state=state,
-                     registry_state=run.state, slurm_job_id=run.slurm_job_id, nodes=nodes, attempts=run.attempts,
-                     pipeline_id=run.pipeline_id, stage=run.stage, depends_on=run.depends_on,
-                     created_at=run.created_at, started_at=run.started_at, ended_at=run.ended_at,
-                     reason=run.reason or (seen.reason if seen is not None else None),
-                     run_dir=run.run_dir, max_steps=self.max_steps(run.run_dir), finished=finished)
+        row = JobRow(
+            run_id=run.id,
+            name=run.name,
+            kind=run.kind,
+            executor=run.executor,
+            state=state,
+            registry_state=run.state,
+            slurm_job_id=run.slurm_job_id,
+            nodes=nodes,
+            attempts=run.attempts,
+            pipeline_id=run.pipeline_id,
+            stage=run.stage,
+            depends_on=run.depends_on,
+            created_at=run.created_at,
+            started_at=run.started_at,
+            ended_at=run.ended_at,
+            reason=run.reason or (seen.reason if seen is not None else None),
+            run_dir=run.run_dir,
+            max_steps=self.max_steps(run.run_dir),
+            finished=finished,
+        )
         m = self.metrics.read(str(RunFolder(run.run_dir).metrics))
         train = m.last_train
         row.step = m.latest.get("step")
@@ -200,15 +220,24 @@ class Collector:
 
     def collect(self) -> Frame:
         runs = self.runs()
-        cluster = slurm_query.cluster_nodes() if self.use_slurm else slurm_query.this_machine(
-            "absent", "Slurm not consulted: showing this machine")
+        cluster = (
+            slurm_query.cluster_nodes()
+            if self.use_slurm
+            else slurm_query.this_machine("absent", "Slurm not consulted: showing this machine")
+        )
         # what each backend sees of the unfinished runs: a dead local supervisor, Slurm's word and nodes
         live = [r for r in runs if not r.finished and (self.use_slurm and cluster.slurm == "up" or not r.slurm_job_id)]
         seen = executors.observe_all(self.registry, live)
         jobs = [self.job_row(r, seen.get(r.id)) for r in runs]
         jobs.sort(key=lambda j: (j.finished, j.state != "RUNNING", -(j.started_at or j.created_at)))
-        return Frame(time=time.time(), target=self.target, cluster=cluster, jobs=jobs,
-                     pipelines=pipelines_of(jobs), log=self.log_tail(runs, jobs))
+        return Frame(
+            time=time.time(),
+            target=self.target,
+            cluster=cluster,
+            jobs=jobs,
+            pipelines=pipelines_of(jobs),
+            log=self.log_tail(runs, jobs),
+        )
 
     def log_tail(self, runs: list[Run], jobs: list[JobRow]) -> Optional[LogTail]:
         """The newest running job's log; when none runs, the most recently active job's."""
@@ -229,12 +258,26 @@ def pipelines_of(jobs: list[JobRow]) -> list[PipelineFacts]:
             groups.setdefault(job.pipeline_id, []).append(job)
     result = []
     for pid, members in groups.items():
-        ordered = parents_first(sorted(members, key=lambda j: j.created_at), key=lambda j: j.run_id,
-                                parent=lambda j: j.depends_on)
-        result.append(PipelineFacts(pid, [{"run_id": j.run_id, "stage": j.stage or j.name, "depends_on": j.depends_on,
-                                           "state": j.state, "step": j.step, "max_steps": j.max_steps,
-                                           "reason": j.reason}
-                                          for j in ordered]))
+        ordered = parents_first(
+            sorted(members, key=lambda j: j.created_at), key=lambda j: j.run_id, parent=lambda j: j.depends_on
+        )
+        result.append(
+            PipelineFacts(
+                pid,
+                [
+                    {
+                        "run_id": j.run_id,
+                        "stage": j.stage or j.name,
+                        "depends_on": j.depends_on,
+                        "state": j.state,
+                        "step": j.step,
+                        "max_steps": j.max_steps,
+                        "reason": j.reason,
+                    }
+                    for j in ordered
+                ],
+            )
+        )
     active = {j.pipeline_id for j in jobs if j.pipeline_id and not j.finished}
     newest = {pid: max(j.created_at for j in members) for pid, members in groups.items()}
     result.sort(key=lambda p: (p.pipeline_id not in active, -newest[p.pipeline_id]))

@@ -18,8 +18,8 @@ SPARK_POINTS = 24
 
 @dataclass
 class MetricsSummary:
-    latest: dict = field(default_factory=dict)       # newest value of every key seen (train and val records)
-    last_train: dict = field(default_factory=dict)   # the newest record that has a training loss
+    latest: dict = field(default_factory=dict)  # newest value of every key seen (train and val records)
+    last_train: dict = field(default_factory=dict)  # the newest record that has a training loss
     losses: deque = field(default_factory=lambda: deque(maxlen=SPARK_POINTS))
     offset: int = 0
     inode: Optional[int] = None

@@ -20,9 +20,22 @@ from rich.tree import Tree
 from orchestrator.status.collect import Frame, JobRow
 
 BLOCKS = "▁▂▃▄▅▆▇█"
-STATE_STYLE = {"RUNNING": "bold green", "PENDING": "yellow", "COMPLETED": "cyan", "FAILED": "bold red",
-               "CANCELLED": "magenta", "CANCELLING": "magenta", "LOST": "bold red", "TIMEOUT": "red", "PREEMPTED": "yellow", "REQUEUED": "yellow",
-               "IDLE": "green", "MIXED": "yellow", "ALLOCATED": "bold yellow", "DOWN": "bold red"}
+STATE_STYLE = {
+    "RUNNING": "bold green",
+    "PENDING": "yellow",
+    "COMPLETED": "cyan",
+    "FAILED": "bold red",
+    "CANCELLED": "magenta",
+    "CANCELLING": "magenta",
+    "LOST": "bold red",
+    "TIMEOUT": "red",
+    "PREEMPTED": "yellow",
+    "REQUEUED": "yellow",
+    "IDLE": "green",
+    "MIXED": "yellow",
+    "ALLOCATED": "bold yellow",
+    "DOWN": "bold red",
+}
 
 
 # ---------------------------------------------------------------- small formatters
@@ -100,8 +113,14 @@ def cluster_panel(frame: Frame, max_nodes: Optional[int] = None) -> Panel:
     for n in shown:
         gpus = f"{n.gpus_alloc}/{n.gpus_total}" if n.gpus_total else "-"
         load = "-" if n.load is None else f"{n.load:.2f}"
-        table.add_row(n.name, state_text(n.state), f"{n.cpus_alloc}/{n.cpus_total}", gpus, load,
-                      Text(n.partitions + (f"  {n.reason}" if n.reason else ""), overflow="ellipsis", no_wrap=True))
+        table.add_row(
+            n.name,
+            state_text(n.state),
+            f"{n.cpus_alloc}/{n.cpus_total}",
+            gpus,
+            load,
+            Text(n.partitions + (f"  {n.reason}" if n.reason else ""), overflow="ellipsis", no_wrap=True),
+        )
     parts: list[RenderableType] = [table]
     if len(shown) < len(c.nodes):
         parts.append(Text(f"... {len(c.nodes) - len(shown)} more nodes", style="dim"))
@@ -143,6 +162,7 @@ def pipelines_panel(frame: Frame, max_lines: Optional[int] = None) -> Optional[P
 
 
 # ---------------------------------------------------------------- jobs
+
 
 def loss_cell(job: JobRow, points: int) -> Text:
     """The newest training loss and, after it, a sparkline of the last `points` logged losses."""
@@ -193,13 +213,26 @@ def jobs_table(frame: Frame, width: int, max_rows: Optional[int] = None) -> Rend
     if not jobs:
         return Text(title + " - nothing submitted yet (orch submit jobs/pretrain.yaml)", style="dim")
     columns, spare = fitting_columns(width)
-    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1),
-                  expand=False, show_edge=False)
+    table = Table(
+        title=title,
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        padding=(0, 1),
+        expand=False,
+        show_edge=False,
+    )
     for header, _, need, justify, _ in columns:
         widest = need + min(spare, 22) if header == "run" else need  # long run ids take the spare cells
-        table.add_column(header, justify=justify, no_wrap=True, min_width=min(need, len(header)),
-                         max_width=widest if header in ("run", "nodes", "stage") else None, overflow="ellipsis")
-    shown = jobs if max_rows is None else jobs[:max(1, max_rows)]
+        table.add_column(
+            header,
+            justify=justify,
+            no_wrap=True,
+            min_width=min(need, len(header)),
+            max_width=widest if header in ("run", "nodes", "stage") else None,
+            overflow="ellipsis",
+        )
+    shown = jobs if max_rows is None else jobs[: max(1, max_rows)]
     for job in shown:
         table.add_row(*[cell(job) for *_, cell in columns])
     if len(shown) == len(jobs):
@@ -218,20 +251,30 @@ def log_panel(frame: Frame, max_lines: int = 10) -> Optional[Panel]:
     which = "running" if log.running else "latest"
     lines = log.lines[-max_lines:] if max_lines > 0 else []
     body = Text("\n".join(lines) if lines else "(no log lines yet)", no_wrap=True, overflow="ellipsis")
-    return Panel(body, title=f"log of {which} run {log.run_id}", title_align="left",
-                 subtitle=Text(log.path, overflow="ellipsis"), subtitle_align="left", box=box.ROUNDED)
+    return Panel(
+        body,
+        title=f"log of {which} run {log.run_id}",
+        title_align="left",
+        subtitle=Text(log.path, overflow="ellipsis"),
+        subtitle_align="left",
+        box=box.ROUNDED,
+    )
 
 
 # ---------------------------------------------------------------- the whole frame
 
 
-def render(frame: Frame, width: int, height: Optional[int] = None, max_rows: Optional[int] = None,
-           log_lines: int = 10) -> RenderableType:
+def render(
+    frame: Frame, width: int, height: Optional[int] = None, max_rows: Optional[int] = None, log_lines: int = 10
+) -> RenderableType:
     """One screen. With `height` (the live view), panels share it; without, they take what they need."""
     when = time.strftime("%H:%M:%S", time.localtime(frame.time))
-    header = Text.assemble(("orch status", "bold"), f"  {when}",
-                           (f"  narrowed to {frame.target}" if frame.target else "", "dim"),
-                           ("  (Ctrl-C to quit)" if height else "", "dim"))
+    header = Text.assemble(
+        ("orch status", "bold"),
+        f"  {when}",
+        (f"  narrowed to {frame.target}" if frame.target else "", "dim"),
+        ("  (Ctrl-C to quit)" if height else "", "dim"),
+    )
     max_nodes = pipeline_lines = None
     if height is not None:
         max_nodes = max(1, min(len(frame.cluster.nodes), height // 6))

@@ -19,7 +19,7 @@ _PAIR = re.compile(r"(\w+)=(\S*)")
 @dataclass
 class NodeFacts:
     name: str
-    state: str               # IDLE, MIXED, ALLOCATED, DOWN*, DRAINED, ...
+    state: str  # IDLE, MIXED, ALLOCATED, DOWN*, DRAINED, ...
     cpus_alloc: int
     cpus_total: int
     gpus_alloc: int
@@ -31,8 +31,8 @@ class NodeFacts:
 
 @dataclass
 class ClusterFacts:
-    slurm: str                          # "up", "down" or "absent"
-    message: str                        # one sentence for the panel's title line
+    slurm: str  # "up", "down" or "absent"
+    message: str  # one sentence for the panel's title line
     nodes: list[NodeFacts] = field(default_factory=list)
     # "this machine" when there is no Slurm to show
     host_cpus: Optional[int] = None
@@ -70,10 +70,19 @@ def parse_nodes(text: str) -> list[NodeFacts]:
         except ValueError:
             load = None
         reason = line.split(" Reason=", 1)[1].strip() if " Reason=" in line else ""
-        nodes.append(NodeFacts(name=pairs["NodeName"], state=pairs.get("State", "?"),
-                               cpus_alloc=_int(pairs.get("CPUAlloc")), cpus_total=_int(pairs.get("CPUTot")),
-                               gpus_alloc=_gpus(pairs.get("AllocTRES", "")), gpus_total=_gpus(pairs.get("CfgTRES", "")),
-                               load=load, partitions=pairs.get("Partitions", ""), reason=reason))
+        nodes.append(
+            NodeFacts(
+                name=pairs["NodeName"],
+                state=pairs.get("State", "?"),
+                cpus_alloc=_int(pairs.get("CPUAlloc")),
+                cpus_total=_int(pairs.get("CPUTot")),
+                gpus_alloc=_gpus(pairs.get("AllocTRES", "")),
+                gpus_total=_gpus(pairs.get("CfgTRES", "")),
+                load=load,
+                partitions=pairs.get("Partitions", ""),
+                reason=reason,
+            )
+        )
     return nodes
 
 
@@ -94,8 +103,10 @@ def cluster_nodes() -> ClusterFacts:
     try:
         proc = subprocess.run(["scontrol", "show", "node", "-o"], capture_output=True, text=True, timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        return this_machine("down", f"Slurm is down or not answering (scontrol gave no answer in {TIMEOUT_S:.0f}s): "
-                                    "showing this machine")
+        return this_machine(
+            "down",
+            f"Slurm is down or not answering (scontrol gave no answer in {TIMEOUT_S:.0f}s): showing this machine",
+        )
     except OSError as e:
         return this_machine("down", f"Slurm is down: scontrol could not run ({e}): showing this machine")
     nodes = parse_nodes(proc.stdout)

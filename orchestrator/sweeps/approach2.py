@@ -36,7 +36,7 @@ class Approach2:
     def optimal(self, C):
         """(N_opt, D_opt) for budget(s) C from the power laws."""
         C = np.asarray(C, float)
-        return self.G * C ** self.a, self.H * C ** self.b
+        return self.G * C**self.a, self.H * C**self.b
 
 
 def curve_minimum(N, D, L, C: float, weights=None) -> Minimum:
@@ -53,8 +53,14 @@ def curve_minimum(N, D, L, C: float, weights=None) -> Minimum:
         raise ValueError("the loss is not convex in log N here (the parabola opens downwards): no minimum")
     xv = -p1 / (2 * p2)
     d1, d0 = np.polyfit(x, logD, 1, w=np.sqrt(w))
-    return Minimum(C=float(C), N_opt=float(np.exp(xv)), D_opt=float(np.exp(d0 + d1 * xv)),
-                   loss=float(p0 + p1 * xv + p2 * xv * xv), sizes=sizes, inside=bool(x.min() <= xv <= x.max()))
+    return Minimum(
+        C=float(C),
+        N_opt=float(np.exp(xv)),
+        D_opt=float(np.exp(d0 + d1 * xv)),
+        loss=float(p0 + p1 * xv + p2 * xv * xv),
+        sizes=sizes,
+        inside=bool(x.min() <= xv <= x.max()),
+    )
 
 
 def fit(N, D, C, L, weights=None) -> Approach2:

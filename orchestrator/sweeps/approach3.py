@@ -22,13 +22,17 @@ from threadpoolctl import threadpool_limits
 
 HUBER_DELTA = 1e-3
 NAMES = ("E", "A", "B", "alpha", "beta")
-GRID = np.array(list(itertools.product(
-    np.arange(0, 30, 5.0),       # a = log A
-    np.arange(0, 30, 5.0),       # b = log B
-    np.arange(-1, 1.5, 0.5),     # e = log E
-    np.arange(0, 2.5, 0.5),      # alpha
-    np.arange(0, 2.5, 0.5),      # beta
-)))
+GRID = np.array(
+    list(
+        itertools.product(
+            np.arange(0, 30, 5.0),  # a = log A
+            np.arange(0, 30, 5.0),  # b = log B
+            np.arange(-1, 1.5, 0.5),  # e = log E
+            np.arange(0, 2.5, 0.5),  # alpha
+            np.arange(0, 2.5, 0.5),  # beta
+        )
+    )
+)
 
 
 @dataclass
@@ -58,7 +62,7 @@ class Law:
         if not (self.alpha > 0 and self.beta > 0):
             return np.full_like(ND, np.nan), np.full_like(ND, np.nan)
         G = (self.alpha * self.A / (self.beta * self.B)) ** (1 / (self.alpha + self.beta))
-        return G * ND ** self.a, ND ** self.b / G
+        return G * ND**self.a, ND**self.b / G
 
     def as_dict(self) -> dict:
         return {name: float(getattr(self, name)) for name in NAMES}
@@ -100,9 +104,16 @@ def grid_values(logN, logD, logL, weights=None, delta: float = HUBER_DELTA) -> n
     return h.sum(axis=1) if weights is None else h @ weights
 
 
-def fit(N: Sequence[float], D: Sequence[float], L: Sequence[float], weights=None, starts: int = 8,
-        extra_starts: Sequence[np.ndarray] | None = None, delta: float = HUBER_DELTA,
-        limit_threads: bool = True) -> Law:
+def fit(
+    N: Sequence[float],
+    D: Sequence[float],
+    L: Sequence[float],
+    weights=None,
+    starts: int = 8,
+    extra_starts: Sequence[np.ndarray] | None = None,
+    delta: float = HUBER_DELTA,
+    limit_threads: bool = True,
+) -> Law:
     """The law minimizing the Huber loss over the members (N parameters, D tokens, final loss L), from the
     grid's best `starts` points and any `extra_starts`. limit_threads=False: the caller already holds BLAS to
     one thread (it costs ~2 ms to set)."""
@@ -114,8 +125,14 @@ def fit(N: Sequence[float], D: Sequence[float], L: Sequence[float], weights=None
     best = None
     with threadpool_limits(1) if limit_threads else contextlib.nullcontext():  # threads slow L-BFGS 10-30x here
         for x0 in candidates:
-            res = minimize(objective, x0, args=(logN, logD, logL, weights, delta), jac=True, method="L-BFGS-B",
-                           options={"maxiter": 2000, "ftol": 1e-12, "gtol": 1e-10})
+            res = minimize(
+                objective,
+                x0,
+                args=(logN, logD, logL, weights, delta),
+                jac=True,
+                method="L-BFGS-B",
+                options={"maxiter": 2000, "ftol": 1e-12, "gtol": 1e-10},
+            )
             if best is None or res.fun < best.fun:
                 best = res
     a, b, e, alpha, beta = best.x

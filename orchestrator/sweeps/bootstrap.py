@@ -71,8 +71,11 @@ def intervals(N, D, C, L, budgets=(), resamples: int = 200, seed: int = 0, start
     with threadpool_limits(1):
         for _ in range(resamples):
             w = resample_weights(C, rng)
-            q = quantities(approach3.fit(N, D, L, weights=w, starts=0, extra_starts=[x0], limit_threads=False),
-                           approach2.fit(N, D, C, L, weights=w), budgets)
+            q = quantities(
+                approach3.fit(N, D, L, weights=w, starts=0, extra_starts=[x0], limit_threads=False),
+                approach2.fit(N, D, C, L, weights=w),
+                budgets,
+            )
             for k, v in q.items():
                 samples[k].append(v)
     tail = 100 * (1 - LEVEL) / 2

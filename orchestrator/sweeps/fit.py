@@ -42,8 +42,10 @@ def _check_row(row, where: str) -> dict:
         except (TypeError, ValueError):
             number = math.nan
         if not (math.isfinite(number) and number > 0):
-            raise ValueError(f"{where}: key '{key}' has the value {value!r}, but it must be a positive number "
-                             f"(N parameters, D tokens, C FLOPs, loss in nats).")
+            raise ValueError(
+                f"{where}: key '{key}' has the value {value!r}, but it must be a positive number "
+                f"(N parameters, D tokens, C FLOPs, loss in nats)."
+            )
         out[key] = number
     return out
 
@@ -77,20 +79,35 @@ def collect_rows(sweep_dir: str | Path) -> tuple[list[dict], list[str]]:
             missing.append(member["id"])
             continue
         s = json.loads(summary.read_text())
-        rows.append(_check_row({"member": member["id"], "N": member["N"], "D": s.get("tokens_seen", member["D"]),
-                                "C": member["C"], "loss": s.get("val_loss")}, f"{summary}"))
+        rows.append(
+            _check_row(
+                {
+                    "member": member["id"],
+                    "N": member["N"],
+                    "D": s.get("tokens_seen", member["D"]),
+                    "C": member["C"],
+                    "loss": s.get("val_loss"),
+                },
+                f"{summary}",
+            )
+        )
     return rows, missing
 
 
 def fit_rows(rows: Sequence[dict], budgets: Sequence[float] = (), resamples: int = 200, seed: int = 0) -> dict:
     """fit.json's content for these rows (see the module's docstring)."""
     if len(rows) < 5:
-        raise ValueError(f"{len(rows)} member(s) have a final loss: the fit needs at least 5 (Approach 3 has 5 "
-                         "parameters), and Approach 2 needs two budgets of at least 3 sizes each.")
+        raise ValueError(
+            f"{len(rows)} member(s) have a final loss: the fit needs at least 5 (Approach 3 has 5 "
+            "parameters), and Approach 2 needs two budgets of at least 3 sizes each."
+        )
     N, D, C, L = (np.array([r[k] for r in rows]) for k in ROW_KEYS)
     budgets = [float(b) for b in budgets]
     _, a2, iv = bootstrap.intervals(N, D, C, L, budgets, resamples=resamples, seed=seed)
-    get = lambda key: iv[key].as_dict() if key in iv else None
+
+    def get(key):
+        return iv[key].as_dict() if key in iv else None
+
     out = {name: get(f"approach3.{name}") for name in ("E", "A", "B", "alpha", "beta")}
     source = "approach2" if "approach2.a" in iv else "approach3"  # a grid plan has no IsoFLOP curves
     out["a"], out["b"], out["a_b_from"] = get(f"{source}.a"), get(f"{source}.b"), source
@@ -101,26 +118,42 @@ def fit_rows(rows: Sequence[dict], budgets: Sequence[float] = (), resamples: int
         "skipped": {f"{c:g}": why for c, why in a2.skipped.items()},
     }
     out["compute_optimal"] = [
-        {"C": C_, **{f"{approach}": {"N": get(f"{approach}.N_opt@{C_:g}"), "D": get(f"{approach}.D_opt@{C_:g}")}
-                     for approach in ("approach3", "approach2")}}
+        {
+            "C": C_,
+            **{
+                f"{approach}": {"N": get(f"{approach}.N_opt@{C_:g}"), "D": get(f"{approach}.D_opt@{C_:g}")}
+                for approach in ("approach3", "approach2")
+            },
+        }
         for C_ in budgets
     ]
-    out["bootstrap"] = {"resamples": resamples, "seed": seed, "level": bootstrap.LEVEL,
-                        "resampled": "members, with replacement, within each budget"}
+    out["bootstrap"] = {
+        "resamples": resamples,
+        "seed": seed,
+        "level": bootstrap.LEVEL,
+        "resampled": "members, with replacement, within each budget",
+    }
     out["flops"] = "C as given per member (the sweep's plan: C = 6ND unless it says otherwise)"
     out["members"] = [dict(r) for r in rows]
     return out
 
 
-def run(target: str, budgets: Sequence[float] = (), resamples: int = 200, seed: int = 0,
-        out_dir: str | None = None, plots: bool = True) -> tuple[Path, Path, list[str]]:
+def run(
+    target: str,
+    budgets: Sequence[float] = (),
+    resamples: int = 200,
+    seed: int = 0,
+    out_dir: str | None = None,
+    plots: bool = True,
+) -> tuple[Path, Path, list[str]]:
     """Fit a sweep folder or a rows file; write fit.json and report.md (into the sweep folder, the rows file's
     folder, or out_dir). Returns their paths and the members still without a loss."""
     path = Path(target)
     if path.is_dir():
         if not (path / SWEEP_PLAN).exists():
-            raise ValueError(f"{path}: no {SWEEP_PLAN} here: give a sweep's folder or a rows file "
-                             "(.json, .jsonl, .csv).")
+            raise ValueError(
+                f"{path}: no {SWEEP_PLAN} here: give a sweep's folder or a rows file (.json, .jsonl, .csv)."
+            )
         rows, missing = collect_rows(path)
         plan = json.loads((path / SWEEP_PLAN).read_text())
         budgets = list(budgets) or plan.get("fit_budgets", [])

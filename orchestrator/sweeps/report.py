@@ -67,8 +67,13 @@ def _plots(fit: dict, folder: Path) -> list[str]:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     budgets = np.array(sorted(groups))
     span = np.geomspace(budgets.min() / 3, budgets.max() * 3, 50)
-    ax.scatter([m["N_opt"] for m in minima.values()], [m["C"] for m in minima.values()], color="black",
-               label="IsoFLOP minima (Approach 2)", zorder=3)
+    ax.scatter(
+        [m["N_opt"] for m in minima.values()],
+        [m["C"] for m in minima.values()],
+        color="black",
+        label="IsoFLOP minima (Approach 2)",
+        zorder=3,
+    )
     n3 = law.optimal(span)[0]
     ax.plot(n3, span, label=f"Approach 3: a = {law.a:.3f}")
     a2 = fit["approach2"]
@@ -93,28 +98,50 @@ def _plots(fit: dict, folder: Path) -> list[str]:
 
 def write_report(fit: dict, folder: Path, plots: bool = True) -> Path:
     boot = fit["bootstrap"]
-    lines = ["# Scaling-law fit", "",
-             (f"{len(fit['members'])} members; 95% intervals from {boot['resamples']} bootstrap resamples "
-              f"({boot['resampled']}). docs/scaling.md says how to read them."), "",
-             "| parameter | value [95% interval] |", "| --- | --- |"]
+    lines = [
+        "# Scaling-law fit",
+        "",
+        (
+            f"{len(fit['members'])} members; 95% intervals from {boot['resamples']} bootstrap resamples "
+            f"({boot['resampled']}). docs/scaling.md says how to read them."
+        ),
+        "",
+        "| parameter | value [95% interval] |",
+        "| --- | --- |",
+    ]
     for name in ("E", "A", "B", "alpha", "beta"):
         lines.append(f"| {name} (Approach 3) | {_fmt(fit[name])} |")
     for name in ("a", "b"):
         lines.append(f"| {name} (Approach 2) | {_fmt(fit['approach2'][name])} |")
-        lines.append(f"| {name} (Approach 3: {'beta' if name == 'a' else 'alpha'} / (alpha + beta)) | "
-                     f"{_fmt(fit['approach3'][name])} |")
+        lines.append(
+            f"| {name} (Approach 3: {'beta' if name == 'a' else 'alpha'} / (alpha + beta)) | "
+            f"{_fmt(fit['approach3'][name])} |"
+        )
     if fit["compute_optimal"]:
-        lines += ["", "## Compute-optimal sizes", "",
-                  "| C (FLOPs) | N_opt (Approach 3) | D_opt (Approach 3) | N_opt (Approach 2) | D_opt (Approach 2) |",
-                  "| --- | --- | --- | --- | --- |"]
+        lines += [
+            "",
+            "## Compute-optimal sizes",
+            "",
+            "| C (FLOPs) | N_opt (Approach 3) | D_opt (Approach 3) | N_opt (Approach 2) | D_opt (Approach 2) |",
+            "| --- | --- | --- | --- | --- |",
+        ]
         for row in fit["compute_optimal"]:
-            lines.append(f"| {row['C']:.3g} | {_fmt(row['approach3']['N'])} | {_fmt(row['approach3']['D'])} | "
-                         f"{_fmt(row['approach2']['N'])} | {_fmt(row['approach2']['D'])} |")
-    lines += ["", "## IsoFLOP minima (Approach 2)", "", "| C | N_opt | D_opt | loss | sizes | inside the sizes |",
-              "| --- | --- | --- | --- | --- | --- |"]
+            lines.append(
+                f"| {row['C']:.3g} | {_fmt(row['approach3']['N'])} | {_fmt(row['approach3']['D'])} | "
+                f"{_fmt(row['approach2']['N'])} | {_fmt(row['approach2']['D'])} |"
+            )
+    lines += [
+        "",
+        "## IsoFLOP minima (Approach 2)",
+        "",
+        "| C | N_opt | D_opt | loss | sizes | inside the sizes |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for m in fit["approach2"]["minima"]:
-        lines.append(f"| {m['C']:.3g} | {m['N_opt']:.4g} | {m['D_opt']:.4g} | {m['loss']:.4f} | {m['sizes']} | "
-                     f"{'yes' if m['inside'] else 'no: extrapolated, plan larger or smaller models'} |")
+        lines.append(
+            f"| {m['C']:.3g} | {m['N_opt']:.4g} | {m['D_opt']:.4g} | {m['loss']:.4f} | {m['sizes']} | "
+            f"{'yes' if m['inside'] else 'no: extrapolated, plan larger or smaller models'} |"
+        )
     for C, why in fit["approach2"]["skipped"].items():
         lines.append(f"| {C} | - | - | - | - | left out: {why} |")
     if plots:

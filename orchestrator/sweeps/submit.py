@@ -30,8 +30,10 @@ def submit(sweep: Sweep, registry: Registry) -> tuple[str, Path, list[Run]]:
     folder and the members' runs."""
     executor = executors.resolve(sweep.executor)
     if executor not in SUPERVISORS:  # refused before anything is registered
-        raise SpecError(f"{sweep.path}: key 'executor' resolves to {executor!r}, but sweeps run on this machine "
-                        "only for now (a Slurm job array per sweep is not built yet): set executor: local.")
+        raise SpecError(
+            f"{sweep.path}: key 'executor' resolves to {executor!r}, but sweeps run on this machine "
+            "only for now (a Slurm job array per sweep is not built yet): set executor: local."
+        )
     executors.executor_for(executor, registry).check(sweep.members[0].cfg, sweep.path)  # runs_dir usable
     sweep_id = f"{sweep.name}-{secrets.token_hex(3)}"
     folder = run_folder(sweep.members[0].cfg, sweep_id)
@@ -40,11 +42,29 @@ def submit(sweep: Sweep, registry: Registry) -> tuple[str, Path, list[Run]]:
         m.cfg.executor = executor
         runs.append(register_run(registry, m.cfg, executor, f"{sweep_id}-{m.name}", pipeline_id=sweep_id, stage=m.name))
     folder.mkdir(parents=True)
-    plan = {"sweep": sweep_id, "path": str(Path(sweep.path).resolve()), "job": sweep.job, "flops": sweep.flops,
-            "parallel": sweep.parallel, "fit_budgets": sweep.fit_budgets,
-            "members": [{"id": r.id, "name": m.name, "run_dir": r.run_dir, "n_layer": m.n_layer, "d_model": m.d_model,
-                         "n_head": m.n_head, "N": m.N, "D": m.D, "C": m.C, "steps": m.steps}
-                        for m, r in zip(sweep.members, runs)]}
+    plan = {
+        "sweep": sweep_id,
+        "path": str(Path(sweep.path).resolve()),
+        "job": sweep.job,
+        "flops": sweep.flops,
+        "parallel": sweep.parallel,
+        "fit_budgets": sweep.fit_budgets,
+        "members": [
+            {
+                "id": r.id,
+                "name": m.name,
+                "run_dir": r.run_dir,
+                "n_layer": m.n_layer,
+                "d_model": m.d_model,
+                "n_head": m.n_head,
+                "N": m.N,
+                "D": m.D,
+                "C": m.C,
+                "steps": m.steps,
+            }
+            for m, r in zip(sweep.members, runs)
+        ],
+    }
     (folder / SWEEP_PLAN).write_text(json.dumps(plan, indent=1) + "\n")
     fault("submit.registered")
     SUPERVISORS[executor](registry, sweep_id, folder, sweep.parallel)
@@ -69,9 +89,21 @@ def resume(registry: Registry, sweep_id: str, folder: Path) -> list[Run]:
     plan = json.loads((folder / SWEEP_PLAN).read_text())
     resumed = []
     for run in registry.list(pipeline_id=sweep_id):
-        if run.finished and run.state != "COMPLETED" and registry.transition(
-                run.id, TERMINAL, state="PENDING", ended_at=None, exit_code=None, reason=None, pid=None,
-                pid_start=None, host=None):
+        if (
+            run.finished
+            and run.state != "COMPLETED"
+            and registry.transition(
+                run.id,
+                TERMINAL,
+                state="PENDING",
+                ended_at=None,
+                exit_code=None,
+                reason=None,
+                pid=None,
+                pid_start=None,
+                host=None,
+            )
+        ):
             resumed.append(registry.get(run.id))
     if resumed:
         SUPERVISORS[resumed[0].executor](registry, sweep_id, folder, plan["parallel"])

@@ -28,8 +28,9 @@ def one_gpu_group(tmp_path):
     from training.distributed import process_group_backend
 
     torch.cuda.set_device(0)
-    dist.init_process_group(process_group_backend(use_cuda=True), init_method=f"file://{tmp_path / 'rendezvous'}",
-                            rank=0, world_size=1)
+    dist.init_process_group(
+        process_group_backend(use_cuda=True), init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1
+    )
     try:
         yield init_device_mesh("cuda", (1,))
     finally:
@@ -56,6 +57,7 @@ def freed() -> None:
 
 
 # ---------------------------------------------------------------- item 3: async staging stays on the host
+
 
 def test_async_save_adds_under_5_percent_to_peak_gpu_memory(tmp_path):
     """Twins: test_training_core.py::test_staging_keeps_the_copy_on_the_host_whatever_the_meshs_device and
@@ -84,7 +86,9 @@ def test_async_save_adds_under_5_percent_to_peak_gpu_memory(tmp_path):
         torch.cuda.synchronize()
         growth = torch.cuda.max_memory_allocated() - before
         assert before > 1.2 * GIB  # 118M parameters: fp32 weights and two moments
-        assert growth < 0.05 * before, f"an async save took {growth / GIB:.2f} GiB of GPU memory over {before / GIB:.2f}"
+        assert growth < 0.05 * before, (
+            f"an async save took {growth / GIB:.2f} GiB of GPU memory over {before / GIB:.2f}"
+        )
         other = fsdp_model(cfg, mesh)
         load_checkpoint(saved, other, torch.optim.AdamW(other.parameters(), fused=True))
         for k, v in other.state_dict().items():
@@ -92,6 +96,7 @@ def test_async_save_adds_under_5_percent_to_peak_gpu_memory(tmp_path):
 
 
 # ---------------------------------------------------------------- item 6: packed documents through flex_attention
+
 
 def test_packed_rows_train_through_flex_attention_with_the_dense_masks_loss_and_gradients():
     """Twin: test_attention.py::test_packed_rows_give_the_dense_masks_losses_through_flex_attention (the forward:
@@ -126,6 +131,7 @@ def test_packed_rows_train_through_flex_attention_with_the_dense_masks_loss_and_
 
 # ---------------------------------------------------------------- item 7: grouped-query attention on the GPU
 
+
 def test_grouped_query_attention_gives_the_multi_head_models_tokens_on_the_gpu():
     """Twin: test_attention.py::test_grouped_query_attention_gives_the_multi_head_models_tokens."""
     from model.generate import generate
@@ -138,6 +144,7 @@ def test_grouped_query_attention_gives_the_multi_head_models_tokens_on_the_gpu()
 
 
 # ---------------------------------------------------------------- items 4 and 5: tensor parallel alone, bf16, NCCL
+
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="tensor parallelism over NCCL needs two GPUs")
 def test_nccl_tp2_in_bf16_gives_the_single_gpu_losses(tmp_path, tiny_data):
@@ -155,6 +162,7 @@ def test_nccl_tp2_in_bf16_gives_the_single_gpu_losses(tmp_path, tiny_data):
 
 
 # ---------------------------------------------------------------- the memory plan against the allocator
+
 
 def measured_peak(model, autocast, vocab: int, seq: int) -> int:
     """Peak bytes allocated over two training steps after the first (when AdamW's moments exist), as the trainer
@@ -203,8 +211,9 @@ def test_memory_plan_matches_the_measured_peak_on_one_gpu(size, activation_check
     cfg, seq = SIZES[size], 2048
     cfg = GPTConfig(**{**cfg.__dict__, "max_seq_len": seq})
     freed()
-    peak = measured_peak(one_gpu_model(cfg, activation_checkpointing), torch.autocast("cuda", dtype=torch.bfloat16),
-                         cfg.vocab_size, seq)
+    peak = measured_peak(
+        one_gpu_model(cfg, activation_checkpointing), torch.autocast("cuda", dtype=torch.bfloat16), cfg.vocab_size, seq
+    )
     freed()
     planned = plan(cfg, seq, dp=1, tp=1, activation_checkpointing=activation_checkpointing)
     detail = ", ".join(f"{k} {v / GIB:.2f}" for k, v in planned.items())

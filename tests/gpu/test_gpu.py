@@ -104,8 +104,9 @@ def test_kv_cache_gives_the_uncached_tokens_on_the_gpu():
     from model.generate import generate
     from model.gpt import GPT
 
-    model = GPT(GPTConfig(vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, d_model=32, max_seq_len=48,
-                          tie_embeddings=False))
+    model = GPT(
+        GPTConfig(vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, d_model=32, max_seq_len=48, tie_embeddings=False)
+    )
     model.init_weights(seed=0)
     with torch.no_grad():
         model.output.weight.mul_(20)
@@ -117,5 +118,4 @@ def test_kv_cache_gives_the_uncached_tokens_on_the_gpu():
         with torch.no_grad():
             for _ in range(20):
                 seq.append(int(model(torch.tensor([seq], device="cuda"))[0, -1].argmax()))
-        assert tokens == seq[len(prompt):]
-
+        assert tokens == seq[len(prompt) :]

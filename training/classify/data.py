@@ -34,8 +34,10 @@ def label_set(train: list[dict], val: list[dict], train_path, val_path) -> list[
     file has labels the training file lacks (the head would have no logit for them)."""
     labels = sorted({r["label"] for r in train})
     if len(labels) < 2:
-        raise DataError(f"{train_path} (classify.train_file) has a single label {labels[0]!r}: classification "
-                        "needs at least two classes")
+        raise DataError(
+            f"{train_path} (classify.train_file) has a single label {labels[0]!r}: classification "
+            "needs at least two classes"
+        )
     unknown = sorted({r["label"] for r in val} - set(labels))
     if unknown:
         raise DataError(f"{val_path} (classify.val_file) has labels the training file lacks: {unknown[:5]}")
@@ -52,7 +54,7 @@ def _shuffle_body(source: str, rng: random.Random) -> Optional[str]:
     if len(body) < 2:
         return None
     lines = source.rstrip("\n").split("\n")
-    head, rest = lines[:body[1].lineno - 1], lines[body[1].lineno - 1:]
+    head, rest = lines[: body[1].lineno - 1], lines[body[1].lineno - 1 :]
     if sum(1 for line in rest if line.strip()) < 3 or len(set(rest)) < 2:
         return None
     shuffled = rest[:]
@@ -61,8 +63,9 @@ def _shuffle_body(source: str, rng: random.Random) -> Optional[str]:
     return "\n".join(head + shuffled)
 
 
-def write_demo(out_dir, tokenizer_path, max_tokens: int, seed: int = 0, max_docs: Optional[int] = None
-               ) -> tuple[Path, Path]:
+def write_demo(
+    out_dir, tokenizer_path, max_tokens: int, seed: int = 0, max_docs: Optional[int] = None
+) -> tuple[Path, Path]:
     """classify_{train,val}.jsonl in out_dir (kept when meta.json says they were made so); functions whose
     text is longer than max_tokens tokens are left out."""
     from training.data.corpus import demo_files
@@ -73,14 +76,20 @@ def write_demo(out_dir, tokenizer_path, max_tokens: int, seed: int = 0, max_docs
     paths = out / "classify_train.jsonl", out / "classify_val.jsonl"
     fingerprint = f"{FORMAT_VERSION}-{_fingerprint(tokenizer_path, max_docs, seed, max_tokens)}"
     meta = out / "meta.json"
-    if meta.is_file() and all(p.is_file() for p in paths) and json.loads(meta.read_text()).get("fingerprint") == fingerprint:
+    if (
+        meta.is_file()
+        and all(p.is_file() for p in paths)
+        and json.loads(meta.read_text()).get("fingerprint") == fingerprint
+    ):
         return paths
     counts = {}
     tokenizer = load_tokenizer(tokenizer_path)
     for split, path in zip(("train", "val"), paths):
         functions = _unique(_functions(demo_files(split)[:max_docs]))
         # whole functions only, with room for the closing <|endoftext|>
-        lengths = [len(e.ids) for e in tokenizer.encode_batch([f["source"] for f in functions], add_special_tokens=False)]
+        lengths = [
+            len(e.ids) for e in tokenizer.encode_batch([f["source"] for f in functions], add_special_tokens=False)
+        ]
         functions = [f for f, n in zip(functions, lengths) if n < max_tokens]
         rng = random.Random(f"{seed}-{split}")
         records = []
@@ -88,7 +97,10 @@ def write_demo(out_dir, tokenizer_path, max_tokens: int, seed: int = 0, max_docs
             shuffled = _shuffle_body(f["source"], rng)
             if shuffled is None:
                 continue
-            records += [{"text": f["source"].rstrip("\n"), "label": "original"}, {"text": shuffled, "label": "shuffled"}]
+            records += [
+                {"text": f["source"].rstrip("\n"), "label": "original"},
+                {"text": shuffled, "label": "shuffled"},
+            ]
         rng.shuffle(records)
         counts[split] = write_jsonl(path, records)
     write_jsonl(meta, [{"fingerprint": fingerprint, "counts": counts}])

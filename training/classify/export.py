@@ -12,6 +12,10 @@ def classifier_config(run_dir: Path, num_labels: int) -> dict:
     labels = json.loads(path.read_text()) if path.is_file() else [f"LABEL_{i}" for i in range(num_labels)]
     if len(labels) != num_labels:
         raise ValueError(f"{path} lists {len(labels)} labels but the checkpoint's head has {num_labels} rows")
-    return {"architectures": ["LlamaForSequenceClassification"], "num_labels": num_labels,
-            "id2label": {str(i): label for i, label in enumerate(labels)},
-            "label2id": {label: i for i, label in enumerate(labels)}, "problem_type": "single_label_classification"}
+    return {
+        "architectures": ["LlamaForSequenceClassification"],
+        "num_labels": num_labels,
+        "id2label": {str(i): label for i, label in enumerate(labels)},
+        "label2id": {label: i for i, label in enumerate(labels)},
+        "problem_type": "single_label_classification",
+    }

@@ -35,15 +35,19 @@ def _stages(cfg) -> list[tuple[str, str]]:
         if not sep:
             name, folder = _kind_of(entry), entry
         if not Path(folder).is_dir():
-            raise EvalError(f"key 'eval.compare' has the entry {entry!r}, but {folder!r} is not a folder "
-                            "(write STAGE=RUN_FOLDER, e.g. sft=runs/sft-4d5e6f)")
+            raise EvalError(
+                f"key 'eval.compare' has the entry {entry!r}, but {folder!r} is not a folder "
+                "(write STAGE=RUN_FOLDER, e.g. sft=runs/sft-4d5e6f)"
+            )
         stages.append((_unique(name, stages), folder))
     source = cfg.eval.source or cfg.checkpoint.init_from
     if source and not any(Path(f).resolve() == Path(source).resolve() for _, f in stages):
         stages.append((_unique(_kind_of(source), stages), source))
     if not stages:
-        raise EvalError("nothing to evaluate: set eval.source (a run, checkpoint or Hugging Face folder), "
-                        "checkpoint.init_from, or eval.compare")
+        raise EvalError(
+            "nothing to evaluate: set eval.source (a run, checkpoint or Hugging Face folder), "
+            "checkpoint.init_from, or eval.compare"
+        )
     return stages
 
 
@@ -78,8 +82,10 @@ def _heldout_sets(cfg, tokenizer) -> list[tuple[str, object]]:
             name = "val"
         else:
             if not (Path(entry) / "val").is_dir():
-                raise EvalError(f"key 'eval.heldout' has the entry {entry!r}: give 'val' (the val split of "
-                                f"data.dir={cfg.data.dir!r}) or a prepared data folder with a val/ split")
+                raise EvalError(
+                    f"key 'eval.heldout' has the entry {entry!r}: give 'val' (the val split of "
+                    f"data.dir={cfg.data.dir!r}) or a prepared data folder with a val/ split"
+                )
             data_cfg.dir, data_cfg.remote, name = entry, None, Path(entry).name
         sets.append((name, data_cfg))
     return sets
@@ -91,9 +97,11 @@ def _check_same_tokenizer(data_dir: str, tokenizer, source: str) -> None:
 
     theirs = load_tokenizer(Path(data_dir) / "tokenizer.json").get_vocab(with_added_tokens=True)
     if theirs != tokenizer.get_vocab(with_added_tokens=True):
-        raise EvalError(f"{data_dir}/tokenizer.json is not the tokenizer of {source}: the held-out data must be "
-                        "tokenized by the model's own tokenizer (set data.dir to the data it was trained on, "
-                        "or eval.heldout=[] to skip perplexity)")
+        raise EvalError(
+            f"{data_dir}/tokenizer.json is not the tokenizer of {source}: the held-out data must be "
+            "tokenized by the model's own tokenizer (set data.dir to the data it was trained on, "
+            "or eval.heldout=[] to skip perplexity)"
+        )
 
 
 def evaluate_model(model, tokenizer, source: str, heldout_sets, tasks: list[Task], cfg, autocast) -> dict:
@@ -118,15 +126,18 @@ def evaluate_model(model, tokenizer, source: str, heldout_sets, tasks: list[Task
         else:
             result = scoring.generation(model, tokenizer, task, batch, autocast, chat=chat)
             samples[task.name] = result.pop("samples")
-        metrics.update({f"{task.name}/{k}": v for k, v in result.items()
-                        if k in task.metrics or k == "n" or k in COLLAPSE_STATS})
+        metrics.update(
+            {f"{task.name}/{k}": v for k, v in result.items() if k in task.metrics or k == "n" or k in COLLAPSE_STATS}
+        )
     return {"metrics": metrics, "samples": samples, "loglikelihoods": loglikelihoods}
 
 
 def run_eval(cfg, dist_info, run_dir: Path) -> int:
     if dist_info.world_size > 1:
-        raise EvalError(f"the eval job runs in one process, but it was started with {dist_info.world_size}: "
-                        "set resources.nproc_per_node=1 and resources.nodes=1")
+        raise EvalError(
+            f"the eval job runs in one process, but it was started with {dist_info.world_size}: "
+            "set resources.nproc_per_node=1 and resources.nodes=1"
+        )
     device = dist_info.device
     bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and device.type == "cuda")
     autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16) if bf16 else nullcontext
@@ -144,14 +155,25 @@ def run_eval(cfg, dist_info, run_dir: Path) -> int:
             source_run, checkpoint = None, str(Path(source).resolve())
         else:
             source_run, checkpoint = (str(p) for p in resolve_checkpoint(source))
-        results["stages"][name] = {"source": str(Path(source).resolve()), "run_dir": source_run,
-                                   "checkpoint": checkpoint, **measured}
-        shown = ", ".join(f"{k} {v:.4g}" for k, v in measured["metrics"].items() if not k.endswith("/n")
-                          and k.rsplit("/", 1)[1] in ("perplexity", "bpb", "acc", "acc_norm", "parses", "passes"))
+        results["stages"][name] = {
+            "source": str(Path(source).resolve()),
+            "run_dir": source_run,
+            "checkpoint": checkpoint,
+            **measured,
+        }
+        shown = ", ".join(
+            f"{k} {v:.4g}"
+            for k, v in measured["metrics"].items()
+            if not k.endswith("/n")
+            and k.rsplit("/", 1)[1] in ("perplexity", "bpb", "acc", "acc_norm", "parses", "passes")
+        )
         print(f"{name}: {shown} ({time.time() - start:.0f}s)", flush=True)
         for task, reasons in collapsed_tasks(measured["metrics"]).items():
-            print(f"warning: {name}'s completions on {task} have collapsed ({', '.join(reasons)}): its "
-                  f"{task}/parses is no progress", flush=True)
+            print(
+                f"warning: {name}'s completions on {task} have collapsed ({', '.join(reasons)}): its "
+                f"{task}/parses is no progress",
+                flush=True,
+            )
         del model
     last = list(results["stages"])[-1]
     results["metrics"] = results["stages"][last]["metrics"]  # the source's, or the last stage's

@@ -77,7 +77,7 @@ def _plot_metrics(stages: dict, names: list[str], out: Path, plt, collapsed: dic
         better = "lower" if name.rsplit("/", 1)[-1] in LOWER_IS_BETTER else "higher"
         ax.set_title(f"{name} ({better} is better)", fontsize=9)
         ax.tick_params(axis="x", labelrotation=30, labelsize=8)
-    for ax in list(axes.flat)[len(names):]:
+    for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(out, dpi=90)
@@ -110,21 +110,35 @@ def _collapse_lines(stages: dict, collapsed: dict) -> list[str]:
     lines = []
     for stage, tasks in collapsed.items():
         for task, reasons in tasks.items():
-            lines += [f"> **Warning: {stage}'s completions on {task} have collapsed** ({', '.join(reasons)}): one "
-                      f"short answer for (nearly) every prompt. Its {task} parses and passes are not progress: "
-                      "read its samples below. A reward that such answers satisfy has been gamed.", ""]
-    rows = [(stage, key.rsplit("/", 1)[0]) for stage, body in stages.items() for key in body["metrics"]
-            if key.endswith("/distinct_frac")]
+            lines += [
+                f"> **Warning: {stage}'s completions on {task} have collapsed** ({', '.join(reasons)}): one "
+                f"short answer for (nearly) every prompt. Its {task} parses and passes are not progress: "
+                "read its samples below. A reward that such answers satisfy has been gamed.",
+                "",
+            ]
+    rows = [
+        (stage, key.rsplit("/", 1)[0])
+        for stage, body in stages.items()
+        for key in body["metrics"]
+        if key.endswith("/distinct_frac")
+    ]
     if rows:
-        lines += ["## Collapse check", "",
-                  f"Distinct greedy completions over prompts (distinct_frac, under {DISTINCT_MIN} = collapsed) and "
-                  f"mean completion length over the reference's (len_ratio, under {LENGTH_MIN} = collapsed).", "",
-                  "| stage | task | distinct_frac | len_ratio | verdict |", "|---|---|---|---|---|"]
+        lines += [
+            "## Collapse check",
+            "",
+            f"Distinct greedy completions over prompts (distinct_frac, under {DISTINCT_MIN} = collapsed) and "
+            f"mean completion length over the reference's (len_ratio, under {LENGTH_MIN} = collapsed).",
+            "",
+            "| stage | task | distinct_frac | len_ratio | verdict |",
+            "|---|---|---|---|---|",
+        ]
         for stage, task in rows:
             m = stages[stage]["metrics"]
             verdict = "**collapsed**" if task in collapsed.get(stage, {}) else "ok"
-            lines.append(f"| {stage} | {task} | {_fmt(m.get(task + '/distinct_frac'))} | "
-                         f"{_fmt(m.get(task + '/len_ratio'))} | {verdict} |")
+            lines.append(
+                f"| {stage} | {task} | {_fmt(m.get(task + '/distinct_frac'))} | "
+                f"{_fmt(m.get(task + '/len_ratio'))} | {verdict} |"
+            )
         lines.append("")
     return lines
 
@@ -138,21 +152,34 @@ def write_report(run_dir: str | Path, results: dict) -> Path:
     curves = {s: read_curves(stages[s].get("run_dir")) for s in stages}
     plots = run_dir / "report"
     plots.mkdir(exist_ok=True)
-    lines = [f"# Evaluation: {', '.join(stages)}", "",
-             f"Written {time.strftime('%Y-%m-%d %H:%M')} by the eval job in `{run_dir}`; numbers from `eval.json`.", "",
-             "## Stages", "", "| stage | checkpoint | examples per task |", "|---|---|---|"]
+    lines = [
+        f"# Evaluation: {', '.join(stages)}",
+        "",
+        f"Written {time.strftime('%Y-%m-%d %H:%M')} by the eval job in `{run_dir}`; numbers from `eval.json`.",
+        "",
+        "## Stages",
+        "",
+        "| stage | checkpoint | examples per task |",
+        "|---|---|---|",
+    ]
     for stage, body in stages.items():
         counts = ", ".join(f"{k[:-2]} {v}" for k, v in body["metrics"].items() if k.endswith("/n"))
         lines.append(f"| {stage} | `{body['checkpoint']}` | {counts or '-'} |")
     lines += ["", *_collapse_lines(stages, collapsed)]
     lines += ["## Metrics", "", "| metric | " + " | ".join(stages) + " |", "|---" * (len(stages) + 1) + "|"]
     for name in names:
-        cells = [_fmt(stages[s]["metrics"].get(name)) + (" (collapsed)" if _hollow(collapsed, s, name) else "")
-                 for s in stages]
+        cells = [
+            _fmt(stages[s]["metrics"].get(name)) + (" (collapsed)" if _hollow(collapsed, s, name) else "")
+            for s in stages
+        ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "Perplexity and bpb (bits per byte): lower is better; acc, acc_norm (multiple choice by "
-              "log-likelihood, acc_norm per character of the choice), parses and passes (generated code that parses, "
-              "that passes its test): higher is better.", ""]
+    lines += [
+        "",
+        "Perplexity and bpb (bits per byte): lower is better; acc, acc_norm (multiple choice by "
+        "log-likelihood, acc_norm per character of the choice), parses and passes (generated code that parses, "
+        "that passes its test): higher is better.",
+        "",
+    ]
     try:
         import matplotlib
 
@@ -169,14 +196,23 @@ def write_report(run_dir: str | Path, results: dict) -> Path:
         lines += ["## Training curves (each stage's metrics.jsonl)", "", "![training curves](report/curves.png)", ""]
     missing = [s for s in stages if not curves[s]]
     if missing:
-        lines += [f"No training curves for {', '.join(missing)} (no metrics.jsonl: a Hugging Face folder or a "
-                  "run that logged nothing).", ""]
+        lines += [
+            f"No training curves for {', '.join(missing)} (no metrics.jsonl: a Hugging Face folder or a "
+            "run that logged nothing).",
+            "",
+        ]
     for stage, body in stages.items():
         for task, samples in (body.get("samples") or {}).items():
             if samples:
                 note = " (collapsed)" if task in collapsed.get(stage, {}) else ""
-                lines += [f"### {stage}: a {task} sample{note}", "", "```python",
-                          samples[0]["prompt"] + samples[0]["completion"], "```", ""]
+                lines += [
+                    f"### {stage}: a {task} sample{note}",
+                    "",
+                    "```python",
+                    samples[0]["prompt"] + samples[0]["completion"],
+                    "```",
+                    "",
+                ]
     path = run_dir / "report.md"
     path.write_text("\n".join(lines))
     return path

@@ -13,8 +13,9 @@ allows it (root, or unprivileged user namespaces), it also runs in namespaces of
     tree is unmounted (pivot_root), so our checkout, home and run folders are not there at all; every mount
     is read-only but the working folder (a 64 MiB tmpfs) and /proc;
   - as nobody (uid 65534) where we are root, with no capabilities: it cannot remount anything writable.
-`isolation()` says which level this machine gives; docs/eval.md says what holds at each. `passes()` counts a test as passed only when a random token, written after the
-test, comes out: a program that exits 0 before its test ran (sys.exit(0), os._exit(0)) fails.
+`isolation()` says which level this machine gives; docs/eval.md says what holds at each. `passes()` counts a
+test as passed only when a random token, written after the test, comes out: a program that exits 0 before its
+test ran (sys.exit(0), os._exit(0)) fails.
 """
 
 from __future__ import annotations
@@ -117,14 +118,20 @@ def isolation() -> str:
 
 def _limit(limits: Limits) -> None:
     """In the child, before exec: the limits, inherited by everything it starts."""
-    for which, value in ((resource.RLIMIT_CPU, limits.cpu_s), (resource.RLIMIT_AS, limits.memory_bytes),
-                         (resource.RLIMIT_FSIZE, limits.file_bytes), (resource.RLIMIT_NOFILE, limits.open_files),
-                         (resource.RLIMIT_CORE, 0), (resource.RLIMIT_NPROC, limits.processes)):
+    for which, value in (
+        (resource.RLIMIT_CPU, limits.cpu_s),
+        (resource.RLIMIT_AS, limits.memory_bytes),
+        (resource.RLIMIT_FSIZE, limits.file_bytes),
+        (resource.RLIMIT_NOFILE, limits.open_files),
+        (resource.RLIMIT_CORE, 0),
+        (resource.RLIMIT_NPROC, limits.processes),
+    ):
         resource.setrlimit(which, (value, value))
 
 
-def run_untrusted(program: str, timeout_s: float = 10.0, limits: Limits = Limits(),
-                  namespaces: bool | None = None) -> Outcome:
+def run_untrusted(
+    program: str, timeout_s: float = 10.0, limits: Limits = Limits(), namespaces: bool | None = None
+) -> Outcome:
     """Run a Python program confined as described above; its exit status and (at most limits.output_bytes of)
     its output. namespaces: None = whatever isolation() found here; False = the 'limits' level."""
     if namespaces is None:
@@ -134,8 +141,16 @@ def run_untrusted(program: str, timeout_s: float = 10.0, limits: Limits = Limits
             argv, env = _inside_argv(folder), {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
         else:
             argv, env = [_python()[0], "-I", "-"], {}
-        proc = subprocess.Popen(argv, cwd=folder, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, start_new_session=True, preexec_fn=lambda: _limit(limits))
+        proc = subprocess.Popen(
+            argv,
+            cwd=folder,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            preexec_fn=lambda: _limit(limits),
+        )
         try:
             out, err, timed_out, capped = _exchange(proc, program.encode(), timeout_s, limits.output_bytes)
         finally:
@@ -165,7 +180,7 @@ def _exchange(proc: subprocess.Popen, program: bytes, timeout_s: float, cap: int
                 f = key.fileobj
                 if f is proc.stdin:
                     try:
-                        pending = pending[os.write(f.fileno(), pending):]
+                        pending = pending[os.write(f.fileno(), pending) :]
                     except BlockingIOError:
                         continue
                     except BrokenPipeError:  # it stopped reading: its own business
@@ -178,7 +193,7 @@ def _exchange(proc: subprocess.Popen, program: bytes, timeout_s: float, cap: int
                 if not chunk:
                     sel.unregister(f)
                     continue
-                held[f] += chunk[:cap - total]
+                held[f] += chunk[: cap - total]
                 total += len(chunk)
                 if total > cap:
                     return bytes(held[proc.stdout]), bytes(held[proc.stderr]), False, True
@@ -191,8 +206,12 @@ def passes(program: str, timeout_s: float = 10.0) -> bool:
     token = secrets.token_hex(16)
     ending = f"\n\nimport os as _orch_os\n_orch_os.write(1, b'\\n{token}\\n')\n"
     outcome = run_untrusted(program + ending, timeout_s)
-    return (outcome.returncode == 0 and not outcome.timed_out and not outcome.output_capped
-            and token.encode() in outcome.stdout.splitlines())
+    return (
+        outcome.returncode == 0
+        and not outcome.timed_out
+        and not outcome.output_capped
+        and token.encode() in outcome.stdout.splitlines()
+    )
 
 
 def _kill_group(pgid: int) -> None:

@@ -30,12 +30,13 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
         context, continuation = context[:-spaces], context[-spaces:] + continuation
     whole = tokenizer.encode(context + continuation).ids
     ctx = tokenizer.encode(context).ids
-    return ctx, whole[len(ctx):]
+    return ctx, whole[len(ctx) :]
 
 
 @torch.no_grad()
-def loglikelihoods(model, requests: list[tuple[list[int], list[int]]], batch_size: int,
-                   autocast=nullcontext) -> list[tuple[float, bool]]:
+def loglikelihoods(
+    model, requests: list[tuple[list[int], list[int]]], batch_size: int, autocast=nullcontext
+) -> list[tuple[float, bool]]:
     """(sum of log p(continuation | context), whether greedy decoding gives the continuation) per request."""
     device = next(model.parameters()).device
     max_len = model.cfg.max_seq_len
@@ -43,17 +44,17 @@ def loglikelihoods(model, requests: list[tuple[list[int], list[int]]], batch_siz
     for ctx, cont in requests:
         if not cont:
             raise ValueError("a continuation encodes to no tokens")
-        full = (ctx + cont)[-(max_len + 1):]
+        full = (ctx + cont)[-(max_len + 1) :]
         rows.append((full[:-1], full[1:], len(cont)))
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))  # similar lengths share a batch
     out: list[Optional[tuple[float, bool]]] = [None] * len(rows)
     for start in range(0, len(order), batch_size):
-        batch = [rows[i] for i in order[start:start + batch_size]]
+        batch = [rows[i] for i in order[start : start + batch_size]]
         width = max(len(x) for x, _, _ in batch)
         # Right padding: a causal model's earlier positions never see it.
         inputs = torch.zeros(len(batch), width, dtype=torch.long)
         for j, (x, _, _) in enumerate(batch):
-            inputs[j, :len(x)] = torch.tensor(x)
+            inputs[j, : len(x)] = torch.tensor(x)
         with autocast():
             logits = model(inputs.to(device))
         logprobs = F.log_softmax(logits.float(), dim=-1).cpu()
@@ -91,7 +92,7 @@ def multiple_choice(model, tokenizer, task: Task, batch_size: int, autocast=null
 
 def cut_at_stop(text: str, stops: list[str]) -> str:
     ends = [i for i in (text.find(s) for s in stops if s) if i >= 0]
-    return text[:min(ends)] if ends else text
+    return text[: min(ends)] if ends else text
 
 
 def passes_test(program: str, timeout_s: float = 10.0) -> bool:
@@ -151,7 +152,7 @@ def generation(model, tokenizer, task: Task, batch_size: int, autocast=nullconte
     keep = max(model.cfg.max_seq_len - task.max_gen_toks, model.cfg.max_seq_len // 2)
     completions = []
     for start in range(0, len(prompts), batch_size):
-        ids = [prompt_ids(tokenizer, task, doc, chat)[-keep:] for doc in task.docs[start:start + batch_size]]
+        ids = [prompt_ids(tokenizer, task, doc, chat)[-keep:] for doc in task.docs[start : start + batch_size]]
         with autocast():
             new = generate(model, ids, task.max_gen_toks, temperature=0, stop_tokens=stops)
         completions += [cut_at_stop(tokenizer.decode([t for t in row if t not in stops]), task.until) for row in new]
@@ -163,7 +164,11 @@ def generation(model, tokenizer, task: Task, batch_size: int, autocast=nullconte
         if "passes" in task.metrics and ok and doc.get("test"):
             passed += passes_test(program + "\n\n" + doc["test"] + "\n")
     n = len(prompts)
-    out = {"parses": parsed / n, "n": n, "samples": [{"prompt": p, "completion": c} for p, c in zip(prompts[:3], completions[:3])]}
+    out = {
+        "parses": parsed / n,
+        "n": n,
+        "samples": [{"prompt": p, "completion": c} for p, c in zip(prompts[:3], completions[:3])],
+    }
     # one answer for every prompt, or answers far shorter than the real ones: parses would be hollow
     references = [within_budget(doc.get("reference"), tokenizer, task.max_gen_toks) for doc in task.docs]
     references = [None if r is None else cut_at_stop(r, task.until) for r in references]  # as completions are
@@ -174,8 +179,9 @@ def generation(model, tokenizer, task: Task, batch_size: int, autocast=nullconte
 
 
 @torch.no_grad()
-def heldout(model, data_cfg, batch_size: int, max_batches: int, byte_lengths: torch.Tensor,
-            autocast=nullcontext) -> dict:
+def heldout(
+    model, data_cfg, batch_size: int, max_batches: int, byte_lengths: torch.Tensor, autocast=nullcontext
+) -> dict:
     """Loss (nats/token), perplexity and bits per byte over the val split of data_cfg.dir, computed as
     the pretraining validation computes val_loss and val_bpb (so the numbers compare)."""
     from training.data.loader import iter_val_batches
@@ -197,5 +203,9 @@ def heldout(model, data_cfg, batch_size: int, max_batches: int, byte_lengths: to
         text_nats, nbytes = text_nats + float(text), nbytes + float(spelled)
     if not tokens:
         raise ValueError(f"the val split of {data_cfg.dir!r} holds no sequences (eval.heldout)")
-    return {"loss": nats / tokens, "perplexity": math.exp(nats / tokens), "bpb": text_nats / math.log(2) / nbytes,
-            "tokens": int(tokens)}
+    return {
+        "loss": nats / tokens,
+        "perplexity": math.exp(nats / tokens),
+        "bpb": text_nats / math.log(2) / nbytes,
+        "tokens": int(tokens),
+    }

@@ -41,9 +41,24 @@ class EvalError(ValueError):
 REPO = Path(__file__).resolve().parents[2]
 OUTPUT_TYPES = ("multiple_choice", "generate_until")
 METRICS = {"multiple_choice": ("acc", "acc_norm"), "generate_until": ("parses", "passes")}
-KNOWN_KEYS = {"task", "dataset_path", "dataset_kwargs", "test_split", "output_type", "doc_to_text",
-              "doc_to_choice", "doc_to_target", "target_delimiter", "generation_kwargs", "metric_list",
-              "description", "tag", "metadata", "num_fewshot", "should_decontaminate"}
+KNOWN_KEYS = {
+    "task",
+    "dataset_path",
+    "dataset_kwargs",
+    "test_split",
+    "output_type",
+    "doc_to_text",
+    "doc_to_choice",
+    "doc_to_target",
+    "target_delimiter",
+    "generation_kwargs",
+    "metric_list",
+    "description",
+    "tag",
+    "metadata",
+    "num_fewshot",
+    "should_decontaminate",
+}
 
 
 @dataclass
@@ -75,8 +90,10 @@ class Task:
             except (ValueError, SyntaxError):
                 value = None
         if not isinstance(value, list) or not value or not all(isinstance(c, str) for c in value):
-            raise EvalError(f"{self.path}: key 'doc_to_choice' ({self.doc_to_choice!r}) gives {value!r} for a "
-                            "record, but it must give a non-empty list of strings")
+            raise EvalError(
+                f"{self.path}: key 'doc_to_choice' ({self.doc_to_choice!r}) gives {value!r} for a "
+                "record, but it must give a non-empty list of strings"
+            )
         return value
 
     def target(self, doc: dict) -> int:
@@ -86,8 +103,10 @@ class Task:
         except (TypeError, ValueError):
             choices = self.choices(doc)
             if value not in choices:
-                raise EvalError(f"{self.path}: key 'doc_to_target' ({self.doc_to_target!r}) gives {value!r}, "
-                                "neither an index nor one of the choices") from None
+                raise EvalError(
+                    f"{self.path}: key 'doc_to_target' ({self.doc_to_target!r}) gives {value!r}, "
+                    "neither an index nor one of the choices"
+                ) from None
             index = choices.index(value)
         return index
 
@@ -100,17 +119,23 @@ def _render(template: Any, doc: dict, path: Path, key: str):
     if isinstance(template, int):
         return template
     if not isinstance(template, str):
-        raise EvalError(f"{path}: key '{key}' has the value {template!r}, but it must be a Jinja2 template "
-                        "such as '{{question}}' or a field name")
+        raise EvalError(
+            f"{path}: key '{key}' has the value {template!r}, but it must be a Jinja2 template "
+            "such as '{{question}}' or a field name"
+        )
     if template in doc:
         return doc[template]
     try:
         # task files come from anywhere: their templates may read the record, not reach into Python
-        return SandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True) \
-            .from_string(template).render(**doc)
+        return (
+            SandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+            .from_string(template)
+            .render(**doc)
+        )
     except jinja2.TemplateError as e:
-        raise EvalError(f"{path}: key '{key}' has the value {template!r}, which fails on a record "
-                        f"with fields {sorted(doc)}: {e}") from None
+        raise EvalError(
+            f"{path}: key '{key}' has the value {template!r}, which fails on a record with fields {sorted(doc)}: {e}"
+        ) from None
 
 
 def _data_file(raw: dict, path: Path) -> Path:
@@ -122,13 +147,17 @@ def _data_file(raw: dict, path: Path) -> Path:
     if isinstance(files, list) and len(files) == 1:
         files = files[0]
     if not isinstance(files, str):
-        raise EvalError(f"{path}: key 'dataset_kwargs.data_files' has the value {kwargs.get('data_files')!r}, "
-                        f"but it must name one local .jsonl file for the split '{split}'")
+        raise EvalError(
+            f"{path}: key 'dataset_kwargs.data_files' has the value {kwargs.get('data_files')!r}, "
+            f"but it must name one local .jsonl file for the split '{split}'"
+        )
     for base in (path.parent, Path.cwd(), REPO):
         if (base / files).is_file():
             return base / files
-    raise EvalError(f"{path}: key 'dataset_kwargs.data_files' names {files!r}, which is not a file next to the "
-                    "YAML, in the current folder or in the repository")
+    raise EvalError(
+        f"{path}: key 'dataset_kwargs.data_files' names {files!r}, which is not a file next to the "
+        "YAML, in the current folder or in the repository"
+    )
 
 
 def load_task(path: str | Path, max_examples: Optional[int] = None) -> Task:
@@ -147,24 +176,32 @@ def load_task(path: str | Path, max_examples: Optional[int] = None) -> Task:
         raise EvalError(f"{path}: a task file must be a mapping of keys to values")
     unknown = sorted(set(raw) - KNOWN_KEYS)
     if unknown:
-        raise EvalError(f"{path}: unknown key '{unknown[0]}' (value {raw[unknown[0]]!r}); known keys: "
-                        f"{', '.join(sorted(KNOWN_KEYS))}")
+        raise EvalError(
+            f"{path}: unknown key '{unknown[0]}' (value {raw[unknown[0]]!r}); known keys: "
+            f"{', '.join(sorted(KNOWN_KEYS))}"
+        )
     output_type = raw.get("output_type")
     if output_type not in OUTPUT_TYPES:
-        raise EvalError(f"{path}: key 'output_type' has the value {output_type!r}, but it must be one of "
-                        f"{', '.join(OUTPUT_TYPES)}")
+        raise EvalError(
+            f"{path}: key 'output_type' has the value {output_type!r}, but it must be one of {', '.join(OUTPUT_TYPES)}"
+        )
     if raw.get("dataset_path") != "json":
-        raise EvalError(f"{path}: key 'dataset_path' has the value {raw.get('dataset_path')!r}, but only local "
-                        "jsonl data is read here: write 'json' and name the file in dataset_kwargs.data_files")
+        raise EvalError(
+            f"{path}: key 'dataset_path' has the value {raw.get('dataset_path')!r}, but only local "
+            "jsonl data is read here: write 'json' and name the file in dataset_kwargs.data_files"
+        )
     if raw.get("num_fewshot"):
-        raise EvalError(f"{path}: key 'num_fewshot' has the value {raw['num_fewshot']!r}; few-shot prompts are "
-                        "not supported: put examples in doc_to_text")
+        raise EvalError(
+            f"{path}: key 'num_fewshot' has the value {raw['num_fewshot']!r}; few-shot prompts are "
+            "not supported: put examples in doc_to_text"
+        )
     metrics = tuple(m.get("metric") if isinstance(m, dict) else m for m in raw.get("metric_list") or [])
     allowed = METRICS[output_type]
     bad = [m for m in metrics if m not in allowed]
     if bad:
-        raise EvalError(f"{path}: key 'metric_list' names {bad[0]!r}, but a {output_type} task computes "
-                        f"{', '.join(allowed)}")
+        raise EvalError(
+            f"{path}: key 'metric_list' names {bad[0]!r}, but a {output_type} task computes {', '.join(allowed)}"
+        )
     data = _data_file(raw, path)
     docs = []
     with open(data, encoding="utf-8") as f:
@@ -180,11 +217,20 @@ def load_task(path: str | Path, max_examples: Optional[int] = None) -> Task:
         raise EvalError(f"{data}: no records (task {path})")
     gen = raw.get("generation_kwargs") or {}
     until = gen.get("until") or []
-    task = Task(name=str(raw.get("task") or path.stem), path=path, output_type=output_type, docs=docs,
-                doc_to_text=raw.get("doc_to_text"), doc_to_choice=raw.get("doc_to_choice"),
-                doc_to_target=raw.get("doc_to_target"), target_delimiter=str(raw.get("target_delimiter", " ")),
-                until=[until] if isinstance(until, str) else list(until), max_gen_toks=int(gen.get("max_gen_toks", 128)),
-                metrics=metrics or allowed, chat_prompt=(raw.get("metadata") or {}).get("chat_prompt"))
+    task = Task(
+        name=str(raw.get("task") or path.stem),
+        path=path,
+        output_type=output_type,
+        docs=docs,
+        doc_to_text=raw.get("doc_to_text"),
+        doc_to_choice=raw.get("doc_to_choice"),
+        doc_to_target=raw.get("doc_to_target"),
+        target_delimiter=str(raw.get("target_delimiter", " ")),
+        until=[until] if isinstance(until, str) else list(until),
+        max_gen_toks=int(gen.get("max_gen_toks", 128)),
+        metrics=metrics or allowed,
+        chat_prompt=(raw.get("metadata") or {}).get("chat_prompt"),
+    )
     task.text(docs[0])  # fail now, naming the key, rather than halfway through
     task.chat_message(docs[0])
     if output_type == "multiple_choice":

@@ -51,6 +51,7 @@ def device_for(name: str | None, gpu_mem_gib: float | None = None) -> Device:
     if gpu_mem_gib is not None:
         from dataclasses import replace
 
-        device = replace(device, name=f"{device.name}, {gpu_mem_gib:g} GiB (resources.gpu_mem_gib)",
-                         memory_bytes=gpu_mem_gib * GIB)
+        device = replace(
+            device, name=f"{device.name}, {gpu_mem_gib:g} GiB (resources.gpu_mem_gib)", memory_bytes=gpu_mem_gib * GIB
+        )
     return device

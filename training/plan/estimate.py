@@ -32,7 +32,8 @@ class Layout:
 
     def __str__(self) -> str:
         hsdp = f"{self.dp_replicate} x " if self.dp_replicate > 1 else ""
-        return f"{self.world} GPUs ({self.nodes} x {min(self.world, self.gpus_per_node)}): dp {hsdp}{self.dp_shard} x tp {self.tp}"
+        per_node = min(self.world, self.gpus_per_node)
+        return f"{self.world} GPUs ({self.nodes} x {per_node}): dp {hsdp}{self.dp_shard} x tp {self.tp}"
 
 
 @dataclass
@@ -76,11 +77,24 @@ def plan_job(cfg, world: int, gpus_per_node: int, device: Device, levers: bool =
     t = cfg.train
     tokens_per_rank = t.micro_batch_size * cfg.data.seq_len * t.grad_accum_steps
     model_flops = flops_per_token(measured.model_cfg, cfg.data.seq_len) * tokens_per_rank / layout.tp
-    job = {"size": cfg.model.size, "params": measured.n_params, "seq_len": cfg.data.seq_len,
-           "micro_batch_size": t.micro_batch_size, "grad_accum_steps": t.grad_accum_steps,
-           "activation_checkpointing": t.activation_checkpointing, "optimizer": cfg.optim.name}
-    plan = Plan(job, layout, device, measured, tokens_per_rank * layout.dp_replicate * layout.dp_shard,
-                model_flops, _roofline(measured, layout, device, model_flops))
+    job = {
+        "size": cfg.model.size,
+        "params": measured.n_params,
+        "seq_len": cfg.data.seq_len,
+        "micro_batch_size": t.micro_batch_size,
+        "grad_accum_steps": t.grad_accum_steps,
+        "activation_checkpointing": t.activation_checkpointing,
+        "optimizer": cfg.optim.name,
+    }
+    plan = Plan(
+        job,
+        layout,
+        device,
+        measured,
+        tokens_per_rank * layout.dp_replicate * layout.dp_shard,
+        model_flops,
+        _roofline(measured, layout, device, model_flops),
+    )
     if levers and not plan.fits:
         plan.levers = find_levers(cfg, plan)
     return plan
@@ -94,8 +108,9 @@ def _roofline(m: Measurement, layout: Layout, device: Device, model_flops: float
     sharded = m.state.get("Sharded Param", 0) + m.state.get("Sharded Grad", 0) + m.state.get("OptState", 0)
     hbm = 3 * 2 * params_per_gpu + 2 * sharded + 2 * m.peak.get("Activation", 0)
     memory = hbm / device.hbm_bytes_s
-    network = sum(c.wire_bytes / (device.nvlink_bytes_s if c.intra_node else device.network_bytes_s)
-                  for c in m.collectives)
+    network = sum(
+        c.wire_bytes / (device.nvlink_bytes_s if c.intra_node else device.network_bytes_s) for c in m.collectives
+    )
     step = max(compute, memory, network)
     return Roofline(compute, memory, network, step, model_flops / (step * device.bf16_flops) if step else 0.0)
 
@@ -109,15 +124,23 @@ def find_levers(cfg, plan: Plan) -> list[dict]:
     if not t.activation_checkpointing:
         candidates.append(("activation checkpointing", ["train.activation_checkpointing=true"]))
     tp = p.tp * 2
-    if (plan.layout.gpus_per_node % tp == 0 and n_head % tp == 0 and n_kv % tp == 0
-            and plan.layout.world % (p.dp_replicate * tp) == 0):
+    if (
+        plan.layout.gpus_per_node % tp == 0
+        and n_head % tp == 0
+        and n_kv % tp == 0
+        and plan.layout.world % (p.dp_replicate * tp) == 0
+    ):
         shard = ["parallel.dp_shard=-1"] if p.dp_shard != -1 else []
         candidates.append((f"tensor parallel over {tp} GPUs", [f"parallel.tp={tp}", *shard]))
     if t.micro_batch_size > 1:
         half = t.micro_batch_size // 2
         accum = t.grad_accum_steps * 2
-        candidates.append((f"micro-batch {half} (x{accum} accumulation: the same tokens a step)",
-                           [f"train.micro_batch_size={half}", f"train.grad_accum_steps={accum}"]))
+        candidates.append(
+            (
+                f"micro-batch {half} (x{accum} accumulation: the same tokens a step)",
+                [f"train.micro_batch_size={half}", f"train.grad_accum_steps={accum}"],
+            )
+        )
     found, tried = [], []
     for lever, overrides in candidates + _combined(candidates):
         if len(found) == 2:

@@ -1,11 +1,11 @@
 """One training step of the job, measured in the fake world (world.py): memory, collectives and FLOPs per GPU.
 
 The model is the trainer's (model/parallelize.py: the job's TP, activation checkpointing and FSDP2 on its mesh,
-as training/build.py `build_model` applies them), the optimizer the trainer's (training/optim.py), the step the trainer's (micro-batches, loss, backward,
-clipping, optimizer step), all on FakeTensors: shapes without memory. Memory is counted by torch's
-FSDPMemTracker when FSDP2 wraps the model: it knows FSDP's own buffers (all-gather outputs, reduce-scatter inputs,
-sharded and unsharded parameters) and says which is which; a model without FSDP (one GPU, tensor parallel alone)
-gets its base class MemTracker, which FSDPMemTracker refuses to stand in for.
+as training/build.py `build_model` applies them), the optimizer the trainer's (training/optim.py), the step the
+trainer's (micro-batches, loss, backward, clipping, optimizer step), all on FakeTensors: shapes without memory.
+Memory is counted by torch's FSDPMemTracker when FSDP2 wraps the model: it knows FSDP's own buffers (all-gather
+outputs, reduce-scatter inputs, sharded and unsharded parameters) and says which is which; a model without FSDP
+(one GPU, tensor parallel alone) gets its base class MemTracker, which FSDPMemTracker refuses to stand in for.
 
 Two steps run and the second is measured: the first builds the optimizer's state and runs DTensor's sharding
 propagation for each new op, which under FakeTensorMode allocates global-shaped tensors the tracker would count
@@ -38,17 +38,21 @@ from training.optim import build_optimizer
 c10d, funcol = torch.ops.c10d, torch.ops._c10d_functional
 # collective op -> (what it does, where its inputs are among the op's arguments)
 COLLECTIVES = {
-    c10d._allgather_base_.default: ("all-gather", 1), c10d.allgather_into_tensor_coalesced_.default: ("all-gather", 1),
+    c10d._allgather_base_.default: ("all-gather", 1),
+    c10d.allgather_into_tensor_coalesced_.default: ("all-gather", 1),
     c10d._reduce_scatter_base_.default: ("reduce-scatter", 1),
     c10d.reduce_scatter_tensor_coalesced_.default: ("reduce-scatter", 1),
-    c10d.allreduce_.default: ("all-reduce", 0), c10d.allreduce_coalesced_.default: ("all-reduce", 0),
+    c10d.allreduce_.default: ("all-reduce", 0),
+    c10d.allreduce_coalesced_.default: ("all-reduce", 0),
     c10d.broadcast_.default: ("broadcast", 0),
     funcol.all_gather_into_tensor.default: ("all-gather", 0),
     funcol.all_gather_into_tensor_coalesced.default: ("all-gather", 0),
     funcol.reduce_scatter_tensor.default: ("reduce-scatter", 0),
     funcol.reduce_scatter_tensor_coalesced.default: ("reduce-scatter", 0),
-    funcol.all_reduce.default: ("all-reduce", 0), funcol.all_reduce_.default: ("all-reduce", 0),
-    funcol.all_to_all_single.default: ("all-to-all", 0), funcol.broadcast.default: ("broadcast", 0),
+    funcol.all_reduce.default: ("all-reduce", 0),
+    funcol.all_reduce_.default: ("all-reduce", 0),
+    funcol.all_to_all_single.default: ("all-to-all", 0),
+    funcol.broadcast.default: ("broadcast", 0),
 }
 # A ring all-gather or reduce-scatter sends (n-1)/n of the whole tensor from each rank; an all-reduce twice that.
 WIRE_FACTOR = {"all-gather": 1, "reduce-scatter": 1, "all-reduce": 2, "all-to-all": 1, "broadcast": 1}
@@ -87,9 +91,11 @@ def _sdpa_cpu_backward_flops(grad_out, query, key, *args, out_val=None, **kwargs
 
 
 # The fake world runs on the CPU, whose flash attention torch's FLOP table lacks: the same count as CUDA's.
-FLOPS = {**flop_registry,
-         torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops,
-         torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_backward_flops}
+FLOPS = {
+    **flop_registry,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_backward_flops,
+}
 
 
 class StepCounter(TorchDispatchMode):
@@ -163,8 +169,9 @@ def _as_on_gpus(cfg, dist_info):
     fake tensors on the CPU."""
     with warnings.catch_warnings():  # a CUDA autocast on a machine without CUDA warns; it is not used
         warnings.simplefilter("ignore")
-        param_dtype, gpu_autocast = precision(cfg, SimpleNamespace(device=torch.device("cuda"),
-                                                                   dp_size=dist_info.dp_size))
+        param_dtype, gpu_autocast = precision(
+            cfg, SimpleNamespace(device=torch.device("cuda"), dp_size=dist_info.dp_size)
+        )
     autocast = nullcontext() if isinstance(gpu_autocast, nullcontext) else torch.autocast("cpu", dtype=torch.bfloat16)
     return param_dtype, autocast
 
@@ -204,8 +211,9 @@ def measure_step(cfg, dist_info, gpus_per_node: int) -> Measurement:
     # FakeTensorMode: FSDP2 over a tensor-parallel mesh builds device meshes, whose rank tables must stay real.
     with torch.device("meta"):
         model = GPT(model_cfg)
-    model = parallelize(model, mesh, param_dtype=param_dtype,
-                        activation_checkpointing=cfg.train.activation_checkpointing)
+    model = parallelize(
+        model, mesh, param_dtype=param_dtype, activation_checkpointing=cfg.train.activation_checkpointing
+    )
     with FakeTensorMode(allow_non_fake_inputs=True):  # the mesh's small rank tables are real tensors
         model.to_empty(device=dist_info.device)  # fake tensors: initial values don't change a step's memory
         optimizer = build_optimizer(model, cfg.optim, dist_info.device)
@@ -249,8 +257,15 @@ def measure_step(cfg, dist_info, gpus_per_node: int) -> Measurement:
         if (c.role == "TP" or (c.role == "FSDP" and c.op == "all-gather")) and accum < cfg.train.grad_accum_steps:
             scale = cfg.train.grad_accum_steps / accum
             c.calls, c.bytes, c.wire_bytes = int(c.calls * scale), int(c.bytes * scale), c.wire_bytes * scale
-    return Measurement(type(tracker).__name__, peak, state, flops, collectives, model_cfg,
-                       sum(p.numel() for p in model.parameters()) if mesh is None else _global_params(model))
+    return Measurement(
+        type(tracker).__name__,
+        peak,
+        state,
+        flops,
+        collectives,
+        model_cfg,
+        sum(p.numel() for p in model.parameters()) if mesh is None else _global_params(model),
+    )
 
 
 def _global_params(model) -> int:

@@ -34,7 +34,11 @@ def fake_world(world_size: int, parallel_cfg) -> Iterator[Dist]:
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
     try:
         # The mesh is built from real tensors (its rank map); the model is built fake, inside measure.py.
-        mesh = init_device_mesh("cpu", shape, mesh_dim_names=("dp_replicate", "dp_shard", "tp")) if world_size > 1 else None
+        mesh = (
+            init_device_mesh("cpu", shape, mesh_dim_names=("dp_replicate", "dp_shard", "tp"))
+            if world_size > 1
+            else None
+        )
         yield Dist(0, world_size, 0, torch.device("cpu"), mesh, *shape)
     finally:
         dist.destroy_process_group()

@@ -46,8 +46,10 @@ def special_ids(tokenizer) -> tuple[int, int]:
     """(<|im_start|> id, <|im_end|> id); a DataError if the tokenizer lacks them."""
     ids = tokenizer.token_to_id(IM_START), tokenizer.token_to_id(IM_END)
     if None in ids:
-        raise DataError(f"the tokenizer has no {IM_START} / {IM_END} tokens, which the chat format needs "
-                        f"(tokenizers trained by `orch data prepare` reserve them as ids 2 and 3)")
+        raise DataError(
+            f"the tokenizer has no {IM_START} / {IM_END} tokens, which the chat format needs "
+            f"(tokenizers trained by `orch data prepare` reserve them as ids 2 and 3)"
+        )
     return ids
 
 
@@ -61,17 +63,21 @@ def to_messages(example: dict) -> list[dict]:
     if "messages" in example:
         messages = example["messages"]
         if not isinstance(messages, list) or not messages:
-            raise DataError(f"key 'messages' must be a non-empty list of {{'role', 'content'}} objects, "
-                            f"got {str(messages)[:80]!r}")
+            raise DataError(
+                f"key 'messages' must be a non-empty list of {{'role', 'content'}} objects, got {str(messages)[:80]!r}"
+            )
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-                raise DataError(f"messages[{i}] must be {{'role': one of {list(ROLES)}, 'content': a string}}, "
-                                f"got {str(m)[:80]!r}")
+                raise DataError(
+                    f"messages[{i}] must be {{'role': one of {list(ROLES)}, 'content': a string}}, got {str(m)[:80]!r}"
+                )
         return messages
     for key in ("prompt", "completion"):
         if not isinstance(example.get(key), str):
-            raise DataError(f"an example needs string keys 'prompt' and 'completion' (or 'messages'); "
-                            f"key {key!r} is {'missing' if key not in example else type(example[key]).__name__}")
+            raise DataError(
+                f"an example needs string keys 'prompt' and 'completion' (or 'messages'); "
+                f"key {key!r} is {'missing' if key not in example else type(example[key]).__name__}"
+            )
     return [{"role": "user", "content": example["prompt"]}, {"role": "assistant", "content": example["completion"]}]
 
 
@@ -127,8 +133,10 @@ def encode_prompt(tokenizer, prompt) -> list[int]:
 
 # ---------------------------------------------------------------- packing
 
-def pack(examples: Sequence[tuple[list[int], list[int]]], seq_len: int, *, packing: bool = True,
-         pad_id: int = PAD_ID) -> list[dict[str, torch.Tensor]]:
+
+def pack(
+    examples: Sequence[tuple[list[int], list[int]]], seq_len: int, *, packing: bool = True, pad_id: int = PAD_ID
+) -> list[dict[str, torch.Tensor]]:
     """Rows of seq_len tokens: input_ids, labels, position_ids (0 at each document's start) and
     doc_ids (0, 1, ... per document in the row; the padding tail is one more document of its own,
     so its queries attend to something and never to a real document). Examples go into rows in
@@ -158,11 +166,14 @@ def _row(examples, seq_len: int, pad_id: int) -> dict[str, torch.Tensor]:
     labels += [IGNORE] * pad  # masked by position: pad_id may well be a real token's id
     positions += range(pad)
     doc_ids += [len(examples)] * pad
-    return {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels),
-            "position_ids": torch.tensor(positions), "doc_ids": torch.tensor(doc_ids)}
+    return {
+        "input_ids": torch.tensor(input_ids),
+        "labels": torch.tensor(labels),
+        "position_ids": torch.tensor(positions),
+        "doc_ids": torch.tensor(doc_ids),
+    }
 
 
 def collate(rows: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Stack rows into a batch of [batch, seq_len] tensors."""
     return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
-

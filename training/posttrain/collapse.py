@@ -21,11 +21,10 @@ LENGTH_MIN = 0.3  # under 30% of the reference's length: it stopped writing the 
 STATS = ("distinct_frac", "len_ratio")
 
 
-def collapse_stats(texts: Sequence[str], group_size: int, references: Sequence[Optional[str]] = ()
-                   ) -> dict[str, float]:
+def collapse_stats(texts: Sequence[str], group_size: int, references: Sequence[Optional[str]] = ()) -> dict[str, float]:
     """distinct_frac averaged over consecutive groups of group_size texts; len_ratio when every text has
     a reference (references empty or holding a None: not computed)."""
-    groups = [texts[i:i + group_size] for i in range(0, len(texts), group_size)]
+    groups = [texts[i : i + group_size] for i in range(0, len(texts), group_size)]
     stats = {"distinct_frac": sum(len(set(g)) / len(g) for g in groups) / len(groups)}
     if references and all(r is not None for r in references):
         stats["len_ratio"] = sum(map(len, texts)) / max(1, sum(map(len, references)))

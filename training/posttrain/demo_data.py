@@ -40,8 +40,9 @@ MAX_CHARS = 1200
 CORRUPTIONS = (("unindent", 0.5), ("shuffle", 0.25), ("rename", 0.25))
 
 
-def write_demo_data(out_dir, tokenizer_path=None, max_docs: Optional[int] = None, seed: int = 0,
-                    max_tokens: Optional[int] = None) -> dict[str, Path]:
+def write_demo_data(
+    out_dir, tokenizer_path=None, max_docs: Optional[int] = None, seed: int = 0, max_tokens: Optional[int] = None
+) -> dict[str, Path]:
     """Derive the six .jsonl files into out_dir (kept as they are if meta.json says they were made
     with these arguments); returns {"sft_train": path, ...}.
 
@@ -64,34 +65,54 @@ def write_demo_data(out_dir, tokenizer_path=None, max_docs: Optional[int] = None
         functions = {split: _fitting(fs, tokenizer_path, max_tokens) for split, fs in functions.items()}
         for split, fs in functions.items():
             if not fs:
-                raise DataError(f"no demo function of the {split} split fits data.seq_len={max_tokens} tokens "
-                                "as a chat example (prompt + answer); raise data.seq_len (256 fits about 3,500) "
-                                "or give your own files")
+                raise DataError(
+                    f"no demo function of the {split} split fits data.seq_len={max_tokens} tokens "
+                    "as a chat example (prompt + answer); raise data.seq_len (256 fits about 3,500) "
+                    "or give your own files"
+                )
     counts = {}
     for split, fs in functions.items():
         rng = random.Random(f"{seed}-{split}")
         names = [f["name"] for f in fs]
-        counts[f"sft_{split}"] = write_jsonl(paths[f"sft_{split}"], (
-            {"prompt": f["prompt"], "completion": f["source"]} for f in fs))
-        counts[f"pref_{split}"] = write_jsonl(paths[f"pref_{split}"], (
-            p for p in (_preference(f, rng, names) for f in fs) if p is not None))
-        counts[f"grpo_{split}"] = write_jsonl(paths[f"grpo_{split}"], (
-            {"prompt": f["prompt"], "signature": f["signature"], "reference": f["source"]} for f in fs))
-    meta = {"format": FORMAT_VERSION, "fingerprint": fp, "counts": counts, "val_packages": list(DEMO_VAL_PACKAGES),
-            "tokenizer": str(tokenizer_path) if tokenizer_path else None, "max_docs": max_docs, "seed": seed,
-            "max_tokens": max_tokens}
+        counts[f"sft_{split}"] = write_jsonl(
+            paths[f"sft_{split}"], ({"prompt": f["prompt"], "completion": f["source"]} for f in fs)
+        )
+        counts[f"pref_{split}"] = write_jsonl(
+            paths[f"pref_{split}"], (p for p in (_preference(f, rng, names) for f in fs) if p is not None)
+        )
+        counts[f"grpo_{split}"] = write_jsonl(
+            paths[f"grpo_{split}"],
+            ({"prompt": f["prompt"], "signature": f["signature"], "reference": f["source"]} for f in fs),
+        )
+    meta = {
+        "format": FORMAT_VERSION,
+        "fingerprint": fp,
+        "counts": counts,
+        "val_packages": list(DEMO_VAL_PACKAGES),
+        "tokenizer": str(tokenizer_path) if tokenizer_path else None,
+        "max_docs": max_docs,
+        "seed": seed,
+        "max_tokens": max_tokens,
+    }
     write_jsonl(meta_path, [meta])  # one JSON object, written atomically like the rest
     return paths
 
 
 def _fingerprint(tokenizer_path, max_docs, seed, max_tokens) -> str:
     tok_hash = hashlib.sha256(Path(tokenizer_path).read_bytes()).hexdigest()[:16] if tokenizer_path else None
-    keyed = {"format": FORMAT_VERSION, "tokenizer": tok_hash, "max_docs": max_docs, "seed": seed,
-             "max_tokens": max_tokens, "files": [str(p) for s in ("train", "val") for p in demo_files(s)[:max_docs]]}
+    keyed = {
+        "format": FORMAT_VERSION,
+        "tokenizer": tok_hash,
+        "max_docs": max_docs,
+        "seed": seed,
+        "max_tokens": max_tokens,
+        "files": [str(p) for s in ("train", "val") for p in demo_files(s)[:max_docs]],
+    }
     return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------- functions from source files
+
 
 def _functions(files) -> Iterator[dict]:
     """Every short, undecorated, documented function or method of the files, in file order."""
@@ -129,19 +150,19 @@ def _function(node: ast.FunctionDef, owner: Optional[str], lines: list[str]) -> 
     code_start = node.body[1].lineno - node.lineno if len(node.body) > 1 else None
     if body_start == 0 or code_start is None:  # a one-line def, or nothing but a docstring
         return None
-    source = textwrap.dedent("\n".join(lines[node.lineno - 1:node.end_lineno]))
+    source = textwrap.dedent("\n".join(lines[node.lineno - 1 : node.end_lineno]))
     if len(source) > MAX_CHARS or "\t" in source or not source.startswith("def "):
         return None
     # One canonical line for the signature, however it was wrapped in the file.
-    stub = ast.FunctionDef(name=node.name, args=node.args, body=[ast.Pass()], decorator_list=[],
-                           returns=node.returns, type_comment=None)
+    stub = ast.FunctionDef(
+        name=node.name, args=node.args, body=[ast.Pass()], decorator_list=[], returns=node.returns, type_comment=None
+    )
     if "type_params" in ast.FunctionDef._fields:  # Python >= 3.12
         stub.type_params = getattr(node, "type_params", [])
     signature = ast.unparse(ast.fix_missing_locations(stub)).split("\n")[0]
     where = f"the method of class `{owner}`" if owner else "the Python function"
     prompt = f"Write {where} `{signature}`:\n{inspect.cleandoc(doc)}"
-    return {"name": node.name, "prompt": prompt, "source": source, "signature": signature,
-            "code_start": code_start}
+    return {"name": node.name, "prompt": prompt, "source": source, "signature": signature, "code_start": code_start}
 
 
 def _unique(functions) -> list[dict]:
@@ -164,9 +185,10 @@ def _fitting(functions: list[dict], tokenizer_path, max_tokens: int) -> list[dic
 
 # ---------------------------------------------------------------- preference pairs
 
+
 def _preference(f: dict, rng: random.Random, names: list[str]) -> Optional[dict]:
     lines = f["source"].split("\n")
-    head, code = lines[:f["code_start"]], lines[f["code_start"]:]
+    head, code = lines[: f["code_start"]], lines[f["code_start"] :]
     kind = rng.choices([k for k, _ in CORRUPTIONS], weights=[w for _, w in CORRUPTIONS])[0]
     rejected = None
     if kind == "shuffle" and len(set(code)) > 1:

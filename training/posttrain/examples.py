@@ -21,8 +21,10 @@ class ExampleStream:
 
     def __init__(self, records: list, batch_size: int, dp_rank: int, dp_size: int, seed: int, where: str):
         if len(records) < batch_size * dp_size:
-            raise ValueError(f"{where}: {len(records)} records can't fill one global batch of {batch_size} per rank "
-                             f"x {dp_size} ranks (lower train.micro_batch_size)")
+            raise ValueError(
+                f"{where}: {len(records)} records can't fill one global batch of {batch_size} per rank "
+                f"x {dp_size} ranks (lower train.micro_batch_size)"
+            )
         self.records, self.batch_size, self.seed = records, batch_size, seed
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.epoch, self.position = 0, 0
@@ -39,7 +41,7 @@ class ExampleStream:
         if self.position + step > len(self.records):
             self.epoch, self.position, self._order = self.epoch + 1, 0, None
         start = self.position + self.dp_rank * self.batch_size
-        batch = [self.records[i] for i in self._permutation()[start:start + self.batch_size]]
+        batch = [self.records[i] for i in self._permutation()[start : start + self.batch_size]]
         self.position += step
         return batch
 
@@ -59,7 +61,7 @@ def eval_batches(records: list, batch_size: int, dp_rank: int, dp_size: int) -> 
     n_batches = -(-per_rank // batch_size)
     out = []
     for b in range(n_batches):
-        chunk = mine[b * batch_size:(b + 1) * batch_size]
+        chunk = mine[b * batch_size : (b + 1) * batch_size]
         weights = [1.0] * len(chunk)
         while len(chunk) < batch_size:
             chunk.append(records[0])
@@ -68,22 +70,22 @@ def eval_batches(records: list, batch_size: int, dp_rank: int, dp_size: int) -> 
     return out
 
 
-def pad_right(rows: Sequence[Sequence[int]], pad_id: int, label_rows: Sequence[Sequence[int]] | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def pad_right(
+    rows: Sequence[Sequence[int]], pad_id: int, label_rows: Sequence[Sequence[int]] | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """[batch, longest] token tensor padded on the right (causal attention never looks right, so no mask
     is needed), and the labels padded with IGNORE."""
     width = max(len(r) for r in rows)
     tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long) if label_rows is not None else None
     for i, r in enumerate(rows):
-        tokens[i, :len(r)] = torch.tensor(list(r), dtype=torch.long)
+        tokens[i, : len(r)] = torch.tensor(list(r), dtype=torch.long)
         if labels is not None:
-            labels[i, :len(label_rows[i])] = torch.tensor(list(label_rows[i]), dtype=torch.long)
+            labels[i, : len(label_rows[i])] = torch.tensor(list(label_rows[i]), dtype=torch.long)
     return tokens, labels
 
 
-def data_files(section, section_name: str, prefix: str, tokenizer_path, max_tokens: int, dist_info,
-               max_docs=None):
+def data_files(section, section_name: str, prefix: str, tokenizer_path, max_tokens: int, dist_info, max_docs=None):
     """(train, val) .jsonl paths: the section's train_file/val_file, or else the demo files derived from
     the standard library into its demo_dir (by rank 0, once; later runs reuse them). Only functions whose
     chat example fits max_tokens are kept; max_docs (data.max_docs) caps the source files read."""
@@ -93,8 +95,10 @@ def data_files(section, section_name: str, prefix: str, tokenizer_path, max_toke
 
     if section.train_file or section.val_file:
         if not (section.train_file and section.val_file):
-            raise ValueError(f"{section_name}.train_file and {section_name}.val_file go together: set both "
-                             f"(got {section.train_file!r} and {section.val_file!r}), or neither for the demo data")
+            raise ValueError(
+                f"{section_name}.train_file and {section_name}.val_file go together: set both "
+                f"(got {section.train_file!r} and {section.val_file!r}), or neither for the demo data"
+            )
         return Path(section.train_file), Path(section.val_file)
     if dist_info.is_main:
         write_demo_data(section.demo_dir, tokenizer_path, max_docs=max_docs, max_tokens=max_tokens)

@@ -10,8 +10,9 @@ from typing import Callable, Iterable, Optional, Sequence
 from training.data import DataError
 
 
-def read_jsonl(path, required: Sequence[str] = (), *, what: str = "",
-               check: Optional[Callable[[dict], None]] = None) -> list[dict]:
+def read_jsonl(
+    path, required: Sequence[str] = (), *, what: str = "", check: Optional[Callable[[dict], None]] = None
+) -> list[dict]:
     """Every record of a .jsonl file (blank lines skipped), each checked to hold the `required`
     keys with string values, and to pass `check` (which raises DataError or ValueError). A problem
     raises a DataError naming the file, the line and the key; `what` names the config key the
@@ -19,8 +20,10 @@ def read_jsonl(path, required: Sequence[str] = (), *, what: str = "",
     path = Path(path)
     where = f" ({what})" if what else ""
     if not path.is_file():
-        raise DataError(f"no such file {str(path)!r}{where}: expected a .jsonl file with one JSON object "
-                        f"per line holding the keys {list(required)}")
+        raise DataError(
+            f"no such file {str(path)!r}{where}: expected a .jsonl file with one JSON object "
+            f"per line holding the keys {list(required)}"
+        )
     records = []
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
@@ -31,15 +34,19 @@ def read_jsonl(path, required: Sequence[str] = (), *, what: str = "",
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{line_no}{where}: not valid JSON ({e.msg}): {line[:80]!r}") from None
             if not isinstance(record, dict):
-                raise DataError(f"{path}:{line_no}{where}: expected a JSON object, got a "
-                                f"{type(record).__name__}: {line[:80]!r}")
+                raise DataError(
+                    f"{path}:{line_no}{where}: expected a JSON object, got a {type(record).__name__}: {line[:80]!r}"
+                )
             for key in required:
                 if key not in record:
-                    raise DataError(f"{path}:{line_no}{where}: the record has no key {key!r} (it has "
-                                    f"{sorted(record)}); every line needs {list(required)}")
+                    raise DataError(
+                        f"{path}:{line_no}{where}: the record has no key {key!r} (it has "
+                        f"{sorted(record)}); every line needs {list(required)}"
+                    )
                 if not isinstance(record[key], str):
-                    raise DataError(f"{path}:{line_no}{where}: key {key!r} holds a {type(record[key]).__name__}, "
-                                    f"expected a string")
+                    raise DataError(
+                        f"{path}:{line_no}{where}: key {key!r} holds a {type(record[key]).__name__}, expected a string"
+                    )
             if check is not None:
                 try:
                     check(record)

@@ -41,8 +41,13 @@ def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     return token_logprobs(logits, labels).sum(-1)
 
 
-def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-             ref_rejected: torch.Tensor, beta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """-log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))), averaged over pairs.
 
     The inputs are sequence log-probs [batch]. The implicit rewards beta * (pi - ref) are returned
@@ -52,18 +57,27 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     rejected = beta * (policy_rejected - ref_rejected)
     loss = -F.logsigmoid(chosen - rejected).mean()
     chosen, rejected = chosen.detach(), rejected.detach()
-    metrics = {"rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
-               "rewards/margins": (chosen - rejected).mean(), "rewards/accuracies": (chosen > rejected).float().mean()}
+    metrics = {
+        "rewards/chosen": chosen.mean(),
+        "rewards/rejected": rejected.mean(),
+        "rewards/margins": (chosen - rejected).mean(),
+        "rewards/accuracies": (chosen > rejected).float().mean(),
+    }
     return loss, metrics
 
 
-def bradley_terry_loss(reward_chosen: torch.Tensor, reward_rejected: torch.Tensor
-                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def bradley_terry_loss(
+    reward_chosen: torch.Tensor, reward_rejected: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """-log sigmoid(r_chosen - r_rejected): P(chosen preferred) under the Bradley-Terry model."""
     loss = -F.logsigmoid(reward_chosen - reward_rejected).mean()
     c, r = reward_chosen.detach(), reward_rejected.detach()
-    return loss, {"rewards/chosen": c.mean(), "rewards/rejected": r.mean(), "rewards/margins": (c - r).mean(),
-                  "rewards/accuracies": (c > r).float().mean()}
+    return loss, {
+        "rewards/chosen": c.mean(),
+        "rewards/rejected": r.mean(),
+        "rewards/margins": (c - r).mean(),
+        "rewards/accuracies": (c > r).float().mean(),
+    }
 
 
 # A sampled token that the policy's top-k no longer admits has probability 0; its log-prob is floored
@@ -71,8 +85,9 @@ def bradley_terry_loss(reward_chosen: torch.Tensor, reward_rejected: torch.Tenso
 LOGPROB_FLOOR = -20.0
 
 
-def sampled_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
-                     top_k: Optional[int] = None) -> torch.Tensor:
+def sampled_logprobs(
+    logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None
+) -> torch.Tensor:
     """token_logprobs under the distribution generate() samples from at this temperature and top_k
     (model/generate.py's sampling_logits), floored at LOGPROB_FLOOR; 0 where the label is IGNORE.
 
@@ -122,10 +137,19 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return torch.exp(diff) - diff - 1
 
 
-def grpo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor, advantages: torch.Tensor,
-                     mask: torch.Tensor, clip_eps: float = 0.2, kl_coef: float = 0.04, *,
-                     clip_eps_high: Optional[float] = None, loss_type: str = "grpo",
-                     max_completion_length: Optional[int] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def grpo_policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps: float = 0.2,
+    kl_coef: float = 0.04,
+    *,
+    clip_eps_high: Optional[float] = None,
+    loss_type: str = "grpo",
+    max_completion_length: Optional[int] = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO's objective, to minimize. Per token t of completion i:
 
         l_it = -min(ratio_it * A_i, clip(ratio_it, 1 - eps, 1 + eps_high) * A_i) + kl_coef * k3_kl_it
@@ -161,6 +185,8 @@ def grpo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch
     else:
         loss = per_token.sum() / mask.sum().clamp(min=1)
     clipped = (((ratio < 1 - clip_eps) & (adv < 0)) | ((ratio > 1 + high) & (adv > 0))).float()
-    metrics = {"kl": ((kl.detach() * mask).sum(1) / lengths).mean(),
-               "clip_frac": ((clipped * mask).sum() / mask.sum().clamp(min=1))}
+    metrics = {
+        "kl": ((kl.detach() * mask).sum(1) / lengths).mean(),
+        "clip_frac": ((clipped * mask).sum() / mask.sum().clamp(min=1)),
+    }
     return loss, metrics

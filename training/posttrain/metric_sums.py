@@ -25,8 +25,9 @@ class MetricSums:
         names = sorted(self.sums)
         if not names:
             return {}
-        t = torch.tensor([[self.sums[n] for n in names], [self.weights[n] for n in names]],
-                         dtype=torch.float64, device=device)
+        t = torch.tensor(
+            [[self.sums[n] for n in names], [self.weights[n] for n in names]], dtype=torch.float64, device=device
+        )
         if world_size > 1:
             dist.all_reduce(t)
         self.sums.clear()

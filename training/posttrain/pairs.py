@@ -26,13 +26,15 @@ class PreferenceData:
         self.tokenizer_file = tokenizer_path
         self.tokenizer = load_tokenizer(tokenizer_path)
         self.max_len = min(cfg.data.seq_len, self.model_cfg.max_seq_len)
-        train, val = data_files(section, section_name, "pref", tokenizer_path, self.max_len, dist_info,
-                                 max_docs=cfg.data.max_docs)
+        train, val = data_files(
+            section, section_name, "pref", tokenizer_path, self.max_len, dist_info, max_docs=cfg.data.max_docs
+        )
         self.train = read_jsonl(train, KEYS, what=f"{section_name}.train_file")
-        self.val = read_jsonl(val, KEYS, what=f"{section_name}.val_file")[:section.val_max or None]
+        self.val = read_jsonl(val, KEYS, what=f"{section_name}.val_file")[: section.val_max or None]
         self.batch_size = cfg.train.micro_batch_size
-        self.stream = ExampleStream(self.train, self.batch_size, dist_info.dp_rank, dist_info.dp_size, cfg.seed,
-                                    f"{section_name}.train_file")
+        self.stream = ExampleStream(
+            self.train, self.batch_size, dist_info.dp_rank, dist_info.dp_size, cfg.seed, f"{section_name}.train_file"
+        )
 
     def encode(self, records: list[dict]) -> dict:
         """tokens [2B, T] (chosen rows, then rejected), shifted labels [2B, T] (-100 off the answer),

@@ -102,22 +102,28 @@ def parses_and_resembles(completion: str, example: dict) -> float:
     with one short body that parses (`return self`) scores near 0 here: parsing alone pays nothing.
     Needs records with a "reference" (the demo's grpo files have one)."""
     if "reference" not in example:
-        raise ValueError("parses_and_resembles needs records with a 'reference' key (the function's real source); "
-                         "the demo's grpo_*.jsonl have it, derived again by training/posttrain/demo_data.py")
+        raise ValueError(
+            "parses_and_resembles needs records with a 'reference' key (the function's real source); "
+            "the demo's grpo_*.jsonl have it, derived again by training/posttrain/demo_data.py"
+        )
     gate = python_parses_partial(completion, example)
     if not gate:
         return 0.0
     import difflib
 
-    return gate * difflib.SequenceMatcher(None, completion.strip(), example["reference"].strip(), autojunk=False).ratio()
+    return (
+        gate * difflib.SequenceMatcher(None, completion.strip(), example["reference"].strip(), autojunk=False).ratio()
+    )
 
 
 def load_reward_fn(spec: str) -> RewardFn:
     """`package.module:function` -> the function; a ValueError naming the spec when it can't be found."""
     module_name, _, name = spec.partition(":")
     if not module_name or not name:
-        raise ValueError(f"grpo.reward={spec!r} must be 'module:function' "
-                         "(e.g. training.posttrain.rewards:python_parses) or a reward-model run folder")
+        raise ValueError(
+            f"grpo.reward={spec!r} must be 'module:function' "
+            "(e.g. training.posttrain.rewards:python_parses) or a reward-model run folder"
+        )
     try:
         fn = getattr(importlib.import_module(module_name), name)
     except (ImportError, AttributeError) as e:

@@ -18,8 +18,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from training.serve.engine import Engine, Event, QueueFull, Request, Sampling
-from training.serve.openai_api import (APIError, ChatRequest, CompletionRequest, new_id, now, parse, sse,
-                                       usage)
+from training.serve.openai_api import APIError, ChatRequest, CompletionRequest, new_id, now, parse, sse, usage
 
 log = logging.getLogger("orch.serve")
 PAGE = Path(__file__).with_name("page.html")
@@ -49,9 +48,13 @@ class Model:
     def check_prompt(self, ids: list[int], max_tokens: Optional[int], param: str = "prompt") -> int:
         """The number of tokens to generate at most; a 400 if the prompt leaves no room for one."""
         if len(ids) >= self.max_len:
-            raise APIError(400, f"This model's maximum context length is {self.max_len} tokens, but the prompt has "
-                           f"{len(ids)} tokens (at least one new token must fit)", param=param,
-                           code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"This model's maximum context length is {self.max_len} tokens, but the prompt has "
+                f"{len(ids)} tokens (at least one new token must fit)",
+                param=param,
+                code="context_length_exceeded",
+            )
         if max_tokens is not None and max_tokens <= 0:
             raise APIError(400, f"'max_tokens' must be at least 1, got {max_tokens}", param="max_tokens")
         # More than the context holds ends at its edge with finish_reason "length", as `orch generate` does.
@@ -77,15 +80,22 @@ def create_app(served: Model, api_key: Optional[str] = None) -> FastAPI:
     @app.exception_handler(Exception)
     async def internal_error(_, e: Exception):
         log.exception("internal error")
-        return JSONResponse(APIError(500, f"internal error: {type(e).__name__}", type="server_error").body(),
-                            status_code=500)
+        return JSONResponse(
+            APIError(500, f"internal error: {type(e).__name__}", type="server_error").body(), status_code=500
+        )
 
     @app.middleware("http")
     async def check_key(request: HTTPRequest, call_next):
-        if api_key and request.url.path.startswith("/v1/") and \
-                request.headers.get("authorization", "") != f"Bearer {api_key}":
-            e = APIError(401, "Incorrect API key provided: pass it as 'Authorization: Bearer KEY' (--api-key)",
-                         code="invalid_api_key")
+        if (
+            api_key
+            and request.url.path.startswith("/v1/")
+            and request.headers.get("authorization", "") != f"Bearer {api_key}"
+        ):
+            e = APIError(
+                401,
+                "Incorrect API key provided: pass it as 'Authorization: Bearer KEY' (--api-key)",
+                code="invalid_api_key",
+            )
             return JSONResponse(e.body(), status_code=401)
         return await call_next(request)
 
@@ -99,8 +109,18 @@ def create_app(served: Model, api_key: Optional[str] = None) -> FastAPI:
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": served.name, "object": "model", "created": now(),
-                                            "owned_by": "orch", "max_model_len": served.max_len}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": served.name,
+                    "object": "model",
+                    "created": now(),
+                    "owned_by": "orch",
+                    "max_model_len": served.max_len,
+                }
+            ],
+        }
 
     @app.post("/v1/completions")
     async def completions(http: HTTPRequest):
@@ -110,8 +130,11 @@ def create_app(served: Model, api_key: Optional[str] = None) -> FastAPI:
             raise APIError(400, "'echo' and 'best_of' > 1 are not supported", param="echo" if body.echo else "best_of")
         prompts = _completion_prompts(body.prompt)
         budgets = [served.check_prompt(p, body.max_tokens) for p in prompts]
-        seqs = [(p, _sampling(body, budget, (served.eos,), body.logprobs, seed_offset=j))
-                for p, budget in zip(prompts, budgets) for j in range(body.n)]
+        seqs = [
+            (p, _sampling(body, budget, (served.eos,), body.logprobs, seed_offset=j))
+            for p, budget in zip(prompts, budgets)
+            for j in range(body.n)
+        ]
         return await _serve(http, body, seqs, chat=False)
 
     @app.post("/v1/chat/completions")
@@ -127,8 +150,12 @@ def create_app(served: Model, api_key: Optional[str] = None) -> FastAPI:
 
     def _check_model(name: str) -> None:
         if name != served.name:
-            raise APIError(404, f"The model '{name}' does not exist: this server serves '{served.name}'",
-                           param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"The model '{name}' does not exist: this server serves '{served.name}'",
+                param="model",
+                code="model_not_found",
+            )
 
     def _completion_prompts(prompt) -> list[list[int]]:
         if isinstance(prompt, str):
@@ -147,9 +174,15 @@ def create_app(served: Model, api_key: Optional[str] = None) -> FastAPI:
         return out
 
     def _sampling(body, budget: int, stops: tuple[int, ...], logprobs: Optional[int], seed_offset: int) -> Sampling:
-        return Sampling(max_tokens=budget, temperature=body.temperature,
-                        top_p=body.top_p if body.top_p < 1 else None, stop=body.stop_strings(), stop_tokens=stops,
-                        logprobs=logprobs, seed=None if body.seed is None else body.seed + seed_offset)
+        return Sampling(
+            max_tokens=budget,
+            temperature=body.temperature,
+            top_p=body.top_p if body.top_p < 1 else None,
+            stop=body.stop_strings(),
+            stop_tokens=stops,
+            logprobs=logprobs,
+            seed=None if body.seed is None else body.seed + seed_offset,
+        )
 
     async def _serve(http: HTTPRequest, body, seqs: list[tuple[list[int], Sampling]], chat: bool):
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
@@ -160,6 +193,7 @@ def create_app(served: Model, api_key: Optional[str] = None) -> FastAPI:
                     loop.call_soon_threadsafe(events.put_nowait, (i, ev))
                 except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
                     pass
+
             return deliver
 
         requests = [Request(p, s, served.tokenizer, deliver_to(i)) for i, (p, s) in enumerate(seqs)]
@@ -169,14 +203,22 @@ def create_app(served: Model, api_key: Optional[str] = None) -> FastAPI:
         except QueueFull as e:
             for r in requests:
                 engine.cancel(r)
-            raise APIError(429, f"the server is busy: {e}; retry later", type="rate_limit_error",
-                           code="rate_limit_exceeded", headers={"Retry-After": "1"}) from None
-        prompt_tokens = sum(len(p) for p, _ in seqs[::body.n])  # each prompt once, however many choices
+            raise APIError(
+                429,
+                f"the server is busy: {e}; retry later",
+                type="rate_limit_error",
+                code="rate_limit_exceeded",
+                headers={"Retry-After": "1"},
+            ) from None
+        prompt_tokens = sum(len(p) for p, _ in seqs[:: body.n])  # each prompt once, however many choices
         shape = _Shapes(served, chat, new_id("chatcmpl" if chat else "cmpl"))
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_stream(requests, events, shape, prompt_tokens, include_usage),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return StreamingResponse(
+                _stream(requests, events, shape, prompt_tokens, include_usage),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
         try:
             choices = [_Choice() for _ in requests]
             left = len(requests)
@@ -188,9 +230,14 @@ def create_app(served: Model, api_key: Optional[str] = None) -> FastAPI:
             for r in requests:
                 engine.cancel(r)  # a no-op for those that ended; frees the rest if this handler was cancelled
         completion_tokens = sum(c.count for c in choices)
-        return {"id": shape.id, "object": "chat.completion" if chat else "text_completion", "created": now(),
-                "model": served.name, "choices": [shape.choice(i, c) for i, c in enumerate(choices)],
-                "usage": usage(prompt_tokens, completion_tokens)}
+        return {
+            "id": shape.id,
+            "object": "chat.completion" if chat else "text_completion",
+            "created": now(),
+            "model": served.name,
+            "choices": [shape.choice(i, c) for i, c in enumerate(choices)],
+            "usage": usage(prompt_tokens, completion_tokens),
+        }
 
     async def _stream(requests, events, shape: "_Shapes", prompt_tokens: int, include_usage: bool):
         counts = [0] * len(requests)
@@ -203,8 +250,14 @@ def create_app(served: Model, api_key: Optional[str] = None) -> FastAPI:
                 i, ev = await events.get()
                 counts[i] += ev.token is not None
                 if ev.text or ev.logprob is not None:
-                    yield sse(shape.chunk(i, ev.text, logprobs=shape.logprobs([ev]) if ev.logprob is not None else None,
-                                          include_usage=include_usage))
+                    yield sse(
+                        shape.chunk(
+                            i,
+                            ev.text,
+                            logprobs=shape.logprobs([ev]) if ev.logprob is not None else None,
+                            include_usage=include_usage,
+                        )
+                    )
                 if ev.finish_reason is not None:
                     left -= 1
                     yield sse(shape.chunk(i, "", finish_reason=ev.finish_reason, include_usage=include_usage))
@@ -245,36 +298,62 @@ class _Shapes:
             return None
         text = self.served.token_text
         if self.chat:
+
             def entry(token, logprob):
                 s = text(token)
                 return {"token": s, "logprob": logprob, "bytes": list(s.encode())}
-            return {"content": [{**entry(e.token, e.logprob), "top_logprobs": [entry(t, lp) for t, lp in e.top or []]}
-                                for e in events]}
+
+            return {
+                "content": [
+                    {**entry(e.token, e.logprob), "top_logprobs": [entry(t, lp) for t, lp in e.top or []]}
+                    for e in events
+                ]
+            }
         tokens = [text(e.token) for e in events]
         offsets, at = [], 0
         for s in tokens:
             offsets.append(at)
             at += len(s)
-        return {"tokens": tokens, "token_logprobs": [e.logprob for e in events],
-                "top_logprobs": [{text(t): lp for t, lp in e.top or []} for e in events], "text_offset": offsets}
+        return {
+            "tokens": tokens,
+            "token_logprobs": [e.logprob for e in events],
+            "top_logprobs": [{text(t): lp for t, lp in e.top or []} for e in events],
+            "text_offset": offsets,
+        }
 
     def choice(self, index: int, c: _Choice) -> dict:
         text = "".join(c.text)
         logprobs = self.logprobs(c.events)
         if self.chat:
-            return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-                    "finish_reason": c.finish_reason}
+            return {
+                "index": index,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": logprobs,
+                "finish_reason": c.finish_reason,
+            }
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason}
 
-    def chunk(self, index: int, delta, *, finish_reason: Optional[str] = None, logprobs: Optional[dict] = None,
-              include_usage: bool = False) -> dict:
+    def chunk(
+        self,
+        index: int,
+        delta,
+        *,
+        finish_reason: Optional[str] = None,
+        logprobs: Optional[dict] = None,
+        include_usage: bool = False,
+    ) -> dict:
         if self.chat:
             delta = delta if isinstance(delta, dict) else ({"content": delta} if delta else {})
             choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         else:
             choice = {"index": index, "text": delta, "logprobs": logprobs, "finish_reason": finish_reason}
-        out = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
-               "created": self.created, "model": self.served.name, "choices": [choice]}
+        out = {
+            "id": self.id,
+            "object": "chat.completion.chunk" if self.chat else "text_completion",
+            "created": self.created,
+            "model": self.served.name,
+            "choices": [choice],
+        }
         if include_usage:
             out["usage"] = None  # as OpenAI: present and null in every chunk but the last
         return out

@@ -35,10 +35,15 @@ def serve(args) -> int:
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue).start()
     app = create_app(Model(engine, tokenizer, name), api_key=args.api_key)
     _Server = _server_class()
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                            timeout_graceful_shutdown=args.shutdown_timeout)
-    print(f"serving {name} ({args.dtype}{', int8 weights' if args.quantize else ''}, max batch {args.max_batch}) "
-          f"on http://{args.host}:{args.port}  (the chat page: /, the API: /v1)", file=sys.stderr, flush=True)
+    config = uvicorn.Config(
+        app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=args.shutdown_timeout
+    )
+    print(
+        f"serving {name} ({args.dtype}{', int8 weights' if args.quantize else ''}, max batch {args.max_batch}) "
+        f"on http://{args.host}:{args.port}  (the chat page: /, the API: /v1)",
+        file=sys.stderr,
+        flush=True,
+    )
     try:
         _Server(config).run()  # returns after SIGINT/SIGTERM, once connections have closed
     finally:
@@ -55,7 +60,9 @@ def _check_address(host: str, port: int) -> None:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
             s.bind((host, port))
     except OSError as e:
-        raise ValueError(f"--host {host} --port {port}: can't listen there ({e.strerror}); choose another port") from None
+        raise ValueError(
+            f"--host {host} --port {port}: can't listen there ({e.strerror}); choose another port"
+        ) from None
 
 
 def _server_class():

@@ -54,8 +54,12 @@ def chat_remote(args, unescape) -> int:
     if base.endswith("/v1"):
         base = base[:-3]
     model = served_model(base, args.api_key)
-    body = {"model": model, "max_tokens": args.max_new_tokens, "temperature": args.temperature,
-            "stop": [unescape(s) for s in args.stop] or None}
+    body = {
+        "model": model,
+        "max_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "stop": [unescape(s) for s in args.stop] or None,
+    }
     if args.top_p is not None:
         body["top_p"] = args.top_p
     if args.seed is not None:

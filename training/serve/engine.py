@@ -48,6 +48,7 @@ class Sampling:
 @dataclass
 class Event:
     """One sampled token of a request: the text it makes safe to show (maybe ""), and on the last one why it ended."""
+
     text: str
     token: Optional[int] = None
     logprob: Optional[float] = None
@@ -96,8 +97,10 @@ class Engine:
             if self.stopping:
                 raise QueueFull("the server is shutting down")
             if len(self.waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self.rows)} requests are running and {len(self.waiting)} waiting "
-                                f"(--max-batch {self.max_batch}, --max-queue {self.max_queue})")
+                raise QueueFull(
+                    f"{len(self.rows)} requests are running and {len(self.waiting)} waiting "
+                    f"(--max-batch {self.max_batch}, --max-queue {self.max_queue})"
+                )
             self.waiting.append(request)
             self.cond.notify()
 
@@ -112,9 +115,13 @@ class Engine:
     def load(self) -> dict:
         with self.cond:
             # running: the rows still wanted (a cancelled one leaves the batch before the next step)
-            return {"running": sum(not r.cancelled for r in self.rows), "waiting": len(self.waiting),
-                    "max_batch": self.max_batch,
-                    "decode_steps": self.decode_steps, "largest_batch": self.largest_batch}
+            return {
+                "running": sum(not r.cancelled for r in self.rows),
+                "waiting": len(self.waiting),
+                "max_batch": self.max_batch,
+                "decode_steps": self.decode_steps,
+                "largest_batch": self.largest_batch,
+            }
 
     def start(self) -> "Engine":
         self.thread = threading.Thread(target=self._loop, name="orch-serve-engine", daemon=True)
@@ -202,7 +209,7 @@ class Engine:
     def _row_kv(self, i: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Row i's cached keys and values per layer, [kv_heads, its cached tokens, head_dim]."""
         start = self.width - self.rows[i].cached
-        return [(layer.k[i, :, start:self.width], layer.v[i, :, start:self.width]) for layer in self.cache.layers]
+        return [(layer.k[i, :, start : self.width], layer.v[i, :, start : self.width]) for layer in self.cache.layers]
 
     def _rebuild(self, rows: list[tuple[Request, list]]) -> None:
         """A new batch cache holding these rows, right-aligned; padding is zeros (masked, and never NaN)."""
@@ -212,13 +219,13 @@ class Engine:
             return
         self.width = max(r.cached for r in self.rows)
         cache = self.model.new_cache()
-        for l, layer in enumerate(cache.layers):
-            k0 = rows[0][1][l][0]
+        for n, layer in enumerate(cache.layers):
+            k0 = rows[0][1][n][0]
             shape = (len(rows), k0.shape[0], self.max_len, k0.shape[2])
             layer.k, layer.v = k0.new_zeros(shape), k0.new_zeros(shape)
             for i, (r, kv) in enumerate(rows):
-                layer.k[i, :, self.width - r.cached:self.width] = kv[l][0]
-                layer.v[i, :, self.width - r.cached:self.width] = kv[l][1]
+                layer.k[i, :, self.width - r.cached : self.width] = kv[n][0]
+                layer.v[i, :, self.width - r.cached : self.width] = kv[n][1]
         self.cache = cache
 
     def _take(self, r: Request, logits: torch.Tensor) -> bool:

@@ -12,8 +12,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: Optional[str] = None, code: Optional[str] = None, headers: Optional[dict] = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: Optional[str] = None,
+        code: Optional[str] = None,
+        headers: Optional[dict] = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers or {}
@@ -24,12 +32,14 @@ class APIError(Exception):
 
 # ---------------------------------------------------------------- requests
 
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
 class _Sampling(BaseModel):
     """The knobs both endpoints share; unknown keys (user, presence_penalty ...) are accepted and ignored."""
+
     model_config = ConfigDict(extra="allow")
 
     model: str
@@ -107,6 +117,7 @@ def parse(raw: bytes, schema: type[BaseModel]) -> BaseModel:
 
 # ---------------------------------------------------------------- responses
 
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
@@ -116,8 +127,11 @@ def now() -> int:
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 def sse(payload: dict | str) -> str:

@@ -17,8 +17,9 @@ class TextPieces:
 
     def _held_back(self, text: str) -> int:
         """Characters at the end of text that could begin a stop string."""
-        return max((k for s in self.stop for k in range(min(len(s) - 1, len(text)), 0, -1)
-                    if text.endswith(s[:k])), default=0)
+        return max(
+            (k for s in self.stop for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])), default=0
+        )
 
     def push(self, token: int) -> str:
         """The new text that this token makes safe to show ("" if none yet); sets `stopped` at a stop string."""
@@ -27,7 +28,7 @@ class TextPieces:
         hits = [i for i in (self.text.find(s, max(0, self.shown - len(s))) for s in self.stop) if i >= 0]
         if hits:
             self.stopped = True
-            piece = self.text[self.shown:min(hits)] if min(hits) > self.shown else ""
+            piece = self.text[self.shown : min(hits)] if min(hits) > self.shown else ""
             self.shown = len(self.text)
             return piece
         if self.text.endswith("\ufffd"):  # half a UTF-8 character: wait for the rest
@@ -35,12 +36,12 @@ class TextPieces:
         safe = len(self.text) - self._held_back(self.text)
         if safe <= self.shown:
             return ""
-        piece, self.shown = self.text[self.shown:safe], safe
+        piece, self.shown = self.text[self.shown : safe], safe
         return piece
 
     def flush(self) -> str:
         """What was held back, once no token will come (not after a stop string)."""
         if self.stopped or len(self.text) <= self.shown:
             return ""
-        piece, self.shown = self.text[self.shown:], len(self.text)
+        piece, self.shown = self.text[self.shown :], len(self.text)
         return piece

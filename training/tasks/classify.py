@@ -35,8 +35,10 @@ class ClassifyTask:
         c = self.c = cfg.classify
         self.cfg, self.dist = cfg, dist_info
         if dist_info.tp > 1:
-            raise ValueError(f"parallel.tp={dist_info.tp}: the classification head is not tensor-parallel; "
-                             "use parallel.tp=1 (data parallel) for classify jobs")
+            raise ValueError(
+                f"parallel.tp={dist_info.tp}: the classification head is not tensor-parallel; "
+                "use parallel.tp=1 (data parallel) for classify jobs"
+            )
         self.model_cfg, tokenizer_path = starting_point(cfg.checkpoint.init_from, cfg.data.tokenizer)
         self.tokenizer_file = tokenizer_path
         self.vocab_size = self.model_cfg.vocab_size
@@ -49,18 +51,28 @@ class ClassifyTask:
             dist_info.barrier()
             train_path, val_path = Path(c.demo_dir) / "classify_train.jsonl", Path(c.demo_dir) / "classify_val.jsonl"
         self.train = read_examples(train_path, "classify.train_file")
-        self.val = read_examples(val_path, "classify.val_file")[:c.val_max or None]
+        self.val = read_examples(val_path, "classify.val_file")[: c.val_max or None]
         self.labels = label_set(self.train, self.val, train_path, val_path)
         self.index = {label: i for i, label in enumerate(self.labels)}
         self.model_class = partial(GPTClassifier, num_labels=len(self.labels), train_last_blocks=c.train_last_blocks)
-        counts = torch.tensor([sum(r["label"] == label for r in self.train) for label in self.labels], dtype=torch.float)
+        counts = torch.tensor(
+            [sum(r["label"] == label for r in self.train) for label in self.labels], dtype=torch.float
+        )
         # balanced: n / (classes * count), sklearn's class_weight="balanced"
-        self.weights = (counts.sum() / (len(counts) * counts)).to(dist_info.device) if c.class_weights == "balanced" \
-            else None
-        self.stream = ExampleStream(self.train, cfg.train.micro_batch_size, dist_info.dp_rank, dist_info.dp_size,
-                                    cfg.seed, "classify.train_file")
-        self.baselines = baselines(self.train, self.val, self.labels, cfg.seed) if c.baselines and dist_info.is_main \
-            else {}
+        self.weights = (
+            (counts.sum() / (len(counts) * counts)).to(dist_info.device) if c.class_weights == "balanced" else None
+        )
+        self.stream = ExampleStream(
+            self.train,
+            cfg.train.micro_batch_size,
+            dist_info.dp_rank,
+            dist_info.dp_size,
+            cfg.seed,
+            "classify.train_file",
+        )
+        self.baselines = (
+            baselines(self.train, self.val, self.labels, cfg.seed) if c.baselines and dist_info.is_main else {}
+        )
         for name, b in self.baselines.items():
             say(f"baseline {name}: held-out accuracy {b['accuracy']:.4f}, macro-F1 {b['macro_f1']:.4f}", True)
         self.run_dir = run_dir
@@ -71,12 +83,17 @@ class ClassifyTask:
                 (run_dir / "baselines.json").write_text(json.dumps(self.baselines, indent=1) + "\n")
 
     def encode(self, records: list[dict]) -> dict:
-        rows = [self.tokenizer.encode(r["text"], add_special_tokens=False).ids[:self.max_len - 1] + [EOS_ID]
-                for r in records]
+        rows = [
+            self.tokenizer.encode(r["text"], add_special_tokens=False).ids[: self.max_len - 1] + [EOS_ID]
+            for r in records
+        ]
         tokens, _ = pad_right(rows, PAD_ID)
         device = self.dist.device
-        return {"tokens": tokens.to(device), "last": torch.tensor([len(r) - 1 for r in rows], device=device),
-                "labels": torch.tensor([self.index[r["label"]] for r in records], device=device)}
+        return {
+            "tokens": tokens.to(device),
+            "last": torch.tensor([len(r) - 1 for r in rows], device=device),
+            "labels": torch.tensor([self.index[r["label"]] for r in records], device=device),
+        }
 
     def next_batch(self) -> dict:
         return self.encode(self.stream.next())
@@ -100,8 +117,9 @@ class ClassifyTask:
         k = len(self.labels)
         confusion = torch.zeros(k, k, dtype=torch.float64)
         nats = torch.zeros((), dtype=torch.float64)
-        for records, weights in eval_batches(self.val, self.cfg.train.micro_batch_size, self.dist.dp_rank,
-                                             self.dist.dp_size):
+        for records, weights in eval_batches(
+            self.val, self.cfg.train.micro_batch_size, self.dist.dp_rank, self.dist.dp_size
+        ):
             batch = self.encode(records)
             logits = model(batch["tokens"], batch["last"])
             keep = torch.tensor(weights, device=logits.device) > 0  # padding records count for nothing

@@ -74,10 +74,21 @@ class DPOTask:
             policy, reference = self._logprobs(model, batch)
             half = policy.shape[0] // 2
             for i in range(half):  # per pair, so the padding pairs (weight 0) count for nothing
-                loss, m = dpo_loss(policy[i:i + 1], policy[half + i:half + i + 1],
-                                   reference[i:i + 1], reference[half + i:half + i + 1], self.beta)
-                sums.add({"val_loss": loss, "val_accuracy": m["rewards/accuracies"],
-                          **{f"val_{k}": v for k, v in m.items() if k != "rewards/accuracies"}}, float(weights[i]))
+                loss, m = dpo_loss(
+                    policy[i : i + 1],
+                    policy[half + i : half + i + 1],
+                    reference[i : i + 1],
+                    reference[half + i : half + i + 1],
+                    self.beta,
+                )
+                sums.add(
+                    {
+                        "val_loss": loss,
+                        "val_accuracy": m["rewards/accuracies"],
+                        **{f"val_{k}": v for k, v in m.items() if k != "rewards/accuracies"},
+                    },
+                    float(weights[i]),
+                )
         return sums.mean(self.dist.device, self.dist.world_size)
 
     def state_dict(self) -> dict:

@@ -39,8 +39,7 @@ from training.posttrain.chat import encode_prompt, end_of_turn_id
 from training.posttrain.collapse import collapse_reasons, collapse_stats, within_budget
 from training.posttrain.examples import ExampleStream, data_files, eval_batches, pad_right
 from training.posttrain.jsonl import read_jsonl
-from training.posttrain.losses import (IGNORE, frac_reward_zero_std, group_advantages, grpo_policy_loss,
-                                       sampled_logprobs)
+from training.posttrain.losses import IGNORE, frac_reward_zero_std, group_advantages, grpo_policy_loss, sampled_logprobs
 from training.posttrain.metric_sums import MetricSums
 from training.posttrain.rewards import defines_function, load_reward_fn, python_parses
 from training.run_folder import starting_point
@@ -59,8 +58,10 @@ class GRPOTask:
         if g.group_size < 2:
             raise ValueError(f"grpo.group_size={g.group_size}: a group needs at least 2 completions to compare")
         if g.max_new_tokens < 1 or g.temperature <= 0:
-            raise ValueError(f"grpo.max_new_tokens={g.max_new_tokens} must be >= 1 and grpo.temperature="
-                             f"{g.temperature} > 0 (sampling is what explores)")
+            raise ValueError(
+                f"grpo.max_new_tokens={g.max_new_tokens} must be >= 1 and grpo.temperature="
+                f"{g.temperature} > 0 (sampling is what explores)"
+            )
         self.cfg, self.dist = cfg, dist_info
         self.model_cfg, tokenizer_path = starting_point(cfg.checkpoint.init_from, cfg.data.tokenizer)
         self.vocab_size = self.model_cfg.vocab_size
@@ -70,9 +71,10 @@ class GRPOTask:
         self.max_len = min(cfg.data.seq_len, self.model_cfg.max_seq_len)
         train, val = data_files(g, "grpo", "grpo", tokenizer_path, self.max_len, dist_info, max_docs=cfg.data.max_docs)
         self.train = read_jsonl(train, KEYS, what="grpo.train_file")
-        self.val = read_jsonl(val, KEYS, what="grpo.val_file")[:g.val_prompts or None]
-        self.stream = ExampleStream(self.train, cfg.train.micro_batch_size, dist_info.dp_rank, dist_info.dp_size,
-                                    cfg.seed, "grpo.train_file")
+        self.val = read_jsonl(val, KEYS, what="grpo.val_file")[: g.val_prompts or None]
+        self.stream = ExampleStream(
+            self.train, cfg.train.micro_batch_size, dist_info.dp_rank, dist_info.dp_size, cfg.seed, "grpo.train_file"
+        )
         param_dtype, _ = precision(cfg, dist_info)
         self.reference = None  # with LoRA the reference is the policy with its adapters off
         if not cfg.lora.enabled:
@@ -81,13 +83,16 @@ class GRPOTask:
         self.reward_model = None
         if Path(g.reward).is_dir():  # a trained reward model scores prompt + completion
             if dist_info.tp > 1:
-                raise ValueError(f"grpo.reward={g.reward!r} is a reward model, whose head is not tensor-parallel: "
-                                 f"use parallel.tp=1 with it (parallel.tp is {dist_info.tp})")
+                raise ValueError(
+                    f"grpo.reward={g.reward!r} is a reward model, whose head is not tensor-parallel: "
+                    f"use parallel.tp=1 with it (parallel.tp is {dist_info.tp})"
+                )
             from model.reward import RewardModel
 
             rm_cfg, _ = starting_point(g.reward, key="grpo.reward")
-            self.reward_model = build_model(rm_cfg, cfg, dist_info, param_dtype, trainable=False,
-                                            model_class=RewardModel)
+            self.reward_model = build_model(
+                rm_cfg, cfg, dist_info, param_dtype, trainable=False, model_class=RewardModel
+            )
             load_weights(self.reward_model, g.reward, dist_info.is_main)
         else:
             self.reward_fn = load_reward_fn(g.reward)
@@ -102,17 +107,27 @@ class GRPOTask:
     def _generator(self, draw: int, salt: int = 0) -> torch.Generator:
         # Tensor-parallel peers share a dp rank, so they sample the same tokens.
         seed = (self.cfg.seed * 1_000_003 + draw) * 10_007 + self.dist.dp_rank * 101 + salt
-        return torch.Generator().manual_seed(seed % (2 ** 63))
+        return torch.Generator().manual_seed(seed % (2**63))
 
     def _complete(self, model, records: list[dict], copies: int, temperature: float, generator) -> tuple:
         """(prompt ids, completion ids) per row: each record's prompt `copies` times, consecutively."""
         unique = [encode_prompt(self.tokenizer, r["prompt"]) for r in records]
         room = self.max_len - max(len(p) for p in unique)
         if room < 1:
-            raise ValueError(f"a prompt of {self.max_len - room} tokens leaves no room to answer in data.seq_len="
-                             f"{self.max_len} (the model's max_seq_len is {self.model_cfg.max_seq_len})")
-        completions = generate(model, unique, min(self.g.max_new_tokens, room), temperature=temperature,
-                               top_k=self.g.top_k, stop_tokens=[self.stop_id], generator=generator, samples=copies)
+            raise ValueError(
+                f"a prompt of {self.max_len - room} tokens leaves no room to answer in data.seq_len="
+                f"{self.max_len} (the model's max_seq_len is {self.model_cfg.max_seq_len})"
+            )
+        completions = generate(
+            model,
+            unique,
+            min(self.g.max_new_tokens, room),
+            temperature=temperature,
+            top_k=self.g.top_k,
+            stop_tokens=[self.stop_id],
+            generator=generator,
+            samples=copies,
+        )
         return [p for p in unique for _ in range(copies)], completions
 
     def _reference(self, record: dict) -> Optional[str]:
@@ -156,8 +171,13 @@ class GRPOTask:
         self.draws += 1
         rewards = self._rewards(records, g.group_size, prompts, completions)
         references = [self._reference(r) for r in records]  # once a record, then one per completion of its group
-        rollout = {"prompts": prompts, "completions": completions, "rewards": rewards.tolist(), "old_logp": None,
-                   "references": [references[i // g.group_size] for i in range(len(completions))]}
+        rollout = {
+            "prompts": prompts,
+            "completions": completions,
+            "rewards": rewards.tolist(),
+            "old_logp": None,
+            "references": [references[i // g.group_size] for i in range(len(completions))],
+        }
         if g.num_iterations > 1:  # the log-probs they were sampled with: the ratio's denominator for every update
             tokens, labels = self._rows(prompts, completions)
             with torch.no_grad():
@@ -194,14 +214,29 @@ class GRPOTask:
         old = logp.detach() if r["old_logp"] is None else torch.tensor(r["old_logp"], device=logp.device)
         with torch.no_grad(), adapters_disabled(model):
             ref_logp = self.policy_logprobs(model if self.reference is None else self.reference, tokens, labels)
-        loss, m = grpo_policy_loss(logp, old, ref_logp, advantages, mask, clip_eps=g.clip_eps, kl_coef=g.kl_coef,
-                                   clip_eps_high=g.epsilon_high, loss_type=g.loss_type,
-                                   max_completion_length=g.max_new_tokens)
+        loss, m = grpo_policy_loss(
+            logp,
+            old,
+            ref_logp,
+            advantages,
+            mask,
+            clip_eps=g.clip_eps,
+            kl_coef=g.kl_coef,
+            clip_eps_high=g.epsilon_high,
+            loss_type=g.loss_type,
+            max_completion_length=g.max_new_tokens,
+        )
         texts = [self._text(c) for c in r["completions"]]
-        self.metrics.add({"reward_mean": rewards.mean(), "reward_std": rewards.std(), **m,
-                          "completion_len": sum(map(len, r["completions"])) / len(r["completions"]),
-                          "frac_reward_zero_std": frac_reward_zero_std(rewards, g.group_size),
-                          **collapse_stats(texts, g.group_size, r["references"])})
+        self.metrics.add(
+            {
+                "reward_mean": rewards.mean(),
+                "reward_std": rewards.std(),
+                **m,
+                "completion_len": sum(map(len, r["completions"])) / len(r["completions"]),
+                "frac_reward_zero_std": frac_reward_zero_std(rewards, g.group_size),
+                **collapse_stats(texts, g.group_size, r["references"]),
+            }
+        )
         self._last_tokens = sum(map(len, r["completions"]))
         # as a sum and its count, so the trainer averages over the whole step: DAPO's mean is over every
         # completion token of the step, GRPO's and Dr. GRPO's over completions (losses.py has the formulas)
@@ -215,8 +250,11 @@ class GRPOTask:
         metrics = self.metrics.mean(self.dist.device, self.dist.world_size)
         collapsed = collapse_reasons(metrics)
         if collapsed:
-            say(f"warning: GRPO completions are collapsing ({', '.join(collapsed)}): the reward may be satisfied "
-                "by one short answer; check samples before trusting reward_mean", self.dist.is_main)
+            say(
+                f"warning: GRPO completions are collapsing ({', '.join(collapsed)}): the reward may be satisfied "
+                "by one short answer; check samples before trusting reward_mean",
+                self.dist.is_main,
+            )
         return metrics
 
     @torch.no_grad()
@@ -224,33 +262,47 @@ class GRPOTask:
         sums = MetricSums()
         batch_size = self.cfg.train.micro_batch_size * self.g.group_size
         texts, references = [], []
-        for i, (records, weights) in enumerate(eval_batches(self.val, batch_size, self.dist.dp_rank,
-                                                            self.dist.dp_size)):
-            prompts, completions = self._complete(model, records, 1, self.g.val_temperature,
-                                                  self._generator(i, salt=7))
+        for i, (records, weights) in enumerate(
+            eval_batches(self.val, batch_size, self.dist.dp_rank, self.dist.dp_size)
+        ):
+            prompts, completions = self._complete(model, records, 1, self.g.val_temperature, self._generator(i, salt=7))
             rewards = self._rewards(records, 1, prompts, completions).tolist()
             for record, completion, reward, w in zip(records, completions, rewards, weights):
                 text = self._text(completion)
                 if w:
                     texts.append(text)
                     references.append(self._reference(record))
-                sums.add({"val_parses": defines_function(text, record), "val_signature": python_parses(text, record),
-                          "val_reward": reward, "val_completion_len": len(completion)}, w)
+                sums.add(
+                    {
+                        "val_parses": defines_function(text, record),
+                        "val_signature": python_parses(text, record),
+                        "val_reward": reward,
+                        "val_completion_len": len(completion),
+                    },
+                    w,
+                )
         if texts:  # distinct completions over all held-out prompts: greedy answers, one per prompt
             stats = collapse_stats(texts, len(texts), references)
             sums.add({f"val_{k}": v for k, v in stats.items()}, float(len(texts)))
         result = sums.mean(self.dist.device, self.dist.world_size)
         collapsed = collapse_reasons(result, prefix="val_")
         if collapsed:
-            say(f"warning: GRPO's held-out completions have collapsed ({', '.join(collapsed)}): val_parses and "
-                "val_reward say little about writing functions", self.dist.is_main)
+            say(
+                f"warning: GRPO's held-out completions have collapsed ({', '.join(collapsed)}): val_parses and "
+                "val_reward say little about writing functions",
+                self.dist.is_main,
+            )
         return result
 
     def state_dict(self) -> dict:
         # The kept batches (token ids, rewards, sampling log-probs) too, so that a resume between two updates
         # of one batch makes the same update. Rank 0 writes the state: other ranks' batches are not in it.
-        return {"stream": self.stream.state_dict(), "draws": self.draws, "calls": self.calls,
-                "rollouts": {str(k): v for k, v in self.rollouts.items()} if self.dist.dp_size == 1 else {}}
+        return {
+            "stream": self.stream.state_dict(),
+            "draws": self.draws,
+            "calls": self.calls,
+            "rollouts": {str(k): v for k, v in self.rollouts.items()} if self.dist.dp_size == 1 else {},
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.stream.load_state_dict(state["stream"])
@@ -258,5 +310,8 @@ class GRPOTask:
         self.calls = state.get("calls", 0)
         self.rollouts = {int(k): v for k, v in state.get("rollouts", {}).items()}
         if not self._fresh() and not self.rollouts:
-            say("note: resumed between two updates of one sampled batch on several data-parallel ranks: the "
-                "batch is sampled afresh (only a single process keeps it in its checkpoint)", self.dist.is_main)
+            say(
+                "note: resumed between two updates of one sampled batch on several data-parallel ranks: the "
+                "batch is sampled afresh (only a single process keeps it in its checkpoint)",
+                self.dist.is_main,
+            )

@@ -37,8 +37,9 @@ class PretrainTask:
         self.byte_lengths = torch.tensor(token_byte_lengths(self.tokenizer), dtype=torch.float64)
         # Tensor-parallel peers must see the same batch: streaming's replication gives
         # consecutive ranks the same samples, and our mesh puts TP on consecutive ranks.
-        self.loader = TokenLoader(cfg.data, "train", cfg.train.micro_batch_size, seed=cfg.seed,
-                                  replication=dist_info.tp)
+        self.loader = TokenLoader(
+            cfg.data, "train", cfg.train.micro_batch_size, seed=cfg.seed, replication=dist_info.tp
+        )
         self._iter = None
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,8 +81,11 @@ class PretrainTask:
             dist.all_reduce(sums)  # TP peers counted the same batch: the ratios below are unaffected
             sums = sums.cpu()
         nats, tokens, text_nats, nbytes = sums.tolist()
-        return {"val_loss": nats / tokens, "val_bpb": text_nats / math.log(2) / nbytes,
-                "xz_bpb": self.meta.get("xz_bpb_val")}
+        return {
+            "val_loss": nats / tokens,
+            "val_bpb": text_nats / math.log(2) / nbytes,
+            "xz_bpb": self.meta.get("xz_bpb_val"),
+        }
 
     def state_dict(self) -> dict:
         return {"loader": self.loader.state_dict()}

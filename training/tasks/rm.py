@@ -58,9 +58,15 @@ class RewardModelTask:
         for batch, weights in self.data.val_batches():
             chosen, rejected = self._rewards(model, batch)
             for i in range(chosen.shape[0]):  # per pair, so the padding pairs (weight 0) count for nothing
-                loss, m = bradley_terry_loss(chosen[i:i + 1], rejected[i:i + 1])
-                sums.add({"val_loss": loss, "val_accuracy": m["rewards/accuracies"],
-                          "val_rewards/margins": m["rewards/margins"]}, float(weights[i]))
+                loss, m = bradley_terry_loss(chosen[i : i + 1], rejected[i : i + 1])
+                sums.add(
+                    {
+                        "val_loss": loss,
+                        "val_accuracy": m["rewards/accuracies"],
+                        "val_rewards/margins": m["rewards/margins"],
+                    },
+                    float(weights[i]),
+                )
         return sums.mean(self.dist.device, self.dist.world_size)
 
     def state_dict(self) -> dict:

@@ -43,13 +43,15 @@ class SFTTask:
         self.tokenizer = load_tokenizer(tokenizer_path)
         self.seq_len = cfg.data.seq_len
         if self.seq_len > self.model_cfg.max_seq_len:
-            raise ValueError(f"key 'data.seq_len' has the value {self.seq_len}, but the model of checkpoint.init_from="
-                             f"{cfg.checkpoint.init_from!r} was built for at most {self.model_cfg.max_seq_len} tokens")
+            raise ValueError(
+                f"key 'data.seq_len' has the value {self.seq_len}, but the model of checkpoint.init_from="
+                f"{cfg.checkpoint.init_from!r} was built for at most {self.model_cfg.max_seq_len} tokens"
+            )
         self.packing = cfg.sft.packing
         self.batch_size = cfg.train.micro_batch_size
         train_path, val_path = data_files(cfg.sft, "sft", "sft", tokenizer_path, self.seq_len, dist_info)
         self.train = self._encode(train_path, "sft.train_file")
-        self.val = self._encode(val_path, "sft.val_file")[:cfg.sft.val_max or None]
+        self.val = self._encode(val_path, "sft.val_file")[: cfg.sft.val_max or None]
         self.epoch, self.cursor = 0, 0
         self._order = None
 
@@ -60,11 +62,16 @@ class SFTTask:
         encoded = encode_examples(self.tokenizer, records, None)
         fitting = [e for e in encoded if len(e[0]) <= self.seq_len]
         if not fitting:
-            raise ValueError(f"key '{key}' = {str(path)!r}: none of its {len(encoded)} examples fits in "
-                             f"data.seq_len={self.seq_len} tokens")
+            raise ValueError(
+                f"key '{key}' = {str(path)!r}: none of its {len(encoded)} examples fits in "
+                f"data.seq_len={self.seq_len} tokens"
+            )
         if len(fitting) < len(encoded):
-            say(f"sft: {len(encoded) - len(fitting)} of the {len(encoded)} examples of {path} are longer than "
-                f"data.seq_len={self.seq_len} tokens: left out", self.dist.is_main)
+            say(
+                f"sft: {len(encoded) - len(fitting)} of the {len(encoded)} examples of {path} are longer than "
+                f"data.seq_len={self.seq_len} tokens: left out",
+                self.dist.is_main,
+            )
         return fitting
 
     # ------------------------------------------------------------ training batches
@@ -98,7 +105,7 @@ class SFTTask:
 
     def next_batch(self) -> dict:
         groups = self._global_rows(self.batch_size * self.dist.dp_size)
-        mine = groups[self.dist.dp_rank * self.batch_size:(self.dist.dp_rank + 1) * self.batch_size]
+        mine = groups[self.dist.dp_rank * self.batch_size : (self.dist.dp_rank + 1) * self.batch_size]
         rows = [pack(group, self.seq_len, pad_id=PAD_ID)[0] for group in mine]
         return {k: v.to(self.dist.device, non_blocking=True) for k, v in collate(rows).items()}
 
@@ -126,7 +133,7 @@ class SFTTask:
     def evaluate(self, model) -> dict:
         """Held-out completion loss (mean nats per completion token, <|im_end|> included) and token accuracy."""
         rows = pack(self.val, self.seq_len, packing=self.packing, pad_id=PAD_ID)
-        mine = rows[self.dist.dp_rank::self.dist.dp_size]
+        mine = rows[self.dist.dp_rank :: self.dist.dp_size]
         # Every rank runs the same number of forward passes (sharded models need all ranks in each):
         # short shares are filled with copies whose labels are all ignored.
         per_rank = -(-len(rows) // self.dist.dp_size)
@@ -134,12 +141,13 @@ class SFTTask:
         mine += [blank] * (per_rank - len(mine))
         sums = torch.zeros(3, dtype=torch.float64)  # nats, tokens, correct
         for i in range(0, per_rank, self.batch_size):
-            batch = {k: v.to(self.dist.device) for k, v in collate(mine[i:i + self.batch_size]).items()}
+            batch = {k: v.to(self.dist.device) for k, v in collate(mine[i : i + self.batch_size]).items()}
             logits = self._logits(model, batch).float()
             labels = batch["labels"]
             keep = labels != IGNORE
-            nats = F.cross_entropy(logits.view(-1, logits.size(-1)), labels.view(-1), ignore_index=IGNORE,
-                                   reduction="sum")
+            nats = F.cross_entropy(
+                logits.view(-1, logits.size(-1)), labels.view(-1), ignore_index=IGNORE, reduction="sum"
+            )
             correct = ((logits.argmax(-1) == labels) & keep).sum()
             sums += torch.stack([nats.double(), keep.sum().double(), correct.double()]).cpu()
         if self.dist.world_size > 1:

@@ -30,8 +30,12 @@ def add_commands(sub) -> None:
 
     s = sub.add_parser("chat", help="talk to a fine-tuned model in the chat template")
     sample.add_sampling_args(s, source_optional=True)
-    s.add_argument("--url", default=None, help="talk to a running `orch serve` (or any OpenAI-compatible "
-                   "server) at this address instead of loading SOURCE, e.g. http://127.0.0.1:8000")
+    s.add_argument(
+        "--url",
+        default=None,
+        help="talk to a running `orch serve` (or any OpenAI-compatible "
+        "server) at this address instead of loading SOURCE, e.g. http://127.0.0.1:8000",
+    )
     s.add_argument("--api-key", default=None, help="with --url: the server's API key")
     s.set_defaults(func=sample.cmd_chat)
 
@@ -39,27 +43,47 @@ def add_commands(sub) -> None:
     s.add_argument("source", help="a run folder (its newest checkpoint), a checkpoint folder or a Hugging Face folder")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     s.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
-    s.add_argument("--max-batch", type=int, default=8,
-                   help="requests decoded together, one forward pass per step for all (default 8)")
-    s.add_argument("--max-queue", type=int, default=64,
-                   help="requests waiting for a place in the batch; more are refused with 429 (default 64)")
-    s.add_argument("--served-model-name", default=None,
-                   help="the model name clients ask for (default: the source folder's name)")
+    s.add_argument(
+        "--max-batch",
+        type=int,
+        default=8,
+        help="requests decoded together, one forward pass per step for all (default 8)",
+    )
+    s.add_argument(
+        "--max-queue",
+        type=int,
+        default=64,
+        help="requests waiting for a place in the batch; more are refused with 429 (default 64)",
+    )
+    s.add_argument(
+        "--served-model-name", default=None, help="the model name clients ask for (default: the source folder's name)"
+    )
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ requests")
     s.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="weights and activations (default fp32)")
-    s.add_argument("--quantize", default=None, choices=["int8"],
-                   help="int8: weight-only int8 Linear layers (CPU; docs/serving.md has its measured effect)")
+    s.add_argument(
+        "--quantize",
+        default=None,
+        choices=["int8"],
+        help="int8: weight-only int8 Linear layers (CPU; docs/serving.md has its measured effect)",
+    )
     s.add_argument("--device", default="cpu", help="cpu or cuda")
     s.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
-    s.add_argument("--shutdown-timeout", type=float, default=30,
-                   help="seconds that requests in flight get to finish at shutdown (default 30)")
+    s.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30,
+        help="seconds that requests in flight get to finish at shutdown (default 30)",
+    )
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("export", help="export a run or checkpoint to the Hugging Face Llama layout")
     s.add_argument("source", help="a run folder or a checkpoint folder")
     s.add_argument("--hf", required=True, metavar="OUT", help="output folder")
-    s.add_argument("--merge", action="store_true",
-                   help="a LoRA run: write its base with the adapters merged in, instead of base + PEFT adapter")
+    s.add_argument(
+        "--merge",
+        action="store_true",
+        help="a LoRA run: write its base with the adapters merged in, instead of base + PEFT adapter",
+    )
     s.set_defaults(func=cmd_export)
 
     data = sub.add_parser("data", help="data preparation").add_subparsers(dest="data_command", required=True)
@@ -77,10 +101,14 @@ def add_plan_parser(sub) -> None:
     s.add_argument("overrides", nargs="*", help="key=value, as for orch submit (before the options)")
     s.add_argument("--world", type=int, help="GPUs in all (default: resources.nodes x resources.nproc_per_node)")
     s.add_argument("--nodes", type=int, help="nodes (with --gpus-per-node)")
-    s.add_argument("--gpus-per-node", type=int, help="GPUs per node (default: resources.nproc_per_node; with "
-                                                     "--world, 8)")
-    s.add_argument("--device", help="h100 (default), h200, a100-80g, a100-40g: training/plan/devices.py; "
-                                    "resources.gpu_mem_gib replaces its memory")
+    s.add_argument(
+        "--gpus-per-node", type=int, help="GPUs per node (default: resources.nproc_per_node; with --world, 8)"
+    )
+    s.add_argument(
+        "--device",
+        help="h100 (default), h200, a100-80g, a100-40g: training/plan/devices.py; "
+        "resources.gpu_mem_gib replaces its memory",
+    )
     s.add_argument("--json", action="store_true", help="print the plan as JSON")
     s.set_defaults(func=cmd_plan)
 

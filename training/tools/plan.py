@@ -1,5 +1,6 @@
 """`orch plan JOB [k=v ...]`: the job's training step in a fake world of its real size, on this CPU, before it
-queues (training/plan/); and the fit check behind `orch submit --check-fit`. Its arguments: training/tools/__init__.py."""
+queues (training/plan/); and the fit check behind `orch submit --check-fit`. Its arguments:
+training/tools/__init__.py."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ def layout_overrides(args) -> list[str]:
     if args.world is not None:
         per_node = args.gpus_per_node or min(args.world, 8)
         if args.world % per_node:
-            raise ValueError(f"--world {args.world} is not a whole number of nodes of {per_node} GPUs "
-                             "(--gpus-per-node)")
+            raise ValueError(
+                f"--world {args.world} is not a whole number of nodes of {per_node} GPUs (--gpus-per-node)"
+            )
         return [f"resources.nodes={args.world // per_node}", f"resources.nproc_per_node={per_node}"]
     out = [f"resources.nodes={args.nodes}"] if args.nodes is not None else []
     if args.gpus_per_node is not None:
@@ -50,7 +52,10 @@ def check_fit(cfg, path: str) -> None:
 
     plan = plan_for(cfg)
     if not plan.fits:
-        raise SpecError(f"{path}: resources.nodes={cfg.resources.nodes} x resources.nproc_per_node="
-                        f"{cfg.resources.nproc_per_node} ({plan.layout}): " + refusal(plan)
-                        + f" `orch plan {path}` shows the whole plan.")
+        raise SpecError(
+            f"{path}: resources.nodes={cfg.resources.nodes} x resources.nproc_per_node="
+            f"{cfg.resources.nproc_per_node} ({plan.layout}): "
+            + refusal(plan)
+            + f" `orch plan {path}` shows the whole plan."
+        )
     print(f"fits: {plan.peak_bytes / 2**30:.1f} GiB of {plan.device.memory_gib:.1f} GiB per GPU at the peak")

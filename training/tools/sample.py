@@ -11,14 +11,24 @@ import sys
 
 
 def add_sampling_args(p, source_optional: bool = False) -> None:
-    p.add_argument("source", nargs="?" if source_optional else None,
-                   help="a run folder (its newest checkpoint), a checkpoint folder or a Hugging Face folder")
+    p.add_argument(
+        "source",
+        nargs="?" if source_optional else None,
+        help="a run folder (its newest checkpoint), a checkpoint folder or a Hugging Face folder",
+    )
     p.add_argument("--max-new-tokens", type=int, default=256, help="stop after this many tokens (default 256)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
-    p.add_argument("--top-p", type=float, default=None, help="sample among the most likely tokens holding this much probability")
-    p.add_argument("--stop", action="append", default=[], metavar="STR",
-                   help="stop before this text (repeatable; \\n and \\t are understood)")
+    p.add_argument(
+        "--top-p", type=float, default=None, help="sample among the most likely tokens holding this much probability"
+    )
+    p.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="STR",
+        help="stop before this text (repeatable; \\n and \\t are understood)",
+    )
     p.add_argument("--seed", type=int, default=None, help="for reproducible sampling")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
 
@@ -62,10 +72,17 @@ def cmd_generate(args) -> int:
     model, tokenizer = _load(args)
     prompt = _unescape(args.prompt)
     ids = tokenizer.encode(prompt).ids or [EOS_ID]
-    ids = ids[-(model.cfg.max_seq_len - 1):]  # keep the end of a prompt longer than the model's window
+    ids = ids[-(model.cfg.max_seq_len - 1) :]  # keep the end of a prompt longer than the model's window
     sys.stdout.write(prompt)
-    text_stream = TextStream(model, tokenizer, ids, args.max_new_tokens, stop=[_unescape(s) for s in args.stop],
-                             stop_tokens=[EOS_ID], **_sampling(args))
+    text_stream = TextStream(
+        model,
+        tokenizer,
+        ids,
+        args.max_new_tokens,
+        stop=[_unescape(s) for s in args.stop],
+        stop_tokens=[EOS_ID],
+        **_sampling(args),
+    )
     _print_stream(text_stream)
     sys.stdout.write("\n")
     print(f"[{len(text_stream.token_ids)} tokens, stopped by {text_stream.stop_reason}]", file=sys.stderr)
@@ -101,10 +118,19 @@ def cmd_chat(args) -> int:
         while len(ids) >= model.cfg.max_seq_len and len(messages) > 1:  # forget the oldest turns first
             messages = messages[2:] if len(messages) > 2 else messages[1:]
             ids = encode_prompt(tokenizer, messages)
-        ids = ids[-(model.cfg.max_seq_len - 1):]
+        ids = ids[-(model.cfg.max_seq_len - 1) :]
         sys.stdout.write("model> ")
-        reply = _print_stream(TextStream(model, tokenizer, ids, args.max_new_tokens,
-                                         stop=[_unescape(s) for s in args.stop], stop_tokens=stops, **sampling))
+        reply = _print_stream(
+            TextStream(
+                model,
+                tokenizer,
+                ids,
+                args.max_new_tokens,
+                stop=[_unescape(s) for s in args.stop],
+                stop_tokens=stops,
+                **sampling,
+            )
+        )
         sys.stdout.write("\n")
         messages.append({"role": "assistant", "content": reply})
     return 0

@@ -67,8 +67,9 @@ def executor_for(kind_executors: tuple[str, ...], asked: str) -> str:
     return asked if asked in kind_executors else kind_executors[0]
 
 
-def measured(ctx: Context, fault: Fault, body: Callable, setup: Optional[Callable] = None,
-             teardown: Optional[Callable] = None) -> Outcome:
+def measured(
+    ctx: Context, fault: Fault, body: Callable, setup: Optional[Callable] = None, teardown: Optional[Callable] = None
+) -> Outcome:
     """Run `body(ws, watch, out)` in a fresh workspace under a Watch, then count orphans and leftovers whatever
     happened; an exception in the body (a timeout, a command that failed) becomes a note of the outcome."""
     ws = ctx.workspace(fault)
@@ -87,11 +88,23 @@ def measured(ctx: Context, fault: Fault, body: Callable, setup: Optional[Callabl
     return out
 
 
-def one_run(ctx: Context, fault: Fault, *extra: str, spec: str = "", act: Optional[Callable] = None,
-            retries: int = 0, restarts: Optional[int] = None, floor: Optional[int] = None, spared: tuple = (),
-            reference_fault: str = "", final_state: str = "COMPLETED", step: int = MAX_STEPS,
-            env_extra: Optional[dict] = None, setup: Optional[Callable] = None,
-            teardown: Optional[Callable] = None) -> Outcome:
+def one_run(
+    ctx: Context,
+    fault: Fault,
+    *extra: str,
+    spec: str = "",
+    act: Optional[Callable] = None,
+    retries: int = 0,
+    restarts: Optional[int] = None,
+    floor: Optional[int] = None,
+    spared: tuple = (),
+    reference_fault: str = "",
+    final_state: str = "COMPLETED",
+    step: int = MAX_STEPS,
+    env_extra: Optional[dict] = None,
+    setup: Optional[Callable] = None,
+    teardown: Optional[Callable] = None,
+) -> Outcome:
     """The common shape of a fault: submit the chaos job (with ORCH_FAULT=spec, firing once), let `act(ws, watch,
     run_id, out)` do the harness's part (it returns when the fault struck, in watch seconds, or None to use the
     first fault line), wait until the run has ended, and measure it against its reference run.
@@ -105,16 +118,41 @@ def one_run(ctx: Context, fault: Fault, *extra: str, spec: str = "", act: Option
         fault_at = act(ws, watch, run_id, out) if act else None
         ws.wait_finished(run_id)
         watch.tick()
-        score(ws, watch, run_id, reference, out, spec=spec, fault_at=fault_at, retries=retries, restarts=restarts,
-              floor=floor, spared=spared, step=step, final_state=final_state)
+        score(
+            ws,
+            watch,
+            run_id,
+            reference,
+            out,
+            spec=spec,
+            fault_at=fault_at,
+            retries=retries,
+            restarts=restarts,
+            floor=floor,
+            spared=spared,
+            step=step,
+            final_state=final_state,
+        )
 
     return measured(ctx, fault, body, setup, teardown)
 
 
-def score(ws: Workspace, watch: Watch, run_id: str, reference: Path, out: Outcome, *, spec: str = "",
-          fault_at: Optional[float] = None, retries: int = 0, restarts: Optional[int] = None,
-          floor: Optional[int] = None, spared: tuple = (), step: int = MAX_STEPS,
-          final_state: str = "COMPLETED") -> Outcome:
+def score(
+    ws: Workspace,
+    watch: Watch,
+    run_id: str,
+    reference: Path,
+    out: Outcome,
+    *,
+    spec: str = "",
+    fault_at: Optional[float] = None,
+    retries: int = 0,
+    restarts: Optional[int] = None,
+    floor: Optional[int] = None,
+    spared: tuple = (),
+    step: int = MAX_STEPS,
+    final_state: str = "COMPLETED",
+) -> Outcome:
     """Score a run of a fault that has ended (see one_run): did its spec fire, then census.settle."""
     if fault_at is None and spec:
         struck = watch.first("fault", run_id=run_id)
@@ -122,9 +160,20 @@ def score(ws: Workspace, watch: Watch, run_id: str, reference: Path, out: Outcom
     if spec and not fault_fired(ws, spec):
         out.not_fired = True
         out.notes.append(f"the fault {spec} never fired")
-    return settle(ws, watch, run_id, reference, out, step=step, retries_expected=retries,
-                  restarts_expected=retries if restarts is None else restarts, resume_floor=floor, spared=spared,
-                  fault_at=fault_at, final_state=final_state)
+    return settle(
+        ws,
+        watch,
+        run_id,
+        reference,
+        out,
+        step=step,
+        retries_expected=retries,
+        restarts_expected=retries if restarts is None else restarts,
+        resume_floor=floor,
+        spared=spared,
+        fault_at=fault_at,
+        final_state=final_state,
+    )
 
 
 def _kinds() -> dict[int, Kind]:

@@ -34,15 +34,21 @@ stages:
 def draw_slurm_cancel(rng: random.Random, executor: str) -> Fault:
     what = rng.choice(["orch cancel", "orch cancel --no-wait", "orch pipeline cancel"])
     step = rng.randint(1, MAX_STEPS - 1)
-    return Fault(13, 0, "slurm", f"train.after_optimizer_step#{step}:wait",
-                 {"cancel": what, "step": step, "async": rng.random() < 0.5})
+    return Fault(
+        13,
+        0,
+        "slurm",
+        f"train.after_optimizer_step#{step}:wait",
+        {"cancel": what, "step": step, "async": rng.random() < 0.5},
+    )
 
 
 def queued(job_ids: list[str]) -> list[str]:
     if not job_ids:
         return []
-    out = subprocess.run(["squeue", "-h", "-j", ",".join(job_ids), "-o", "%i"], capture_output=True, text=True,
-                         timeout=60)
+    out = subprocess.run(
+        ["squeue", "-h", "-j", ",".join(job_ids), "-o", "%i"], capture_output=True, text=True, timeout=60
+    )
     return out.stdout.split()
 
 
@@ -71,8 +77,9 @@ def watch_cancel(ws: Workspace, run_ids: list[str], out: Outcome) -> None:
         time.sleep(1.0)
     if left:
         out.wrong_state = True
-        out.notes.append(f"{left} not shown CANCELLED {SHOWN_S}s after Slurm ended their jobs: "
-                         f"{[listed_state(ws, r) for r in left]}")
+        out.notes.append(
+            f"{left} not shown CANCELLED {SHOWN_S}s after Slurm ended their jobs: {[listed_state(ws, r) for r in left]}"
+        )
 
 
 def run_slurm_cancel(fault: Fault, ctx: Context) -> Outcome:
@@ -83,8 +90,9 @@ def run_slurm_cancel(fault: Fault, ctx: Context) -> Outcome:
     def body(ws: Workspace, watch, out: Outcome):
         if p["cancel"] == "orch pipeline cancel":
             pipeline_file = ws.root / "pipeline.yaml"
-            pipeline_file.write_text(PIPELINE.format(overrides=json.dumps(ws.job_overrides(*extra)), job=JOB,
-                                                     b_steps=B_STEPS))
+            pipeline_file.write_text(
+                PIPELINE.format(overrides=json.dumps(ws.job_overrides(*extra)), job=JOB, b_steps=B_STEPS)
+            )
             submitted = ws.orch("submit", str(pipeline_file), env=ws.env(fault.point), check=True)
             pipeline_id = re.search(r"submitted pipeline (\S+)", submitted.stdout).group(1)
             run_id, runs = f"{pipeline_id}-a", [f"{pipeline_id}-a", f"{pipeline_id}-b"]
@@ -96,9 +104,14 @@ def run_slurm_cancel(fault: Fault, ctx: Context) -> Outcome:
             runs = [run_id]
             fault_at = watch.wait("fault", run_id)
             # `orch cancel` waits until the run has stopped, which it can't while held: it runs beside us
-            cancel = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *p["cancel"].split()[1:], run_id],
-                                      cwd=ws.root, env=ws.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True)
+            cancel = subprocess.Popen(
+                [sys.executable, "-m", "orchestrator.cli", *p["cancel"].split()[1:], run_id],
+                cwd=ws.root,
+                env=ws.env(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
             ws.wait_state(run_id, ("CANCELLING", "CANCELLED"))
         ws.release()  # the held trainer goes on: it sees the stop signal, saves, and exits
         watch_cancel(ws, runs, out)
@@ -113,7 +126,16 @@ def run_slurm_cancel(fault: Fault, ctx: Context) -> Outcome:
         ws.wait_finished(run_id)
         watch.tick()
         # the cancelled attempt saved its step on the way out (logged), at least the one committed before it
-        settle(ws, watch, run_id, reference, out, step=MAX_STEPS, restarts_expected=1, fault_at=fault_at,
-               resume_floor=committed_before(p["step"]))
+        settle(
+            ws,
+            watch,
+            run_id,
+            reference,
+            out,
+            step=MAX_STEPS,
+            restarts_expected=1,
+            fault_at=fault_at,
+            resume_floor=committed_before(p["step"]),
+        )
 
     return measured(ctx, fault, body)

@@ -23,8 +23,11 @@ def scontrol_node(state: str, reason: str = "") -> None:
 
 
 def node_state() -> str:
-    return subprocess.run(["sinfo", "-h", "-N", "-n", NODE, "-o", "%T"], capture_output=True, text=True,
-                          timeout=60).stdout.strip().lower()
+    return (
+        subprocess.run(["sinfo", "-h", "-N", "-n", NODE, "-o", "%T"], capture_output=True, text=True, timeout=60)
+        .stdout.strip()
+        .lower()
+    )
 
 
 def restore_node() -> None:
@@ -34,8 +37,9 @@ def restore_node() -> None:
 
 
 def only_ours_on_node(job_id: str) -> bool:
-    jobs = subprocess.run(["squeue", "-h", "-w", NODE, "-o", "%i"], capture_output=True, text=True,
-                          timeout=60).stdout.split()
+    jobs = subprocess.run(
+        ["squeue", "-h", "-w", NODE, "-o", "%i"], capture_output=True, text=True, timeout=60
+    ).stdout.split()
     return set(jobs) <= {job_id}
 
 
@@ -48,6 +52,7 @@ def run_node_lost(fault: Fault, ctx: Context) -> Outcome:
     """One rank per node (resources.nodes=2): at a step, node2 goes DOWN and the job's processes there are killed
     (what a node losing power does to them); then node2 is set back to service, as a repaired node is."""
     p = fault.params
+
     def act(ws, watch, run_id, out):
         struck = watch.wait("fault", run_id)
         job = ws.refresh(run_id).slurm_job_id
@@ -67,5 +72,15 @@ def run_node_lost(fault: Fault, ctx: Context) -> Outcome:
         restore_node()
 
     floor = max(0, committed_before(p["step"]) - (4 if p["async"] else 0))
-    return one_run(ctx, fault, "resources.nodes=2", "resources.nproc_per_node=1", f"checkpoint.async_save={p['async']}",
-                   spec=fault.point, act=act, retries=1, floor=floor, teardown=teardown)
+    return one_run(
+        ctx,
+        fault,
+        "resources.nodes=2",
+        "resources.nproc_per_node=1",
+        f"checkpoint.async_save={p['async']}",
+        spec=fault.point,
+        act=act,
+        retries=1,
+        floor=floor,
+        teardown=teardown,
+    )

@@ -20,8 +20,15 @@ from bench.chaos.workspace import ChaosError, Workspace, wait_for
 
 # ---------------------------------------------------------------- 6: control-plane kills
 
-CONTROL_KILLS = ("submit.run_folder", "submit.registered", "supervisor.started", "supervisor.trainer_exited",
-                 "supervisor SIGKILL", "pipeline.stage_started#1", "pipeline.stage_started#2")
+CONTROL_KILLS = (
+    "submit.run_folder",
+    "submit.registered",
+    "supervisor.started",
+    "supervisor.trainer_exited",
+    "supervisor SIGKILL",
+    "pipeline.stage_started#1",
+    "pipeline.stage_started#2",
+)
 
 
 def draw_control_kill(rng: random.Random, executor: str) -> Fault:
@@ -98,8 +105,17 @@ def run_control_kill(fault: Fault, ctx: Context) -> Outcome:
         if len(ws.registry.list()) != 1:
             out.wrong_state = True
             out.notes.append(f"{len(ws.registry.list())} runs registered for one submission")
-        settle(ws, watch, run_id, reference, out, step=MAX_STEPS, fault_at=fault_at, resume_floor=floor,
-               restarts_expected=restarts)
+        settle(
+            ws,
+            watch,
+            run_id,
+            reference,
+            out,
+            step=MAX_STEPS,
+            fault_at=fault_at,
+            resume_floor=floor,
+            restarts_expected=restarts,
+        )
 
     return measured(ctx, fault, body)
 
@@ -157,13 +173,23 @@ def run_pipeline_kill(fault: Fault, ctx: Context) -> Outcome:
 
 # ---------------------------------------------------------------- 7: cancel/resume storms
 
+
 def draw_storm(rng: random.Random, executor: str) -> Fault:
     cycles = rng.randint(2, 3)
     gaps = [round(rng.uniform(0, 10), 1) for _ in range(cycles)]
-    return Fault(7, 0, "local", "cancel; gap; resume", {"gaps_s": gaps, "double_resume": rng.randrange(cycles),
-                                                      "cancel_after_s": [round(rng.uniform(0, 3), 1) for _ in gaps],
-                                                      "no_wait": [rng.random() < 0.5 for _ in gaps],
-                                                      "async": rng.random() < 0.5})
+    return Fault(
+        7,
+        0,
+        "local",
+        "cancel; gap; resume",
+        {
+            "gaps_s": gaps,
+            "double_resume": rng.randrange(cycles),
+            "cancel_after_s": [round(rng.uniform(0, 3), 1) for _ in gaps],
+            "no_wait": [rng.random() < 0.5 for _ in gaps],
+            "async": rng.random() < 0.5,
+        },
+    )
 
 
 def resume_when_allowed(ws: Workspace, run_id: str) -> None:
@@ -180,8 +206,17 @@ def resume_when_allowed(ws: Workspace, run_id: str) -> None:
 def double_resume(ws: Workspace, run_id: str, out: Outcome) -> None:
     """Two `orch resume` at once on a stopped run: exactly one starts it."""
     ws.wait_state(run_id, ("CANCELLED", "COMPLETED", "FAILED"))
-    procs = [subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "resume", run_id], cwd=ws.root, env=ws.env(),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "orchestrator.cli", "resume", run_id],
+            cwd=ws.root,
+            env=ws.env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     codes = sorted(p.wait(timeout=300) for p in procs)
     if codes != [0, 2]:
         out.wrong_state = True
@@ -197,13 +232,17 @@ def run_storm(fault: Fault, ctx: Context) -> Outcome:
         fault_at, cycles = None, 0
         for i, gap in enumerate(p["gaps_s"]):
             starts = len(watch.values("started", run_id))  # the attempt now starting must be training first
-            wait_for(lambda: len(watch.values("started", run_id)) > starts or ws.run(run_id).finished,
-                     "an attempt to start training", 300)
+            wait_for(
+                lambda: len(watch.values("started", run_id)) > starts or ws.run(run_id).finished,
+                "an attempt to start training",
+                300,
+            )
             if ws.run(run_id).finished:
                 break
             time.sleep(p["cancel_after_s"][i])  # the storm's own timing: this is the fault, not synchronization
             fault_at = fault_at if fault_at is not None else time.monotonic() - watch.started
-            # `orch cancel` waits until the run has stopped; --no-wait returns at once, and a resume may meet it CANCELLING
+            # `orch cancel` waits until the run has stopped; --no-wait returns at once, and a resume may meet it
+            # CANCELLING
             ws.orch("cancel", *(["--no-wait"] if p["no_wait"][i] else []), run_id, check=True)
             time.sleep(gap)
             if i == p["double_resume"]:
@@ -228,10 +267,16 @@ def run_storm(fault: Fault, ctx: Context) -> Outcome:
 
 # ---------------------------------------------------------------- 8: registry contention
 
+
 def draw_contention(rng: random.Random, executor: str) -> Fault:
     loops = {"submit": 6, "runs": 7, "status": 7}
-    return Fault(8, 0, "local", "registry.write#2:kill", {"loops": loops, "rounds": 2,
-                                                           "killed_loop": rng.randrange(loops["submit"])})
+    return Fault(
+        8,
+        0,
+        "local",
+        "registry.write#2:kill",
+        {"loops": loops, "rounds": 2, "killed_loop": rng.randrange(loops["submit"])},
+    )
 
 
 def run_contention(fault: Fault, ctx: Context) -> Outcome:
@@ -299,8 +344,9 @@ def check_contention(ws: Workspace, results: list, main_id: str, out: Outcome, f
     listed = [line.split()[0] for line in ws.orch("runs", "--limit", "1000", check=True).stdout.splitlines()[1:]]
     if sorted(listed) != sorted(submitted):
         out.wrong_state = True
-        out.notes.append(f"`orch runs` lists {len(listed)} runs ({len(set(listed))} distinct) for {len(submitted)} "
-                         "submitted")
+        out.notes.append(
+            f"`orch runs` lists {len(listed)} runs ({len(set(listed))} distinct) for {len(submitted)} submitted"
+        )
     for run_id in submitted[1:]:  # the held runs: cancelled before they train, then let go
         ws.orch("cancel", "--no-wait", run_id, check=True)
     ws.release()

@@ -27,6 +27,7 @@ SAVES = 6  # 5 periodic saves (steps 4..20) and the final one (24)
 
 # ---------------------------------------------------------------- 1: a kill inside a save
 
+
 def draw_save_kill(rng: random.Random, executor: str) -> Fault:
     async_save = rng.random() < 0.5
     phases = ["checkpoint.shard_write", "checkpoint.manifest", "checkpoint.commit", "checkpoint.prune"]
@@ -46,8 +47,15 @@ def run_save_kill(fault: Fault, ctx: Context) -> Outcome:
     p = fault.params
     step = EVERY * p["save"]
     committed = step if fault.point.startswith("checkpoint.prune") else step - EVERY
-    return one_run(ctx, fault, f"checkpoint.keep_last={p['keep_last']}", f"checkpoint.async_save={p['async']}",
-                   spec=fault.point, retries=1, floor=committed)
+    return one_run(
+        ctx,
+        fault,
+        f"checkpoint.keep_last={p['keep_last']}",
+        f"checkpoint.async_save={p['async']}",
+        spec=fault.point,
+        retries=1,
+        floor=committed,
+    )
 
 
 # ---------------------------------------------------------------- 4: a full disk
@@ -80,8 +88,11 @@ def run_disk_full(fault: Fault, ctx: Context) -> Outcome:
 
     def setup(ws):
         ws.runs_dir.mkdir(parents=True)
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={DISK_MB}m", "tmpfs", str(ws.runs_dir)], check=True,
-                       capture_output=True)
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={DISK_MB}m", "tmpfs", str(ws.runs_dir)],
+            check=True,
+            capture_output=True,
+        )
 
     def act(ws, watch, run_id, out):
         struck = watch.wait("fault", run_id)
@@ -104,19 +115,34 @@ def run_disk_full(fault: Fault, ctx: Context) -> Outcome:
         return struck
 
     def teardown(ws):  # the run folders go with the tmpfs: their logs are kept beside it for a person to read
-        shutil.copytree(ws.runs_dir, ws.root / "runs-on-the-full-disk", ignore=shutil.ignore_patterns("filler"),
-                        dirs_exist_ok=True)
+        shutil.copytree(
+            ws.runs_dir, ws.root / "runs-on-the-full-disk", ignore=shutil.ignore_patterns("filler"), dirs_exist_ok=True
+        )
         subprocess.run(["umount", "-l", str(ws.runs_dir)], capture_output=True)
 
     floor = committed_before(p["step"]) - (EVERY if p["async"] else 0)
-    return one_run(ctx, fault, f"checkpoint.async_save={p['async']}", spec=fault.point, act=act, floor=max(0, floor),
-                   restarts=1, setup=setup, teardown=teardown)  # the `orch resume` once the disk is freed
+    return one_run(
+        ctx,
+        fault,
+        f"checkpoint.async_save={p['async']}",
+        spec=fault.point,
+        act=act,
+        floor=max(0, floor),
+        restarts=1,
+        setup=setup,
+        teardown=teardown,
+    )  # the `orch resume` once the disk is freed
 
 
 # ---------------------------------------------------------------- 5: a corrupted checkpoint
 
-TARGETS = {"model shard": "model/*.safetensors", "optimizer shard": "optim/*.safetensors",
-           "manifest": "manifest.json", "trainer state": "trainer_state.json", "RNG state": "rng/rank_*.json"}
+TARGETS = {
+    "model shard": "model/*.safetensors",
+    "optimizer shard": "optim/*.safetensors",
+    "manifest": "manifest.json",
+    "trainer state": "trainer_state.json",
+    "RNG state": "rng/rank_*.json",
+}
 
 
 def damage(path: Path, how: str, rng: random.Random) -> str:
@@ -136,9 +162,18 @@ def damage(path: Path, how: str, rng: random.Random) -> str:
 
 def draw_corruption(rng: random.Random, executor: str) -> Fault:
     step = rng.randint(2 * EVERY + 1, MAX_STEPS - 1)  # two checkpoints committed: the newest is damaged
-    return Fault(5, 0, executor, f"train.after_optimizer_step#{step}:wait",
-                 {"step": step, "target": rng.choice(sorted(TARGETS)), "damage": rng.choice(["bitflip", "truncate"]),
-                  "restart": rng.choice(["kill", "requeue"])})
+    return Fault(
+        5,
+        0,
+        executor,
+        f"train.after_optimizer_step#{step}:wait",
+        {
+            "step": step,
+            "target": rng.choice(sorted(TARGETS)),
+            "damage": rng.choice(["bitflip", "truncate"]),
+            "restart": rng.choice(["kill", "requeue"]),
+        },
+    )
 
 
 def run_corruption(fault: Fault, ctx: Context) -> Outcome:
@@ -175,15 +210,30 @@ def run_corruption(fault: Fault, ctx: Context) -> Outcome:
 
 # ---------------------------------------------------------------- 12: stale leftovers and the user's own files
 
+
 def kill_a_loader(ws) -> None:
     """A real trainer of the same data, held after its first step and then SIGKILLed with every process of its
     session (its resource tracker too), as srun or a cgroup's OOM killer does: its /dev/shm blocks stay behind."""
     log = ws.root / "killed-loader.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "training.main", str(JOB), *ws.job_overrides(), "--run-dir",
-                                 str(ws.root / "killed-loader")], cwd=ws.root, stdout=out, stderr=subprocess.STDOUT,
-                                env=ws.env("train.after_optimizer_step#1:wait", ORCH_FAULT_ONCE="",
-                                           ORCH_FAULT_RELEASE=str(ws.root / "never")), start_new_session=True)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "training.main",
+                str(JOB),
+                *ws.job_overrides(),
+                "--run-dir",
+                str(ws.root / "killed-loader"),
+            ],
+            cwd=ws.root,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=ws.env(
+                "train.after_optimizer_step#1:wait", ORCH_FAULT_ONCE="", ORCH_FAULT_RELEASE=str(ws.root / "never")
+            ),
+            start_new_session=True,
+        )
     try:
         wait_for(lambda: "[orch fault]" in log.read_text(), "the loader to be held", 300)
     finally:
@@ -192,8 +242,13 @@ def kill_a_loader(ws) -> None:
 
 
 def draw_leftovers(rng: random.Random, executor: str) -> Fault:
-    return Fault(12, 0, "local", "model.build#1:wait", {"tmp_step": EVERY * rng.randint(1, 5),
-                                                        "user_step": rng.choice([4, 100, 24])})
+    return Fault(
+        12,
+        0,
+        "local",
+        "model.build#1:wait",
+        {"tmp_step": EVERY * rng.randint(1, 5), "user_step": rng.choice([4, 100, 24])},
+    )
 
 
 def run_leftovers(fault: Fault, ctx: Context) -> Outcome:

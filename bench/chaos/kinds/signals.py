@@ -76,8 +76,15 @@ def run_stop_signal(fault: Fault, ctx: Context) -> Outcome:
     final_save = fault.point.startswith(f"checkpoint.manifest#{MAX_STEPS // EVERY}:")
     before_training = p["phase"] in ("data_prep", "model_build") and p["signal"] != "sigusr2"
     restarts = 0 if (p["signal"] == "sigusr2" and final_save) or before_training else 1
-    return one_run(ctx, fault, f"checkpoint.async_save={p['async']}", spec=fault.point, act=act, floor=p["floor"],
-                   restarts=restarts)
+    return one_run(
+        ctx,
+        fault,
+        f"checkpoint.async_save={p['async']}",
+        spec=fault.point,
+        act=act,
+        floor=p["floor"],
+        restarts=restarts,
+    )
 
 
 # ---------------------------------------------------------------- 9: a hung rank
@@ -108,21 +115,36 @@ def run_hung_rank(fault: Fault, ctx: Context) -> Outcome:
     def act(ws, watch, run_id, out):
         struck = watch.wait("fault", run_id)
         if p["how"] == "SIGSTOP":  # the whole process stops, as a rank whose node froze
-            pid = wait_for(lambda: next((proc.pid for proc in processes_of(ws) if (w := trainer_folder(proc))
-                                         and w[1] == p["rank"]), None), f"rank {p['rank']}'s process")
+            pid = wait_for(
+                lambda: next(
+                    (proc.pid for proc in processes_of(ws) if (w := trainer_folder(proc)) and w[1] == p["rank"]), None
+                ),
+                f"rank {p['rank']}'s process",
+            )
             os.kill(pid, signal.SIGSTOP)
         ended = watch.wait("retry", run_id, after=struck, timeout=HUNG_BOUND_S + 120) - struck
-        out.notes.append(f"the hung attempt ended {ended:.1f}s after the rank stopped answering "
-                         f"(collective timeout {HUNG_TIMEOUT_S}s)")
+        out.notes.append(
+            f"the hung attempt ended {ended:.1f}s after the rank stopped answering "
+            f"(collective timeout {HUNG_TIMEOUT_S}s)"
+        )
         if ended > HUNG_BOUND_S:
             out.bound_exceeded = True
         return struck
 
-    return one_run(ctx, fault, f"checkpoint.async_save={p['async']}", f"parallel.collective_timeout_s={HUNG_TIMEOUT_S}",
-                   spec=fault.point, act=act, retries=1, floor=p["floor"])
+    return one_run(
+        ctx,
+        fault,
+        f"checkpoint.async_save={p['async']}",
+        f"parallel.collective_timeout_s={HUNG_TIMEOUT_S}",
+        spec=fault.point,
+        act=act,
+        retries=1,
+        floor=p["floor"],
+    )
 
 
 # ---------------------------------------------------------------- 10: a non-finite loss
+
 
 def draw_nonfinite(rng: random.Random, executor: str) -> Fault:
     rank = rng.choice(["", "@0", "@1"])
@@ -140,8 +162,14 @@ def run_nonfinite(fault: Fault, ctx: Context) -> Outcome:
         return None
 
     # compared with a reference run that has the same non-finite step
-    return one_run(ctx, fault, f"checkpoint.async_save={fault.params['async']}", spec=fault.point, act=act,
-                   reference_fault=fault.point)
+    return one_run(
+        ctx,
+        fault,
+        f"checkpoint.async_save={fault.params['async']}",
+        spec=fault.point,
+        act=act,
+        reference_fault=fault.point,
+    )
 
 
 # ---------------------------------------------------------------- 11: a wall-clock jump during calibration
@@ -170,8 +198,12 @@ def run_clock_jump(fault: Fault, ctx: Context) -> Outcome:
     p = fault.params
     clock = ctx.root / f"clock-{fault.seed}"
     clock.write_text("+0\n")
-    env = {"LD_PRELOAD": faketime_library(), "FAKETIME_TIMESTAMP_FILE": str(clock), "FAKETIME_NO_CACHE": "1",
-           "DONT_FAKE_MONOTONIC": "1"}
+    env = {
+        "LD_PRELOAD": faketime_library(),
+        "FAKETIME_TIMESTAMP_FILE": str(clock),
+        "FAKETIME_NO_CACHE": "1",
+        "DONT_FAKE_MONOTONIC": "1",
+    }
 
     def act(ws, watch, run_id, out):
         struck = watch.wait("fault", run_id)
