@@ -85,6 +85,20 @@ def did_you_mean(key: str, candidates: Iterable[str]) -> str:
 
 
 ALIAS_EXPANSION = 10_000  # values that aliases (*name) may add to a file: shared sections, never a bomb
+MAX_DEPTH = 32  # levels of lists and mappings inside one another: a job file needs about five
+
+
+def _check_depth(node, path: str) -> None:
+    """Refuse YAML nested deeper than MAX_DEPTH, walked without recursion (whatever the recursion limit is)."""
+    stack = [(node, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise RecursionError  # reported below as "nested too deeply", like a parser that ran out of stack
+        if isinstance(node, yaml.SequenceNode):
+            stack += [(child, depth + 1) for child in node.value]
+        elif isinstance(node, yaml.MappingNode):
+            stack += [(child, depth + 1) for pair in node.value for child in pair]
 
 
 def _check_aliases(root, path: str) -> None:
@@ -143,7 +157,8 @@ def read_yaml(path: str, lines: Optional[dict] = None) -> dict:
         with open(path, encoding="utf-8") as f:
             text = f.read()
         node = yaml.compose(text, Loader=yaml.SafeLoader)
-        _check_aliases(node, path)
+        _check_aliases(node, path)  # first: it refuses an alias inside its own anchor, a cycle for the walk below
+        _check_depth(node, path)
         found = _key_lines(node, path)
         raw = yaml.safe_load(text)
     except yaml.MarkedYAMLError as e:
@@ -159,7 +174,7 @@ def read_yaml(path: str, lines: Optional[dict] = None) -> dict:
     except RecursionError:
         raise SpecError(
             f"{path}: the YAML is nested too deeply to read (lists or mappings inside one another "
-            "hundreds of levels deep)."
+            f"more than {MAX_DEPTH} levels deep)."
         ) from None
     if raw is None:
         raise SpecError(

@@ -45,7 +45,7 @@ CASES = {
     5: (13, "'target': 'model shard', 'damage': 'bitflip', 'restart': 'kill'"),
     6: (5, "supervisor SIGKILL"),
     7: (2, "cancel; gap; resume"),
-    8: (0, "registry.write#2:kill"),
+    8: (0, "registry.write#1:kill"),
     9: (9, "checkpoint.shard_write@1#6:hang"),  # a hung background writer (defect: the job held for 30 minutes)
     10: (1, "train.loss#19:nan"),
     11: (0, "'jump_h': 1"),

@@ -28,12 +28,14 @@ BUCKETS = ("productive", "lost", "checkpoint", "validation", "restart", "other")
 
 
 def process_started_at() -> float:
-    """This process's start, wall clock (from /proc: boot time + the start in clock ticks); now where unknown."""
+    """This process's start on the wall clock: its start in clock ticks since boot (/proc/self/stat) against the
+    time since boot now (CLOCK_BOOTTIME), to a tick; /proc/stat's boot time is whole seconds, too coarse to
+    split a restart from the attempt before it. Now, where /proc can't say."""
     try:
-        boot = next(float(line.split()[1]) for line in open("/proc/stat") if line.startswith("btime"))
         ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
-        return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, StopIteration, ValueError, IndexError):
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+        return time.time() - max(0.0, age)
+    except (OSError, ValueError, IndexError, AttributeError):
         return time.time()
 
 

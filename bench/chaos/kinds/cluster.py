@@ -80,7 +80,7 @@ def run_node_lost(fault: Fault, ctx: Context) -> Outcome:
         f"checkpoint.async_save={p['async']}",
         spec=fault.point,
         act=act,
-        retries=1,
+        restarts=1,  # Slurm requeues the job of a DOWN node (NODE_FAIL): a restart, not a retry of orch's
         floor=floor,
         teardown=teardown,
     )
