@@ -13,8 +13,9 @@ peak with torch.cuda.max_memory_allocated on one GPU for the sizes that fit ther
 What the figures are: the peak of memory allocated to tensors (what torch.cuda.max_memory_allocated reports),
 the larger of two moments: the start of the backward (every activation saved, the loss's gradient over the
 vocabulary) and the optimizer step (every gradient). Add 1-3 GiB per GPU for the CUDA context, NCCL's buffers
-and the allocator's fragmentation. Gradient accumulation adds the gradients (4 bytes a parameter, sharded) to
-the first moment.
+and the allocator's fragmentation. Gradient accumulation adds the gradients (4 bytes a parameter, sharded: the
+trainer reduce-scatters each micro-batch's, so no rank holds unsharded ones between micro-batches) to the first
+moment.
 """
 
 from __future__ import annotations

@@ -14,10 +14,10 @@ from typing import Callable, Iterator, Optional
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from jobspec.contract import RunFolder
+from jobspec.contract import RunFolder, UserError
 from jobspec.curate_checks import check_curate
 from jobspec.kinds import KINDS
-from jobspec.posttrain_checks import check_classify, check_grpo, check_lora
+from jobspec.posttrain_checks import check_classify, check_dpo, check_grpo, check_lora
 from jobspec.schema import OPTIMIZERS, SCHEDULES, TRACKER_BACKENDS, numeric_keys
 from model.config import MLPS
 
@@ -35,6 +35,19 @@ SLURM_NAME = re.compile(r"[A-Za-z0-9_.,-]+\Z")  # partition, account, qos (comma
 SLURM_CONSTRAINT = re.compile(r"[A-Za-z0-9_.,&|\[\]*:()!-]+\Z")  # node features with sbatch's operators
 SBATCH_FLAG = re.compile(r"--[A-Za-z][A-Za-z0-9-]*(=[^\x00-\x1f\x7f]*)?\Z")
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")  # what `export NAME=...` takes
+# pyxis's --container-mounts entry: SRC:DST[:FLAGS], absolute paths (the entries are joined by commas)
+CONTAINER_MOUNT = re.compile(r"/[^:,\s]*:/[^:,\s]*(:[A-Za-z+]+)?\Z")
+# Variables orch sets itself on the nodes: one in resources.env would be overridden or would break the launch.
+ORCH_ENV = {
+    "PYTHONPATH": "the code folder orch runs; a resources.setup line may add to it: export PYTHONPATH=$PYTHONPATH:DIR",
+    "RANK": "each task's rank",
+    "WORLD_SIZE": "the job's process count",
+    "LOCAL_RANK": "each task's rank on its node",
+    "LOCAL_WORLD_SIZE": "the processes per node",
+    "MASTER_ADDR": "the job's first node",
+    "MASTER_PORT": "a port per job and restart",
+}
 
 # The sbatch options orch writes itself (orchestrator/executors/slurm.py and slurm_array.py, through submitit), and
 # what sets each: the same option in resources.sbatch_extra would replace orch's (a pipeline's afterok, the
@@ -66,7 +79,7 @@ SBATCH_OWN_PREFIXES = ("gpus",)  # sbatch options of their own that are also pre
 INT64 = (-(2**63), 2**63 - 1)  # what SQLite and tensors hold
 
 
-class SpecError(Exception):
+class SpecError(UserError):
     """A job spec that can't be used. The message is meant for the user, as is."""
 
     exit_code = 2
@@ -149,9 +162,14 @@ def check_values(cfg: DictConfig, where: Where) -> None:
     for key, choices in (("model.mlp", MLPS), ("optim.name", OPTIMIZERS), ("optim.schedule", SCHEDULES)):
         if OmegaConf.select(cfg, key) not in choices:
             raise bad(key, f"but it must be one of {', '.join(choices)}")
+    if cfg.resources.code not in ("snapshot", "live"):
+        raise bad("resources.code", "but it must be snapshot (the code as submitted) or live (the code as it is)")
     _check_vocab(cfg, bad)
     _check_trackers(cfg, bad)
     _check_slurm_strings(cfg, bad)
+    _check_node_environment(cfg, bad, where)
+    if cfg.executor == "local":
+        refuse_slurm_only(cfg, where)
     _check_reward_model_parallelism(cfg, bad)
     _check_hf_init_from(cfg, bad)
     if cfg.kind == "data":
@@ -160,6 +178,8 @@ def check_values(cfg: DictConfig, where: Where) -> None:
         check_lora(cfg, bad)
     if "grpo" in cfg:
         check_grpo(cfg, bad)
+    if "dpo" in cfg:
+        check_dpo(cfg, bad)
     if "classify" in cfg:
         check_classify(cfg, bad)
 
@@ -169,8 +189,7 @@ def _check_trackers(cfg: DictConfig, bad) -> None:
         if name not in TRACKER_BACKENDS:
             raise bad(
                 f"logging.backends[{i}]",
-                f"but orch writes only to {', '.join(TRACKER_BACKENDS)} "
-                "(W&B imports TensorBoard's event files: `wandb sync --sync-tensorboard RUN/tensorboard`)",
+                f"but orch writes only to {', '.join(TRACKER_BACKENDS)} (docs/observability.md)",
             )
 
 
@@ -233,6 +252,66 @@ def _check_slurm_strings(cfg, bad) -> None:
                 key,
                 f"but --{name}{read_as} is an option orch sets itself (key {ORCH_SBATCH_OPTIONS[option]}), "
                 "which an entry here would override",
+            )
+
+
+def _check_node_environment(cfg, bad, where: Where) -> None:
+    """resources.setup, env, python and container become lines of the batch script (orchestrator/executors/slurm.py):
+    each setup line must stay one shell command, each variable a name `export` takes. Control characters are
+    refused for every value by check_plain_values."""
+    import shlex
+
+    for i, line in enumerate(cfg.resources.setup):
+        key, why = f"resources.setup[{i}]", None
+        try:
+            words = list(shlex.shlex(str(line), posix=True, punctuation_chars=True))
+        except ValueError as e:  # "No closing quotation", "No escaped character" (a final backslash)
+            why = f"this one is unfinished ({e}): the shell would take the batch script's next line as its rest"
+        else:
+            if any(w in ("<<", "<<-") for w in words):
+                why = "this one starts a here-document, which would read the batch script's next lines as its input"
+            elif str(line).lstrip().startswith("#SBATCH"):
+                why = "this one is an sbatch option: give those in resources.sbatch_extra or their own resources.* key"
+        if why:
+            raise bad(key, f"but each entry must be one complete shell command on one line; {why}")
+    for name in cfg.resources.env:
+        key = f"resources.env.{name}"
+        if not ENV_NAME.fullmatch(str(name)):
+            raise SpecError(
+                f"{where(key, 'resources.env')}: key 'resources.env' has the variable name {str(name)!r}, which is "
+                "not a variable name: letters, digits and '_', not starting with a digit."
+            )
+        if str(name) in ORCH_ENV:
+            raise SpecError(
+                f"{where(key, 'resources.env')}: key 'resources.env' sets {name}, which orch sets itself on the "
+                f"nodes ({ORCH_ENV[str(name)]})."
+            )
+    if cfg.resources.python is not None and not str(cfg.resources.python).strip():
+        raise bad("resources.python", "but it must name an interpreter (a path, or a name on PATH), or be null")
+    image = cfg.resources.container.image
+    if image is not None and (not str(image).strip() or str(image).startswith("-")):
+        raise bad("resources.container.image", "but it must name an image (e.g. nvcr.io#nvidia/pytorch:24.08-py3)")
+    for i, mount in enumerate(cfg.resources.container.mounts):
+        if not CONTAINER_MOUNT.fullmatch(str(mount)):
+            raise bad(
+                f"resources.container.mounts[{i}]",
+                "but each entry must be SRC:DST or SRC:DST:FLAGS, two absolute paths without ',' ':' or spaces "
+                "and pyxis's flags (e.g. /scratch/me:/scratch/me:ro)",
+            )
+    if cfg.resources.container.mounts and image is None:
+        raise bad("resources.container.mounts", "but no resources.container.image is set", "resources.container.image")
+
+
+def refuse_slurm_only(cfg, where: Where, why: str = "executor: local") -> None:
+    """resources.setup and resources.container are made for a cluster's nodes (module load, pyxis's srun): the local
+    executor runs with this machine's environment, and refuses them rather than ignoring them."""
+    for key, empty in (("resources.setup", "[]"), ("resources.container.image", "null")):
+        value = OmegaConf.select(cfg, key)
+        if value:
+            raise SpecError(
+                f"{where(key, 'executor')}: key '{key}' has the value {value!r}, but the local executor ({why}) runs "
+                "the trainer in this machine's environment: setup lines and containers are for Slurm's nodes. "
+                f"Submit with executor=slurm, or set {key}={empty} to run here."
             )
 
 

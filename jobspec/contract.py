@@ -10,10 +10,13 @@ is the one place where either side learns those names and numbers.
         tokenizer.json       the tokenizer the run trained with, copied in by the trainer
         metrics.jsonl        one JSON object per logged step (loss, lr, validation, ...), by rank 0
         summary.json         the final step, checkpoint and validation numbers, by rank 0 at the end
+        goodput.json         where the run's wall time went, attempt by attempt (training/goodput.py)
+        trackers.json        each experiment tracker's run id and last logged step: a resumed run continues them
         checkpoints/step_NNNNNNNN/   committed checkpoints (training/checkpoint.py)
         logs/train.log       the trainer's output (local executor)
         logs/user_error.txt  written when the trainer stops on a user error: executors must not retry
         logs/trainer_exit.txt  rank 0's exit code, written as it returns (torchrun reports any failure as 1)
+        logs/traceback.txt   the traceback of an unexpected exception (exit 1; other ranks: traceback_rankN.txt)
         logs/save_seconds.txt  the longest checkpoint save of the trainer's last run, in seconds: launchers size the
                              time between their stop signal and SIGKILL by it (stop_grace_s)
         .lock                held (flock) by the trainer for its whole life: one trainer per run folder
@@ -28,8 +31,16 @@ from typing import Optional
 
 # Exit codes of `python -m training.main`.
 EXIT_OK = 0
+EXIT_BUG = 1  # an unexpected exception (a bug, a flaky node): retried per resources.max_retries
 EXIT_USER_ERROR = 2  # a bad config, bad data, no valid checkpoint, a run folder in use: retrying won't help
 EXIT_REQUEUE = 3  # stopped by a signal (preemption, time limit, cancel) after saving a checkpoint: requeue
+
+
+class UserError(Exception):
+    """A job that can't run as given (its config, its data, where it starts from), found by a check that says so in
+    one sentence for the user: the trainer exits EXIT_USER_ERROR and executors never retry it. Any other exception
+    is a bug: EXIT_BUG, retried."""
+
 
 CONFIG = "config.yaml"
 MODEL = "model.json"
@@ -37,6 +48,7 @@ TOKENIZER = "tokenizer.json"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 GOODPUT = "goodput.json"  # where the run's wall time went, by attempt (training/goodput.py)
+TRACKERS = "trackers.json"  # W&B's and MLflow's run ids and last logged steps (training/tracker_state.py)
 CHECKPOINTS = "checkpoints"
 LOGS = "logs"
 TRAIN_LOG = "train.log"

@@ -12,7 +12,8 @@ A spec is `point[@rank][#n][:action]`:
           hang (sleep forever, like a stuck rank), wait (block until the file named by ORCH_FAULT_RELEASE
           exists: a test holds a process at a point while it acts, then lets it go), nan (the caller makes its
           value non-finite), enospc (raise OSError(ENOSPC), a full disk), enolck (raise OSError(ENOLCK), a
-          file system mounted without flock).
+          file system mounted without flock), error / valueerror (raise a plain RuntimeError / ValueError: a bug,
+          which the trainer exits 1 on and the executors retry).
 With ORCH_FAULT_ONCE=<file> a fault fires only if that file does not exist yet, and creates it: the run that
 restarts after the fault then runs clean. The environment is read once, at the first `fault()` call; when
 ORCH_FAULT is unset a call costs one dictionary lookup.
@@ -27,7 +28,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-ACTIONS = ("kill", "sigterm", "sigusr2", "hang", "wait", "nan", "enospc", "enolck")
+ACTIONS = ("kill", "sigterm", "sigusr2", "hang", "wait", "nan", "enospc", "enolck", "error", "valueerror")
 
 FAULT_POINTS = {
     # data plane (training/)
@@ -50,6 +51,9 @@ FAULT_POINTS = {
     "run_lock.held": "training/main.py, once the run folder's lock is held (rank 0; each node's local rank 0)",
     "run_lock.flock": "jobspec/run_lock.py, before each flock of the run folder's lock (enolck: the file system "
     "has no flock)",
+    "atomic.written": "jobspec/atomic.py, each atomic file write, once its temporary holds the new bytes, before "
+    "the rename",
+    "atomic.replaced": "jobspec/atomic.py, each atomic file write, after the rename, before its folder is synced",
     # control plane (orchestrator/)
     "submit.run_folder": "orchestrator/runs.py, after the run folder and config.yaml, before the registry row",
     "submit.registered": "orchestrator/cli.py (pipelines: orchestrator/pipelines.py), after the registry rows, before "
@@ -154,4 +158,8 @@ def _act(action: str) -> Optional[str]:
         raise OSError(errno.ENOSPC, "No space left on device (fault point)")
     if action == "enolck":
         raise OSError(errno.ENOLCK, "No locks available (fault point)")
+    if action == "error":
+        raise RuntimeError("an unexpected error (fault point)")
+    if action == "valueerror":
+        raise ValueError("an unexpected value (fault point)")
     return action  # nan: the caller's business

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import sys
 from dataclasses import fields, is_dataclass
 from typing import Iterable, Optional, Sequence
 
@@ -16,8 +17,13 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from jobspec import atomic
 from jobspec.checks import SpecError, check_launch, check_plain_values, check_values
 from jobspec.kinds import KINDS
+from jobspec.trl_aliases import apply_aliases
+from jobspec.prepared_data import check_prepared, default_dir
+from jobspec.schedule_fit import fit_schedule
+from jobspec.starting_points import FindRun, resolve_starting_points
 from model.config import SIZES, size_keys
 
 
@@ -43,8 +49,10 @@ def schema_shapes(schema, prefix: str = "") -> dict[str, str]:
         if is_dataclass(default):
             shapes[key] = "section"
             shapes.update(schema_shapes(type(default), key + "."))
+        elif f.metadata.get("entries"):  # a list of mappings, each with the keys of that dataclass (grpo.rewards)
+            shapes[key] = "records"
         else:
-            shapes[key] = "list" if isinstance(default, list) else "value"
+            shapes[key] = "list" if isinstance(default, list) else "mapping" if isinstance(default, dict) else "value"
     return shapes
 
 
@@ -62,7 +70,12 @@ def _check_shapes(node: dict, where, shapes: dict[str, str], prefix: str = "") -
                 f"{where(key)}: key '{key}' has the value {value!r}, but '{key}' is a section: set "
                 f"its keys (e.g. {key}.{keys[0]}=...). Its keys: {', '.join(keys)}."
             )
-        elif shape == "list" and not isinstance(value, list):
+        elif shape == "records" and not (isinstance(value, list) and all(isinstance(v, dict) for v in value)):
+            raise SpecError(
+                f"{where(key)}: key '{key}' has the value {value!r}, but it must be a list of mappings, "
+                f"e.g. [{{fn: name, weight: 1.0}}]."
+            )
+        elif shape in ("list", "records") and not isinstance(value, list):
             raise SpecError(
                 f"{where(key)}: key '{key}' has the value {value!r}, but it must be a list: "
                 f"{key}=[a,b] on the command line, [a, b] in a file."
@@ -71,6 +84,13 @@ def _check_shapes(node: dict, where, shapes: dict[str, str], prefix: str = "") -
             raise SpecError(
                 f"{where(key)}: key '{key}' has the value {value!r}, but each of its entries must be "
                 "a single value, not a list or a mapping."
+            )
+        elif shape == "mapping" and not (
+            isinstance(value, dict) and not any(isinstance(v, (list, dict)) for v in value.values())
+        ):
+            raise SpecError(
+                f"{where(key)}: key '{key}' has the value {value!r}, but it must be a mapping of names to single "
+                f"values: {key}.NAME=value on the command line, NAME: value under it in a file."
             )
         elif shape == "value" and isinstance(value, (list, dict)):
             raise SpecError(
@@ -202,11 +222,11 @@ def _flatten(raw: dict, prefix: str = "") -> dict:
     return flat
 
 
-def _check_known(key: str, value, source: str, valid_keys: list[str]) -> None:
+def _check_known(key: str, value, source: str, valid_keys: list[str], mappings: Sequence[str] = ()) -> None:
     """An unknown key is an error naming it, its value, the nearest valid key and its siblings."""
     sections = {k.rsplit(".", i)[0] for k in valid_keys for i in range(1, k.count(".") + 1)}  # every enclosing one
-    if key in valid_keys or key in sections:
-        return
+    if key in valid_keys or key in sections or any(key.startswith(k + ".") for k in mappings):
+        return  # a name inside a mapping: resources.env.NAME
     parent = key.rsplit(".", 1)[0] if "." in key else ""
     while parent and parent not in sections:  # the nearest section that exists (curate.filters for a bad filter name)
         parent = parent.rsplit(".", 1)[0] if "." in parent else ""
@@ -246,11 +266,23 @@ class Origins:
         return self.path
 
 
-def load_spec(path: str, overrides: Sequence[str] = (), *, launch: bool = False) -> DictConfig:
+def load_spec(
+    path: str,
+    overrides: Sequence[str] = (),
+    *,
+    launch: bool = False,
+    find_run: Optional[FindRun] = None,
+    set_later: tuple[str, ...] = (),
+) -> DictConfig:
     """YAML file + overrides -> typed config (struct mode: unknown keys are errors). launch=True adds the
-    checks of what the job asks of the machines (`orch submit`, `orch config`; not torchrun's trainer)."""
+    checks of what the job asks of the machines (`orch submit`, `orch config`; not torchrun's trainer): the
+    starting points (checkpoint.init_from, eval.source) exist and hold a model, a run name among them resolved
+    by `find_run` to its folder (jobspec/starting_points.py), except keys in `set_later` (a pipeline fills
+    them in); the prepared data folder matches the data config; a warmup that does not fit the run is scaled
+    (jobspec/schedule_fit.py), with a note on stderr."""
     lines: dict[str, int] = {}
     raw = read_yaml(path, lines)
+    raw, overrides = apply_aliases(raw, overrides, lines, path)  # TRL's names (grpo.num_generations...) as ours
     where = Origins(path, lines)
     check_plain_values(raw, where)
     kind = raw.get("kind", "pretrain")
@@ -264,10 +296,11 @@ def load_spec(path: str, overrides: Sequence[str] = (), *, launch: bool = False)
         )
     schema = KINDS[kind]
     valid_keys, shapes = schema_keys(schema), schema_shapes(schema)
+    mappings = [k for k, shape in shapes.items() if shape == "mapping"]
     cfg = OmegaConf.structured(schema)
     _check_shapes(raw, where, shapes)
     for key, value in _flatten(raw).items():
-        _check_known(key, value, where(key), valid_keys)
+        _check_known(key, value, where(key), valid_keys, mappings)
     try:
         cfg = OmegaConf.merge(cfg, OmegaConf.create(raw))
     except OmegaConfBaseException as e:
@@ -279,7 +312,7 @@ def load_spec(path: str, overrides: Sequence[str] = (), *, launch: bool = False)
             )
         source = f"command line override {ov!r}"
         key = ov.split("=", 1)[0].strip()
-        _check_known(key, ov.split("=", 1)[1], source, valid_keys)
+        _check_known(key, ov.split("=", 1)[1], source, valid_keys, mappings)
         where.overrides[key] = ov
         try:
             override = OmegaConf.from_dotlist([ov])
@@ -299,11 +332,28 @@ def load_spec(path: str, overrides: Sequence[str] = (), *, launch: bool = False)
     except OmegaConfBaseException as e:
         raise _explain(e, where) from None
     _apply_size(cfg, raw, overrides, where)
+    if "data" in cfg and cfg.data.dir is None:  # its own folder, named by what decides the bytes in it
+        cfg.data.dir = default_dir(cfg.data)
     check_plain_values(OmegaConf.to_container(cfg), where)  # again: ${...} may have brought anything
     check_values(cfg, where)
     if launch:
+        bad = _blame(cfg, where)
+        resolve_starting_points(cfg, bad, find_run, skip=set_later)
+        check_prepared(cfg, bad)
+        note = fit_schedule(cfg)
+        if note:
+            print(note, file=sys.stderr)
         check_launch(cfg, where)
     return cfg
+
+
+def _blame(cfg: DictConfig, where: Origins):
+    """bad(key, why, *also) -> the SpecError naming where key's value came from, the key and the value."""
+
+    def bad(key: str, why: str, *also: str) -> SpecError:
+        return SpecError(f"{where(key, *also)}: key '{key}' has the value {OmegaConf.select(cfg, key)!r}, {why}.")
+
+    return bad
 
 
 def _apply_size(cfg: DictConfig, raw: dict, overrides: Sequence[str], where) -> None:
@@ -327,12 +377,4 @@ def _apply_size(cfg: DictConfig, raw: dict, overrides: Sequence[str], where) -> 
 def save_config(cfg: DictConfig, path) -> None:
     """Write a resolved config as YAML atomically: a reader sees the old file or the new one, never half of one
     (a crash mid-write would otherwise leave an empty config that loads as the defaults)."""
-    from pathlib import Path
-
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(OmegaConf.to_yaml(cfg))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic.write_text(path, OmegaConf.to_yaml(cfg), durable=True)

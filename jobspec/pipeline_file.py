@@ -26,6 +26,7 @@ from omegaconf import DictConfig
 
 from jobspec.checks import NAME, NAME_RULE, check_plain_values
 from jobspec.loading import Origins, SpecError, did_you_mean, load_spec, read_yaml
+from jobspec.starting_points import FindRun
 
 T = TypeVar("T")
 
@@ -152,8 +153,9 @@ def _order(stages: dict[str, dict], path: str) -> list[str]:
         ) from None
 
 
-def load_pipeline(path: str, overrides: Sequence[str] = ()) -> Pipeline:
-    """Read and check a pipeline file and every stage's job; nothing is registered or written."""
+def load_pipeline(path: str, overrides: Sequence[str] = (), find_run: Optional[FindRun] = None) -> Pipeline:
+    """Read and check a pipeline file and every stage's job; nothing is registered or written. A stage's run names
+    (checkpoint.init_from: pretrain) are resolved by `find_run`, except the init_from its `after:` stage fills in."""
     lines: dict[str, int] = {}
     raw = read_yaml(path, lines)
     origin = Origins(path, lines)
@@ -224,8 +226,16 @@ def load_pipeline(path: str, overrides: Sequence[str] = ()) -> Pipeline:
                 f"file exists (looked in {Path(path).resolve().parent} and {Path.cwd()})."
             )
         stage_overrides = [*common_file, *(body.get("overrides") or []), *common_cli, *per_stage_cli[stage_name]]
+        after = body.get("after")
+        from_parent = after is not None and next(s.cfg for s in result if s.name == after).kind != "data"
         try:
-            cfg = load_spec(job, stage_overrides, launch=True)
+            cfg = load_spec(
+                job,
+                stage_overrides,
+                launch=True,
+                find_run=find_run,
+                set_later=("checkpoint.init_from",) if from_parent else (),  # orchestrator/pipelines.py sets it
+            )
         except SpecError as e:
             raise SpecError(f"{path}, stage '{stage_name}': {e}") from None
         result.append(Stage(stage_name, job, body.get("after"), stage_overrides, cfg))

@@ -7,7 +7,7 @@ Every key a user can write in a job YAML is a field below, with its default.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any, Iterator, List, Optional, Union, get_args, get_origin, get_type_hints
+from typing import Any, Dict, Iterator, List, Optional, Union, get_args, get_origin, get_type_hints
 
 from model.config import GPTConfig
 
@@ -98,7 +98,10 @@ class DataConfig:
     # size of the BPE vocabulary to train (special tokens included)
     vocab_size: int = bounded(4096, ge=260, why="a byte-level BPE holds the 256 bytes and 4 special tokens")
     seq_len: int = bounded(256, ge=1)  # tokens per training sequence
-    dir: str = "data/demo"  # where tokenizer.json, meta.json, train/ and val/ MDS shards go
+    # where tokenizer.json, meta.json, train/ and val/ MDS shards go; null = a folder of this data config's own,
+    # shared by every job with the same one: data/demo for the demo, else data/prepared/<fingerprint>
+    # (jobspec/prepared_data.py)
+    dir: Optional[str] = None
     remote: Optional[str] = None  # optional remote (s3://, gs://, another folder) that dir caches
     val_fraction: float = bounded(0.02, ge=0, lt=1)  # share of documents held out when sources are not "demo"
     num_workers: int = bounded(0, ge=0)  # DataLoader workers per rank
@@ -115,7 +118,7 @@ class TrainConfig:
     val_every: int = bounded(250, ge=0)  # 0 = only at the end
     val_at_start: bool = False  # also validate before the first step: the starting model's numbers, for comparison
     val_batches: int = bounded(20, ge=0)  # micro-batches per validation pass (0 = the whole split)
-    compile: bool = False  # torch.compile each block
+    compile: bool = True  # torch.compile each block (eager, with a note, on a CPU without g++): docs/recipe.md
     activation_checkpointing: bool = False
     dtype: str = "auto"  # auto = bf16 on GPU, fp32 on CPU; or fp32 / bf16
     device: str = "auto"  # auto = cuda when available, else cpu
@@ -132,13 +135,15 @@ SCHEDULES = ("cosine", "wsd")
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # adamw | muon (Muon on the blocks' matrices, AdamW on the rest: training/optim.py)
-    lr: float = bounded(3e-3, gt=0)  # AdamW's peak LR
-    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay: constant, then a linear decay at the end)
+    # The pretraining recipe of docs/recipe.md: Muon at its measured LR with warmup-stable-decay (post-training
+    # kinds start from finetune_optim below)
+    name: str = "muon"  # adamw | muon (Muon on the blocks' matrices, AdamW on the rest: training/optim.py)
+    lr: float = bounded(3e-3, gt=0)  # AdamW's peak LR (with muon: the embeddings' and gains')
+    schedule: str = "wsd"  # cosine | wsd (warmup-stable-decay: constant, then a linear decay at the end)
     decay_fraction: float = bounded(0.2, gt=0, le=1)  # wsd: the share of the steps spent decaying
     min_lr_ratio: float = bounded(0.1, ge=0, le=1)  # the schedule ends at lr * min_lr_ratio
     warmup_steps: int = bounded(50, ge=0)
-    muon_lr: float = bounded(0.02, gt=0)  # Muon's peak LR (its updates are orthogonalized: another scale than AdamW's)
+    muon_lr: float = bounded(0.01, gt=0)  # Muon's peak LR (orthogonalized updates: another scale than AdamW's)
     muon_momentum: float = bounded(0.95, ge=0, lt=1)
     muon_weight_decay: float = bounded(0.0, ge=0)  # decoupled, times Muon's LR
     weight_decay: float = bounded(0.1, ge=0)
@@ -162,15 +167,29 @@ class CheckpointConfig:
 @dataclass
 class ParallelConfig:
     dp_replicate: int = bounded(1, ge=1)  # HSDP replicas (1 = plain FSDP)
-    dp_shard: int = bounded(-1, ge=-1, why="-1 = the rest")  # FSDP shards; -1 = whatever world size is left (not 0)
+    # FSDP shards; -1 = whatever world size is left (not 0). With both left as they are on several nodes: one
+    # node's GPUs (/ tp), replicated across the nodes (HSDP; training/distributed.py resolve_mesh_shape)
+    dp_shard: int = bounded(-1, ge=-1, why="-1 = the rest")
     tp: int = bounded(1, ge=1)  # tensor-parallel degree (consecutive ranks)
     # a rank silent this long (hung, its node lost) fails the others' collectives
     collective_timeout_s: int = bounded(600, ge=1)
 
 
 @dataclass
+class ContainerConfig:
+    """The image the job's srun tasks run in, as GPU Slurm sites run containers: NVIDIA's pyxis plugin with enroot
+    (`srun --container-image=IMAGE --container-mounts=SRC:DST[:opts],...`). The batch script itself, its setup
+    lines and the requeue decision after srun run on the node, outside the image."""
+
+    image: Optional[str] = None  # e.g. nvcr.io#nvidia/pytorch:24.08-py3, or a squashfs file; null = no container
+    # SRC:DST[:opts] each, e.g. /scratch/me:/scratch/me; the code, runs_dir and the data must be mounted in
+    mounts: List[str] = field(default_factory=list)
+
+
+@dataclass
 class ResourcesConfig:
-    """What a Slurm job asks for. Ignored by the local executor except nproc_per_node."""
+    """What a Slurm job asks for. The local executor reads nproc_per_node, env, python and the allowances; it
+    refuses setup and container (docs/cluster.md)."""
 
     nodes: int = bounded(1, ge=1)
     nproc_per_node: int = bounded(1, ge=1)  # processes (tasks) per node: one per GPU, or CPU workers
@@ -188,15 +207,25 @@ class ResourcesConfig:
     # Memory of one GPU; `orch submit --check-fit` refuses a job whose plan (`orch plan`) needs more. null = the
     # device `orch plan` assumes (an H100's 80 GB)
     gpu_mem_gib: Optional[float] = bounded(None, gt=0, why="null = an H100's")
+    code: str = "snapshot"  # snapshot: run a copy of the code taken at submit (orchestrator/code_snapshot.py) | live
+    # The environment on the nodes (orchestrator/executors/slurm.py renders it into the batch script): shell lines run
+    # before srun, e.g. ["module load cuda/12.4", "source /shared/me/venv/bin/activate"], one command per line
+    setup: List[str] = field(default_factory=list)
+    env: Dict[str, str] = field(default_factory=dict)  # variables exported to every task, e.g. {NCCL_DEBUG: WARN}
+    python: Optional[str] = None  # the interpreter on the nodes (a path, or a name on PATH after setup); null = orch's
+    container: ContainerConfig = field(default_factory=ContainerConfig)
 
 
-TRACKER_BACKENDS = ("jsonl", "tensorboard")  # training/trackers.py writes each
+TRACKER_BACKENDS = ("jsonl", "tensorboard", "wandb", "mlflow")  # training/trackers.py writes each
 
 
 @dataclass
 class LoggingConfig:
-    # Where a run's metrics go besides metrics.jsonl (always written): tensorboard = <run folder>/tensorboard
+    # Where a run's metrics go besides metrics.jsonl (always written): tensorboard = <run folder>/tensorboard,
+    # wandb = <run folder>/wandb (offline unless WANDB_MODE=online), mlflow = MLFLOW_TRACKING_URI or <runs_dir>/mlruns
     backends: List[str] = field(default_factory=lambda: ["jsonl"])
+    # The trackers' group (W&B group, MLflow parent run); a pipeline sets its id. null = none
+    group: Optional[str] = None
 
 
 @dataclass
@@ -214,6 +243,17 @@ class JobSpec:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def finetune_optim() -> OptimConfig:
+    """The post-training kinds' optimizer: AdamW with a cosine decay, the setting their job files were tuned with
+    (Muon's measured LR is pretraining's: docs/recipe.md)."""
+    return OptimConfig(name="adamw", schedule="cosine")
+
+
+def finetune_train() -> TrainConfig:
+    """The post-training kinds' loop: eager, since a fine-tune of a few hundred steps does not repay compiling."""
+    return TrainConfig(compile=False)
 
 
 @dataclass
@@ -240,12 +280,16 @@ class LoRAConfig:
     # our projection names (or longer suffixes such as layers.3.attention.wq); the default is every one
     target_modules: List[str] = field(default_factory=lambda: ["wq", "wk", "wv", "wo", "w1", "w2", "w3"])
     modules_to_save: List[str] = field(default_factory=list)  # whole modules trained and saved too, e.g. [norm]
+    use_rslora: bool = False  # scale by alpha / sqrt(rank) instead of alpha / rank (rsLoRA; PEFT's use_rslora)
+    use_dora: bool = False  # weight-decomposed LoRA: a trained magnitude per output row (DoRA; PEFT's use_dora)
 
 
 @dataclass
 class SFTJobSpec(JobSpec):
     kind: str = "sft"
     name: str = "sft"
+    train: TrainConfig = field(default_factory=finetune_train)
+    optim: OptimConfig = field(default_factory=finetune_optim)
     sft: SFTConfig = field(default_factory=SFTConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
 
@@ -263,10 +307,29 @@ class PreferenceConfig:
 @dataclass
 class DPOConfig(PreferenceConfig):
     beta: float = bounded(0.1, gt=0)  # strength of the pull towards the reference model (higher = stay closer)
+    loss_type: str = "sigmoid"  # sigmoid | robust | hinge | ipo (training/posttrain/losses.py dpo_loss, TRL's names)
+    # the share of labels assumed flipped (sigmoid, robust); 0.5 is refused by posttrain_checks.py (no information)
+    label_smoothing: float = bounded(0.0, ge=0, le=0.5)
+    reference_free: bool = False  # no reference model: its log-probs are taken as 0
+    # weight of the chosen answers' NLL added to the loss (RPO); null = none
+    rpo_alpha: Optional[float] = bounded(None, ge=0, why="null = no NLL term")
+    # the reference's log-probs computed in one pass before training and kept in the run folder (no reference model
+    # in memory while training)
+    precompute_ref_log_probs: bool = False
 
 
+DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")  # training/posttrain/losses.py: dpo_loss
 GRPO_LOSS_TYPES = ("grpo", "dr_grpo", "dapo")  # training/posttrain/losses.py: grpo_policy_loss
 GRPO_SCALE_REWARDS = ("group", "batch", "none")  # training/posttrain/losses.py: group_advantages
+
+
+@dataclass
+class RewardTerm:
+    """One of several GRPO rewards: `module:function` (or a function of training/posttrain/rewards.py by name)
+    and its weight in the weighted sum."""
+
+    fn: str = "demo_body_reward"
+    weight: float = 1.0
 
 
 @dataclass
@@ -278,7 +341,8 @@ class GRPOConfig:
     demo_dir: str = "data/posttrain"
     # completions sampled per prompt; their rewards are normalized within the group
     group_size: int = bounded(4, ge=2, why="a group needs at least 2 completions to compare")
-    max_new_tokens: int = bounded(64, ge=1)
+    # the demo's: 9 in 10 demo functions are shorter (median 72 tokens), and a cut completion scores 0
+    max_new_tokens: int = bounded(160, ge=1)
     temperature: float = bounded(1.0, gt=0, why="sampling is what explores")
     top_k: Optional[int] = bounded(None, ge=1, why="null = every token")
     # PPO-style ratio clip: ratio kept within [1 - clip_eps, 1 + epsilon_high] (TRL: epsilon)
@@ -291,8 +355,12 @@ class GRPOConfig:
     loss_type: str = "dapo"  # grpo | dr_grpo | dapo: how token losses are averaged (training/posttrain/losses.py)
     scale_rewards: str = "group"  # group | batch | none: what the centred rewards are divided by
     mask_truncated_completions: bool = False  # completions cut at max_new_tokens carry no loss (DAPO)
-    # `module:function` called as fn(completion_text, record) -> float, or a trained `rm` run folder
-    reward: str = "training.posttrain.rewards:python_parses"
+    # `module:function` called as fn(completion_text, record) -> float, or a trained `rm` run folder; the default
+    # scores the demo's bodies (training/posttrain/rewards.py demo_body_reward)
+    reward: str = "training.posttrain.rewards:demo_body_reward"
+    # several rewards, summed with their weights, each called once per batch; when given, grpo.reward is not used
+    rewards: List[RewardTerm] = field(default_factory=list, metadata={"entries": RewardTerm})
+    stop_on_collapse: bool = True  # stop the run (exit 2) when its completions collapse (posttrain/collapse.py)
     val_prompts: int = bounded(64, ge=0)  # held-out prompts evaluated (0 = all)
     val_temperature: float = bounded(0.0, ge=0)  # 0 = greedy completions at evaluation
 
@@ -315,6 +383,8 @@ class ClassifyConfig:
 class RMJobSpec(JobSpec):
     kind: str = "rm"
     name: str = "rm"
+    train: TrainConfig = field(default_factory=finetune_train)
+    optim: OptimConfig = field(default_factory=finetune_optim)
     rm: PreferenceConfig = field(default_factory=PreferenceConfig)
 
 
@@ -322,6 +392,8 @@ class RMJobSpec(JobSpec):
 class DPOJobSpec(JobSpec):
     kind: str = "dpo"
     name: str = "dpo"
+    train: TrainConfig = field(default_factory=finetune_train)
+    optim: OptimConfig = field(default_factory=finetune_optim)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
 
@@ -330,6 +402,8 @@ class DPOJobSpec(JobSpec):
 class GRPOJobSpec(JobSpec):
     kind: str = "grpo"
     name: str = "grpo"
+    train: TrainConfig = field(default_factory=finetune_train)
+    optim: OptimConfig = field(default_factory=finetune_optim)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
 
@@ -338,6 +412,8 @@ class GRPOJobSpec(JobSpec):
 class ClassifyJobSpec(JobSpec):
     kind: str = "classify"
     name: str = "classify"
+    train: TrainConfig = field(default_factory=finetune_train)
+    optim: OptimConfig = field(default_factory=finetune_optim)
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
 
@@ -366,4 +442,6 @@ class EvalConfig:
 class EvalJobSpec(JobSpec):
     kind: str = "eval"
     name: str = "eval"
+    train: TrainConfig = field(default_factory=finetune_train)
+    optim: OptimConfig = field(default_factory=finetune_optim)
     eval: EvalConfig = field(default_factory=EvalConfig)

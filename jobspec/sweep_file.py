@@ -11,6 +11,7 @@
     # or grid: {n_layer: [1, 2, 4], tokens: [1e6, 4e6]}      # each depth at each token count: C from D
     warmup_fraction: 0.05         # each member warms up for this share of its steps
     fit_budgets: [1e15]           # the fit's compute-optimal N and D are given for these
+    max_retries_per_member: 1     # a failed member runs again this often (its resources.max_retries)
 
 The depth/width rule: a member of depth L has d_model = width_per_layer * L and n_head = d_model / head_dim
 (the base job's n_kv_head, mlp and vocabulary kept). N counts the non-embedding parameters (Kaplan et al. 2020:
@@ -20,14 +21,15 @@ D = C / (6N + 6 n_layer seq_len d_model) (flops: 6ND+attention; Kaplan et al.'s 
 backward). Steps = round(D / tokens per step), tokens per step = micro_batch_size x seq_len x grad_accum_steps
 x nodes x nproc_per_node; warmup_steps = max(1, round(warmup_fraction x steps)); the base's schedule and peak
 LRs are kept, and train.time_budget_min is cleared (a member must see exactly its tokens). The plan's keys
-come last: an override of the shape, max_steps or warmup_steps (file or command line) is replaced by the plan's.
+come last: an override of the shape, max_steps or warmup_steps (file or command line) is replaced by the plan's,
+and so is resources.max_retries by max_retries_per_member when the file gives it (else the base job's counts).
 This module reads and checks such a file and derives the members; nothing is registered or written.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +52,7 @@ TOP_KEYS = (
     "grid",
     "warmup_fraction",
     "fit_budgets",
+    "max_retries_per_member",
 )
 SHAPE_KEYS = ("width_per_layer", "head_dim")
 FLOPS = ("6ND", "6ND+attention")
@@ -80,6 +83,7 @@ class Sweep:
     flops: str
     members: list[Member]
     fit_budgets: list[float]
+    plan_key: str = "isoflop"  # isoflop | grid: the key whose lists make the members
 
 
 def non_embedding_params(cfg: GPTConfig) -> int:
@@ -128,8 +132,12 @@ def _check_keys(raw: dict, allowed: Sequence[str], where, prefix: str = "") -> N
             )
 
 
-def load_sweep(path: str, overrides: Sequence[str] = ()) -> Sweep:
-    """Read and check a sweep file, derive every member and check its job; nothing is registered or written."""
+def load_sweep(
+    path: str, overrides: Sequence[str] = (), check_count: Callable[[str, str, int], None] | None = None
+) -> Sweep:
+    """Read and check a sweep file, derive every member and check its job; nothing is registered or written.
+    check_count(executor, plan key, members), when given, may refuse the number of members (SpecError) before
+    each member's job is checked (a Slurm job array's MaxArraySize: the caller knows the cluster)."""
     lines: dict[str, int] = {}
     raw = read_yaml(path, lines)
 
@@ -201,6 +209,12 @@ def load_sweep(path: str, overrides: Sequence[str] = ()) -> Sweep:
         where(f"{plan_key}.{'budgets' if plan_key == 'isoflop' else 'tokens'}"),
     )
     fit_budgets = _numbers(raw, "fit_budgets", where("fit_budgets")) if "fit_budgets" in raw else []
+    retries = raw.get("max_retries_per_member")
+    if retries is not None and (not isinstance(retries, int) or isinstance(retries, bool) or retries < 0):
+        raise SpecError(
+            f"{where('max_retries_per_member')}: key 'max_retries_per_member' has the value {retries!r}, but it "
+            "must be a whole number of times a failed member runs again, 0 or more."
+        )
     job = _find_job(raw.get("job"), path, where("job"))
     base = load_spec(job, [*file_overrides, *overrides], launch=True)
     if base.kind != "pretrain":
@@ -244,6 +258,7 @@ def load_sweep(path: str, overrides: Sequence[str] = ()) -> Sweep:
                 f"train.max_steps={steps}",
                 f"optim.warmup_steps={max(1, round(warmup_fraction * steps))}",
                 "train.time_budget_min=null",
+                *([f"resources.max_retries={retries}"] if retries is not None else []),
             ]
             members.append(
                 Member(
@@ -259,12 +274,14 @@ def load_sweep(path: str, overrides: Sequence[str] = ()) -> Sweep:
                     member_overrides,
                 )
             )
+    if check_count is not None:
+        check_count(executor, plan_key, len(members))
     for m in members:
         try:
             m.cfg = load_spec(job, m.overrides, launch=True)
         except SpecError as e:
             raise SpecError(f"{path}, member {m.name}: {e}") from None
-    return Sweep(path, name, executor, job, parallel, flops, members, fit_budgets)
+    return Sweep(path, name, executor, job, parallel, flops, members, fit_budgets, plan_key)
 
 
 def _shape(depth: int, shape: dict, base_model, where, key: str) -> GPTConfig:

@@ -7,6 +7,7 @@ Prompts of different lengths are left-padded: a mask hides the padding and per-r
 start every prompt at position 0, so a prompt's tokens don't depend on its batch. Without the
 cache (use_cache=False) every step recomputes the whole sequence; the cache gives the same tokens.
 
+Always eager, even on blocks compiled for training (train.compile): see logits_for.
 Works on a model wrapped by FSDP2 in a multi-process job: the forward passes are collectives, so
 every rank runs the same number of them, stopping only when every row on every rank is done.
 """
@@ -109,8 +110,14 @@ def _steps(
     stops = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=device)
     done = torch.zeros(n, dtype=torch.bool, device=device)
 
+    @torch.compiler.set_stance("force_eager")
     def logits_for(rows: torch.Tensor, start: int, end: int, cache) -> torch.Tensor:
-        """Logits of the last position of these rows, feeding tokens[rows, start:end] (after `start` cached ones)."""
+        """Logits of the last position of these rows, feeding tokens[rows, start:end] (after `start` cached ones).
+
+        Eager even through blocks that train.compile compiled: every batch of prompts, prompt width and cache
+        length is a new shape, and compiling each would soon hit dynamo's recompile limit (GRPO's rollouts,
+        the eval) for forward passes too small to repay it. The stance is set per call, not around the whole
+        generator, so that it never leaks into the caller's code between tokens."""
         kwargs = {"cache": cache} if cache is not None else {}
         if not padded:
             return model(tokens[rows, start:end], **kwargs)[:, -1]

@@ -3,6 +3,14 @@ the base weights frozen.
 
     y = x W^T + dropout(x) A^T B^T * (alpha / rank)        A [rank, in], B [out, rank], B = 0 at the start
 
+    use_rslora  the scale is alpha / sqrt(rank) (rsLoRA, Kalajdzievski 2023): the update's size no longer
+                shrinks as the rank grows
+    use_dora    the weight is a direction times a trained magnitude per output row (DoRA, Liu et al. 2024):
+                W' = m * (W + s B A) / ||W + s B A||, the norm over each row, treated as a constant in the
+                gradient as the paper and PEFT do. We train m as a factor of the base's row norms
+                (lora_magnitude, 1 at the start), so it needs no base weight to initialize; PEFT's
+                lora_magnitude_vector is lora_magnitude * ||W|| (training/peft_export.py)
+
     wrapped = apply_lora(model, rank=16, alpha=32, target_modules=["wq", "wv"])  # before parallelizing
     init_lora_weights(model, seed)          # after init_weights / materializing: A random, B zero
     with adapters_disabled(model): ...      # the base model (DPO's reference, GRPO's KL reference)
@@ -31,7 +39,15 @@ class LoRALinear(nn.Linear):
     """An nn.Linear that shares the base layer's weight (and bias, if it has one: Qwen2's q/k/v) and adds a
     low-rank update."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
+    def __init__(
+        self,
+        base: nn.Linear,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        use_dora: bool = False,
+    ):
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
@@ -40,15 +56,32 @@ class LoRALinear(nn.Linear):
         self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=device, dtype=dtype)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
+        self.rank, self.alpha, self.scaling = rank, alpha, lora_scaling(rank, alpha, use_rslora)
+        self.lora_magnitude = nn.Parameter(torch.ones(self.out_features, device=device)) if use_dora else None
+        self.unmerged_weight = None  # DoRA's merge is not undone by a subtraction: the base is kept
         self.adapters_enabled = True
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight, self.bias)
-        if self.adapters_enabled and not self.merged:
-            out = out + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
-        return out
+        if not self.adapters_enabled or self.merged:
+            return out
+        dropped = self.lora_dropout(x)
+        update = self.lora_B(self.lora_A(dropped)) * self.scaling
+        if self.lora_magnitude is None:
+            return out + update
+        # DoRA as PEFT computes it: (m / ||W + dW|| - 1) x W^T + m / ||W + dW|| x dW^T, the norm a constant
+        scale = self.dora_scale().to(out.dtype)
+        base = (
+            out if isinstance(self.lora_dropout, nn.Identity) and self.bias is None else F.linear(dropped, self.weight)
+        )
+        return out + (scale - 1) * base + scale * update
+
+    def dora_scale(self) -> torch.Tensor:
+        """m / ||W + s B A|| per output row [out], detached norm; m = lora_magnitude * ||W||."""
+        weight = self.weight.detach().float()
+        norm = (weight + self.delta().detach().float()).norm(dim=1)
+        return self.lora_magnitude.float() * weight.norm(dim=1) / norm
 
     def delta(self) -> torch.Tensor:
         """The update B @ A * scaling, in the weight's shape [out, in]."""
@@ -56,6 +89,11 @@ class LoRALinear(nn.Linear):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha}"
+
+
+def lora_scaling(rank: int, alpha: float, use_rslora: bool = False) -> float:
+    """What the update B @ A is multiplied by: alpha / rank, or rsLoRA's alpha / sqrt(rank)."""
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
 def linear_names(model: nn.Module) -> list[str]:
@@ -78,6 +116,8 @@ def apply_lora(
     target_modules: Sequence[str],
     dropout: float = 0.0,
     modules_to_save: Sequence[str] = (),
+    use_rslora: bool = False,
+    use_dora: bool = False,
 ) -> list[str]:
     """Wrap every projection named by target_modules in a LoRALinear, freeze everything else except
     modules_to_save, and record on the model which state-dict keys its checkpoints hold
@@ -106,7 +146,7 @@ def apply_lora(
     wrapped = [n for n in candidates if any(_matches(n, t) for t in target_modules)]
     for name in wrapped:
         parent_name, _, child = name.rpartition(".")
-        setattr(modules[parent_name], child, LoRALinear(modules[name], rank, alpha, dropout))
+        setattr(modules[parent_name], child, LoRALinear(modules[name], rank, alpha, dropout, use_rslora, use_dora))
     model.requires_grad_(False)
     for name, p in model.named_parameters():
         if ".lora_" in name or any(name.startswith(m + ".") for m in modules_to_save):
@@ -121,10 +161,6 @@ def lora_modules(model: nn.Module) -> Iterator[LoRALinear]:
     return (m for m in model.modules() if isinstance(m, LoRALinear))
 
 
-def has_lora(model: nn.Module) -> bool:
-    return any(True for _ in lora_modules(model))
-
-
 @torch.no_grad()
 def init_lora_weights(model: nn.Module, seed: Optional[int] = None) -> None:
     """PEFT's default start: A ~ U(-1/sqrt(in), 1/sqrt(in)) (kaiming-uniform, a=sqrt(5)), B = 0,
@@ -134,6 +170,8 @@ def init_lora_weights(model: nn.Module, seed: Optional[int] = None) -> None:
         bound = 1.0 / math.sqrt(m.in_features)
         _fill(m.lora_A.weight, torch.rand(m.lora_A.weight.shape, generator=gen) * 2 * bound - bound)
         _fill(m.lora_B.weight, torch.zeros(m.lora_B.weight.shape))
+        if m.lora_magnitude is not None:
+            _fill(m.lora_magnitude, torch.ones(m.lora_magnitude.shape))
 
 
 @contextmanager
@@ -151,10 +189,15 @@ def adapters_disabled(model: nn.Module):
 
 @torch.no_grad()
 def merge_adapters(model: nn.Module) -> None:
-    """W += B @ A * scaling in every wrapped projection (unsharded models: export, inference)."""
+    """W += B @ A * scaling in every wrapped projection (unsharded models: export, inference); with DoRA,
+    W = m (W + B A s) / ||W + B A s||."""
     for m in lora_modules(model):
         if not m.merged:
-            m.weight += m.delta().to(m.weight.dtype)
+            if m.lora_magnitude is not None:
+                m.unmerged_weight = m.weight.detach().clone()
+                m.weight.copy_(dora_weight(m.weight, m.delta(), m.lora_magnitude).to(m.weight.dtype))
+            else:
+                m.weight += m.delta().to(m.weight.dtype)
             m.merged = True
 
 
@@ -163,13 +206,33 @@ def unmerge_adapters(model: nn.Module) -> None:
     """Undo merge_adapters (up to rounding)."""
     for m in lora_modules(model):
         if m.merged:
-            m.weight -= m.delta().to(m.weight.dtype)
+            if m.unmerged_weight is not None:
+                m.weight.copy_(m.unmerged_weight)
+                m.unmerged_weight = None
+            else:
+                m.weight -= m.delta().to(m.weight.dtype)
             m.merged = False
 
 
-def merged_weight(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
-    """A base weight with its adapter folded in, from plain tensors (a checkpoint read offline)."""
-    return (weight.float() + (lora_b.float() @ lora_a.float()) * scaling).to(weight.dtype)
+def dora_weight(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """DoRA's merged weight m (W + dW) / ||W + dW||, m = magnitude * ||W|| (rows), in float32."""
+    weight, full = weight.float(), weight.float() + delta.float()
+    return full * (magnitude.float() * weight.norm(dim=1) / full.norm(dim=1)).unsqueeze(1)
+
+
+def merged_weight(
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    magnitude: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """A base weight with its adapter folded in, from plain tensors (a checkpoint read offline); magnitude:
+    DoRA's lora_magnitude."""
+    delta = (lora_b.float() @ lora_a.float()) * scaling
+    if magnitude is not None:
+        return dora_weight(weight, delta, magnitude).to(weight.dtype)
+    return (weight.float() + delta).to(weight.dtype)
 
 
 def trainable_share(model: nn.Module) -> tuple[int, int]:

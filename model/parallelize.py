@@ -135,12 +135,21 @@ def apply_compile(model: GPT) -> None:
 
 
 def apply_fsdp(model: GPT, dp_mesh: DeviceMesh, param_dtype: torch.dtype) -> None:
-    """FSDP2: each block is one all-gather unit; the root holds embeddings, final norm and head."""
+    """FSDP2: each block is one all-gather unit, and so are the embeddings and the head (torchtitan's layout): as
+    units of their own their all-gathers are prefetched behind the neighbouring block's compute, and the
+    embeddings' gradient is reduced as soon as backward reaches them, where the root's waited for the end.
+    Tied embeddings share one weight between the first and last: those stay in the root. The final norm (d_model
+    numbers) stays in the root too: a unit of [norm, head] fails to sum HSDP's gradients deferred over
+    micro-batches (torch 2.14's FSDP2 adds the head's shard to the norm's)."""
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     n = len(model.layers)
+    if not model.cfg.tie_embeddings:
+        fully_shard(model.tok_embeddings, mesh=dp_mesh, mp_policy=mp)
     for i, block in enumerate(model.layers):
         # The last block's parameters are needed again at once by backward: keep them gathered.
         fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=i < n - 1)
+    if not model.cfg.tie_embeddings:  # the head is the first thing backward needs: keep it gathered
+        fully_shard(model.output, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=False)
     fully_shard(model, mesh=dp_mesh, mp_policy=mp)
 
 

@@ -21,7 +21,7 @@ from jobspec import SpecError, load_spec
 from jobspec.faults import fault
 from jobspec.pipeline_file import is_pipeline_file, load_pipeline
 from jobspec.sweep_file import is_sweep_file
-from orchestrator import executors, pipelines
+from orchestrator import code_snapshot, executors, pipelines, run_names
 from orchestrator.registry import Registry
 from orchestrator.runs import register_run
 from orchestrator.sweeps import command as sweeps
@@ -47,7 +47,7 @@ def cmd_config(args) -> int:
     if is_sweep_file(args.config):  # kind: sweep -> the members as planned, then one member's job
         return sweeps.show(args.config, args.overrides)
     if is_pipeline_file(args.config):  # each stage's resolved config (init_from is filled in at submit time)
-        pipeline = load_pipeline(args.config, args.overrides)
+        pipeline = load_pipeline(args.config, args.overrides, find_run=run_names.finder())
         if args.json:
             _print_json({s.name: OmegaConf.to_container(s.cfg, resolve=True) for s in pipeline.stages})
             return 0
@@ -62,7 +62,7 @@ def cmd_config(args) -> int:
             print(f"# ---- stage {stage.name}: {stage.job}{after}")
             print(OmegaConf.to_yaml(stage.cfg), end="")
         return 0
-    cfg = load_spec(args.config, args.overrides, launch=True)
+    cfg = load_spec(args.config, args.overrides, launch=True, find_run=run_names.finder())
     if args.json:
         _print_json(OmegaConf.to_container(cfg, resolve=True))
         return 0
@@ -73,19 +73,26 @@ def cmd_config(args) -> int:
 def cmd_submit(args) -> int:
     if not args.config:
         return _no_job_file("submit")
+    if args.dry_run and (is_sweep_file(args.config) or is_pipeline_file(args.config)):
+        return _fail(f"--dry-run shows one job; `orch config {args.config}` prints its jobs' resolved configs")
     if is_sweep_file(args.config):  # kind: sweep -> its members, `parallel` at a time, then the fit
         return sweeps.submit(args.config, args.overrides)
     if is_pipeline_file(args.config):  # kind: pipeline -> a chain of stages
         return submit_pipeline(args.config, args.overrides, follow=args.follow)
-    cfg = load_spec(args.config, args.overrides, launch=True)
-    registry = Registry()
+    cfg = load_spec(args.config, args.overrides, launch=True, find_run=run_names.finder())
+    registry = None if args.dry_run else Registry()  # a dry run leaves ORCH_HOME as it is
     name = executors.resolve(cfg.executor)
+    if cfg.executor == "auto":  # say which: the same file trains here on a laptop and on Slurm on a login node
+        why = "a Slurm cluster answers" if name == "slurm" else "no Slurm cluster answers"
+        print(f"executor: auto -> {name} ({why})")
     cfg.executor = name
     executors.executor_for(name, registry).check(cfg, args.config)  # before anything is registered
     if args.check_fit:  # the job's step in a fake world of its size (training/plan/): torch, on this CPU
         from training.tools import check_fit
 
         check_fit(cfg, args.config)
+    if args.dry_run:
+        return dry_run(cfg, executors.executor_for(name, registry))
     run = register_run(registry, cfg, name)
     fault("submit.registered")
     handle = executors.executor_for(name, registry).submit(run, cfg)
@@ -96,8 +103,32 @@ def cmd_submit(args) -> int:
     return follow(registry, run.id)
 
 
+def dry_run(cfg, executor) -> int:
+    """`orch submit --dry-run`: the resolved config and what the executor would be handed, under a run id drawn for
+    the occasion; nothing is registered, written or queued."""
+    from orchestrator.registry import Run, now
+    from orchestrator.runs import new_run_id, run_folder
+
+    run_id = new_run_id(cfg.name)
+    run = Run(
+        id=run_id,
+        name=cfg.name,
+        kind=cfg.kind,
+        executor=executor.name,
+        state="PENDING",
+        run_dir=str(run_folder(cfg, run_id)),
+        created_at=now(),
+    )
+    print(f"# ---- the resolved config ({run.run_dir}/config.yaml)")
+    print(OmegaConf.to_yaml(cfg), end="")
+    print(f"# ---- what the {executor.name} executor would be handed (run id {run.id} drawn for this dry run)")
+    print(executor.dry_run(run, cfg), end="")
+    print("# ---- dry run: nothing registered, written or queued")
+    return 0
+
+
 def submit_pipeline(path: str, overrides, follow: bool) -> int:
-    pipeline = load_pipeline(path, overrides)
+    pipeline = load_pipeline(path, overrides, find_run=run_names.finder())
     registry = Registry()
     pipeline_id, runs = pipelines.submit(pipeline, registry)
     print(f"submitted pipeline {pipeline_id} ({runs[0].executor}, {len(runs)} stages)")
@@ -175,12 +206,13 @@ def cmd_runs(args) -> int:
                     "run_dir": r.run_dir,
                     "reason": r.reason,
                     "slurm_job_id": r.slurm_job_id,
+                    "code": code_snapshot.as_dict(r.run_dir),  # resources.code: what it runs (commit, diff hash)
                 }
                 for r in runs
             ]
         )
         return 0
-    header = ("run", "kind", "executor", "state", "attempts", "created", "pipeline", "stage", "folder / reason")
+    header = ("run", "kind", "executor", "state", "attempts", "created", "code", "pipeline", "stage", "folder / reason")
     rows = []
     for run in runs:
         created = time.strftime("%m-%d %H:%M", time.localtime(run.created_at))
@@ -193,6 +225,7 @@ def cmd_runs(args) -> int:
                 run.state,
                 str(run.attempts),
                 created,
+                code_snapshot.describe(code_snapshot.read(run.run_dir)),
                 run.pipeline_id or "-",
                 run.stage or "-",
                 detail,
@@ -320,6 +353,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="refuse (exit 2) a job whose plan (orch plan) exceeds its GPUs' memory, before queueing it",
     )
+    s.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the resolved config and the batch script sbatch would receive (Slurm) or the trainer's command "
+        "line (local); queue and register nothing",
+    )
     s.set_defaults(func=cmd_submit)
 
     s = sub.add_parser("config", help="print the resolved config of a job file")
@@ -340,6 +379,10 @@ def build_parser() -> argparse.ArgumentParser:
     from orchestrator.sweeps.command import add_parser as add_sweep_parser
 
     add_sweep_parser(sub)  # `orch sweep fit|status|cancel|resume`: scaling-law sweeps
+
+    from orchestrator.tracker_sync import add_parser as add_sync_parser
+
+    add_sync_parser(sub)  # `orch sync RUN`: upload an offline W&B run
 
     s = sub.add_parser("logs", help="print a run's log")
     s.add_argument("run", help="run id (or a unique prefix), as `orch runs` lists it")

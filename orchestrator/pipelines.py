@@ -38,6 +38,8 @@ def submit(pipeline: Pipeline, registry: Registry) -> tuple[str, list[Run]]:
     for stage in pipeline.stages:
         run_id = f"{pipeline_id}-{stage.name}"
         stage.cfg.executor = executor
+        if "logging" in stage.cfg and stage.cfg.logging.group is None:  # one group in W&B and MLflow (not data jobs)
+            stage.cfg.logging.group = pipeline_id
         if stage.after and _by_name(pipeline, stage.after).cfg.kind == "data":
             # A data stage's output is a corpus, not a checkpoint: this stage reads it
             stage.cfg.data.sources = [str(Path(run_dirs[stage.after]) / CURATED_CORPUS)]

@@ -15,6 +15,7 @@ from jobspec.contract import RunFolder
 from jobspec.faults import fault
 from jobspec.processes import this_process
 from jobspec.loading import save_config
+from orchestrator import code_snapshot
 from orchestrator.registry import Registry, Run, now
 
 
@@ -43,6 +44,7 @@ def register_run(
     folder = RunFolder(run_folder(cfg, run_id))
     folder.path.mkdir(parents=True)
     save_config(cfg, folder.config)
+    code_snapshot.for_submit(cfg, str(folder.path))  # resources.code: the code its processes will run
     fault("submit.run_folder")
     run = Run(
         id=run_id,

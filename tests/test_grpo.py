@@ -1,6 +1,7 @@
 """GRPO end to end, from the session's tiny pretrain: groups sampled and learned from, several updates per
 sampled batch (the clip acts; a single process killed between two updates of one batch resumes exactly), LoRA
-(the KL reference is the base with adapters off), and the warning when completions collapse.
+(the KL reference is the base with adapters off), and the warning when completions collapse (with
+grpo.stop_on_collapse=false).
 (The loss functions themselves: tests/test_grpo_losses.py; GRPO with a reward model: tests/test_alignment.py.)"""
 
 from __future__ import annotations
@@ -138,7 +139,13 @@ def test_collapsing_completions_are_warned_about_in_the_logs(source):
     1/group_size and the log says so, beside reward_mean."""
     run_dir = source["root"] / "collapse"
     output = run(
-        source, run_dir, "train.max_steps=1", "grpo.temperature=0.001", "grpo.val_prompts=2", "train.val_at_start=false"
+        source,
+        run_dir,
+        "train.max_steps=1",
+        "grpo.temperature=0.001",
+        "grpo.val_prompts=2",
+        "train.val_at_start=false",
+        "grpo.stop_on_collapse=false",  # warned, not stopped (the stop: tests/test_demo_reward.py)
     )
     train, _ = records(run_dir)
     assert train[0]["distinct_frac"] < 0.5

@@ -195,6 +195,7 @@ def test_a_supported_init_from_passes_submit_checks(tmp_path):
     from jobspec import load_spec
 
     folder = save_config(tmp_path / "qwen3", "Qwen3", num_key_value_heads=2, head_dim=32)
+    (folder / "model.safetensors").touch()  # submit checks that weights are there, not what they hold
     cfg = load_spec(str(REPO / "jobs" / "sft.yaml"), [f"checkpoint.init_from={folder}"], launch=True)
     assert cfg.checkpoint.init_from == str(folder)
     assert json.loads((folder / "config.json").read_text())["model_type"] == "qwen3"

@@ -31,7 +31,7 @@ def submit(tmp_path, data_dir, *extra):
         tmp_path,
         "submit",
         str(REPO / "jobs" / "pretrain.yaml"),
-        *tiny_overrides(data_dir, f"runs_dir={tmp_path / 'runs'}", *extra),
+        *tiny_overrides(data_dir, f"runs_dir={tmp_path / 'runs'}", "executor=local", *extra),
     )
     assert result.returncode == 0, result.stderr
     run_id = result.stdout.split()[1]

@@ -118,3 +118,25 @@ def test_an_unknown_tracker_is_refused_with_the_key(tmp_path):
     )
     assert result.returncode == 2
     assert "logging.backends[1]" in result.stderr and "comet" in result.stderr
+
+
+def test_the_eval_report_shows_each_stages_goodput(tmp_path):
+    from training.evaluate.report import write_report
+    from training.goodput import summarize
+
+    pretrain = tmp_path / "pretrain"
+    pretrain.mkdir()
+    attempts = [
+        {"start": 0.0, "last": 50.0, "buckets": {"productive": 40.0, "restart": 10.0}, "lost_steps": 0},
+        {"start": 55.0, "last": 100.0, "buckets": {"productive": 30.0, "lost": 5.0, "restart": 10.0}, "lost_steps": 3},
+    ]
+    (pretrain / "goodput.json").write_text(json.dumps({**summarize(attempts), "per_attempt": attempts}))
+    stages = {
+        "pretrain": {"run_dir": str(pretrain), "checkpoint": "c", "metrics": {}},
+        "hf": {"run_dir": None, "checkpoint": "h", "metrics": {}},  # a Hugging Face folder: no run, no goodput
+    }
+    report = write_report(tmp_path, {"stages": stages}).read_text()
+    assert "## Goodput" in report
+    row = next(line for line in report.splitlines() if line.startswith("| pretrain | 0.7 |"))
+    assert row.split(" | ")[1:5] == ["0.7", "100.0", "2", "3"]  # goodput, wall s, attempts, lost steps
+    assert "| hf | - |" in report

@@ -3,6 +3,7 @@ and a failed stage cancels what depends on it, on this machine and on the real l
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -361,11 +362,15 @@ def test_slurm_pipeline_queues_every_stage_with_dependencies_and_completes(slurm
 @pytest.mark.slurm
 def test_slurm_pipeline_cancels_the_dependents_of_a_failed_stage(slurm_cluster, tmp_path, tiny_data):  # noqa: F811  (the fixture, imported above)
     pytest.importorskip("orchestrator.executors.slurm")
+    # a's init_from holds a committed checkpoint whose files are gone: submit's check (a manifest) passes, the
+    # trainer's verification fails, at run time, on the cluster
+    step = tmp_path / "damaged-run" / "checkpoints" / "step_00000001"
+    step.mkdir(parents=True)
+    (step / "manifest.json").write_text(json.dumps({"files": {"model/shard.safetensors": {"bytes": 10}}}))
     path = write_pipeline(
         tmp_path,
         {
-            # a's init_from has no checkpoint: it fails at run time, on the cluster
-            "a": {"job": PRETRAIN, "overrides": [f"checkpoint.init_from={tmp_path / 'no-such-run'}"]},
+            "a": {"job": PRETRAIN, "overrides": [f"checkpoint.init_from={tmp_path / 'damaged-run'}"]},
             "b": {"job": PRETRAIN, "after": "a"},
             "c": {"job": PRETRAIN, "after": "b"},
             "d": {"job": PRETRAIN, "after": "c"},
@@ -383,7 +388,7 @@ def test_slurm_pipeline_cancels_the_dependents_of_a_failed_stage(slurm_cluster, 
         "c": "CANCELLED",
         "d": "CANCELLED",
     }
-    assert "no-such-run" in stages["a"].reason
+    assert "damaged-run" in stages["a"].reason
     assert stages["b"].reason == stages["c"].reason == stages["d"].reason == "dependency a failed"
     cancelled = [stages[s].slurm_job_id for s in "bcd"]
     # scancelled, not left PENDING (b with DependencyNeverSatisfied, c and d behind it)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -117,6 +118,7 @@ def test_a_job_that_does_not_fit_is_refused_before_it_queues_with_its_levers(cap
         "resources.gpu_mem_gib=2.3",
         f"runs_dir={tmp_path / 'runs'}",
         "resources.nproc_per_node=2",
+        "executor=local",  # the job file says auto, which would ask this machine's Slurm
     ]
     code, _out, err = orch(capsys, "submit", DEMO, *tight, "--check-fit")
     assert code == 2
@@ -148,3 +150,74 @@ def test_the_gpu_job_files_fit_their_stated_hardware(path):
 
     plan = plan_for(load_spec(str(path), launch=True))
     assert plan.fits and plan.layout.world == load_spec(str(path)).resources.nodes * 8, plan.headroom_bytes
+
+
+def test_muon_work_per_rank_falls_as_one_over_the_shard_ranks(capsys):
+    """Muon's Newton-Schulz shared out (training/muon_shards.py): each of N ranks orthogonalizes ceil(matrices / N)
+    of them and moves its shards of them in bf16, where each used to gather and orthogonalize them all."""
+    plans = {}
+    for world in (1, 2, 8):
+        code, out, _ = orch(capsys, "plan", DEMO, *SMALL, "optim.name=muon", "--world", str(world), "--json")
+        assert code == 0
+        plans[world] = json.loads(out)
+    work = {w: p["flops"]["optimizer_per_gpu"] for w, p in plans.items()}
+    muon_bytes = {
+        w: sum(c["bytes"] for c in p["collectives"] if c["role"] == "Muon's gathers") for w, p in plans.items()
+    }
+    matrices = 2 * 7  # two blocks of q, k, v, o and the MLP's three
+    assert work[1] > 0 and muon_bytes[1] == 0
+    assert work[2] == pytest.approx(work[1] / 2, rel=0.01)  # 7 matrices each, alike in size
+    assert work[8] <= work[1] * math.ceil(matrices / 8) / matrices  # rank 0's 2 of the 14
+    assert muon_bytes[8] < muon_bytes[2] / 3
+
+
+def test_accumulation_under_fsdp_holds_sharded_gradients_only(capsys):
+    """FSDP2 reduce-scatters every micro-batch's gradients (training/trainer.py): between micro-batches each rank
+    holds its shard of the gradients, never the whole model's in fp32 (4 bytes a parameter, 27 GB at 7B)."""
+    plans = {}
+    for accum in (1, 2):
+        code, out, _ = orch(capsys, "plan", DEMO, *SMALL, f"train.grad_accum_steps={accum}", "--world", "8", "--json")
+        assert code == 0
+        plans[accum] = json.loads(out)
+    n = plans[1]["job"]["params"]
+    extra = (plans[2]["memory_gib"]["tensors_peak"] - plans[1]["memory_gib"]["tensors_peak"]) * 2**30
+    assert extra <= 4 * n / 8 * 1.05  # at most the sharded fp32 gradients, not 4 * n
+    scattered = {a: sum(c["bytes"] for c in p["collectives"] if c["op"] == "reduce-scatter") for a, p in plans.items()}
+    assert scattered[2] == pytest.approx(2 * scattered[1], rel=0.01)
+
+
+def test_several_nodes_default_to_hsdp_with_embeddings_and_head_as_their_own_units(capsys):
+    """dp_shard -1 on 2 nodes: shard within a node, replicate across (training/distributed.py); the embeddings and
+    the head are FSDP units of their own (model/parallelize.py), here on a 2 x 2 mesh; with accumulation, the
+    all-reduce across nodes runs once a step."""
+    import torch
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import Replicate, Shard
+
+    from model.gpt import GPT
+    from model.parallelize import parallelize
+    from training.distributed import resolve_mesh_shape
+    from training.plan.measure import model_config
+    from training.plan.world import fake_world
+
+    assert resolve_mesh_shape(16, 1, -1, 1, gpus_per_node=8) == (2, 8, 1)
+    assert resolve_mesh_shape(16, 1, -1, 2, gpus_per_node=8) == (2, 4, 2)
+    assert resolve_mesh_shape(16, 1, 16, 1, gpus_per_node=8) == (1, 16, 1)  # asked for: one group over both
+    assert resolve_mesh_shape(8, 1, -1, 1, gpus_per_node=8) == (1, 8, 1)
+    untied, accum = ["model.tie_embeddings=false", "train.grad_accum_steps=3"]
+    code, out, _ = orch(capsys, "plan", DEMO, *SMALL, untied, accum, "--nodes", "2", "--gpus-per-node", "4", "--json")
+    assert code == 0
+    units = 2 + 2 + 1  # two blocks, the embeddings, the head, the root
+    hsdp = [c for c in json.loads(out)["collectives"] if c["role"] == "HSDP"]
+    assert [(c["op"], c["calls"]) for c in hsdp] == [("all-reduce", units)]  # once a step, not once a micro-batch
+    assert json.loads(out)["layout"] == {
+        "world": 8, "gpus_per_node": 4, "nodes": 2, "dp_replicate": 2, "dp_shard": 4, "tp": 1
+    }  # fmt: skip
+    cfg = load_spec(DEMO, [*SMALL, untied])
+    with fake_world(4, cfg.parallel, gpus_per_node=2) as dist_info:
+        with torch.device("meta"):
+            model = parallelize(GPT(model_config(cfg)), dist_info.mesh, param_dtype=torch.bfloat16)
+        for unit in (model.tok_embeddings, model.output, model.layers[0], model):
+            assert isinstance(unit, FSDPModule), unit
+        for p in (model.tok_embeddings.weight, model.norm.weight, model.output.weight):
+            assert p.placements == (Replicate(), Shard(0)) and p.device_mesh.shape == (2, 2)

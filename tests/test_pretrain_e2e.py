@@ -18,7 +18,12 @@ def test_tiny_pretrain_through_orch_submit(tmp_path, tiny_data):
         "submit",
         str(REPO / "jobs" / "pretrain.yaml"),
         *tiny_overrides(
-            tiny_data, "train.max_steps=60", "checkpoint.every=30", "name=tiny", f"runs_dir={tmp_path / 'runs'}"
+            tiny_data,
+            "train.max_steps=60",
+            "checkpoint.every=30",
+            "name=tiny",
+            f"runs_dir={tmp_path / 'runs'}",
+            "executor=local",  # the job file says auto: Slurm where a cluster answers, as on this test machine
         ),
         "--follow",
     ]
@@ -26,7 +31,7 @@ def test_tiny_pretrain_through_orch_submit(tmp_path, tiny_data):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "COMPLETED" in result.stdout
 
-    run_dirs = list((tmp_path / "runs").iterdir())
+    run_dirs = [p for p in (tmp_path / "runs").iterdir() if p.name != ".code"]  # .code: the code snapshots
     assert len(run_dirs) == 1 and run_dirs[0].name.startswith("tiny-")
     run_dir = run_dirs[0]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

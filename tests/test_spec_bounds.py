@@ -253,15 +253,26 @@ def test_a_command_line_override_is_blamed_not_the_file_line_it_conflicts_with()
     assert msg.startswith("command line override 'model.n_head=3': key 'model.d_model'"), msg
 
 
-def test_every_shipped_job_and_pipeline_file_loads():
+def test_every_shipped_job_and_pipeline_file_loads(tmp_path):
+    from orchestrator import run_names
+    from orchestrator.registry import Registry, Run
+
+    # The post-training files start from runs by name (pretrain, sft): a registry where each has a COMPLETED run
+    registry = Registry(tmp_path / "registry.db")
+    for name in ("pretrain", "sft"):
+        step = tmp_path / "runs" / f"{name}-000001" / "checkpoints" / "step_00000001"
+        step.mkdir(parents=True)
+        (step / "manifest.json").write_text('{"files": {}}')
+        registry.add(Run(f"{name}-000001", name, name, "local", "COMPLETED", str(step.parent.parent), 1.0))
+    find_run = run_names.finder(registry)
     files = sorted((REPO / "jobs").glob("*.yaml"))
     assert len(files) >= 10
     for path in files:
         kind = yaml.safe_load(path.read_text()).get("kind")
         if kind == "pipeline":
-            assert load_pipeline(str(path)).stages
+            assert load_pipeline(str(path), find_run=find_run).stages
         elif kind in KINDS:  # other kinds of files (a sweep's) have their own loaders
-            load_spec(str(path), launch=True)
+            load_spec(str(path), launch=True, find_run=find_run)
 
 
 def test_the_refused_options_are_every_one_orch_writes_in_a_batch_script(tmp_path):

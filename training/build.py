@@ -69,6 +69,8 @@ def build_model(
             list(lora.target_modules),
             lora.dropout,
             [*lora.modules_to_save, *getattr(model, "lora_modules_to_save", ())],
+            use_rslora=lora.get("use_rslora", False),
+            use_dora=lora.get("use_dora", False),
         )
     model = parallelize(
         model,

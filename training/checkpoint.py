@@ -47,6 +47,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from jobspec import atomic
 from jobspec.contract import CHECKPOINTS, RunFolder, checkpoint_name, checkpoint_step
 from jobspec.faults import fault
 from training.safetensors_reader import StreamingHFStorageReader
@@ -135,12 +136,7 @@ def _fsync_dir(path: Path) -> None:
 
 def _write_json(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic.write_json(path, obj, durable=True)
 
 
 def _world() -> tuple[int, int]:
@@ -171,6 +167,15 @@ def rng_state() -> dict:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = b64(torch.cuda.get_rng_state())
     return state
+
+
+def seed_globals(seed: int, rank: int) -> None:
+    """Python's, NumPy's and torch's global generators from the job's seed and this rank, so that a run's RNG
+    states are a function of its config and step (checkpoints restore them; a resumed run continues them)."""
+    mixed = (seed * 1_000_003 + rank) % 2**32
+    random.seed(mixed)
+    np.random.seed(mixed)
+    torch.manual_seed(mixed)
 
 
 def set_rng_state(state: dict) -> None:

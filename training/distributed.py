@@ -57,8 +57,19 @@ def _env_from_slurm() -> None:
     os.environ.setdefault("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0])
 
 
-def resolve_mesh_shape(world_size: int, dp_replicate: int, dp_shard: int, tp: int) -> tuple[int, int, int]:
-    """Fill in dp_shard=-1 and check that the product is the world size."""
+def resolve_mesh_shape(
+    world_size: int, dp_replicate: int, dp_shard: int, tp: int, gpus_per_node: Optional[int] = None
+) -> tuple[int, int, int]:
+    """Fill in dp_shard=-1 and check that the product is the world size.
+
+    On several nodes the default (dp_replicate 1, dp_shard -1) is HSDP: shard within a node, replicate across
+    nodes, as torchtitan lays it out. One shard group over every node would send each reduce-scatter and
+    all-gather over the network between nodes; HSDP keeps them on the node's links and crosses the network
+    once a step, with an all-reduce of 1/gpus_per_node of the gradients. dp_shard set explicitly keeps it."""
+    nodes = world_size // gpus_per_node if gpus_per_node else 1
+    if dp_shard == -1 and dp_replicate == 1 and nodes > 1 and world_size % gpus_per_node == 0:
+        if gpus_per_node % tp == 0:
+            dp_replicate = nodes
     if dp_shard == -1:
         if world_size % (dp_replicate * tp):
             raise ValueError(
@@ -92,7 +103,10 @@ def init_distributed(parallel_cfg, device_pref: str = "auto") -> Dist:
     else:
         device = torch.device("cpu")
         set_up_cpu_process()
-    shape = resolve_mesh_shape(world_size, parallel_cfg.dp_replicate, parallel_cfg.dp_shard, parallel_cfg.tp)
+    gpus_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))  # torchrun's; Slurm's, mapped above
+    shape = resolve_mesh_shape(
+        world_size, parallel_cfg.dp_replicate, parallel_cfg.dp_shard, parallel_cfg.tp, gpus_per_node
+    )
     mesh = None
     if world_size > 1:
         if not dist.is_initialized():

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
+from jobspec import atomic
 from jobspec.contract import RunFolder
 
 BUCKETS = ("productive", "lost", "checkpoint", "validation", "restart", "other")
@@ -108,6 +109,4 @@ class Goodput:
         b["other"] = 0.0
         b["other"] = max(0.0, (self.now["last"] - self.now["start"]) - sum(b.values()))
         record = {**summarize(self.attempts), "per_attempt": self.attempts}
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text(json.dumps(record, indent=1))
-        os.replace(tmp, self.path)
+        atomic.write_json(self.path, record)

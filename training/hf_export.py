@@ -36,10 +36,21 @@ def _tokenizer_files(tokenizer_json: Path, max_len: int) -> tuple[dict, dict, di
 
     from training.data.tokenizer import EOS, IM_END, IM_START, PAD
 
+    from training.data.special_tokens import CONFIG, SPECIAL_MAP, read_special_tokens
+
     try:
         tok = Tokenizer.from_file(str(tokenizer_json))
     except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception on bad JSON
         raise HFError(f"{tokenizer_json} is not a Hugging Face tokenizer.json ({e})") from None
+    folder = tokenizer_json.parent
+    if (folder / CONFIG).is_file() and tok.token_to_id(EOS) is None:  # an imported model's: its own files
+        special, _ = read_special_tokens(tok, folder)
+        config = {k: v for k, v in json.loads((folder / CONFIG).read_text()).items() if k != "chat_template"}
+        files = (
+            {SPECIAL_MAP: json.loads((folder / SPECIAL_MAP).read_text())} if (folder / SPECIAL_MAP).is_file() else {}
+        )
+        ids = {"bos": special.bos, "eos": special.eos, "pad": special.pad, "stops": list(special.stops)}
+        return ids, config, files
     eos = tok.token_to_id(EOS)
     if eos is None:
         raise HFError(f"{tokenizer_json} has no {EOS} token, which our models use as BOS and EOS")
@@ -66,11 +77,18 @@ def _tokenizer_files(tokenizer_json: Path, max_len: int) -> tuple[dict, dict, di
 
 
 def _chat_template(tokenizer_json: Path, run_kind: str) -> Optional[str]:
-    """The chat template to ship: chat_template.jinja beside the tokenizer (SFT writes it there), else
-    the built-in one for a post-trained run; None for a pretrained model, which has no chat format."""
-    beside = tokenizer_json.parent / "chat_template.jinja"
-    if beside.is_file():
-        return beside.read_text()
+    """The chat template to ship: the tokenizer folder's own (chat_template.jinja or tokenizer_config.json's),
+    else ChatML for a post-trained run; None for a pretrained model of ours, which has no chat format."""
+    from tokenizers import Tokenizer
+
+    from training.data.special_tokens import EOS, read_special_tokens
+
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    _, template = read_special_tokens(tok, tokenizer_json.parent)
+    if run_kind == "pretrain" and tok.token_to_id(EOS) is not None:
+        return None
+    if template is not None:
+        return template
     if run_kind != "pretrain":
         from training.posttrain.chat import CHAT_TEMPLATE
 
@@ -116,6 +134,7 @@ def export_hf(
             f"has {real_vocab} rows"
         )
     head = state.pop("score.weight", None)  # a classify run: LlamaForSequenceClassification's head
+    value_head = state.pop("value_head.weight", None)  # a reward model: the same with one label
     check_shapes(cfg, state, ckpt_dir / "model")
 
     tok_path = Path(tokenizer) if tokenizer is not None else run_folder.tokenizer_file(ckpt_dir)
@@ -137,6 +156,13 @@ def export_hf(
         causal_lm = config["architectures"][0]
         config.update(classifier_config(run_dir, head.shape[0]))
         config["architectures"] = [causal_lm.replace("ForCausalLM", "ForSequenceClassification")]
+    if value_head is not None:
+        from training.classify.export import reward_model_config
+
+        tensors["score.weight"] = value_head.to(dtype).contiguous()
+        causal_lm = config["architectures"][0]
+        config.update(reward_model_config())
+        config["architectures"] = [causal_lm.replace("ForCausalLM", "ForSequenceClassification")]
     step = checkpoint_step(ckpt_dir.name)
     generation = {
         "bos_token_id": ids["bos"],
@@ -146,6 +172,8 @@ def export_hf(
     }
     if chat_template is not None and ids.get("end_of_turn") is not None:  # a chat reply ends at <|im_end|>
         generation["eos_token_id"] = [ids["eos"], ids["end_of_turn"]]
+    if len(ids.get("stops", ())) > 1:  # an imported model's generation_config.json listed several
+        generation["eos_token_id"] = ids["stops"]
     files = {
         "config.json": config,
         "generation_config.json": generation,
@@ -162,6 +190,10 @@ def export_hf(
     try:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         shutil.copyfile(tok_path, tmp / "tokenizer.json")
+        if head is not None:  # training appended the end-of-sequence token to every text: so does this tokenizer
+            from training.classify.export import append_eos
+
+            append_eos(tmp / "tokenizer.json", ids["eos"])
         if chat_template is not None:  # where transformers >= 4.47 reads a tokenizer's chat template
             (tmp / "chat_template.jinja").write_text(chat_template)
         for name, obj in files.items():

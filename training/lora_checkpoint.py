@@ -2,7 +2,7 @@
 the base weights are the checkpoint the run started from, named in its trainer_state.json:
 
     "lora_base": {"checkpoint": "/abs/runs/sft/checkpoints/step_00000150", "xxh64": "<its manifest's hash>",
-                  "rank": 16, "alpha": 32.0}
+                  "rank": 16, "alpha": 32.0, "use_rslora": false, "use_dora": false}
 
 A resume loads that very checkpoint (not whatever is newest in its run by then) after checking that its
 manifest still hashes the same: a base that changed or vanished stops the run with a sentence saying so.
@@ -49,9 +49,18 @@ def source_checkpoint(init_from: str | Path) -> Path:
     return found.resolve()
 
 
-def base_record(init_from: str | Path, rank: int, alpha: float) -> dict:
+def base_record(
+    init_from: str | Path, rank: int, alpha: float, use_rslora: bool = False, use_dora: bool = False
+) -> dict:
     folder = source_checkpoint(init_from)
-    return {"checkpoint": str(folder), "xxh64": _digest(folder), "rank": rank, "alpha": alpha}
+    return {
+        "checkpoint": str(folder),
+        "xxh64": _digest(folder),
+        "rank": rank,
+        "alpha": alpha,
+        "use_rslora": bool(use_rslora),
+        "use_dora": bool(use_dora),
+    }
 
 
 def verify_base(record: dict, where: Path) -> Path:
@@ -106,17 +115,18 @@ def with_base(ckpt_dir: str | Path, state: dict, read_checkpoint) -> dict:
     record = base_of(ckpt_dir)
     if record is None:
         return state
-    from model.lora import merged_weight
+    from model.lora import lora_scaling, merged_weight
     from training.hf_import import load_hf_state_dict
 
     base_dir = verify_base(record, Path(ckpt_dir))
     full = load_hf_state_dict(base_dir)[1] if _is_hf(base_dir) else read_checkpoint(base_dir)
-    scaling = record["alpha"] / record["rank"]
+    scaling = lora_scaling(record["rank"], record["alpha"], record.get("use_rslora", False))
     for key, value in state.items():
         if ".lora_A." in key:
             weight_key = key.replace(".lora_A.weight", ".weight")
             lora_b = state[key.replace(".lora_A.", ".lora_B.")]
-            full[weight_key] = merged_weight(full[weight_key], value, lora_b, scaling)
-        elif ".lora_B." not in key:
+            magnitude = state.get(key.replace(".lora_A.weight", ".lora_magnitude"))  # DoRA's
+            full[weight_key] = merged_weight(full[weight_key], value, lora_b, scaling, magnitude)
+        elif ".lora_B." not in key and not key.endswith(".lora_magnitude"):
             full[key] = value  # a module_to_save (or a head the base lacks)
     return full

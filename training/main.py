@@ -5,8 +5,10 @@
     srun python -m training.main ...                                          # Slurm tasks
 
 Without --run-dir the run folder is `<runs_dir>/<name>`: running the same command again
-resumes from its newest checkpoint. Exit codes are jobspec/contract.py's: 0 done, 2 a user
-error (logs/user_error.txt says which; retrying won't help), 3 stopped by a signal after saving.
+resumes from its newest checkpoint. Exit codes are jobspec/contract.py's: 0 done, 1 an unexpected
+exception (a bug: its traceback goes to logs/traceback.txt, and the executors retry it per
+resources.max_retries; ORCH_DEBUG=1 raises it instead), 2 a user error (one of USER_ERRORS;
+logs/user_error.txt says which; retrying won't help), 3 stopped by a signal after saving.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import sys
 from pathlib import Path
 
 from jobspec import SpecError, load_spec
-from jobspec.contract import EXIT_USER_ERROR, RunFolder
+from jobspec.contract import EXIT_BUG, EXIT_USER_ERROR, RunFolder, UserError
 from jobspec.faults import fault
 from jobspec.loading import save_config
 
@@ -49,6 +51,51 @@ RUNNERS = {
     "eval": "training.evaluate.job:run_eval",
     "data": "training.data.curate.job:run_curate",
 }
+
+
+# The checks' own errors: each carries a sentence naming what to fix, and retrying can't help (exit 2). Any other
+# exception is a bug, or a node's hiccup: exit 1, retried.
+USER_ERRORS = (
+    "training.data:DataError",  # a UserError; listed for the reader
+    "training.checkpoint:CheckpointError",
+    "training.run_folder:SourceError",
+    "training.trainer:NonFiniteError",
+    "training.evaluate.tasks:EvalError",
+    "training.posttrain.collapse:CollapseError",
+    "model.hf_families:HFError",
+    "jobspec.run_lock:RunFolderBusy",
+    "jobspec.run_lock:LockUnsupported",
+)
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    return (UserError, *(_load(path) for path in USER_ERRORS))
+
+
+def report_bug(error: BaseException, folder: RunFolder) -> int:
+    """An unexpected exception: its traceback to logs/traceback.txt (rank 0; other ranks' to traceback_rankN.txt),
+    one paragraph on stderr saying where it went; EXIT_BUG, which the executors retry."""
+    import traceback
+
+    rank = int(os.environ.get("RANK", "0"))
+    path = folder.logs / ("traceback.txt" if rank == 0 else f"traceback_rank{rank}.txt")
+    text = "".join(traceback.format_exception(error))
+    try:
+        folder.logs.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        where = f"its traceback is in {path}"
+    except OSError:
+        print(text, file=sys.stderr)
+        where = "its traceback is above"
+    frame = traceback.extract_tb(error.__traceback__)[-1] if error.__traceback__ else None
+    at = f" at {frame.filename}:{frame.lineno}" if frame else ""
+    print(
+        f"error: unexpected {type(error).__name__}{at}: {error} -- a bug or a fault of this machine, not the job's "
+        f"input: exit {EXIT_BUG}, which orch retries per resources.max_retries; {where} "
+        "(ORCH_DEBUG=1 raises it here instead)",
+        file=sys.stderr,
+    )
+    return EXIT_BUG
 
 
 def _load(path: str):
@@ -102,9 +149,8 @@ def run(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     # Imported after the spec check so a typo fails fast, before torch loads.
-    from jobspec.run_lock import LockUnsupported, RunFolderBusy, RunLock
+    from jobspec.run_lock import RunFolderBusy, RunLock
     from training import checkpoint as ckpt
-    from training.data import DataError
     from training.distributed import init_distributed, shutdown
     from training.signals import install_stop_handlers
     from training.trainer import Trainer
@@ -114,6 +160,7 @@ def run(argv=None) -> int:
     lock = RunLock(folder.path)
     try:
         dist_info = init_distributed(cfg.parallel, cfg.train.device)
+        ckpt.seed_globals(cfg.seed, dist_info.rank)  # a checkpoint, if any, restores them later
         if dist_info.is_main:
             lock.acquire()  # one trainer per run folder; the lock dies with this process
         dist_info.barrier()
@@ -128,9 +175,14 @@ def run(argv=None) -> int:
             code = Trainer(cfg, dist_info, folder.path, task, stop=stop).fit()
         record_exit(code, folder, dist_info.is_main)
         return code
-    except (SpecError, DataError, ckpt.CheckpointError, RunFolderBusy, LockUnsupported, ValueError, OSError) as e:
-        if isinstance(e, OSError) and e.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
+    except Exception as e:
+        rank0 = int(os.environ.get("RANK", "0")) == 0
+        full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+        if not full and not isinstance(e, user_errors()):
+            if os.environ.get("ORCH_DEBUG"):
+                raise
+            record_exit(report_bug(e, folder), folder, rank0)
+            return EXIT_BUG
         message = (
             str(e)
             if not isinstance(e, OSError)
@@ -139,7 +191,6 @@ def run(argv=None) -> int:
                 "its checkpoints are untouched"
             )
         )
-        rank0 = int(os.environ.get("RANK", "0")) == 0
         # A refused trainer writes no sentence into the busy folder; its exit code still tells a launcher (torchrun
         # reports any failure as 1) not to retry.
         report_user_error(message, folder, rank0 and not isinstance(e, RunFolderBusy))

@@ -59,10 +59,10 @@ class MuonAdamW(torch.optim.Optimizer):
 
     Muon's step is torch.optim.Muon's (Nesterov momentum, Newton-Schulz orthogonalization, decoupled
     weight decay, the lr scaled by sqrt(max(1, rows/cols))), with one difference: the orthogonalization
-    needs the whole matrix, so a parameter sharded by FSDP2 or tensor parallelism (a DTensor) has its
-    momentum-averaged gradient gathered first; every rank orthogonalizes the full matrix and keeps its
-    own shard of the result. Simple and exact; the cost is one all-gather per matrix and the
-    orthogonalization repeated on every rank (small next to the step for models that fit a node).
+    needs the whole matrix. Matrices sharded by FSDP2 (HSDP too) are shared out among the shard group's
+    ranks: each rank gathers and orthogonalizes 1/N of them and sends each owner's result back in shards,
+    two all-to-alls per N matrices (orthogonalize_all). Under tensor parallelism every rank gathers each
+    matrix and orthogonalizes it whole. Exact either way: the same bf16 matrices as in one process.
     """
 
     def __init__(self, groups: list[dict], *, lr: float, betas: tuple[float, float], eps: float):
@@ -92,13 +92,15 @@ class MuonAdamW(torch.optim.Optimizer):
 
     def _muon_step(self, group: dict, params: list[torch.Tensor]) -> None:
         lr, momentum = group["lr"], group["momentum"]
+        updates = []
         for p in params:
             state = self.state[p]
             if not state:
                 state["momentum_buffer"] = torch.zeros_like(p)
             buf = state["momentum_buffer"]
             buf.lerp_(p.grad, 1 - momentum)
-            update = orthogonalize(p.grad.lerp(buf, momentum))  # Nesterov
+            updates.append(p.grad.lerp(buf, momentum))  # Nesterov
+        for p, update in zip(params, orthogonalize_all(updates)):
             p.mul_(1 - lr * group["weight_decay"])
             p.add_(update, alpha=-lr * math.sqrt(max(1.0, p.shape[0] / p.shape[1])))
 
@@ -129,9 +131,37 @@ class MuonAdamW(torch.optim.Optimizer):
         )
 
 
+NS = dict(ns_coefficients=(DEFAULT_A, DEFAULT_B, DEFAULT_C), ns_steps=DEFAULT_NS_STEPS, eps=EPS)
+
+
+def orthogonalize_all(updates: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each update orthogonalized (torch.optim.Muon's Newton-Schulz on the whole matrix), in the same layout.
+    Updates sharded along rows over one mesh dimension (FSDP2's Shard(0); replicated over the others, as under
+    HSDP) share that dimension's work out (training/muon_shards.py); the rest go one by one."""
+    from training.muon_shards import orthogonalize_sharded, row_shard_dim
+
+    out: list[torch.Tensor | None] = [None] * len(updates)
+    by_group: dict[tuple, list[int]] = {}
+    for i, u in enumerate(updates):
+        dim = row_shard_dim(u)
+        if dim is None:
+            out[i] = orthogonalize(u)
+        else:
+            by_group.setdefault((id(u.device_mesh), dim), []).append(i)
+    for indices in by_group.values():
+        for i, result in zip(indices, orthogonalize_sharded([updates[i] for i in indices], newton_schulz)):
+            out[i] = result
+    return out
+
+
+def newton_schulz(matrix: torch.Tensor) -> torch.Tensor:
+    """torch.optim.Muon's iteration: bf16 in (it casts first), bf16 out."""
+    return _zeropower_via_newtonschulz(matrix, **NS)
+
+
 def orthogonalize(update: torch.Tensor) -> torch.Tensor:
     """torch.optim.Muon's orthogonalization of the full matrix."""
-    ns = dict(ns_coefficients=(DEFAULT_A, DEFAULT_B, DEFAULT_C), ns_steps=DEFAULT_NS_STEPS, eps=EPS)
+    ns = NS
     if not hasattr(update, "full_tensor"):
         return _zeropower_via_newtonschulz(update, **ns).to(update.dtype)
     from torch.distributed.tensor import distribute_tensor

@@ -44,9 +44,13 @@ def export(source: str | Path, out_dir: str | Path, merge: bool = False) -> tupl
 
 
 def peft_name(ours: str) -> str:
-    """layers.0.attention.wq.lora_A.weight -> base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"""
+    """layers.0.attention.wq.lora_A.weight -> base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight
+    (DoRA's layers.0.attention.wq.lora_magnitude -> ...q_proj.lora_magnitude_vector)"""
     from model.state_dict_adapter import to_hf_name
 
+    if ours.endswith(".lora_magnitude"):
+        module = to_hf_name(ours[: -len(".lora_magnitude")] + ".weight")[: -len(".weight")]
+        return f"{PEFT_PREFIX}{module}.lora_magnitude_vector"
     for part in (".lora_A.", ".lora_B."):
         if part in ours:
             module = to_hf_name(ours.replace(part, "."))[: -len(".weight")]
@@ -60,6 +64,12 @@ def write_adapter(ckpt_dir: Path, record: dict, out: Path) -> Path:
     from training.run_folder import read_checkpoint_model
 
     state = read_checkpoint_model(ckpt_dir, merge_lora=False)
+    magnitudes = [k for k in state if k.endswith(".lora_magnitude")]
+    if magnitudes:  # PEFT's DoRA magnitude is absolute: ours is a factor of the base's row norms
+        base = _base_tensors(Path(record["checkpoint"]))
+        for key in magnitudes:
+            rows = base[key[: -len(".lora_magnitude")] + ".weight"].float().norm(dim=1)
+            state[key] = state[key].float() * rows
     tensors = {peft_name(k): v.float().contiguous() for k, v in state.items()}
     targets = sorted({k[len(PEFT_PREFIX) :].rsplit(".lora_", 1)[0] for k in tensors if ".lora_A." in k})
     saved = sorted({k[len(PEFT_PREFIX) :].rsplit(".", 1)[0] for k in tensors if ".lora_" not in k})
@@ -76,8 +86,8 @@ def write_adapter(ckpt_dir: Path, record: dict, out: Path) -> Path:
         "fan_in_fan_out": False,
         "inference_mode": True,
         "init_lora_weights": True,
-        "use_rslora": False,
-        "use_dora": False,
+        "use_rslora": bool(record.get("use_rslora", False)),
+        "use_dora": bool(record.get("use_dora", False)),
         "layers_to_transform": None,
         "layers_pattern": None,
         "rank_pattern": {},
@@ -88,3 +98,11 @@ def write_adapter(ckpt_dir: Path, record: dict, out: Path) -> Path:
     save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out
+
+
+def _base_tensors(base: Path) -> dict:
+    """The full tensors of a LoRA run's base, by our names (a Hugging Face folder or our checkpoint)."""
+    from training.hf_import import load_hf_state_dict
+    from training.run_folder import read_checkpoint_model
+
+    return load_hf_state_dict(base)[1] if (base / "config.json").is_file() else read_checkpoint_model(base)

@@ -21,7 +21,6 @@ folder or a parent of the run folder.
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from jobspec import atomic
 from jobspec.contract import RunFolder
 from model.config import GPTConfig
 from model.gpt import GPT
@@ -260,15 +260,19 @@ def is_chat_model(source: str | Path) -> bool:
 
 
 def write_artifacts(run_dir: str | Path, model_cfg: GPTConfig, tokenizer: Path) -> None:
-    """The trainer's record of what it trains (rank 0, at start): model.json and a copy of tokenizer.json, so
+    """The trainer's record of what it trains (rank 0, at start): model.json and a copy of tokenizer.json (with its
+    folder's tokenizer_config.json, special_tokens_map.json, generation_config.json, chat_template.jinja), so
     that whoever reads the run later needs no other folder. Atomic writes: a reader never sees half a file."""
+    from training.data.special_tokens import FILES
+
     folder = RunFolder(run_dir)
+    # The tokenizer's special tokens and chat template travel with it (training/data/special_tokens.py).
+    beside = [(folder.tokenizer.parent / n, Path(tokenizer).parent / n) for n in FILES]
     for path, data in (
         (folder.model, json.dumps(asdict(model_cfg), indent=1).encode()),
         (folder.tokenizer, Path(tokenizer).read_bytes()),
+        *((path, source.read_bytes()) for path, source in beside if source.is_file()),
     ):
         if path.is_file() and path.read_bytes() == data:
             continue
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        atomic.write_bytes(path, data)

@@ -6,30 +6,30 @@ pipeline's stages side by side (their folders share the pipeline id). A resumed 
 same folder; the steps it computes again after its last checkpoint are not shown twice: the writer opens at the
 first step this process logs with `purge_step` = that step, and TensorBoard's readers drop what an earlier process
 wrote from that step on.
+
+W&B (training/tracker_wandb.py) and MLflow (training/tracker_mlflow.py) get the same numbers, the resolved config
+as hyperparameters and, from an eval job, its metrics; their run ids are kept in the run folder (trackers.json,
+training/tracker_state.py) so that a resumed run continues the same tracker run. They are optional extras:
+pip install orch[wandb] or orch[mlflow] where the job runs.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import time
 from pathlib import Path
 from typing import Protocol
 
+import yaml
+
 from jobspec import SpecError
+from training.tracker_state import scalars
 
 
 class Tracker(Protocol):
     def log(self, record: dict) -> None: ...  # one metrics.jsonl record: {"step": N, "loss": ..., ...}
 
     def close(self) -> None: ...
-
-
-def scalars(record: dict) -> dict[str, float]:
-    """The record's numbers, as a tracker plots them (time and step are the axes, flags are not curves)."""
-    return {
-        k: float(v)
-        for k, v in record.items()
-        if k not in ("step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool)
-    }
 
 
 class TensorBoardTracker:
@@ -54,15 +54,40 @@ class TensorBoardTracker:
             self.writer.close()
 
 
+# backend: (its package, the extra that installs it)
+PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"), "mlflow": ("mlflow", "mlflow")}
+
+
 def open_trackers(run_dir: Path, backends: list[str], config_yaml: str) -> list[Tracker]:
     """The trackers of `logging.backends` besides jsonl (which MetricsLogger writes itself)."""
+    config = yaml.safe_load(config_yaml) or {}
+    group = (config.get("logging") or {}).get("group")
     trackers: list[Tracker] = []
     for name in backends:
+        if name not in PACKAGES:
+            continue  # jsonl
+        package, extra = PACKAGES[name]
+        if importlib.util.find_spec(package) is None:
+            raise SpecError(
+                f"logging.backends names {name}, but the {package} package is not installed where the job runs: "
+                f"pip install orch[{extra}] there"
+            )
         if name == "tensorboard":
-            if importlib.util.find_spec("tensorboard") is None:
-                raise SpecError(
-                    "logging.backends names tensorboard, but the tensorboard package is not installed "
-                    "where the job runs: pip install tensorboard (or orch[tensorboard]) there"
-                )
             trackers.append(TensorBoardTracker(run_dir, config_yaml))
+        elif name == "wandb":
+            from training.tracker_wandb import WandbTracker
+
+            trackers.append(WandbTracker(run_dir, config, group))
+        else:
+            from training.tracker_mlflow import MlflowTracker
+
+            trackers.append(MlflowTracker(run_dir, config, group))
     return trackers
+
+
+def log_results(run_dir: Path, backends: list[str], config_yaml: str, metrics: dict, step: int = 0) -> None:
+    """A job's final numbers (an eval job's metrics, named "<stage>/<set or task>/<metric>") to its trackers."""
+    trackers = open_trackers(run_dir, backends, config_yaml)
+    for tracker in trackers:
+        tracker.log({"time": time.time(), "step": step, **metrics})
+        tracker.close()

@@ -78,6 +78,7 @@ class Trainer:
         self.tokens_seen = 0
         self.skipped_steps = 0  # steps whose loss or gradient was not finite: counted, not applied
         self.nonfinite_in_a_row = 0
+        self.stop_flags = (False, False)  # (a stop signal, the budget spent): set by each step
         self.saved_step: Optional[int] = None  # the step of the newest checkpoint written or loaded
         # The step the LR schedule ends at: train.max_steps, or fewer when train.time_budget_min can't fit them.
         self.max_steps = cfg.train.max_steps
@@ -147,7 +148,9 @@ class Trainer:
         if self.cfg.checkpoint.init_from:
             load_weights(self.model, self.cfg.checkpoint.init_from, self.dist.is_main)
             if lora_enabled:
-                self.lora_base = lora_checkpoint.base_record(self.cfg.checkpoint.init_from, lora.rank, lora.alpha)
+                self.lora_base = lora_checkpoint.base_record(
+                    self.cfg.checkpoint.init_from, lora.rank, lora.alpha, lora.use_rslora, lora.use_dora
+                )
 
     def save(self, background: bool = False) -> Path | None:
         """Write a checkpoint of this step (never twice the same step, never a non-finite state).
@@ -207,32 +210,45 @@ class Trainer:
 
     def train_step(self) -> tuple[float, float, int]:
         """One optimizer step over grad_accum_steps micro-batches: (loss, grad norm, tokens on all ranks).
-        A non-finite loss or gradient norm leaves the weights and the optimizer as they were."""
+        A non-finite loss or gradient norm leaves the weights and the optimizer as they were.
+
+        One device-to-host read a step, and no other wait on the device: item counts stay on the device, and
+        the loss, the gradient norm and the stop flags come back together in one small tensor, which the
+        decision to apply the step needs anyway. The stop flags ride on the loss's all-reduce, so every rank
+        agrees on them each step without a collective of their own."""
         cfg = self.cfg
         set_lr(self.optimizer, self.step, cfg.optim, self.max_steps)
         sums = torch.zeros(2, dtype=torch.float64, device=self.dist.device)  # loss summed over items, items
         tokens = 0
-        fsdp = hasattr(self.model, "set_requires_gradient_sync")
+        # Under FSDP2 every micro-batch's gradients are reduce-scattered as its backward ends (torchtitan's choice):
+        # deferring it to the last micro-batch would hold every parameter's unsharded fp32 gradient on each rank
+        # meanwhile (27 GB a GPU at 7B) to save grad_accum_steps - 1 reduce-scatters. HSDP's all-reduce across
+        # replicas (the network, between nodes) waits for the last micro-batch: it sums the accumulated shards.
+        hsdp = hasattr(self.model, "set_requires_all_reduce")
         for micro in range(cfg.train.grad_accum_steps):
             batch = self.task.next_batch()
-            if fsdp:  # reduce-scatter gradients once, on the last micro-batch
-                self.model.set_requires_gradient_sync(micro == cfg.train.grad_accum_steps - 1)
+            if hsdp:
+                self.model.set_requires_all_reduce(micro == cfg.train.grad_accum_steps - 1)
             with self.loss_context():
                 with self.autocast:
                     total, count = self.task.loss(self.model, batch)
                 if fault("train.loss", step=self.step + 1) == "nan":
                     total = total * float("nan")
                 total.backward()
-            sums += torch.stack(
-                [total.detach().double(), torch.as_tensor(count, dtype=torch.float64, device=sums.device)]
-            )
+            sums[0] += total.detach().double()
+            # a count is a Python number (added without a copy to the device) or a tensor already there
+            sums[1] += count.double() if isinstance(count, torch.Tensor) else count
             tokens += self.task.tokens_per_batch(batch)
+        # (a stop signal, the time budget spent), sampled once the step's work is queued
+        flags = torch.tensor([self.stop.signal is not None, self.budget.spent()], dtype=torch.float64)
+        sums = torch.cat([sums, flags.to(self.dist.device, non_blocking=True)])
         if self.dist.world_size > 1:  # the step's items on every rank (tensor-parallel peers count theirs alike)
             dist.all_reduce(sums)
-        loss = (sums[0] / sums[1].clamp(min=1)).item()
+        items = sums[1].clamp(min=1)
         # FSDP averaged the gradients of the summed losses over data-parallel ranks: make them the gradient of
         # the mean over all of the step's items. sums[1] counts each item tp times, as world_size counts ranks.
-        scale = self.dist.world_size / max(sums[1].item(), 1.0)
+        # (a tensor's numerator: `number / tensor` multiplies by a reciprocal, one rounding more than before)
+        scale = torch.full((), self.dist.world_size, dtype=torch.float64, device=items.device) / items
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         for g in grads:
             g.mul_(scale)
@@ -240,7 +256,10 @@ class Trainer:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip, foreach=True)
         else:
             grad_norm = torch.nn.utils.get_total_norm(grads)
-        grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        # the step's one read: loss, gradient norm, and the flags every rank agreed on
+        loss, grad_norm, signal, spent = torch.stack([sums[0] / items, grad_norm.double(), *sums[2:]]).tolist()
+        self.stop_flags = (signal > 0, spent > 0)
         fault("train.before_optimizer_step", step=self.step + 1)
         if self.saver is not None:
             self.saver.wait_staged()  # a background save still copying the weights this step changes
@@ -272,13 +291,13 @@ class Trainer:
 
     def should_stop(self) -> tuple[bool, bool]:
         """(a stop signal, the time budget spent), agreed by every rank: they must stop at the same step, or
-        the checkpoint collective would hang. One small all-reduce per step."""
-        flags = torch.tensor(
-            [self.stop.signal is not None, self.budget.spent()], dtype=torch.int32, device=self.dist.device
-        )
-        if self.dist.world_size > 1:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        return bool(flags[0]), bool(flags[1])
+        the checkpoint collective would hang. train_step brought them back with the step's loss, so a signal is
+        acted on at the end of the step it arrived in, or of the next one if it came after the step's work was
+        queued: a stop waits at most two steps (the grace of training/signals.py covers them and the save). A lone
+        process reads its own flags at the end of the step, a host read that waits on nothing."""
+        if self.dist.world_size == 1:  # nothing to agree on: the host's own flags, as they are now
+            return self.stop.signal is not None, self.budget.spent()
+        return self.stop_flags
 
     def fit(self) -> int:
         cfg, is_main = self.cfg, self.dist.is_main

@@ -24,6 +24,7 @@ from bench.chaos.reference import References
 from bench.chaos.report import update_doc
 from bench.chaos.run import FIGURES, draw, draw_one, print_row, row_of, run_one, tabulate
 from bench.common import RESULTS, device_name, device_slug, versions
+from jobspec import atomic
 
 
 def prepare_data(root: Path) -> Path:
@@ -58,9 +59,7 @@ def write_results(path: Path, rows: list[dict], *, planned: int, **about) -> dic
         "rows": rows,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    tmp.replace(path)
+    atomic.write_json(path, record)
     return record
 
 

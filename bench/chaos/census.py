@@ -2,10 +2,8 @@
 
 finished          the run reached its final step and the registry says COMPLETED
 bitwise_equal     its final checkpoint equals the reference run's: the weights and AdamW moments bit for bit,
-                  and trainer_state.json (less the seconds it spent)
-rng_equal         each rank's RNG states (rng/rank_R.json) equal the reference's; recorded, not scored: the
-                  trainer leaves Python's, NumPy's and torch's global generators unseeded, and its data
-                  loaders draw from torch's at each new iterator, so no two runs agree on them yet
+                  trainer_state.json (less the seconds it spent), and each rank's RNG states (rng/rank_R.json:
+                  the trainer seeds the global generators from the seed and rank, checkpoints restore them)
 checkpoints_lost  a committed, complete checkpoint that disappeared (other than by pruning beyond keep_last):
                   a restart that resumed from before the newest checkpoint committed by then, by the trainer's
                   own records (its "resumed from" line; a restart without one started from step 0)
@@ -45,7 +43,6 @@ class Outcome:
     leftovers: int = 0
     wrong_state: bool = False
     not_fired: bool = False
-    rng_equal: Optional[bool] = None
     wrong_restarts: int = 0  # retries or restarts missing: the fault did not do what it was drawn to do
     two_trainers: int = 0  # times the process table showed two trainers on one run folder
     bound_exceeded: bool = False  # a hung rank was noticed later than its documented bound
@@ -144,7 +141,7 @@ def rng_equal(run_dir: Path, reference: Path, step: int) -> tuple[bool, str]:
 def bitwise_equal(run_dir: Path, reference: Path, step: int) -> tuple[bool, str]:
     """The final checkpoint against the reference's: every tensor's bits, then the trainer's state (step, tokens
     seen, the data loader's position, skipped steps...), which a run trained again from an earlier point could
-    get wrong while its tensors agree."""
+    get wrong while its tensors agree, then the RNG states."""
     ours, theirs = (
         Path(run_dir) / "checkpoints" / checkpoint_name(step),
         Path(reference) / "checkpoints" / checkpoint_name(step),
@@ -157,7 +154,8 @@ def bitwise_equal(run_dir: Path, reference: Path, step: int) -> tuple[bool, str]
     differ = [f"{f}:{n}" for (f, n) in a if a[(f, n)] != b[(f, n)]]
     if differ:
         return False, f"{len(differ)} tensors differ, e.g. {differ[0]}"
-    return same_states(ours, theirs, "trainer_state.json")
+    same, why = same_states(ours, theirs, "trainer_state.json")
+    return (same, why) if not same else rng_equal(run_dir, reference, step)
 
 
 # ---------------------------------------------------------------- leftovers
@@ -343,9 +341,6 @@ def settle(
         out.bitwise_equal, why = bitwise_equal(Path(run.run_dir), reference, step)
         if why:
             out.notes.append(why)
-        out.rng_equal, why = rng_equal(Path(run.run_dir), reference, step)
-        if why:
-            out.notes.append(f"(not scored) {why}")
     retries = len(watch.values("retry", run_id))
     if retries > retries_expected:
         out.crash_loops += retries - retries_expected

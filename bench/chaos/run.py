@@ -62,7 +62,6 @@ def tabulate(rows: list[dict]) -> dict:
         "measured": len(recovery),
     }
     figures["two_trainers"] = sum(r["two_trainers"] for r in rows)
-    figures["rng_equal"] = sum(bool(r.get("rng_equal")) for r in rows)  # recorded, not scored (census.py)
     by_kind = {}
     for r in rows:
         k = by_kind.setdefault(r["kind"], {"faults": 0, "ok": 0, "executors": set()})

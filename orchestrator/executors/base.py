@@ -40,6 +40,10 @@ class Executor(Protocol):
     def submit(self, run: Run, cfg: DictConfig) -> str:
         """Start a registered PENDING run; returns how to refer to it in messages ("slurm job 12")."""
 
+    def dry_run(self, run: Run, cfg: DictConfig) -> str:
+        """What `submit` would hand the backend for this run, as text (`orch submit --dry-run`): the batch script
+        sbatch would receive, the command line the local supervisor would run. Writes and starts nothing."""
+
     def submit_pipeline(self, pipeline_id: str, runs: Sequence[Run], cfgs: dict[str, DictConfig]) -> None:
         """Start a pipeline's registered stages (parents first in `runs`), each after its parent COMPLETED.
         `cfgs` maps a stage's name to its config."""

@@ -18,13 +18,15 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 from omegaconf import DictConfig
 
+from jobspec.checks import refuse_slurm_only
 from jobspec.contract import RunFolder
 from jobspec.processes import process_start, same_process, signal_process, this_process
 from jobspec.run_lock import describe, holder
+from orchestrator import code_snapshot
 from orchestrator.executors.base import CANCELLED_BY_USER, Observation, refuse_if_held
 from orchestrator.filesystems import check_runs_dir
 from orchestrator.registry import TERMINAL, Registry, Run, now
@@ -36,10 +38,11 @@ def _block_stop_signals() -> None:
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
 
 
-def spawn_detached(argv: list[str], log_path: Path, registry: Registry) -> subprocess.Popen:
-    """A process in its own session (it outlives the terminal), its output appended to log_path."""
+def spawn_detached(argv: list[str], log_path: Path, registry: Registry, env: Optional[dict] = None) -> subprocess.Popen:
+    """A process in its own session (it outlives the terminal), its output appended to log_path; `env` is added to
+    ours (a run's code snapshot)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, ORCH_HOME=str(registry.path.parent), PYTHONUNBUFFERED="1")
+    env = dict(os.environ, ORCH_HOME=str(registry.path.parent), PYTHONUNBUFFERED="1", **(env or {}))
     with open(log_path, "ab") as log:
         return subprocess.Popen(
             [sys.executable, "-m", *argv],
@@ -94,12 +97,24 @@ class LocalExecutor:
             ["orchestrator.executors.local_supervisor", run.id],
             RunFolder(run.run_dir).logs / "supervisor.log",
             self.registry,
+            env=code_snapshot.environment(run.run_dir),  # the supervisor and its trainer run the submitted code
         )
         self.registry.update(run.id, pid=proc.pid, pid_start=process_start(proc.pid), host=socket.gethostname())
         return proc
 
     def check(self, cfg: DictConfig, source: str) -> None:
         check_runs_dir(cfg.runs_dir, source, across_nodes=False)  # one machine: a node-local flock() will do
+        refuse_slurm_only(cfg, lambda *keys: source, why=f"executor: {cfg.executor}")  # setup lines, a container
+
+    def dry_run(self, run: Run, cfg: DictConfig) -> str:
+        """The trainer's command line, with the job's resources.env before it."""
+        import shlex
+
+        from orchestrator.executors.local_supervisor import trainer_command
+
+        env = [f"{name}={value}" for name, value in cfg.resources.env.items()]
+        argv = trainer_command(run, cfg.resources.nproc_per_node, cfg.resources.python)
+        return shlex.join([*(["env", *env] if env else []), *argv]) + "\n"
 
     def submit(self, run: Run, cfg: DictConfig) -> str:
         self.start(run)

@@ -16,6 +16,7 @@ never leaves a trainer nobody watches.
 from __future__ import annotations
 
 import ctypes
+import os
 import signal
 import subprocess
 import sys
@@ -25,19 +26,21 @@ from omegaconf import OmegaConf
 
 from jobspec.contract import EXIT_REQUEUE, EXIT_USER_ERROR, RunFolder, stop_grace_s, trainer_exit, user_error
 from jobspec.faults import fault
-from orchestrator.executors.local import CANCELLED_BY_USER
+from orchestrator.executors.base import CANCELLED_BY_USER
 from orchestrator.registry import Registry, Run, now
 
 PR_SET_PDEATHSIG = 1
 
 
-def trainer_command(run: Run, nproc: int) -> list[str]:
+def trainer_command(run: Run, nproc: int, python: str | None = None) -> list[str]:
+    """The trainer's command line; python: the job's resources.python (default: the interpreter running orch)."""
     folder = RunFolder(run.run_dir)
     config = str(folder.config)
+    python = python or sys.executable
     if nproc > 1:
         # torchrun's wait between its SIGTERM to the ranks and SIGKILL: long enough for the save they then make
         return [
-            sys.executable,
+            python,
             "-m",
             "torch.distributed.run",
             "--standalone",
@@ -49,7 +52,12 @@ def trainer_command(run: Run, nproc: int) -> list[str]:
             "--run-dir",
             run.run_dir,
         ]
-    return [sys.executable, "-m", "training.main", config, "--run-dir", run.run_dir]
+    return [python, "-m", "training.main", config, "--run-dir", run.run_dir]
+
+
+def trainer_env(resources) -> dict[str, str]:
+    """Ours, plus the job's resources.env (a run folder written before that key has none)."""
+    return dict(os.environ, **{str(k): str(v) for k, v in (resources.get("env") or {}).items()})
 
 
 def _die_with_parent() -> None:
@@ -87,7 +95,8 @@ class Supervisor:
                 except OSError:  # a full disk: the attempt still runs, and its outcome goes to the registry
                     pass
             self.child = subprocess.Popen(
-                trainer_command(self.run, self.resources.nproc_per_node),
+                trainer_command(self.run, self.resources.nproc_per_node, self.resources.get("python")),
+                env=trainer_env(self.resources),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,

@@ -12,6 +12,11 @@ entry point as torchrun (see slurm_job.TrainingJob). Slurm sends SIGUSR2 `signal
 limit; the trainer saves a checkpoint and exits 3, and the batch script requeues the job (slurm_job.after_srun),
 which keeps its id and resumes from that checkpoint. submitit's files (the batch script, our pickled job
 function, the logs `<job id>_<task>_log.out`) live in run_dir/slurm/.
+
+The environment on the nodes comes from the job's resources (docs/cluster.md): its `setup` lines run in the batch
+script before srun, then its `env` is exported (quoted); each task runs `python` (default: the interpreter running
+orch), inside `container.image` when one is set (pyxis/enroot's `srun --container-image`). `batch_script` gives the
+script sbatch would receive (`orch submit --dry-run`), written by the same submitit code as a submission.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from omegaconf import OmegaConf
 
 from jobspec.contract import RunFolder, stop_grace_s, user_error
 from jobspec.processes import same_process, this_process
+from orchestrator import code_snapshot
 from orchestrator.dependencies import dependency_reason, parents_first_runs
 from orchestrator.executors.base import CANCELLED_BY_USER, Observation, refuse_if_held
 from orchestrator.filesystems import check_runs_dir
@@ -85,9 +91,47 @@ def sbatch_extra_parameters(flags: Iterable[str]) -> dict:
     return params
 
 
+def code_setup(run: Run, resources) -> list[str]:
+    """The batch script's first lines: every command after them (submitit's, the tasks', after_srun) imports the
+    run's code snapshot (orchestrator/code_snapshot.py), or this checkout for resources.code=live. The script is
+    the same at each requeue, so a requeued job runs the submitted code too."""
+    return code_snapshot.shell_exports(run.run_dir, live_root=REPO, mode=resources.get("code"))
+
+
+# The environment's keys are read with .get: a run folder's config.yaml written before they existed has none, and
+# `orch resume` submits such a run again.
+
+
+def node_python(resources) -> str:
+    """The interpreter the tasks run, quoted for the batch script: resources.python, else the one running orch."""
+    return shlex.quote(resources.get("python") or sys.executable)
+
+
+def setup_lines(resources) -> list[str]:
+    """resources.setup verbatim (each checked to be one complete command: jobspec/checks.py), then resources.env,
+    each value quoted, so that a variable wins over what a module or an activate script set."""
+    exports = [f"export {name}={shlex.quote(str(value))}" for name, value in (resources.get("env") or {}).items()]
+    return [*(resources.get("setup") or []), *exports]
+
+
+def container_image(resources) -> Optional[str]:
+    return (resources.get("container") or {}).get("image")
+
+
+def container_srun_args(resources) -> list[str]:
+    """pyxis's srun options (submitit quotes each argument); none without an image."""
+    image, mounts = container_image(resources), (resources.get("container") or {}).get("mounts")
+    if not image:
+        return []
+    return [f"--container-image={image}", *([f"--container-mounts={','.join(mounts)}"] if mounts else [])]
+
+
 def executor_parameters(run: Run, resources, dependency_job_ids: Sequence[str] = ()) -> dict:
-    """submitit SlurmExecutor parameters for a run: its resources, the requeue hook, the dependencies."""
-    python = shlex.quote(sys.executable)
+    """submitit SlurmExecutor parameters for a run: its resources, its environment, the requeue hook, the
+    dependencies."""
+    # after_srun runs in the batch script, on the node outside any container: the container's interpreter is not
+    # there, the one running orch is (on the shared file system, docs/cluster.md)
+    python = shlex.quote(sys.executable) if container_image(resources) else node_python(resources)
     params = dict(
         job_name=run.id,
         nodes=resources.nodes,
@@ -97,8 +141,8 @@ def executor_parameters(run: Run, resources, dependency_job_ids: Sequence[str] =
         signal_delay_s=signal_delay_s(resources.time_min, stop_grace_s(RunFolder(run.run_dir), untimed=0)),
         stderr_to_stdout=True,  # one log per task: run_dir/slurm/<job id>_<task>_log.out
         # One task dying (SIGKILL, a crash) ends the step at once, instead of the others waiting in a collective.
-        srun_args=["--kill-on-bad-exit=1"],
-        setup=[f"export PYTHONPATH={shlex.quote(str(REPO))}${{PYTHONPATH:+:$PYTHONPATH}}"],
+        srun_args=["--kill-on-bad-exit=1", *container_srun_args(resources)],
+        setup=[*code_setup(run, resources), *setup_lines(resources)],
         # Right after srun: "$?" is its exit status; after_srun requeues or ends the job (see slurm_job.py).
         teardown=[
             "ORCH_SRUN_STATUS=$?",
@@ -122,6 +166,35 @@ def executor_parameters(run: Run, resources, dependency_job_ids: Sequence[str] =
     return params
 
 
+def slurm_executor(run: Run, cfg, dependency_job_ids: Sequence[str] = (), *, script_only: bool = False):
+    """The submitit executor that submits this run, its parameters set. script_only: one that writes the batch
+    script even where Slurm's commands are missing (`orch submit --dry-run` on a laptop)."""
+    import submitit
+
+    cls = _script_writer() if script_only else submitit.SlurmExecutor
+    folder, resources = Path(run.run_dir) / "slurm", cfg.resources
+    executor = cls(folder=folder, max_num_timeout=resources.max_requeues, python=node_python(resources))
+    executor.update_parameters(**executor_parameters(run, cfg.resources, dependency_job_ids))
+    return executor
+
+
+def batch_script(run: Run, cfg, dependency_job_ids: Sequence[str] = ()) -> str:
+    """The batch script sbatch receives for this run: submitit's own text, as `submit` has it written."""
+    executor = slurm_executor(run, cfg, dependency_job_ids, script_only=True)
+    return executor._make_submission_file_text(executor._submitit_command_str, "")
+
+
+def _script_writer():
+    import submitit
+
+    class ScriptWriter(submitit.SlurmExecutor):
+        @classmethod
+        def affinity(cls) -> int:  # submitit refuses to build an executor where srun is missing
+            return 2
+
+    return ScriptWriter
+
+
 def _timestamp(value: str) -> Optional[float]:
     try:
         return time.mktime(time.strptime(value, "%Y-%m-%dT%H:%M:%S"))
@@ -142,8 +215,9 @@ def _exit_code(value: str) -> Optional[int]:
 
 
 def sacct_records(job_ids: Sequence[str]) -> dict[str, list[dict]]:
-    """Every record of each job, oldest first: one per start (-D keeps the records of requeued starts)."""
-    fields = ["JobIDRaw", "State", "ExitCode", "Start", "End", "Reason", "NodeList"]
+    """Every record of each job, oldest first: one per start (-D keeps the records of requeued starts). A job
+    array's task may be asked for as `<array>_<index>` (a sweep's members: slurm_sweep.py) and is keyed so."""
+    fields = ["JobIDRaw", "State", "ExitCode", "Start", "End", "Reason", "NodeList", "JobID"]
     cmd = ["sacct", "--parsable2", "--noheader", "-X", "-D", "-j", ",".join(job_ids), "-o", ",".join(fields)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=SACCT_TIMEOUT_S)
@@ -159,7 +233,8 @@ def sacct_records(job_ids: Sequence[str]) -> dict[str, list[dict]]:
         values = line.split("|")
         if len(values) == len(fields):
             record = dict(zip(fields, values))
-            records.setdefault(record["JobIDRaw"], []).append(record)
+            key = record["JobID"] if record["JobID"] in job_ids else record["JobIDRaw"]
+            records.setdefault(key, []).append(record)
     return records
 
 
@@ -232,6 +307,17 @@ class SlurmExecutor:
         # the run may be resumed, requeued or restarted on another node than its last trainer's
         check_runs_dir(cfg.runs_dir, source, across_nodes=True)
 
+    def dry_run(self, run: Run, cfg) -> str:
+        if cfg.kind == "data":  # four jobs, two of them arrays over shards planned at submit (slurm_array.py)
+            return "# a data job's four batch scripts are made at submit, once its shards are planned\n"
+        note = ""
+        if OmegaConf.select(cfg, "resources.code") == "snapshot":
+            note = (
+                "# resources.code=snapshot: a submit puts the code snapshot it takes on PYTHONPATH in place of "
+                f"{REPO}\n"
+            )
+        return note + batch_script(run, cfg) + "\n"
+
     def submit(self, run: Run, cfg, dependency_job_ids: Sequence[str] = ()) -> str:
         """Submit a registered run as a Slurm job; records its job id, state PENDING, executor "slurm"."""
         if cfg.kind == "data":  # the curation stage: job arrays over its shards (slurm_array.py)
@@ -239,8 +325,10 @@ class SlurmExecutor:
 
             ids = slurm_array.submit(run, self.registry, cfg, executor_parameters, dependency_job_ids)
             return f"slurm array jobs {ids['analyze']} and {ids['write']}, report job {ids['report']}"
-        import submitit
+        from orchestrator.executors import slurm_sweep
 
+        if slurm_sweep.folder_of(run) is not None:  # a sweep's member: a task of a sweep array (slurm_sweep.py)
+            return slurm_sweep.submit_runs(self.registry, [run], executor_parameters)
         from orchestrator.executors.slurm_job import TrainingJob
 
         run_dir = Path(run.run_dir)
@@ -248,9 +336,7 @@ class SlurmExecutor:
         slurm_dir.mkdir(parents=True, exist_ok=True)
         RunFolder(run_dir).logs.mkdir(exist_ok=True)
         try:
-            executor = submitit.SlurmExecutor(folder=slurm_dir, max_num_timeout=cfg.resources.max_requeues)
-            executor.update_parameters(**executor_parameters(run, cfg.resources, dependency_job_ids))
-            job = executor.submit(TrainingJob(str(run_dir)))
+            job = slurm_executor(run, cfg, dependency_job_ids).submit(TrainingJob(str(run_dir)))
         except (subprocess.CalledProcessError, RuntimeError) as e:  # submitit's FailedJobError carries sbatch's stderr
             detail = getattr(e, "stderr", None) or str(e)
             detail = detail.decode(errors="replace") if isinstance(detail, bytes) else str(detail)

@@ -20,11 +20,12 @@ import yaml
 
 from jobspec.contract import RunFolder, checkpoint_step
 from jobspec.pipeline_file import parents_first
-from orchestrator import executors
+from orchestrator import code_snapshot, executors
 from orchestrator.executors import Observation
 from orchestrator.registry import TERMINAL, Registry, Run
 from orchestrator.status import slurm_query
 from orchestrator.status.metrics_tail import MetricsTail
+from orchestrator.sweeps import SWEEP_PLAN
 
 LOG_LINES = 40
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -60,6 +61,7 @@ class JobRow:
     skipped_steps: Optional[int] = None  # steps skipped for a non-finite loss or gradient
     last_checkpoint: Optional[str] = None  # folder name, e.g. step_00000100
     goodput: Optional[dict] = None  # goodput.json's totals (training/goodput.py), + queue_s
+    code: Optional[dict] = None  # code.json: the code snapshot it runs, its commit and diff hash (code_snapshot.py)
     finished: bool = False
 
 
@@ -67,6 +69,29 @@ class JobRow:
 class PipelineFacts:
     pipeline_id: str
     stages: list[dict]  # {run_id, stage, depends_on, state}, parents before children
+    sweep: bool = False  # a scaling-law sweep's members (orchestrator/sweeps/): one row, counts by state
+    counts: dict = field(default_factory=dict)  # pending, running, done, failed, cancelled: how many stages each
+
+
+# a stage's state (Slurm's word while unfinished) -> the count a sweep's row shows it under
+COUNTED = {
+    "COMPLETED": "done",
+    "RUNNING": "running",
+    "COMPLETING": "running",
+    "CANCELLING": "running",
+    "FAILED": "failed",
+    "LOST": "failed",
+    "TIMEOUT": "failed",
+    "NODE_FAIL": "failed",
+    "OUT_OF_MEMORY": "failed",
+    "CANCELLED": "cancelled",
+}
+COUNTS = ("pending", "running", "done", "failed", "cancelled")
+
+
+def is_sweep(pipeline_id: str, run_dir: str) -> bool:
+    """A sweep's folder, with its plan, lies beside its members' folders."""
+    return (Path(run_dir).parent / pipeline_id / SWEEP_PLAN).is_file()
 
 
 @dataclass
@@ -212,6 +237,7 @@ class Collector:
         row.skipped_steps = train.get("skipped_steps")
         row.last_checkpoint = newest_checkpoint(run.run_dir)
         row.goodput = read_goodput(run)
+        row.code = code_snapshot.as_dict(run.run_dir)
         if finished:
             self._done[run.id] = (key, row)
         return row
@@ -261,6 +287,9 @@ def pipelines_of(jobs: list[JobRow]) -> list[PipelineFacts]:
         ordered = parents_first(
             sorted(members, key=lambda j: j.created_at), key=lambda j: j.run_id, parent=lambda j: j.depends_on
         )
+        counts = dict.fromkeys(COUNTS, 0)
+        for j in members:
+            counts[COUNTED.get(j.state, "pending")] += 1
         result.append(
             PipelineFacts(
                 pid,
@@ -276,6 +305,8 @@ def pipelines_of(jobs: list[JobRow]) -> list[PipelineFacts]:
                     }
                     for j in ordered
                 ],
+                sweep=is_sweep(pid, members[0].run_dir),
+                counts=counts,
             )
         )
     active = {j.pipeline_id for j in jobs if j.pipeline_id and not j.finished}

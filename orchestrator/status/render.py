@@ -130,9 +130,23 @@ def cluster_panel(frame: Frame, max_nodes: Optional[int] = None) -> Panel:
 # ---------------------------------------------------------------- pipelines
 
 
-def pipeline_tree(p) -> Tree:
-    done = sum(s["state"] == "COMPLETED" for s in p.stages)
-    root = Tree(Text.assemble(("pipeline ", "dim"), (p.pipeline_id, "bold"), f"  {done}/{len(p.stages)} stages done"))
+def collapsed(frame: Frame, p) -> bool:
+    """A sweep is one row unless the view is narrowed to it (`orch status SWEEP`)."""
+    return p.sweep and frame.target is None
+
+
+def pipeline_tree(p, expand: bool = True) -> Tree:
+    """A pipeline's stages as a tree; a sweep's root counts its members by state, and without `expand` is all."""
+    if p.sweep:
+        counts = ", ".join(f"{n} {what}" for what, n in p.counts.items() if n)
+        root = Tree(Text.assemble(("sweep ", "dim"), (p.pipeline_id, "bold"), f"  {len(p.stages)} members: {counts}"))
+        if not expand:
+            return root
+    else:
+        done = sum(s["state"] == "COMPLETED" for s in p.stages)
+        root = Tree(
+            Text.assemble(("pipeline ", "dim"), (p.pipeline_id, "bold"), f"  {done}/{len(p.stages)} stages done")
+        )
     nodes: dict[str, Tree] = {}
     for s in p.stages:
         label = Text.assemble((s["stage"], "bold"), " ", state_text(s["state"]), "  ", (s["run_id"], "dim"))
@@ -150,10 +164,10 @@ def pipelines_panel(frame: Frame, max_lines: Optional[int] = None) -> Optional[P
         return None
     trees, used = [], 0
     for p in frame.pipelines:
-        lines = len(p.stages) + 1
+        lines = 1 if collapsed(frame, p) else len(p.stages) + 1
         if max_lines is not None and trees and used + lines > max_lines:
             break
-        trees.append(pipeline_tree(p))
+        trees.append(pipeline_tree(p, expand=not collapsed(frame, p)))
         used += lines
     rest = len(frame.pipelines) - len(trees)
     if rest:
@@ -206,10 +220,13 @@ def fitting_columns(width: int) -> tuple[list[tuple], int]:
 
 
 def jobs_table(frame: Frame, width: int, max_rows: Optional[int] = None) -> RenderableType:
-    jobs = frame.jobs
+    sweeps = {p.pipeline_id for p in frame.pipelines if collapsed(frame, p)}
+    jobs = [j for j in frame.jobs if j.pipeline_id not in sweeps]  # a sweep's members: its one row above
     running = sum(j.state == "RUNNING" for j in jobs)
     pending = sum(j.state == "PENDING" for j in jobs)
     title = f"jobs: {len(jobs)} ({running} running, {pending} pending)"
+    if not jobs and frame.jobs:
+        return Text(title + f" outside sweeps ({len(frame.jobs)} members: orch status SWEEP_ID)", style="dim")
     if not jobs:
         return Text(title + " - nothing submitted yet (orch submit jobs/pretrain.yaml)", style="dim")
     columns, spare = fitting_columns(width)
@@ -283,7 +300,8 @@ def render(
     pipes = pipelines_panel(frame, pipeline_lines)
     if height is not None:  # share the screen: jobs first, the log keeps a fifth and takes what is left
         used = 1 + (max_nodes + 3 if frame.cluster.nodes else 5)  # 5: borders, the why (maybe 2 lines), host
-        used += (min(pipeline_lines, sum(len(p.stages) + 1 for p in frame.pipelines)) + 3) if pipes else 0
+        lines = sum(1 if collapsed(frame, p) else len(p.stages) + 1 for p in frame.pipelines)
+        used += (min(pipeline_lines, lines) + 3) if pipes else 0
         left = height - used - 4  # 4: the jobs table's title, header, rule and "... more" line
         log_floor = max(3, height // 5) if frame.log else 0
         max_rows = max(3, min(len(frame.jobs), left - (log_floor + 2 if frame.log else 0)))

@@ -41,11 +41,21 @@ def submit(path: str, overrides) -> int:
     from orchestrator.registry import Registry
     from orchestrator.sweeps.submit import submit as submit_sweep
 
-    sweep = load_sweep(path, overrides)
+    sweep = load_sweep(path, overrides, check_count=lambda *a: check_count(path, *a))
     sweep_id, folder, runs = submit_sweep(sweep, Registry())
     print(f"submitted sweep {sweep_id} ({len(runs)} members, {sweep.parallel} at a time): {folder}")
     print(f"  follow it: orch pipeline wait {sweep_id}; then its fit: {folder}/report.md")
     return 0
+
+
+def check_count(path: str, executor: str, plan_key: str, members: int) -> None:
+    """What the executor can hold (on Slurm a sweep is one job array: at most MaxArraySize members), exit 2."""
+    from orchestrator import executors
+    from orchestrator.sweeps.submit import SIZE_CHECKS
+
+    check = SIZE_CHECKS.get(executors.resolve(executor))
+    if check is not None:
+        check(path, plan_key, members)
 
 
 def _sweep(registry, prefix: str) -> tuple[str, Path]:
@@ -89,22 +99,24 @@ def cmd_sweep_status(args) -> int:
 
 
 def cmd_sweep_cancel(args) -> int:
-    from orchestrator import pipelines
     from orchestrator.registry import Registry
+    from orchestrator.sweeps.submit import cancel
 
     registry = Registry()
     sweep_id, _ = _sweep(registry, args.sweep)
-    runs = pipelines.cancel(registry, sweep_id)
+    runs = cancel(registry, sweep_id)
     print(f"cancelling sweep {sweep_id}: " + ", ".join(f"{r.stage} {r.state}" for r in runs))
     return 0
 
 
 def cmd_sweep_resume(args) -> int:
+    from orchestrator import pipelines
     from orchestrator.registry import Registry
     from orchestrator.sweeps.submit import resume
 
     registry = Registry()
     sweep_id, folder = _sweep(registry, args.sweep)
+    pipelines.reconcile(registry, sweep_id)  # what Slurm or a dead supervisor says, recorded before we decide
     unfinished = [r for r in registry.list(pipeline_id=sweep_id) if not r.finished]
     if unfinished:
         raise ValueError(

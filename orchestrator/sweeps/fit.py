@@ -19,12 +19,12 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from jobspec import atomic
 from orchestrator.sweeps import FIT, SWEEP_PLAN, bootstrap
 
 ROW_KEYS = ("N", "D", "C", "loss")
@@ -165,9 +165,7 @@ def run(
     folder = Path(out_dir) if out_dir else (path if path.is_dir() else path.parent)
     folder.mkdir(parents=True, exist_ok=True)
     fit_path = folder / FIT
-    tmp = fit_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    os.replace(tmp, fit_path)  # a reader never sees half a fit
+    atomic.write_json(fit_path, result)  # a reader never sees half a fit
     from orchestrator.sweeps.report import write_report
 
     report_path = write_report(result, folder, plots=plots)

@@ -8,6 +8,8 @@
 This module stays import-light (no torch, no streaming) so a config error is reported fast.
 """
 
+from jobspec.contract import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError, ValueError):
     """Data that can't be used. The message is meant for the user, as is."""

@@ -51,22 +51,29 @@ def source_files(src: str, suffixes: tuple[str, ...] = SUFFIXES) -> list[tuple[P
     kinds = ", ".join(suffixes[:-1]) + f" or {suffixes[-1]}" if len(suffixes) > 1 else suffixes[0]
     expected = f"expected 'demo', or a {kinds} file, or a folder of them"
     if "://" in src:
-        raise DataError(f"key 'data.sources' has the value {src!r}, but remote sources are not read "
-                        f"directly: download them first ({expected})")
+        raise DataError(
+            f"key 'data.sources' has the value {src!r}, but remote sources are not read "
+            f"directly: download them first ({expected})"
+        )
     path = Path(src)
     if path.is_file():
         if path.suffix not in suffixes:
-            raise DataError(f"key 'data.sources' has the value {src!r}, but that is a "
-                            f"{path.suffix or 'extension-less'} file ({expected})")
+            raise DataError(
+                f"key 'data.sources' has the value {src!r}, but that is a "
+                f"{path.suffix or 'extension-less'} file ({expected})"
+            )
         return [(path, path.name)]
     if path.is_dir():
         # Files of other types (README.md, .DS_Store, ...) in a folder are skipped, not errors.
-        files = [(f, f.relative_to(path).as_posix()) for f in sorted(path.rglob("*"))
-                 if f.is_file() and f.suffix in suffixes
-                 and not any(p.startswith(".") for p in f.relative_to(path).parts)]
+        files = [
+            (f, f.relative_to(path).as_posix())
+            for f in sorted(path.rglob("*"))
+            if f.is_file() and f.suffix in suffixes and not any(p.startswith(".") for p in f.relative_to(path).parts)
+        ]
         if not files:
-            raise DataError(f"key 'data.sources' has the value {src!r}, but that folder holds no "
-                            f"{kinds} files ({expected})")
+            raise DataError(
+                f"key 'data.sources' has the value {src!r}, but that folder holds no {kinds} files ({expected})"
+            )
         return files
     raise DataError(f"key 'data.sources' has the value {src!r}, but no such file or folder exists ({expected})")
 
@@ -116,19 +123,22 @@ def _read_records(path: Path, field: str) -> Iterator[tuple[int, str]]:
                     record = json.loads(line)
                     text = record[field]
                 except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise DataError(f"{path}:{line_no + 1}: expected a JSON object with a string field "
-                                    f"{field!r} (data.text_field), got {line[:80]!r} ({e})") from None
+                    raise DataError(
+                        f"{path}:{line_no + 1}: expected a JSON object with a string field "
+                        f"{field!r} (data.text_field), got {line[:80]!r} ({e})"
+                    ) from None
                 if not isinstance(text, str):
-                    raise DataError(f"{path}:{line_no + 1}: field {field!r} (data.text_field) is a "
-                                    f"{type(text).__name__}, expected a string")
+                    raise DataError(
+                        f"{path}:{line_no + 1}: field {field!r} (data.text_field) is a "
+                        f"{type(text).__name__}, expected a string"
+                    )
                 yield line_no, text
     else:  # .parquet, read in batches so a large file never sits in memory whole
         import pyarrow.parquet as pq
 
         pf = pq.ParquetFile(path)
         if field not in pf.schema_arrow.names:
-            raise DataError(f"{path}: no column {field!r} (data.text_field); its columns are "
-                            f"{pf.schema_arrow.names}")
+            raise DataError(f"{path}: no column {field!r} (data.text_field); its columns are {pf.schema_arrow.names}")
         kind = pf.schema_arrow.field(field).type
         if kind not in ("string", "large_string"):
             raise DataError(f"{path}: column {field!r} (data.text_field) holds {kind}, expected strings")

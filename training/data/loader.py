@@ -34,8 +34,7 @@ from training.signals import STOP_SIGNALS
 
 # Streaming warns at every epoch start that state dicts must account for replication: ours do
 # (StreamingDataLoader.state_dict divides by it), so the warning is noise in every log.
-logging.getLogger("streaming.base.dataset").addFilter(
-    lambda record: "`replication` arg" not in record.getMessage())
+logging.getLogger("streaming.base.dataset").addFilter(lambda record: "`replication` arg" not in record.getMessage())
 
 
 class TokenLoader:
@@ -50,16 +49,26 @@ class TokenLoader:
         from streaming import StreamingDataLoader
 
         self.split, self.batch_size = split, batch_size
-        self.dataset = _open_split(cfg, split, batch_size, shuffle=cfg.shuffle and split == "train",
-                                   seed=seed, replication=replication)
+        self.dataset = _open_split(
+            cfg, split, batch_size, shuffle=cfg.shuffle and split == "train", seed=seed, replication=replication
+        )
         # drop_last: every batch has the same shape; the few samples left over at the end of an
         # epoch are seen in later epochs, which are shuffled differently.
-        self.loader = StreamingDataLoader(self.dataset, batch_size=batch_size, num_workers=cfg.num_workers,
-                                          collate_fn=collate, drop_last=True, pin_memory=torch.cuda.is_available(),
-                                          worker_init_fn=ignore_stop_signals)
+        self.loader = StreamingDataLoader(
+            self.dataset,
+            batch_size=batch_size,
+            num_workers=cfg.num_workers,
+            collate_fn=collate,
+            drop_last=True,
+            pin_memory=torch.cuda.is_available(),
+            worker_init_fn=ignore_stop_signals,
+            generator=own_generator(),
+        )
         if len(self.loader) == 0:
-            raise DataError(f"the {split} split has {self.dataset.size} sequences, fewer than one batch of "
-                            f"{batch_size} per rank: lower train.micro_batch_size or add data")
+            raise DataError(
+                f"the {split} split has {self.dataset.size} sequences, fewer than one batch of "
+                f"{batch_size} per rank: lower train.micro_batch_size or add data"
+            )
 
     def __iter__(self):
         while True:
@@ -105,14 +114,27 @@ def iter_val_batches(cfg, batch_size: int, *, replication: int = 1):
         from streaming import StreamingDataLoader
 
         dataset = _open_split(cfg, "val", batch_size, shuffle=False, seed=0, replication=replication)
-        _VAL_LOADERS[key] = StreamingDataLoader(dataset, batch_size=batch_size, num_workers=cfg.num_workers,
-                                                collate_fn=collate, pin_memory=torch.cuda.is_available(),
-                                                worker_init_fn=ignore_stop_signals)
+        _VAL_LOADERS[key] = StreamingDataLoader(
+            dataset,
+            batch_size=batch_size,
+            num_workers=cfg.num_workers,
+            collate_fn=collate,
+            pin_memory=torch.cuda.is_available(),
+            worker_init_fn=ignore_stop_signals,
+            generator=own_generator(),
+        )
     # Each pass is a new epoch of the same dataset; unshuffled, every epoch is the same order.
     yield from _VAL_LOADERS[key]
 
 
 _VAL_LOADERS: dict = {}  # one val dataset per process: see the module docstring
+
+
+def own_generator() -> torch.Generator:
+    """A loader's own generator for its workers' base seed: without one, each new iterator (one per epoch, one
+    after a resume) draws from torch's global generator, so a resumed run's global state would drift from an
+    uninterrupted run's. The order of the data is streaming's, seeded by data.seed, and does not depend on it."""
+    return torch.Generator().manual_seed(0)
 
 
 def ignore_stop_signals(worker_id: int) -> None:
@@ -133,13 +155,21 @@ def _open_split(cfg, split: str, batch_size: int, *, shuffle: bool, seed: int, r
     local = os.path.join(cfg.dir, split)
     remote = f"{cfg.remote.rstrip('/')}/{split}" if cfg.remote else None
     if remote is None and not os.path.isfile(os.path.join(local, "index.json")):
-        raise DataError(f"no prepared {split} split at {local!r} (data.dir): run `orch data prepare` "
-                        f"with this job's config first")
+        raise DataError(
+            f"no prepared {split} split at {local!r} (data.dir): run `orch data prepare` with this job's config first"
+        )
     # num_canonical_nodes fixes the sample order; it is saved in state_dict() so a resume on
     # another number of nodes replays the same order. Passed explicitly only to silence a warning.
     nodes = int(os.environ.get("WORLD_SIZE", "1")) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    kwargs = dict(local=local, remote=remote, batch_size=batch_size, shuffle=shuffle, shuffle_seed=seed,
-                  num_canonical_nodes=max(nodes, 1), replication=replication if replication > 1 else None)
+    kwargs = dict(
+        local=local,
+        remote=remote,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        shuffle_seed=seed,
+        num_canonical_nodes=max(nodes, 1),
+        replication=replication if replication > 1 else None,
+    )
     with _shared_memory_turn(local):
         dataset = _new_dataset(StreamingDataset, kwargs, cfg, local)
     _OPENED.append(local)
@@ -161,7 +191,8 @@ def _new_dataset(StreamingDataset, kwargs: dict, cfg, local: str):
             raise DataError(
                 f"{local!r} (data.dir) is claimed as a cache of {cfg.remote!r} by another process on this "
                 f"machine, or by a killed one. Give this job its own data.dir; or, if no other job runs "
-                f"here, delete the leftovers: rm /dev/shm/[0-9][0-9][0-9][0-9][0-9][0-9]_*") from None
+                f"here, delete the leftovers: rm /dev/shm/[0-9][0-9][0-9][0-9][0-9][0-9]_*"
+            ) from None
         print(f"data: cleared shared memory left by a killed run that claimed {local!r}")
         return StreamingDataset(**kwargs)
 
@@ -173,8 +204,10 @@ def _check_rank_env() -> None:
     """Streaming assumes one rank per node unless told otherwise: a silent hang with several."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and "LOCAL_WORLD_SIZE" not in os.environ:
-        raise DataError(f"WORLD_SIZE={world} but LOCAL_WORLD_SIZE (ranks per node) is not set: launch with "
-                        f"torchrun or srun, which set it, or set it yourself")
+        raise DataError(
+            f"WORLD_SIZE={world} but LOCAL_WORLD_SIZE (ranks per node) is not set: launch with "
+            f"torchrun or srun, which set it, or set it yourself"
+        )
 
 
 SHARED_MEMORY_LOCK = "/dev/shm/orch-streaming.lock"  # one per machine, beside the memory it guards
@@ -228,7 +261,9 @@ def _clear_stale_shared_memory(only_of: str | None = None) -> int:
                 mapped.update(pattern.findall(maps.read_text()))
             except OSError:  # gone, or another user's (whose memory can't clash with ours)
                 pass
-    blocks = [b for b in Path("/dev/shm").glob("[0-9][0-9][0-9][0-9][0-9][0-9]_*") if pattern.match(f"/dev/shm/{b.name}")]
+    blocks = [
+        b for b in Path("/dev/shm").glob("[0-9][0-9][0-9][0-9][0-9][0-9]_*") if pattern.match(f"/dev/shm/{b.name}")
+    ]
     if only_of is not None:
         ours = {b.name[:6] for b in blocks if b.name.endswith("_locals") and _names(b, only_of)}
         blocks = [b for b in blocks if b.name[:6] in ours]

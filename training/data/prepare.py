@@ -11,8 +11,6 @@ windows of seq_len + 1 tokens (the tail is dropped): inputs = tokens[:-1], targe
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import itertools
 import json
 import lzma
@@ -25,33 +23,18 @@ from pathlib import Path
 import numpy as np
 
 from jobspec.faults import fault
+
+# The fingerprint is known at submit too (data.dir's default folder): its one home is jobspec/prepared_data.py
+from jobspec.prepared_data import FINGERPRINT_KEYS, FORMAT_VERSION, config_dict, fingerprint
 from training.data import DataError
 from training.data.corpus import SPLITS, iter_documents, source_files
+from training.data.special_tokens import FILES as FOLDER_FILES
+from training.data.special_tokens import write_tokenizer_files
 from training.data.tokenizer import eos_id, load_tokenizer, token_byte_lengths, train_tokenizer
 
-FORMAT_VERSION = 1  # bump when packing or layout changes: older folders then read as another config
-# The config keys that decide the bytes on disk; dir, remote, num_workers and shuffle don't.
-FINGERPRINT_KEYS = ("sources", "text_field", "tokenizer", "vocab_size", "seq_len", "val_fraction", "max_docs")
 TOKENIZER_TRAIN_BYTES = 64 << 20  # BPE is trained on the first 64 MiB of the train split at most
 XZ_MAX_BYTES = 16 << 20  # the xz baseline is measured on the first 16 MiB of the val split at most
 BATCH_BYTES = 1 << 20  # documents per encode_batch call: ~1 MiB of text, split over all cores
-
-
-def config_dict(cfg) -> dict:
-    """A DataConfig (dataclass or OmegaConf node) as plain JSON-able values."""
-    from jobspec.schema import DataConfig
-
-    out = {}
-    for f in dataclasses.fields(DataConfig):
-        value = getattr(cfg, f.name)
-        out[f.name] = list(value) if f.name == "sources" else value
-    return out
-
-
-def fingerprint(cfg) -> str:
-    keyed = {k: config_dict(cfg)[k] for k in FINGERPRINT_KEYS}
-    keyed["format"] = FORMAT_VERSION
-    return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def read_meta(cfg) -> dict | None:
@@ -66,21 +49,48 @@ def read_meta(cfg) -> dict | None:
         raise DataError(
             f"key '{key}' has the value {value!r}, but that folder holds data made from another data config "
             f"({json.dumps(made_from)}; fingerprint {meta.get('fingerprint')}, this config's is "
-            f"{fingerprint(cfg)}). Pick another {key}, or delete that folder to prepare it again.")
+            f"{fingerprint(cfg)}). Pick another {key}, or delete that folder to prepare it again."
+        )
     return meta
 
 
 def ensure_data(cfg, progress: bool = True) -> dict:
-    """The dataset's meta, preparing it first if needed (the trainer calls this on rank 0).
+    """The dataset's meta, preparing it first if needed. Every rank of a job calls it: the first to take the
+    folder's lock prepares, the others wait on the lock, outside any collective (a barrier would fail them after
+    parallel.collective_timeout_s, and a big corpus takes longer), then find it prepared.
 
     With data.remote set, data.dir is only a local cache of the remote: the data must have been
     prepared and uploaded already; this fetches its meta.json and tokenizer.json into data.dir.
     """
     fault("data.prepare")
-    if cfg.remote:
-        return _fetch_remote(cfg)
-    meta = read_meta(cfg)
-    return meta if meta is not None else prepare_data(cfg, progress=progress)
+    if not cfg.remote:
+        meta = read_meta(cfg)
+        if meta is not None:
+            return meta
+    with preparation_lock(Path(cfg.dir), progress):
+        if cfg.remote:
+            return _fetch_remote(cfg)
+        meta = read_meta(cfg)  # prepared by another process while this one waited
+        return meta if meta is not None else prepare_data(cfg, progress=progress)
+
+
+@contextmanager
+def preparation_lock(data_dir: Path, progress: bool = True):
+    """Hold data_dir's preparation lock (flock on a sibling file: data_dir itself appears only when complete)."""
+    import fcntl
+
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(data_dir.parent / f".{data_dir.name}.lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if progress:
+                print(f"data: waiting for another process to prepare {data_dir}", flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def prepare_data(cfg, *, progress: bool = True) -> dict:
@@ -95,8 +105,10 @@ def prepare_data(cfg, *, progress: bool = True) -> dict:
         print(f"data: {out} is already prepared from this config; kept as is")
         return meta
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DataError(f"key 'data.dir' has the value {str(cfg.dir)!r}, but that path exists and is not a "
-                        f"prepared dataset (no meta.json). Pick another data.dir, or delete it.")
+        raise DataError(
+            f"key 'data.dir' has the value {str(cfg.dir)!r}, but that path exists and is not a "
+            f"prepared dataset (no meta.json). Pick another data.dir, or delete it."
+        )
     for src in cfg.sources:  # a typo in a path fails now, not after training the tokenizer
         if src != "demo":
             source_files(src)
@@ -133,9 +145,11 @@ def prepare_data(cfg, *, progress: bool = True) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
     tr, va = meta["splits"]["train"], meta["splits"]["val"]
     xz_note = f"xz -9e on val: {meta['xz_bpb_val']:.3f} bits/byte" if meta["xz_bpb_val"] else "no val split"
-    print(f"data: {tr['tokens']:,} train + {va['tokens']:,} val tokens -> {tr['samples']:,} + {va['samples']:,} "
-          f"samples of {cfg.seq_len + 1} tokens in {tr['shards'] + va['shards']} shards at {out} "
-          f"({meta['seconds']:.0f}s; {xz_note})")
+    print(
+        f"data: {tr['tokens']:,} train + {va['tokens']:,} val tokens -> {tr['samples']:,} + {va['samples']:,} "
+        f"samples of {cfg.seq_len + 1} tokens in {tr['shards'] + va['shards']} shards at {out} "
+        f"({meta['seconds']:.0f}s; {xz_note})"
+    )
     return meta
 
 
@@ -144,11 +158,15 @@ def _get_tokenizer(cfg, dest: Path, progress: bool):
         tok = load_tokenizer(cfg.tokenizer)
         eos_id(tok), token_byte_lengths(tok)  # fail now, not after tokenizing, if it can't be used
         shutil.copyfile(cfg.tokenizer, dest)
+        for name in FOLDER_FILES:  # its special tokens and chat template travel with it
+            if (Path(cfg.tokenizer).parent / name).is_file():
+                shutil.copyfile(Path(cfg.tokenizer).parent / name, dest.parent / name)
         return tok
     if progress:
         print(f"data: training a {cfg.vocab_size}-token byte-level BPE on the train split")
     tok = train_tokenizer(_first_bytes(iter_documents(cfg, "train"), TOKENIZER_TRAIN_BYTES), cfg.vocab_size)
     tok.save(str(dest))
+    write_tokenizer_files(tok, dest.parent)
     return tok
 
 
@@ -166,8 +184,10 @@ def _write_split(cfg, tok, split: str, dest: Path, progress: bool) -> tuple[dict
     # Parallel over documents, in Rust. The _fast variant (tokenizers >= 0.21) skips the
     # character offsets we don't need: twice as fast.
     encode_batch = getattr(tok, "encode_batch_fast", tok.encode_batch)
-    with _progress_bar(progress, f"tokenizing {split}") as update, \
-            MDSWriter(out=str(dest), columns={"tokens": f"ndarray:{dtype.__name__}"}) as writer:
+    with (
+        _progress_bar(progress, f"tokenizing {split}") as update,
+        MDSWriter(out=str(dest), columns={"tokens": f"ndarray:{dtype.__name__}"}) as writer,
+    ):
         for batch in _batches(iter_documents(cfg, split), BATCH_BYTES):
             raw = [doc.encode("utf-8") for doc in batch]
             encoded = encode_batch(batch, add_special_tokens=False)
@@ -176,7 +196,7 @@ def _write_split(cfg, tok, split: str, dest: Path, progress: bool) -> tuple[dict
             n = len(carry) // window
             for row in carry[: n * window].reshape(n, window):
                 writer.write({"tokens": row})
-            carry = carry[n * window:]
+            carry = carry[n * window :]
             docs, samples, ntokens = docs + len(batch), samples + n, ntokens + len(ids)
             nbytes += sum(map(len, raw))
             if split == "val" and xz_in < XZ_MAX_BYTES:
@@ -185,9 +205,11 @@ def _write_split(cfg, tok, split: str, dest: Path, progress: bool) -> tuple[dict
                 xz_in += len(chunk)
             update(docs, nbytes)
     if samples == 0 and not (split == "val" and docs == 0 and cfg.val_fraction == 0):
-        raise DataError(f"the {split} split has {ntokens:,} tokens, not enough for one sequence of "
-                        f"data.seq_len + 1 = {window} tokens: add data, lower data.seq_len"
-                        + (" or raise data.val_fraction" if split == "val" else ""))
+        raise DataError(
+            f"the {split} split has {ntokens:,} tokens, not enough for one sequence of "
+            f"data.seq_len + 1 = {window} tokens: add data, lower data.seq_len"
+            + (" or raise data.val_fraction" if split == "val" else "")
+        )
     xz_out += len(xz.flush())
     shards = len(list(dest.glob("shard.*.mds")))
     counts = {"documents": docs, "bytes": nbytes, "tokens": ntokens, "samples": samples, "shards": shards}
@@ -206,9 +228,11 @@ def _fetch_remote(cfg) -> dict:
         try:
             CloudDownloader.direct_download(f"{cfg.remote.rstrip('/')}/{name}", str(part))
         except Exception as e:  # each cloud raises its own "not found"
-            raise DataError(f"key 'data.remote' has the value {cfg.remote!r}, but its {name} can't be read "
-                            f"({type(e).__name__}: {e}). Prepare the data with `orch data prepare` into a "
-                            f"folder and upload that folder there.") from None
+            raise DataError(
+                f"key 'data.remote' has the value {cfg.remote!r}, but its {name} can't be read "
+                f"({type(e).__name__}: {e}). Prepare the data with `orch data prepare` into a "
+                f"folder and upload that folder there."
+            ) from None
         os.replace(part, local / name)  # refreshed every time: the remote may have been re-prepared
     return read_meta(cfg)
 
@@ -241,10 +265,22 @@ def _progress_bar(enabled: bool, description: str):
     if not enabled:
         yield lambda docs, nbytes: None
         return
-    from rich.progress import (FileSizeColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
-                               TransferSpeedColumn)
+    from rich.progress import (
+        FileSizeColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TransferSpeedColumn,
+    )
 
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TextColumn("{task.fields[docs]:,} docs"),
-                  FileSizeColumn(), TransferSpeedColumn(), TimeElapsedColumn()) as bar:
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        TextColumn("{task.fields[docs]:,} docs"),
+        FileSizeColumn(),
+        TransferSpeedColumn(),
+        TimeElapsedColumn(),
+    ) as bar:
         task = bar.add_task(description, total=None, docs=0)
         yield lambda docs, nbytes: bar.update(task, completed=nbytes, docs=docs)

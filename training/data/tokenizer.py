@@ -14,12 +14,10 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from training.data import DataError
+from training.data.special_tokens import EOS, IM_END, IM_START, PAD, FolderTokenizer
 
-# Reserved first, so their ids are 0..3 in every tokenizer we train.
-EOS = "<|endoftext|>"  # ends every document; the separator in packed sequences
-PAD = "<|pad|>"
-IM_START = "<|im_start|>"  # chat turns, for fine-tuning later
-IM_END = "<|im_end|>"
+# Reserved first, so their ids are 0..3 in every tokenizer we train; consumers read them from the tokenizer's
+# folder (special_tokens.py), never as fixed ids.
 SPECIAL_TOKENS = [EOS, PAD, IM_START, IM_END]
 EOS_ID, PAD_ID, IM_START_ID, IM_END_ID = range(len(SPECIAL_TOKENS))
 
@@ -27,8 +25,10 @@ EOS_ID, PAD_ID, IM_START_ID, IM_END_ID = range(len(SPECIAL_TOKENS))
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     """Train a byte-level BPE of `vocab_size` tokens (special tokens and the 256 bytes included)."""
     if vocab_size < 256 + len(SPECIAL_TOKENS):
-        raise DataError(f"key 'data.vocab_size' has the value {vocab_size}, but a byte-level BPE needs "
-                        f"at least {256 + len(SPECIAL_TOKENS)} (256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
+        raise DataError(
+            f"key 'data.vocab_size' has the value {vocab_size}, but a byte-level BPE needs "
+            f"at least {256 + len(SPECIAL_TOKENS)} (256 bytes + {len(SPECIAL_TOKENS)} special tokens)"
+        )
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # no " " added: exact round trip
     tok.decoder = decoders.ByteLevel()
@@ -43,12 +43,19 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     return tok
 
 
-def load_tokenizer(path) -> Tokenizer:
-    """A tokenizer.json written by train_tokenizer (or any byte-level BPE one)."""
+def load_tokenizer(path):
+    """A tokenizer.json written by train_tokenizer (or any Hugging Face one), with the special tokens and chat
+    template of its folder (training/data/special_tokens.py `FolderTokenizer`)."""
+    return FolderTokenizer(_read_tokenizer(path), Path(path).parent)
+
+
+def _read_tokenizer(path) -> Tokenizer:
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"no tokenizer file at {str(path)!r}: expected a Hugging Face tokenizer.json "
-                        f"(prepare the data first, or fix data.tokenizer)")
+        raise DataError(
+            f"no tokenizer file at {str(path)!r}: expected a Hugging Face tokenizer.json "
+            f"(prepare the data first, or fix data.tokenizer)"
+        )
     try:
         tok = Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises a bare Exception on bad JSON
@@ -58,8 +65,11 @@ def load_tokenizer(path) -> Tokenizer:
     return tok
 
 
-def eos_id(tok: Tokenizer) -> int:
-    """The id of <|endoftext|>, which every tokenizer we pack documents with must have."""
+def eos_id(tok) -> int:
+    """The end-of-sequence id that separates packed documents: the tokenizer folder's own (special_tokens.py),
+    else <|endoftext|>, which every tokenizer we train has."""
+    if getattr(tok, "special", None) is not None:
+        return tok.special.eos
     i = tok.token_to_id(EOS)
     if i is None:
         raise DataError(f"the tokenizer has no {EOS} token, which separates documents (data.tokenizer)")
@@ -78,8 +88,9 @@ def token_byte_lengths(tok: Tokenizer) -> np.ndarray:
     lengths = np.zeros(tok.get_vocab_size(with_added_tokens=True), dtype=np.int64)
     for token, i in tok.get_vocab(with_added_tokens=False).items():
         if not byte_alphabet.issuperset(token):
-            raise DataError(f"token {token!r} is not byte-level: bits per byte needs a byte-level BPE "
-                            f"tokenizer (data.tokenizer)")
+            raise DataError(
+                f"token {token!r} is not byte-level: bits per byte needs a byte-level BPE tokenizer (data.tokenizer)"
+            )
         lengths[i] = len(token)
     for i, added in tok.get_added_tokens_decoder().items():
         lengths[i] = 0 if added.special else len(added.content.encode("utf-8"))

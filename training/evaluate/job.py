@@ -11,8 +11,6 @@ its batches are small and a model that trained sharded is saved whole (training/
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from contextlib import nullcontext
 from functools import partial
@@ -21,10 +19,12 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from jobspec import atomic
 from training.evaluate.tasks import EvalError, Task, load_task
 from training.posttrain.collapse import STATS as COLLAPSE_STATS
 from training.posttrain.collapse import collapsed_tasks
 from training.run_folder import is_chat_model, is_hf_folder, load_model, resolve_checkpoint
+from training.trackers import log_results
 
 
 def _stages(cfg) -> list[tuple[str, str]]:
@@ -180,6 +180,8 @@ def run_eval(cfg, dist_info, run_dir: Path) -> int:
     results["tasks"] = {t.name: str(t.path) for t in tasks}
     _write_json(run_dir / "eval.json", results)
     print(f"wrote {run_dir / 'eval.json'}", flush=True)
+    every_stage = {f"{s}/{k}": v for s, body in results["stages"].items() for k, v in body["metrics"].items()}
+    log_results(run_dir, cfg.logging.backends, OmegaConf.to_yaml(cfg), every_stage)  # W&B, MLflow, TensorBoard
     if cfg.eval.report:
         from training.evaluate.report import write_report
 
@@ -189,6 +191,4 @@ def run_eval(cfg, dist_info, run_dir: Path) -> int:
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic.write_json(path, obj)

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from jobspec.contract import RunFolder
 from training.posttrain.collapse import DISTINCT_MIN, LENGTH_MIN, collapsed_tasks
 
 # Shown first, in this order; any other metric follows in eval.json's order.
@@ -143,6 +144,42 @@ def _collapse_lines(stages: dict, collapsed: dict) -> list[str]:
     return lines
 
 
+def read_goodput(run_dir: str | None) -> dict | None:
+    """A stage's goodput.json (training/goodput.py): where its training run's wall time went."""
+    try:
+        return json.loads(RunFolder(run_dir).goodput.read_text()) if run_dir else None
+    except (OSError, ValueError):
+        return None  # a Hugging Face folder, or a run from before goodput was recorded
+
+
+def _goodput_lines(stages: dict) -> list[str]:
+    """Each stage's wall time split into productive steps, recomputed (lost) steps, checkpoint stalls, validation,
+    restarts and the gaps between attempts; goodput = productive / wall."""
+    accounts = {s: read_goodput(body.get("run_dir")) for s, body in stages.items()}
+    if not any(accounts.values()):
+        return []
+    cols = ("productive", "lost", "checkpoint", "validation", "restart", "interrupted", "other")
+    lines = [
+        "## Goodput (each stage's training run)",
+        "",
+        "Wall time split by attempt (`goodput.json`); goodput = productive / wall (Meta's effective training time "
+        "ratio: recomputed steps and restarts excluded).",
+        "",
+        "| stage | goodput | wall s | attempts | lost steps | " + " | ".join(f"{c} s" for c in cols) + " |",
+        "|---" * (5 + len(cols)) + "|",
+    ]
+    for stage, account in accounts.items():
+        if account:
+            b = account["buckets_s"]
+            lines.append(
+                f"| {stage} | {_fmt(account.get('goodput'))} | {account['wall_s']:.1f} | {account['attempts']} | "
+                f"{account.get('lost_steps', 0)} | " + " | ".join(f"{b.get(c, 0.0):.1f}" for c in cols) + " |"
+            )
+        else:
+            lines.append(f"| {stage} | - |" + " - |" * (3 + len(cols)))
+    return [*lines, ""]
+
+
 def write_report(run_dir: str | Path, results: dict) -> Path:
     """run_dir/report.md and run_dir/report/*.png from the eval job's results; returns the .md path."""
     run_dir = Path(run_dir)
@@ -179,6 +216,7 @@ def write_report(run_dir: str | Path, results: dict) -> Path:
         "log-likelihood, acc_norm per character of the choice), parses and passes (generated code that parses, "
         "that passes its test): higher is better.",
         "",
+        *_goodput_lines(stages),
     ]
     try:
         import matplotlib

@@ -68,15 +68,17 @@ def loglikelihoods(
 
 def multiple_choice(model, tokenizer, task: Task, batch_size: int, autocast=nullcontext) -> dict:
     """acc and acc_norm (log-likelihood per character of the choice) over the task's records."""
-    from training.data.tokenizer import EOS_ID
+    from training.data.special_tokens import special_tokens
 
+    special = special_tokens(tokenizer)
+    start = special.bos if special.bos is not None else special.eos
     requests, spans = [], []
     for doc in task.docs:
         context, choices = task.text(doc), task.choices(doc)
         spans.append((len(requests), choices, task.target(doc)))
         for choice in choices:
             ctx, cont = encode_pair(tokenizer, context, task.target_delimiter + choice)
-            requests.append((ctx or [EOS_ID], cont))  # an empty context starts from <|endoftext|>, as in the harness
+            requests.append((ctx or [start], cont))  # an empty context starts from BOS (else EOS), as in the harness
     scores = loglikelihoods(model, requests, batch_size, autocast)
     acc = acc_norm = 0
     per_doc = []
@@ -121,15 +123,16 @@ def parses(prompt: str, completion: str) -> bool:
 def prompt_ids(tokenizer, task: Task, doc: dict, chat: bool) -> list[int]:
     """The ids a generation starts from: the task's text, or for a chat model with metadata.chat_prompt,
     the user's message in the chat format and the assistant's reply begun with that text."""
-    from training.data.tokenizer import EOS_ID
+    from training.data.special_tokens import special_tokens
 
     text = task.text(doc)
     message = task.chat_message(doc) if chat else None
     if message is None:
-        return tokenizer.encode(text).ids or [EOS_ID]
+        special = special_tokens(tokenizer)
+        return tokenizer.encode(text).ids or [special.bos if special.bos is not None else special.eos]
     from training.posttrain.chat import encode_prompt
 
-    return encode_prompt(tokenizer, message) + tokenizer.encode(text).ids
+    return encode_prompt(tokenizer, message) + tokenizer.encode(text, add_special_tokens=False).ids
 
 
 def generation(model, tokenizer, task: Task, batch_size: int, autocast=nullcontext, chat: bool = False) -> dict:
@@ -140,14 +143,10 @@ def generation(model, tokenizer, task: Task, batch_size: int, autocast=nullconte
     training/posttrain/collapse.py's signs of a collapsed model. chat: ask in the chat format (see prompt_ids),
     stopping at the end of the assistant's turn too."""
     from model.generate import generate
-    from training.data.tokenizer import EOS_ID
+    from training.posttrain.chat import stop_ids
 
     prompts = [task.text(doc) for doc in task.docs]
-    stops = [EOS_ID]
-    if chat:
-        from training.posttrain.chat import end_of_turn_id
-
-        stops.append(end_of_turn_id(tokenizer))
+    stops = stop_ids(tokenizer, chat=chat)  # the folder's end-of-sequence ids, and in a chat the end of a turn
     # A long prompt keeps its end, leaving room for max_gen_toks (at least half the window), as in the harness.
     keep = max(model.cfg.max_seq_len - task.max_gen_toks, model.cfg.max_seq_len // 2)
     completions = []

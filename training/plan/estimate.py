@@ -71,7 +71,7 @@ class Plan:
 
 def plan_job(cfg, world: int, gpus_per_node: int, device: Device, levers: bool = True) -> Plan:
     """The plan of a loaded job (jobspec.load_spec, launch checks passed) at `world` GPUs."""
-    with fake_world(world, cfg.parallel) as dist_info:
+    with fake_world(world, cfg.parallel, gpus_per_node) as dist_info:
         measured = measure_step(cfg, dist_info, gpus_per_node)
     layout = Layout(world, gpus_per_node, dist_info.dp_replicate, dist_info.dp_shard, dist_info.tp)
     t = cfg.train

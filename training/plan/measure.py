@@ -45,6 +45,7 @@ COLLECTIVES = {
     c10d.allreduce_.default: ("all-reduce", 0),
     c10d.allreduce_coalesced_.default: ("all-reduce", 0),
     c10d.broadcast_.default: ("broadcast", 0),
+    c10d.alltoall_base_.default: ("all-to-all", 1),
     funcol.all_gather_into_tensor.default: ("all-gather", 0),
     funcol.all_gather_into_tensor_coalesced.default: ("all-gather", 0),
     funcol.reduce_scatter_tensor.default: ("reduce-scatter", 0),
@@ -76,6 +77,7 @@ class Measurement:
     peak: dict[str, int]  # bytes per category at the step's peak, and "total"
     state: dict[str, int]  # bytes of sharded parameters, gradients and optimizer state after the optimizer step
     flops: float  # FLOPs this GPU runs in the step (activation checkpointing's recomputation included)
+    optimizer_flops: float = 0.0  # of which the optimizer step's (Muon's Newton-Schulz, shared out over the ranks)
     collectives: list[Collective] = field(default_factory=list)
     model_cfg: GPTConfig | None = None
     n_params: int = 0
@@ -105,6 +107,7 @@ class StepCounter(TorchDispatchMode):
         super().__init__()
         self.groups, self.gpus_per_node = groups, gpus_per_node
         self.flops = 0
+        self.optimizer_flops = 0
         self.phase = "step"
         self.collectives: dict[tuple, Collective] = {}
 
@@ -115,7 +118,10 @@ class StepCounter(TorchDispatchMode):
         out = func(*args, **kwargs)
         count = FLOPS.get(func._overloadpacket)
         if count is not None:
-            self.flops += count(*args, **kwargs, out_val=out)
+            flops = count(*args, **kwargs, out_val=out)
+            self.flops += flops
+            if self.phase == "optimizer":
+                self.optimizer_flops += flops
         if func in COLLECTIVES:
             self._collective(func, args)
         return out
@@ -219,15 +225,14 @@ def measure_step(cfg, dist_info, gpus_per_node: int) -> Measurement:
         optimizer = build_optimizer(model, cfg.optim, dist_info.device)
         x = torch.randint(0, model_cfg.vocab_size, (micro, seq))
         counter = StepCounter(groups, gpus_per_node)
-        fsdp = hasattr(model, "set_requires_gradient_sync")
 
         def step(tracker=None) -> dict[str, int]:
             counter.phase = "step"
             for i in range(accum):
+                if hasattr(model, "set_requires_all_reduce"):  # as the trainer: HSDP's all-reduce once a step
+                    model.set_requires_all_reduce(i == accum - 1)
                 if i and tracker is not None and hasattr(tracker, "reset_mod_stats"):
                     tracker.reset_mod_stats()  # FSDPMemTracker follows one forward a module; the peak stays
-                if fsdp:
-                    model.set_requires_gradient_sync(i == accum - 1)
                 with loss_context():
                     with autocast:
                         if dist_info.tp > 1:
@@ -251,10 +256,11 @@ def measure_step(cfg, dist_info, gpus_per_node: int) -> Measurement:
         with tracker, counter:
             state = step(tracker)
         peak = _by_name(tracker.get_tracker_snapshot("peak"))
-    flops = counter.flops * cfg.train.grad_accum_steps / accum
+    # the micro-batches' FLOPs scale with accumulation, the optimizer's don't
+    flops = (counter.flops - counter.optimizer_flops) * cfg.train.grad_accum_steps / accum + counter.optimizer_flops
     collectives = list(counter.collectives.values())
     for c in collectives:  # the micro-batches not run cost what the last one did, but for the once-a-step ones
-        if (c.role == "TP" or (c.role == "FSDP" and c.op == "all-gather")) and accum < cfg.train.grad_accum_steps:
+        if c.role in ("TP", "FSDP") and accum < cfg.train.grad_accum_steps:  # FSDP reduces every micro-batch
             scale = cfg.train.grad_accum_steps / accum
             c.calls, c.bytes, c.wire_bytes = int(c.calls * scale), int(c.bytes * scale), c.wire_bytes * scale
     return Measurement(
@@ -262,6 +268,7 @@ def measure_step(cfg, dist_info, gpus_per_node: int) -> Measurement:
         peak,
         state,
         flops,
+        counter.optimizer_flops,
         collectives,
         model_cfg,
         sum(p.numel() for p in model.parameters()) if mesh is None else _global_params(model),

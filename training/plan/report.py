@@ -60,7 +60,11 @@ def as_dict(plan: Plan) -> dict:
             }
             for c in plan.measured.collectives
         ],
-        "flops": {"measured_per_gpu": plan.measured.flops, "model_per_gpu": plan.model_flops},
+        "flops": {
+            "measured_per_gpu": plan.measured.flops,
+            "model_per_gpu": plan.model_flops,
+            "optimizer_per_gpu": plan.measured.optimizer_flops,
+        },
         "tokens_per_step": plan.tokens_per_step,
         "roofline": {
             "compute_s": r.compute_s,
@@ -110,6 +114,10 @@ def render(plan: Plan) -> str:
         (
             f"compute: {plan.measured.flops / 1e12:.1f} TFLOP a step per GPU ({plan.model_flops / 1e12:.1f} of them "
             "the model's, PaLM's accounting; the rest recomputation)"
+        ),
+        (
+            f"optimizer: {plan.measured.optimizer_flops / 1e9:.1f} GFLOP a step per GPU (Muon's Newton-Schulz: each "
+            "rank of a shard group orthogonalizes its share of the matrices)"
         ),
         (
             f"roofline on {d.name}: compute {r.compute_s * 1e3:.0f} ms, HBM {r.memory_s * 1e3:.0f} ms, collectives "

@@ -20,7 +20,7 @@ from training.distributed import Dist, resolve_mesh_shape
 
 
 @contextmanager
-def fake_world(world_size: int, parallel_cfg) -> Iterator[Dist]:
+def fake_world(world_size: int, parallel_cfg, gpus_per_node: int | None = None) -> Iterator[Dist]:
     """Rank 0 of `world_size` with the job's mesh (dp_replicate x dp_shard x tp), as training/distributed.py
     builds it on the nodes; the process group is gone again on the way out."""
     # importing it registers the fake backend
@@ -30,7 +30,9 @@ def fake_world(world_size: int, parallel_cfg) -> Iterator[Dist]:
     logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
     if dist.is_initialized():
         raise RuntimeError("orch plan needs a process without a process group of its own")
-    shape = resolve_mesh_shape(world_size, parallel_cfg.dp_replicate, parallel_cfg.dp_shard, parallel_cfg.tp)
+    shape = resolve_mesh_shape(
+        world_size, parallel_cfg.dp_replicate, parallel_cfg.dp_shard, parallel_cfg.tp, gpus_per_node
+    )
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
     try:
         # The mesh is built from real tensors (its rank map); the model is built fake, inside measure.py.

@@ -16,6 +16,11 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+
+class CollapseError(ValueError):
+    """A run whose completions collapsed, stopped on purpose: a user error (exit 2), not a crash to retry."""
+
+
 DISTINCT_MIN = 0.5  # under half the completions distinct: the policy says one thing
 LENGTH_MIN = 0.3  # under 30% of the reference's length: it stopped writing the function
 STATS = ("distinct_frac", "len_ratio")

@@ -11,6 +11,7 @@ from typing import Sequence
 
 import torch
 
+from training.data import DataError
 from training.posttrain.losses import IGNORE
 
 
@@ -21,7 +22,7 @@ class ExampleStream:
 
     def __init__(self, records: list, batch_size: int, dp_rank: int, dp_size: int, seed: int, where: str):
         if len(records) < batch_size * dp_size:
-            raise ValueError(
+            raise DataError(
                 f"{where}: {len(records)} records can't fill one global batch of {batch_size} per rank "
                 f"x {dp_size} ranks (lower train.micro_batch_size)"
             )
@@ -95,7 +96,7 @@ def data_files(section, section_name: str, prefix: str, tokenizer_path, max_toke
 
     if section.train_file or section.val_file:
         if not (section.train_file and section.val_file):
-            raise ValueError(
+            raise DataError(
                 f"{section_name}.train_file and {section_name}.val_file go together: set both "
                 f"(got {section.train_file!r} and {section.val_file!r}), or neither for the demo data"
             )

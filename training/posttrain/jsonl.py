@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
+from jobspec import atomic
 from training.data import DataError
 
 
@@ -59,17 +59,9 @@ def read_jsonl(
 
 
 def write_jsonl(path, records: Iterable[dict]) -> int:
-    """Write records one per line, atomically (a temporary sibling renamed into place); returns the count."""
+    """Write records one per line, atomically; returns the count."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    n = 0
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-                n += 1
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return n
+    lines = [json.dumps(record, ensure_ascii=False) + "\n" for record in records]
+    atomic.write_text(path, "".join(lines))
+    return len(lines)

@@ -2,7 +2,8 @@
 
     token_logprobs / sequence_logprobs   log p(completion | prompt) from logits and -100-masked labels
     sampled_logprobs                     the same under the distribution that sampled (temperature, top-k)
-    dpo_loss                             Direct Preference Optimization (Rafailov et al. 2023), sigmoid form
+    dpo_loss                             Direct Preference Optimization (Rafailov et al. 2023): TRL's sigmoid,
+                                         robust, hinge and ipo forms, label smoothing
     bradley_terry_loss                   the reward model's pairwise loss
     group_advantages                     GRPO (Shao et al. 2024): rewards centred per prompt's group, scaled
     grpo_policy_loss                     clipped-ratio policy loss plus a k3 KL penalty to the reference,
@@ -19,6 +20,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from jobspec.schema import DPO_LOSS_TYPES
 from jobspec.schema import GRPO_LOSS_TYPES as LOSS_TYPES
 from jobspec.schema import GRPO_SCALE_REWARDS as SCALE_REWARDS
 
@@ -47,15 +49,39 @@ def dpo_loss(
     ref_chosen: torch.Tensor,
     ref_rejected: torch.Tensor,
     beta: float,
+    *,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """-log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))), averaged over pairs.
+    """The DPO loss of pairs, averaged; with h = (pi_c - ref_c) - (pi_r - ref_r) and e = label_smoothing
+    (TRL's formulas, trl/trainer/dpo_trainer.py):
 
-    The inputs are sequence log-probs [batch]. The implicit rewards beta * (pi - ref) are returned
-    detached as metrics: rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies
-    (the share of pairs whose chosen answer gets the higher implicit reward)."""
+        sigmoid  -(1 - e) log sigmoid(beta h) - e log sigmoid(-beta h)    DPO; e > 0: conservative DPO
+        robust   (-(1 - e) log sigmoid(beta h) + e log sigmoid(-beta h)) / (1 - 2e)   robust DPO (Chowdhury 2024)
+        hinge    max(0, 1 - beta h)                                     RSO (Liu et al. 2023)
+        ipo      (h - 1 / (2 beta))^2                                   IPO (Azar et al. 2023): the caller passes
+                                                                        per-token mean log-probs, as TRL does
+
+    The inputs are sequence log-probs [batch] (reference_free: the reference's are 0). The implicit rewards
+    beta * (pi - ref) are returned detached as metrics: rewards/chosen, rewards/rejected, rewards/margins,
+    rewards/accuracies (the share of pairs whose chosen answer gets the higher implicit reward)."""
+    if loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"dpo.loss_type={loss_type!r} must be one of {', '.join(DPO_LOSS_TYPES)}")
+    if not 0 <= label_smoothing < 0.5:
+        raise ValueError(f"dpo.label_smoothing={label_smoothing} must be in [0, 0.5)")
     chosen = beta * (policy_chosen - ref_chosen)
     rejected = beta * (policy_rejected - ref_rejected)
-    loss = -F.logsigmoid(chosen - rejected).mean()
+    h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    e = label_smoothing
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(beta * h) * (1 - e) - F.logsigmoid(-beta * h) * e
+    elif loss_type == "robust":
+        losses = (-F.logsigmoid(beta * h) * (1 - e) + F.logsigmoid(-beta * h) * e) / (1 - 2 * e)
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * h)
+    else:
+        losses = (h - 1 / (2 * beta)) ** 2
+    loss = losses.mean()
     chosen, rejected = chosen.detach(), rejected.detach()
     metrics = {
         "rewards/chosen": chosen.mean(),
@@ -64,6 +90,13 @@ def dpo_loss(
         "rewards/accuracies": (chosen > rejected).float().mean(),
     }
     return loss, metrics
+
+
+def chosen_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """RPO's NLL term (Pang et al. 2024; TRL's rpo_alpha): the mean negative log-likelihood over the labelled
+    tokens of the chosen answers (logits, labels: the chosen rows), as one cross-entropy over those tokens."""
+    mask = labels != IGNORE
+    return -(token_logprobs(logits, labels).sum() / mask.sum().clamp(min=1))
 
 
 def bradley_terry_loss(

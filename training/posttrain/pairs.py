@@ -1,5 +1,9 @@
 """Preference pairs for the `rm` and `dpo` tasks: the files, a resumable stream, and batches.
 
+A record is {"prompt", "chosen", "rejected"}, each a string or, as TRL takes them, a list of messages (the
+prompt's conversation, and each answer's assistant turns). A pair whose answers are the same, or that the
+model's chat template refuses, is refused at loading with its file and line.
+
 A batch holds the chosen answers in its first half of rows and the rejected ones in the second,
 each row the chat-formatted prompt and answer (training/posttrain/chat.py), right-padded.
 """
@@ -8,8 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from training.data.tokenizer import PAD_ID, load_tokenizer
-from training.posttrain.chat import encode_examples
+from training.data import DataError
+from training.data.tokenizer import load_tokenizer
+from training.posttrain.chat import check_example, encode_examples, padding_id
 from training.posttrain.examples import ExampleStream, data_files, eval_batches, pad_right
 from training.posttrain.jsonl import read_jsonl
 from training.run_folder import starting_point
@@ -29,19 +34,32 @@ class PreferenceData:
         train, val = data_files(
             section, section_name, "pref", tokenizer_path, self.max_len, dist_info, max_docs=cfg.data.max_docs
         )
-        self.train = read_jsonl(train, KEYS, what=f"{section_name}.train_file")
-        self.val = read_jsonl(val, KEYS, what=f"{section_name}.val_file")[: section.val_max or None]
+        self.train = read_jsonl(train, what=f"{section_name}.train_file", check=self.check)
+        self.val = read_jsonl(val, what=f"{section_name}.val_file", check=self.check)[: section.val_max or None]
         self.batch_size = cfg.train.micro_batch_size
         self.stream = ExampleStream(
             self.train, self.batch_size, dist_info.dp_rank, dist_info.dp_size, cfg.seed, f"{section_name}.train_file"
         )
 
+    def check(self, record: dict) -> None:
+        for key in KEYS:
+            if key not in record:
+                raise DataError(
+                    f"the record has no key {key!r} (it has {sorted(record)}); every line needs {list(KEYS)}"
+                )
+        if record["chosen"] == record["rejected"]:
+            raise DataError("'chosen' and 'rejected' are the same: a pair must prefer one answer to another")
+        for side in ("chosen", "rejected"):
+            check_example(self.tokenizer, {"prompt": record["prompt"], "completion": record[side]})
+
     def encode(self, records: list[dict]) -> dict:
         """tokens [2B, T] (chosen rows, then rejected), shifted labels [2B, T] (-100 off the answer),
-        last [2B] (each row's last real token: the answer's closing <|im_end|> unless it was cut)."""
+        last [2B] (each row's last real token: the answer's end-of-turn token unless it was cut)."""
         examples = [{"prompt": r["prompt"], "completion": r[side]} for side in ("chosen", "rejected") for r in records]
         encoded = encode_examples(self.tokenizer, examples, self.max_len)
-        tokens, labels = pad_right([ids for ids, _ in encoded], PAD_ID, [labs for _, labs in encoded])
+        tokens, labels = pad_right(
+            [ids for ids, _ in encoded], padding_id(self.tokenizer), [labs for _, labs in encoded]
+        )
         last = torch.tensor([len(ids) - 1 for ids, _ in encoded])
         device = self.dist.device
         return {"tokens": tokens.to(device), "labels": labels.to(device), "last": last.to(device)}

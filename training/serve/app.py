@@ -28,20 +28,22 @@ class Model:
     """What is served: the engine, the tokenizer and the name clients ask for."""
 
     def __init__(self, engine: Engine, tokenizer, name: str):
-        from training.data.tokenizer import eos_id
+        from training.data.special_tokens import special_tokens
 
         self.engine, self.tokenizer, self.name = engine, tokenizer, name
         self.max_len = engine.max_len
-        self.eos = eos_id(tokenizer)
+        special = special_tokens(tokenizer)
+        self.stops = special.stops  # the tokenizer folder's own end-of-sequence ids
+        self.start = special.bos if special.bos is not None else special.eos
 
     def chat_ids(self, messages) -> tuple[list[int], tuple[int, ...]]:
         """(prompt ids in the chat template, stop tokens) of a conversation."""
         from training.data import DataError
-        from training.posttrain.chat import encode_prompt, end_of_turn_id
+        from training.posttrain.chat import encode_prompt, stop_ids
 
         turns = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
         try:
-            return encode_prompt(self.tokenizer, turns), (self.eos, end_of_turn_id(self.tokenizer))
+            return encode_prompt(self.tokenizer, turns), tuple(stop_ids(self.tokenizer, chat=True))
         except DataError as e:
             raise APIError(400, f"this model can't chat: {e}", param="messages") from None
 
@@ -131,7 +133,7 @@ def create_app(served: Model, api_key: Optional[str] = None) -> FastAPI:
         prompts = _completion_prompts(body.prompt)
         budgets = [served.check_prompt(p, body.max_tokens) for p in prompts]
         seqs = [
-            (p, _sampling(body, budget, (served.eos,), body.logprobs, seed_offset=j))
+            (p, _sampling(body, budget, served.stops, body.logprobs, seed_offset=j))
             for p, budget in zip(prompts, budgets)
             for j in range(body.n)
         ]
@@ -170,7 +172,7 @@ def create_app(served: Model, api_key: Optional[str] = None) -> FastAPI:
             ids = served.tokenizer.encode(p).ids if isinstance(p, str) else list(p)
             if any(not 0 <= t < vocab for t in ids):
                 raise APIError(400, f"'prompt' holds a token id outside the vocabulary [0, {vocab})", param="prompt")
-            out.append(ids or [served.eos])  # an empty prompt continues from <|endoftext|>
+            out.append(ids or [served.start])  # an empty prompt continues from BOS (else EOS)
         return out
 
     def _sampling(body, budget: int, stops: tuple[int, ...], logprobs: Optional[int], seed_offset: int) -> Sampling:

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from model.classifier import GPTClassifier
 from training.classify.data import DEMO_LABELS, label_set, read_examples, write_demo
 from training.classify.metrics import baselines, scores, write_report
-from training.data.tokenizer import EOS_ID, PAD_ID, load_tokenizer
+from training.data.special_tokens import special_tokens
+from training.data.tokenizer import load_tokenizer
 from training.metrics import say
 from training.posttrain.examples import ExampleStream, eval_batches, pad_right
 from training.run_folder import starting_point
@@ -83,11 +84,12 @@ class ClassifyTask:
                 (run_dir / "baselines.json").write_text(json.dumps(self.baselines, indent=1) + "\n")
 
     def encode(self, records: list[dict]) -> dict:
+        special = special_tokens(self.tokenizer)  # the folder's own ids: the head reads at its end-of-sequence
         rows = [
-            self.tokenizer.encode(r["text"], add_special_tokens=False).ids[: self.max_len - 1] + [EOS_ID]
+            self.tokenizer.encode(r["text"], add_special_tokens=False).ids[: self.max_len - 1] + [special.eos]
             for r in records
         ]
-        tokens, _ = pad_right(rows, PAD_ID)
+        tokens, _ = pad_right(rows, special.pad)
         device = self.dist.device
         return {
             "tokens": tokens.to(device),

@@ -26,11 +26,8 @@ class PretrainTask:
     def __init__(self, cfg, dist_info, run_dir: Path):
         self.cfg, self.dist = cfg, dist_info
         data_dir = Path(cfg.data.dir)
-        if dist_info.is_main:
-            self.meta = ensure_data(cfg.data, progress=True)
-        dist_info.barrier()
-        if not dist_info.is_main:
-            self.meta = ensure_data(cfg.data, progress=False)  # prepared by rank 0: only reads meta.json
+        # every rank: one prepares under the data folder's lock, the others wait on it (no collective's timeout)
+        self.meta = ensure_data(cfg.data, progress=dist_info.is_main)
         self.tokenizer_file = data_dir / "tokenizer.json"
         self.tokenizer = load_tokenizer(str(self.tokenizer_file))
         self.vocab_size = self.tokenizer.get_vocab_size()

@@ -22,9 +22,10 @@ import torch.nn.functional as F
 from model.document_attention import document_attention_mask
 from model.gpt import GPT
 from model.parallelize import token_cross_entropy
-from training.data.tokenizer import PAD_ID, load_tokenizer
+from training.data.tokenizer import load_tokenizer
+from training.data import DataError
 from training.metrics import say
-from training.posttrain.chat import IGNORE, collate, encode_examples, pack, to_messages
+from training.posttrain.chat import IGNORE, check_example, collate, encode_examples, pack, padding_id
 from training.posttrain.examples import data_files
 from training.posttrain.jsonl import read_jsonl
 from training.run_folder import starting_point
@@ -43,7 +44,7 @@ class SFTTask:
         self.tokenizer = load_tokenizer(tokenizer_path)
         self.seq_len = cfg.data.seq_len
         if self.seq_len > self.model_cfg.max_seq_len:
-            raise ValueError(
+            raise DataError(
                 f"key 'data.seq_len' has the value {self.seq_len}, but the model of checkpoint.init_from="
                 f"{cfg.checkpoint.init_from!r} was built for at most {self.model_cfg.max_seq_len} tokens"
             )
@@ -57,12 +58,12 @@ class SFTTask:
 
     def _encode(self, path, key: str) -> list[tuple[list[int], list[int]]]:
         """The file's examples as (input_ids, labels); those longer than seq_len are left out, not cut
-        (a cut completion would lose its closing <|im_end|>, and the model wouldn't learn to stop)."""
-        records = read_jsonl(path, what=key, check=to_messages)
+        (a cut completion would lose its end-of-turn token, and the model wouldn't learn to stop)."""
+        records = read_jsonl(path, what=key, check=lambda r: check_example(self.tokenizer, r))
         encoded = encode_examples(self.tokenizer, records, None)
         fitting = [e for e in encoded if len(e[0]) <= self.seq_len]
         if not fitting:
-            raise ValueError(
+            raise DataError(
                 f"key '{key}' = {str(path)!r}: none of its {len(encoded)} examples fits in "
                 f"data.seq_len={self.seq_len} tokens"
             )
@@ -106,7 +107,7 @@ class SFTTask:
     def next_batch(self) -> dict:
         groups = self._global_rows(self.batch_size * self.dist.dp_size)
         mine = groups[self.dist.dp_rank * self.batch_size : (self.dist.dp_rank + 1) * self.batch_size]
-        rows = [pack(group, self.seq_len, pad_id=PAD_ID)[0] for group in mine]
+        rows = [pack(group, self.seq_len, pad_id=padding_id(self.tokenizer))[0] for group in mine]
         return {k: v.to(self.dist.device, non_blocking=True) for k, v in collate(rows).items()}
 
     def _logits(self, model, batch) -> torch.Tensor:
@@ -132,7 +133,7 @@ class SFTTask:
     @torch.no_grad()
     def evaluate(self, model) -> dict:
         """Held-out completion loss (mean nats per completion token, <|im_end|> included) and token accuracy."""
-        rows = pack(self.val, self.seq_len, packing=self.packing, pad_id=PAD_ID)
+        rows = pack(self.val, self.seq_len, packing=self.packing, pad_id=padding_id(self.tokenizer))
         mine = rows[self.dist.dp_rank :: self.dist.dp_size]
         # Every rank runs the same number of forward passes (sharded models need all ranks in each):
         # short shares are filled with copies whose labels are all ignored.

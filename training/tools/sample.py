@@ -2,7 +2,7 @@
 text to the terminal as tokens come.
 
     orch generate runs/pretrain-1a2b3c --prompt "def parse(line):" --max-new-tokens 100 --stop "\\ndef "
-    orch chat runs/sft-4d5e6f              # the chat template of training/posttrain/chat.py; empty line or Ctrl-D ends
+    orch chat runs/sft-4d5e6f              # the model folder's own chat template; empty line or Ctrl-D ends
 """
 
 from __future__ import annotations
@@ -67,11 +67,12 @@ def _print_stream(text_stream) -> str:
 
 def cmd_generate(args) -> int:
     from model.generate import TextStream
-    from training.data.tokenizer import EOS_ID
+    from training.data.special_tokens import special_tokens
 
     model, tokenizer = _load(args)
     prompt = _unescape(args.prompt)
-    ids = tokenizer.encode(prompt).ids or [EOS_ID]
+    special = special_tokens(tokenizer)  # the tokenizer folder's own ids
+    ids = tokenizer.encode(prompt).ids or [special.bos if special.bos is not None else special.eos]
     ids = ids[-(model.cfg.max_seq_len - 1) :]  # keep the end of a prompt longer than the model's window
     sys.stdout.write(prompt)
     text_stream = TextStream(
@@ -80,7 +81,7 @@ def cmd_generate(args) -> int:
         ids,
         args.max_new_tokens,
         stop=[_unescape(s) for s in args.stop],
-        stop_tokens=[EOS_ID],
+        stop_tokens=list(special.stops),
         **_sampling(args),
     )
     _print_stream(text_stream)
@@ -91,9 +92,7 @@ def cmd_generate(args) -> int:
 
 def cmd_chat(args) -> int:
     from model.generate import TextStream
-    from training.data.tokenizer import EOS_ID
-
-    from training.posttrain.chat import encode_prompt, end_of_turn_id
+    from training.posttrain.chat import encode_prompt, stop_ids
 
     if args.url:
         from training.serve.client import chat_remote
@@ -102,7 +101,7 @@ def cmd_chat(args) -> int:
     if not args.source:
         raise ValueError("orch chat needs a SOURCE folder to load, or --url of a running `orch serve`")
     model, tokenizer = _load(args)
-    stops = [EOS_ID, end_of_turn_id(tokenizer)]
+    stops = stop_ids(tokenizer, chat=True)
     sampling = _sampling(args)
     messages: list[dict] = []
     print(f"chatting with {args.source} (empty line or Ctrl-D to quit)", file=sys.stderr)

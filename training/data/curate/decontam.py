@@ -48,8 +48,9 @@ def _strings(value) -> Iterator[str]:
 
 
 def build_reference(parts: dict[str, list[np.ndarray]], path: Path) -> dict[str, np.ndarray]:
-    references = {name: np.unique(np.concatenate(arrays)) if arrays else np.zeros(0, np.uint64)
-                  for name, arrays in parts.items()}
+    references = {
+        name: np.unique(np.concatenate(arrays)) if arrays else np.zeros(0, np.uint64) for name, arrays in parts.items()
+    }
     tmp = path.with_name(path.name + ".tmp.npz")
     np.savez(tmp, **references)
     tmp.replace(path)

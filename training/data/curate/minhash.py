@@ -32,7 +32,7 @@ def ngram_hashes(units: np.ndarray, n: int) -> np.ndarray:
     out = np.zeros(count, np.uint64)
     with np.errstate(over="ignore"):  # wrapping multiplication is the hash
         for k in range(n):
-            out = out * _MULT + units[k:k + count]
+            out = out * _MULT + units[k : k + count]
     return np.unique(out)
 
 
@@ -53,15 +53,10 @@ def signatures(shingle_sets: list[np.ndarray], num_perm: int, seed: int) -> np.n
 def band_keys(sigs: np.ndarray, bands: int) -> np.ndarray:
     """(documents, bands) uint64: one hash per band of rows = num_perm / bands signature values."""
     rows = sigs.shape[1] // bands
-    blocks = sigs[:, :rows * bands].reshape(len(sigs), bands, rows).astype(np.uint64)
+    blocks = sigs[:, : rows * bands].reshape(len(sigs), bands, rows).astype(np.uint64)
     keys = np.zeros((len(sigs), bands), np.uint64)
     with np.errstate(over="ignore"):
         for j in range(rows):
             keys = keys * _MULT + blocks[:, :, j]
         keys ^= np.arange(bands, dtype=np.uint64) * _MULT  # equal rows in different bands are different keys
     return keys
-
-
-def collision_probability(s: float, rows: int, bands: int) -> float:
-    """P(two documents of Jaccard similarity s share at least one band): the LSH S-curve."""
-    return 1.0 - (1.0 - s ** rows) ** bands

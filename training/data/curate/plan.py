@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
+from jobspec import atomic
 from training.data import DataError
 from training.data.corpus import demo_files, source_files
 
@@ -31,9 +31,13 @@ def config_fingerprint(cfg) -> str:
     """What decides the outputs: the sources and every curate setting. A rerun with others starts over."""
     from omegaconf import OmegaConf
 
-    keyed = {"sources": list(cfg.data.sources), "text_field": cfg.data.text_field,
-             "val_fraction": cfg.data.val_fraction, "max_docs": cfg.data.max_docs,
-             "curate": OmegaConf.to_container(cfg.curate, resolve=True)}
+    keyed = {
+        "sources": list(cfg.data.sources),
+        "text_field": cfg.data.text_field,
+        "val_fraction": cfg.data.val_fraction,
+        "max_docs": cfg.data.max_docs,
+        "curate": OmegaConf.to_container(cfg.curate, resolve=True),
+    }
     keyed["curate"].pop("workers", None)  # how many processes run doesn't change the result
     return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -52,8 +56,13 @@ def input_files(cfg) -> list[dict]:
 
 
 def _file(path: Path, name: str, split: str) -> dict:
-    return {"path": str(path), "name": name, "split": split, "records": count_records(path),
-            "bytes": path.stat().st_size}
+    return {
+        "path": str(path),
+        "name": name,
+        "split": split,
+        "records": count_records(path),
+        "bytes": path.stat().st_size,
+    }
 
 
 def count_records(path: Path) -> int:
@@ -94,20 +103,25 @@ def make_plan(cfg, run_dir: Path, workers: int) -> dict:
     if path.is_file():
         plan = json.loads(path.read_text())
         if plan["fingerprint"] != fingerprint:
-            raise DataError(f"{run_dir}: this run folder holds a curation made with other settings (fingerprint "
-                            f"{plan['fingerprint']}, now {fingerprint}); submit it as a new run instead")
+            raise DataError(
+                f"{run_dir}: this run folder holds a curation made with other settings (fingerprint "
+                f"{plan['fingerprint']}, now {fingerprint}); submit it as a new run instead"
+            )
         return plan
     files = input_files(cfg)
     if cfg.data.max_docs is not None:
         files = _cap(files, cfg.data.max_docs)
     if not files:
         raise DataError(f"key 'data.sources' has the value {list(cfg.data.sources)!r}, but it holds no documents")
-    plan = {"fingerprint": fingerprint, "files": files, "shards": split_shards(files, cfg.curate.shards, workers),
-            "docs": sum(f["records"] for f in files), "bytes": sum(f["bytes"] for f in files)}
+    plan = {
+        "fingerprint": fingerprint,
+        "files": files,
+        "shards": split_shards(files, cfg.curate.shards, workers),
+        "docs": sum(f["records"] for f in files),
+        "bytes": sum(f["bytes"] for f in files),
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{PLAN}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(plan, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic.write_json(path, plan)
     return plan
 
 

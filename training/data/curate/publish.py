@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
+from jobspec import atomic
 from training.data.curate.plan import curate_dir
 
 DONE = "done.json"
@@ -62,10 +63,7 @@ def publishing(final: Path, summary: dict) -> Iterator[Path]:
 
 
 def write_json(path: Path, value) -> None:
-    """Write a JSON file atomically (a temporary name, then a rename)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(value, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic.write_json(path, value)
 
 
 def append_progress(run_dir: Path, record: dict) -> None:

@@ -50,8 +50,13 @@ def read_file(file: dict, file_index: int, field: str, val_fraction: float, form
         split = file["split"]
         if split == "hash":
             split = "val" if is_val(file["name"], index or 0, val_fraction) else "train"
-        record = Record(order=(file_index << 32) | (index or 0), source=str(path), index=index,
-                        split=split, nbytes=len(raw) if isinstance(raw, bytes) else len(raw.encode()))
+        record = Record(
+            order=(file_index << 32) | (index or 0),
+            source=str(path),
+            index=index,
+            split=split,
+            nbytes=len(raw) if isinstance(raw, bytes) else len(raw.encode()),
+        )
         if split == "val":  # as pretraining reads it
             record.text = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else raw
             if record.text:

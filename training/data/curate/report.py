@@ -24,8 +24,13 @@ def _sum(dicts) -> dict:
 
 
 def collect(cfg, plan: dict, analyzed: list[dict], deduped: dict, written: list[dict]) -> dict:
-    funnel = [{"step": "input", "docs": sum(a["train_records"] for a in analyzed),
-               "bytes": sum(a["train_bytes"] for a in analyzed)}]
+    funnel = [
+        {
+            "step": "input",
+            "docs": sum(a["train_records"] for a in analyzed),
+            "bytes": sum(a["train_bytes"] for a in analyzed),
+        }
+    ]
     for step in STEPS:
         docs = sum(w["funnel"].get(step, (0, 0))[0] for w in written)
         nbytes = sum(w["funnel"].get(step, (0, 0))[1] for w in written)
@@ -39,14 +44,20 @@ def collect(cfg, plan: dict, analyzed: list[dict], deduped: dict, written: list[
     unreadable = _sum(a["unreadable"] for a in analyzed)
     decontaminated = _sum(w["decontaminated"] for w in written)
     return {
-        "input_docs": funnel[0]["docs"], "output_docs": funnel[-1]["docs"],
-        "bytes_in": funnel[0]["bytes"], "bytes_out": funnel[-1]["bytes"],
-        "unreadable": sum(unreadable.values()), "unreadable_by_kind": unreadable,
-        "exact_duplicates": deduped["exact_duplicates"], "near_duplicates": deduped["near_duplicates"],
+        "input_docs": funnel[0]["docs"],
+        "output_docs": funnel[-1]["docs"],
+        "bytes_in": funnel[0]["bytes"],
+        "bytes_out": funnel[-1]["bytes"],
+        "unreadable": sum(unreadable.values()),
+        "unreadable_by_kind": unreadable,
+        "exact_duplicates": deduped["exact_duplicates"],
+        "near_duplicates": deduped["near_duplicates"],
         "filtered": _sum(w["filtered"] for w in written),
         "pii_redactions": _sum(w["pii_redactions"] for w in written),
-        "decontaminated": sum(decontaminated.values()), "decontaminated_by_reference": decontaminated,
-        "heldout_docs": sum(a["val_docs"] for a in analyzed), "heldout_bytes": sum(a["val_bytes"] for a in analyzed),
+        "decontaminated": sum(decontaminated.values()),
+        "decontaminated_by_reference": decontaminated,
+        "heldout_docs": sum(a["val_docs"] for a in analyzed),
+        "heldout_bytes": sum(a["val_bytes"] for a in analyzed),
         "funnel": funnel,
         "shards": len(plan["shards"]),
         "cpu_seconds": {k: round(v, 3) for k, v in seconds.items()},  # summed over tasks, per step
@@ -94,38 +105,60 @@ def _enabled(cfg, step: str) -> bool:
 
 def _markdown(cfg, stats: dict, examples: dict, run_dir: Path) -> str:
     mb = lambda b: f"{b / 1e6:,.2f}"  # noqa: E731
-    out = [f"# Data curation: {cfg.name}", "",
-           f"{stats['input_docs']:,} training documents ({mb(stats['bytes_in'])} MB) in, {stats['output_docs']:,} "
-           f"({mb(stats['bytes_out'])} MB) out, in `{run_dir.name}/corpus/train/`; {stats['heldout_docs']:,} held-out "
-           f"documents ({mb(stats['heldout_bytes'])} MB) passed through untouched to `corpus/val/`.", "",
-           "## Funnel", "", "| step | documents | MB | removed here |", "|---|---:|---:|---:|"]
+    out = [
+        f"# Data curation: {cfg.name}",
+        "",
+        f"{stats['input_docs']:,} training documents ({mb(stats['bytes_in'])} MB) in, {stats['output_docs']:,} "
+        f"({mb(stats['bytes_out'])} MB) out, in `{run_dir.name}/corpus/train/`; {stats['heldout_docs']:,} held-out "
+        f"documents ({mb(stats['heldout_bytes'])} MB) passed through untouched to `corpus/val/`.",
+        "",
+        "## Funnel",
+        "",
+        "| step | documents | MB | removed here |",
+        "|---|---:|---:|---:|",
+    ]
     previous = None
     for row in stats["funnel"]:
         removed = "" if previous is None else f"{previous - row['docs']:,}"
         off = "" if row["step"] == "input" or _enabled(cfg, row["step"]) else " (off)"
         out.append(f"| {row['step']}{off} | {row['docs']:,} | {mb(row['bytes'])} | {removed} |")
         previous = row["docs"]
-    out += ["", f"![funnel]({PLOT})", "", "## What was removed", "",
-            f"- unreadable: {stats['unreadable']:,} {json.dumps(stats['unreadable_by_kind'])}",
-            f"- exact duplicates: {stats['exact_duplicates']:,}",
-            f"- near duplicates: {stats['near_duplicates']:,} (Jaccard >= {cfg.curate.near_dedup.threshold}, "
-            f"{cfg.curate.near_dedup.num_perm} permutations in {cfg.curate.near_dedup.bands} bands)",
-            f"- filtered: {json.dumps(stats['filtered'])}",
-            f"- decontaminated: {stats['decontaminated']:,} {json.dumps(stats['decontaminated_by_reference'])}",
-            f"- PII redactions (documents kept, placeholders in the text): {json.dumps(stats['pii_redactions'])}",
-            "", "Every removed document is a line of `removed.jsonl` (its source, record index, reason and, for a "
-            "duplicate, the document kept).", ""]
+    out += [
+        "",
+        f"![funnel]({PLOT})",
+        "",
+        "## What was removed",
+        "",
+        f"- unreadable: {stats['unreadable']:,} {json.dumps(stats['unreadable_by_kind'])}",
+        f"- exact duplicates: {stats['exact_duplicates']:,}",
+        f"- near duplicates: {stats['near_duplicates']:,} (Jaccard >= {cfg.curate.near_dedup.threshold}, "
+        f"{cfg.curate.near_dedup.num_perm} permutations in {cfg.curate.near_dedup.bands} bands)",
+        f"- filtered: {json.dumps(stats['filtered'])}",
+        f"- decontaminated: {stats['decontaminated']:,} {json.dumps(stats['decontaminated_by_reference'])}",
+        f"- PII redactions (documents kept, placeholders in the text): {json.dumps(stats['pii_redactions'])}",
+        "",
+        "Every removed document is a line of `removed.jsonl` (its source, record index, reason and, for a "
+        "duplicate, the document kept).",
+        "",
+    ]
     if examples:
         out += ["## Examples", ""]
         for key in sorted(examples):
             out += [f"### {key}", ""]
             for ex in examples[key]:
                 where = ex["source"] + (f" record {ex['index']}" if ex.get("index") is not None else "")
-                detail = ex.get("detail") or ex.get("reference") or (
-                    f"copy of {ex['kept']['source']}" if ex.get("kept") else "")
+                detail = (
+                    ex.get("detail")
+                    or ex.get("reference")
+                    or (f"copy of {ex['kept']['source']}" if ex.get("kept") else "")
+                )
                 excerpt = ex["excerpt"].replace("```", "'''")
                 out += [f"- `{where}`: {detail}", "", "```", excerpt[:300], "```", ""]
     seconds = stats["cpu_seconds"]
-    out += ["## Time", "", "CPU seconds per step, summed over tasks: "
-            + ", ".join(f"{k} {v:.2f}" for k, v in seconds.items()), ""]
+    out += [
+        "## Time",
+        "",
+        "CPU seconds per step, summed over tasks: " + ", ".join(f"{k} {v:.2f}" for k, v in seconds.items()),
+        "",
+    ]
     return "\n".join(out)

@@ -68,6 +68,7 @@ class Timer(dict):
 
             def __exit__(self, *exc):
                 timer[name] = timer.get(name, 0.0) + time.process_time() - self.start
+
         return _Span()
 
     def summary(self) -> dict:
@@ -85,14 +86,28 @@ def analyze(run_dir: Path, shard: int) -> dict:
         return dict(summary, skipped=True)
     cfg, plan = load_config(run_dir), read_plan(run_dir)
     c = cfg.curate
-    summary = {"shard": shard, "docs": 0, "bytes": 0, "train_records": 0, "train_bytes": 0, "readable": 0,
-               "val_docs": 0, "val_bytes": 0, "unreadable": {}, "seconds": {}}
+    summary = {
+        "shard": shard,
+        "docs": 0,
+        "bytes": 0,
+        "train_records": 0,
+        "train_bytes": 0,
+        "readable": 0,
+        "val_docs": 0,
+        "val_bytes": 0,
+        "unreadable": {},
+        "seconds": {},
+    }
     timer, unreadable = Timer(), Counter()
     rows: dict[str, list] = {"order": [], "hash": []}
     shingles, val_grams = [], []
     final.parent.mkdir(parents=True, exist_ok=True)
-    with publishing(final, summary) as tmp, open(tmp / "docs.jsonl", "w") as docs, \
-            open(tmp / "val.jsonl", "w") as val, open(tmp / "removed.jsonl", "w") as removed:
+    with (
+        publishing(final, summary) as tmp,
+        open(tmp / "docs.jsonl", "w") as docs,
+        open(tmp / "val.jsonl", "w") as val,
+        open(tmp / "removed.jsonl", "w") as removed,
+    ):
         for file_index in plan["shards"][shard]:
             file = plan["files"][file_index]
             summary["docs"] += file["records"]
@@ -116,16 +131,32 @@ def analyze(run_dir: Path, shard: int) -> dict:
                 summary["train_bytes"] += record.nbytes
                 if record.problem:
                     unreadable[record.problem.split(":")[0]] += 1
-                    removed.write(json.dumps({"source": record.source, "index": record.index, "reason": "unreadable",
-                                              "detail": record.problem}) + "\n")
+                    removed.write(
+                        json.dumps(
+                            {
+                                "source": record.source,
+                                "index": record.index,
+                                "reason": "unreadable",
+                                "detail": record.problem,
+                            }
+                        )
+                        + "\n"
+                    )
                     continue
                 _analyze_one(record, c, timer, rows, shingles, docs)
         with timer.time("near_dedup"):
-            sigs = signatures(shingles, c.near_dedup.num_perm, c.near_dedup.seed) if c.near_dedup.enabled else \
-                np.zeros((len(shingles), 0), np.uint32)
-        np.savez(tmp / "index.npz", order=np.array(rows["order"], np.int64),
-                 hash=np.array(rows["hash"], np.uint64).reshape(-1, 2), sig=sigs,
-                 has_sig=np.array([len(s) > 0 for s in shingles], bool))
+            sigs = (
+                signatures(shingles, c.near_dedup.num_perm, c.near_dedup.seed)
+                if c.near_dedup.enabled
+                else np.zeros((len(shingles), 0), np.uint32)
+            )
+        np.savez(
+            tmp / "index.npz",
+            order=np.array(rows["order"], np.int64),
+            hash=np.array(rows["hash"], np.uint64).reshape(-1, 2),
+            sig=sigs,
+            has_sig=np.array([len(s) > 0 for s in shingles], bool),
+        )
         grams = np.unique(np.concatenate(val_grams)) if val_grams else np.zeros(0, np.uint64)
         np.save(tmp / "val_ngrams.npy", grams, allow_pickle=False)
         summary.update(readable=len(rows["order"]), unreadable=dict(unreadable), **timer.summary())
@@ -138,11 +169,15 @@ def _analyze_one(record, c, timer: Timer, rows: dict, shingles: list, docs) -> N
     text = record.text
     nbytes = len(text.encode())
     with timer.time("exact_dedup", nbytes):
-        rows["hash"].extend(content_hash(text, c.exact_dedup.normalize_whitespace) if c.exact_dedup.enabled
-                            else (0, record.order))  # disabled: unique keys
+        rows["hash"].extend(
+            content_hash(text, c.exact_dedup.normalize_whitespace) if c.exact_dedup.enabled else (0, record.order)
+        )  # disabled: unique keys
     with timer.time("near_dedup", nbytes):
-        shingles.append(ngram_hashes(unit_hashes(text, c.near_dedup.unit), c.near_dedup.ngram)
-                        if c.near_dedup.enabled else np.zeros(0, np.uint64))
+        shingles.append(
+            ngram_hashes(unit_hashes(text, c.near_dedup.unit), c.near_dedup.ngram)
+            if c.near_dedup.enabled
+            else np.zeros(0, np.uint64)
+        )
     with timer.time("filters", nbytes):
         text, why = apply_filters(text, c.filters)
     filtered_nbytes = len(text.encode())
@@ -152,19 +187,41 @@ def _analyze_one(record, c, timer: Timer, rows: dict, shingles: list, docs) -> N
             text, pii = redact(text, c.pii)
     rows["order"].append(record.order)
     # bytes as read (normalized) and after the filters: the funnel's byte columns; the text is the final one
-    docs.write(json.dumps({"order": record.order, "source": record.source, "index": record.index, "text": text,
-                           "filter": why, "pii": dict(pii), "bytes": nbytes, "filtered_bytes": filtered_nbytes})
-               + "\n")
+    docs.write(
+        json.dumps(
+            {
+                "order": record.order,
+                "source": record.source,
+                "index": record.index,
+                "text": text,
+                "filter": why,
+                "pii": dict(pii),
+                "bytes": nbytes,
+                "filtered_bytes": filtered_nbytes,
+            }
+        )
+        + "\n"
+    )
 
 
 def _progress(run_dir: Path, plan: dict) -> None:
     """Documents read by every finished analyze task (this one included), as a step counter."""
     done = [s for s in range(len(plan["shards"])) if done_record(task_dir(run_dir, "analyze", s)) is not None]
     read = sum(plan["files"][f]["records"] for s in done for f in plan["shards"][s])
-    append_progress(run_dir, {"step": read, "max_steps": plan["docs"], "phase": "analyze",
-                              "shards_done": len(done), "shards": len(plan["shards"])})
-    print(f"[curate] analyze: {len(done)}/{len(plan['shards'])} shards, {read:,}/{plan['docs']:,} documents read",
-          flush=True)
+    append_progress(
+        run_dir,
+        {
+            "step": read,
+            "max_steps": plan["docs"],
+            "phase": "analyze",
+            "shards_done": len(done),
+            "shards": len(plan["shards"]),
+        },
+    )
+    print(
+        f"[curate] analyze: {len(done)}/{len(plan['shards'])} shards, {read:,}/{plan['docs']:,} documents read",
+        flush=True,
+    )
 
 
 # ------------------------------------------------------------------ dedup (one, across shards)
@@ -179,8 +236,9 @@ def dedup(run_dir: Path) -> dict:
     cfg, plan = load_config(run_dir), read_plan(run_dir)
     c = cfg.curate
     timer = Timer()
-    index = [np.load(task_dir(run_dir, "analyze", s) / "index.npz", allow_pickle=False)
-             for s in range(len(plan["shards"]))]
+    index = [
+        np.load(task_dir(run_dir, "analyze", s) / "index.npz", allow_pickle=False) for s in range(len(plan["shards"]))
+    ]
     order = np.concatenate([x["order"] for x in index])
     assert np.all(order[1:] > order[:-1]), "shards must be in reading order"
     status, kept = np.full(len(order), KEPT, np.int8), np.arange(len(order))
@@ -201,11 +259,21 @@ def dedup(run_dir: Path) -> dict:
         with timer.time("decontamination"):
             _write_reference(run_dir, plan, c.decontamination, tmp / decontam.REFERENCE)
         summary.update(timer.summary())
-    append_progress(run_dir, {"step": plan["docs"], "max_steps": plan["docs"], "phase": "dedup",
-                              "exact_duplicates": summary["exact_duplicates"],
-                              "near_duplicates": summary["near_duplicates"]})
-    print(f"[curate] dedup: {summary['exact_duplicates']:,} exact and {summary['near_duplicates']:,} near "
-          "duplicates across all shards", flush=True)
+    append_progress(
+        run_dir,
+        {
+            "step": plan["docs"],
+            "max_steps": plan["docs"],
+            "phase": "dedup",
+            "exact_duplicates": summary["exact_duplicates"],
+            "near_duplicates": summary["near_duplicates"],
+        },
+    )
+    print(
+        f"[curate] dedup: {summary['exact_duplicates']:,} exact and {summary['near_duplicates']:,} near "
+        "duplicates across all shards",
+        flush=True,
+    )
     return summary
 
 
@@ -215,8 +283,10 @@ def _write_reference(run_dir: Path, plan: dict, dc, path: Path) -> None:
         for name, text in decontam.task_texts(dc.tasks):
             parts.setdefault(f"task:{name}", []).append(decontam.text_ngrams(text, dc.ngram))
         if dc.heldout:
-            parts["heldout"] = [np.load(task_dir(run_dir, "analyze", s) / "val_ngrams.npy", allow_pickle=False)
-                                for s in range(len(plan["shards"]))]
+            parts["heldout"] = [
+                np.load(task_dir(run_dir, "analyze", s) / "val_ngrams.npy", allow_pickle=False)
+                for s in range(len(plan["shards"]))
+            ]
     decontam.build_reference(parts, path)
 
 
@@ -235,12 +305,22 @@ def write(run_dir: Path, shard: int) -> dict:
     references = decontam.load_reference(task_dir(run_dir, "dedup") / decontam.REFERENCE)
     source = task_dir(run_dir, "analyze", shard)
     corpus = run_dir / CURATED_CORPUS
-    summary = {"shard": shard, "funnel": {}, "filtered": {}, "pii_redactions": {}, "decontaminated": {},
-               "examples": {}, "seconds": {}}
+    summary = {
+        "shard": shard,
+        "funnel": {},
+        "filtered": {},
+        "pii_redactions": {},
+        "decontaminated": {},
+        "examples": {},
+        "seconds": {},
+    }
     timer = Timer()
     with publishing(final, summary) as tmp:
-        with open(source / "docs.jsonl") as docs, open(tmp / "removed.jsonl", "w") as removed, \
-                open(tmp / "part.jsonl", "w") as part:
+        with (
+            open(source / "docs.jsonl") as docs,
+            open(tmp / "removed.jsonl", "w") as removed,
+            open(tmp / "part.jsonl", "w") as part,
+        ):
             for line in docs:
                 doc = json.loads(line)
                 verdict = _verdict(doc, decisions, references, plan, c, timer, summary)
@@ -272,8 +352,11 @@ def _verdict(doc: dict, decisions, references: dict, plan: dict, c, timer: Timer
         kept = int(decisions["kept_order"][i])
         file = plan["files"][kept >> 32]
         kept_index = kept & 0xFFFFFFFF if file["path"].endswith((".jsonl", ".parquet")) else None
-        return {**where, "reason": "exact_duplicate" if status == EXACT else "near_duplicate",
-                "kept": {"source": file["path"], "index": kept_index}}
+        return {
+            **where,
+            "reason": "exact_duplicate" if status == EXACT else "near_duplicate",
+            "kept": {"source": file["path"], "index": kept_index},
+        }
     _count(funnel, "near_dedup", doc["bytes"])
     if doc["filter"]:
         name, _, why = doc["filter"].partition(": ")
@@ -330,6 +413,14 @@ def report(run_dir: Path) -> dict:
                     shutil.copyfileobj(f, out)
     tmp.replace(run_dir / "removed.jsonl")
     stats = write_report(run_dir, cfg, plan, analyzed, deduped, written)
-    append_progress(run_dir, {"step": plan["docs"], "max_steps": plan["docs"], "phase": "report",
-                              "output_docs": stats["output_docs"], "bytes_out": stats["bytes_out"]})
+    append_progress(
+        run_dir,
+        {
+            "step": plan["docs"],
+            "max_steps": plan["docs"],
+            "phase": "report",
+            "output_docs": stats["output_docs"],
+            "bytes_out": stats["bytes_out"],
+        },
+    )
     return stats

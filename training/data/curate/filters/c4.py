@@ -23,10 +23,13 @@ def check(text: str, cfg) -> tuple[str, str | None]:
     for line in text.split("\n"):
         words = line.split()
         low = line.lower()
-        if (len(words) < cfg.min_words_per_line or not ends_sentence(line)
-                or any(len(w) > cfg.max_word_length for w in words)
-                or (cfg.drop_javascript_lines and "javascript" in low)
-                or (cfg.drop_policy_lines and any(p in low for p in POLICY))):
+        if (
+            len(words) < cfg.min_words_per_line
+            or not ends_sentence(line)
+            or any(len(w) > cfg.max_word_length for w in words)
+            or (cfg.drop_javascript_lines and "javascript" in low)
+            or (cfg.drop_policy_lines and any(p in low for p in POLICY))
+        ):
             continue
         kept.append(line.strip())
     cleaned = "\n".join(kept)

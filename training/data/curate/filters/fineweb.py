@@ -19,7 +19,10 @@ def check(text: str, cfg) -> tuple[str, str | None]:
     _, dup_chars = duplicated_items(lines)
     dup = dup_chars / max(1, len(text.replace("\n", "")))
     if dup >= cfg.max_dup_line_char_ratio:
-        return text, f"repeated lines hold {dup:.1%} of the characters (max_dup_line_char_ratio {cfg.max_dup_line_char_ratio})"
+        return (
+            text,
+            f"repeated lines hold {dup:.1%} of the characters (max_dup_line_char_ratio {cfg.max_dup_line_char_ratio})",
+        )
     words = len(text.split())
     ratio = text.count("\n") / max(1, words)
     if ratio > cfg.max_newline_word_ratio:

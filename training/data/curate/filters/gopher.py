@@ -40,9 +40,14 @@ def quality(text: str, cfg) -> tuple[str, str | None]:
 
 def repetition(text: str, cfg) -> tuple[str, str | None]:
     for unit, items, max_frac, max_chars in (
-            ("line", nonblank_lines(text), cfg.max_dup_line_fraction, cfg.max_dup_line_char_fraction),
-            ("paragraph", [p for p in text.split("\n\n") if p.strip()], cfg.max_dup_para_fraction,
-             cfg.max_dup_para_char_fraction)):
+        ("line", nonblank_lines(text), cfg.max_dup_line_fraction, cfg.max_dup_line_char_fraction),
+        (
+            "paragraph",
+            [p for p in text.split("\n\n") if p.strip()],
+            cfg.max_dup_para_fraction,
+            cfg.max_dup_para_char_fraction,
+        ),
+    ):
         dups, chars = duplicated_items(items)
         if items and dups / len(items) > max_frac:
             return text, f"{dups / len(items):.0%} of {unit}s are repeated"
@@ -71,5 +76,5 @@ def _duplicated_ngram_share(words: list[str], n: int) -> int:
     covered = [False] * len(words)
     for i, gram in enumerate(grams):
         if counts[gram] > 1:
-            covered[i:i + n] = [True] * n
+            covered[i : i + n] = [True] * n
     return sum(len(w) for w, c in zip(words, covered) if c)
