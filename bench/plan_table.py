@@ -59,6 +59,7 @@ def job(size: str, nodes: int, per_node: int, replicate: int, tp: int):
             f"resources.nodes={nodes}",
             f"resources.nproc_per_node={per_node}",
             f"parallel.dp_replicate={replicate}",
+            f"parallel.dp_shard={nodes * per_node // (replicate * tp)}",  # explicit: -1 on nodes > 1 is HSDP
             f"parallel.tp={tp}",
         ],
         launch=True,

@@ -81,6 +81,11 @@ def own_jsonl(path: Path, docs: int = 200) -> Path:
     return path
 
 
+def folders(root: Path) -> list[Path]:
+    """The prepared folders (beside each, its preparation lock file)."""
+    return sorted(p for p in root.iterdir() if p.is_dir())
+
+
 @pytest.mark.slow
 def test_own_jsonl_pretrained_twice_without_naming_data_dir(tmp_path):
     data = own_jsonl(tmp_path / "my.jsonl")
@@ -89,12 +94,12 @@ def test_own_jsonl_pretrained_twice_without_naming_data_dir(tmp_path):
     first = orch(tmp_path, "submit", *job, "--follow", SLURM_CONF=str(tmp_path / "no-slurm.conf"))
     assert first.returncode == 0 and "COMPLETED" in first.stdout, first.stdout[-3000:] + first.stderr[-3000:]
     assert "executor: auto -> local (no Slurm cluster answers)" in first.stdout
-    (prepared,) = (tmp_path / DATA_ROOT).iterdir()
+    (prepared,) = folders(tmp_path / DATA_ROOT)
     made = (prepared / "meta.json").stat()
     second = orch(tmp_path, "submit", *job, "executor=local", "--follow")
     assert second.returncode == 0 and "COMPLETED" in second.stdout, second.stdout[-3000:] + second.stderr[-3000:]
 
-    assert [p.name for p in (tmp_path / DATA_ROOT).iterdir()] == [prepared.name]  # one folder, prepared once:
+    assert [p.name for p in folders(tmp_path / DATA_ROOT)] == [prepared.name]  # one folder, prepared once:
     again = (prepared / "meta.json").stat()
     assert (again.st_ino, again.st_mtime_ns) == (made.st_ino, made.st_mtime_ns)  # the second run read it as it was
     runs = sorted(Registry(tmp_path / ".orch" / "registry.db").list(), key=lambda r: r.created_at)

@@ -256,26 +256,34 @@ def test_member_killed_mid_run_is_retried_and_the_fit_equals_an_undisturbed_swee
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_cancel_stops_every_member_and_resume_resubmits_only_the_unfinished(slurm_cluster, tiny_data, tmp_path):  # noqa: F811
-    sweep_id, folder = submitted(
-        tmp_path,
-        orch(tmp_path, "submit", str(sweep_file(tmp_path, tiny_data, "cut", "checkpoint.every=10", parallel=1))),
-    )
+    # b1-L1 (119 steps) is held at step 70 until the cancel is sent: b0-L1 (59 steps) and the others (<= 20) never
+    # reach it, and the resumed b1-L1 passes it (ORCH_FAULT_ONCE); no race with the checkpoints pruned as it trains
+    hold = {
+        "ORCH_FAULT": "train.after_optimizer_step#70:wait",
+        "ORCH_FAULT_RELEASE": str(tmp_path / "release"),
+        "ORCH_FAULT_ONCE": str(tmp_path / "held"),
+    }
+    sweep = sweep_file(tmp_path, tiny_data, "cut", "checkpoint.every=10", parallel=1)
+    sweep_id, folder = submitted(tmp_path, orch(tmp_path, "submit", str(sweep), env=hold))
     try:
         _cancel_then_resume(tmp_path, sweep_id, folder)
     finally:  # a failed test leaves no task behind
+        (tmp_path / "release").touch()
         orch(tmp_path, "cancel", sweep_id)
 
 
 def _cancel_then_resume(tmp_path: Path, sweep_id: str, folder: Path) -> None:
     # one task at a time, in the plan's order: b0-L1 completes, b1-L1 is cancelled mid-run, the rest never start
-    checkpoint = Path(members(tmp_path, sweep_id, refresh=False)["b1-L1"].run_dir) / "checkpoints" / "step_00000010"
+    checkpoint = Path(members(tmp_path, sweep_id, refresh=False)["b1-L1"].run_dir) / "checkpoints" / "step_00000060"
+    held = tmp_path / "held"  # written as the fault fires: b1-L1 is at step 70, its step 60 saved and kept
     wait_until(
-        lambda: members(tmp_path, sweep_id)["b0-L1"].state == "COMPLETED" and checkpoint.is_dir(),
+        lambda: members(tmp_path, sweep_id)["b0-L1"].state == "COMPLETED" and held.exists() and checkpoint.is_dir(),
         300,
-        "the sweep's first member to complete and the second's first checkpoint",
+        "the sweep's first member to complete and the second to be held at step 70",
         interval=0.5,
     )
     cancelled = orch(tmp_path, "cancel", sweep_id)
+    (tmp_path / "release").touch()  # b1-L1 goes on, sees the stop signal Slurm sent, saves and stops
     assert cancelled.returncode == 0 and "cancelling sweep" in cancelled.stdout, cancelled.stdout + cancelled.stderr
     now = members(tmp_path, sweep_id, refresh=False)
     # Slurm keeps no record of a pending task it cancelled: `orch cancel` records those CANCELLED itself
