@@ -118,7 +118,7 @@ def reward_defined(spec: str) -> Optional[str]:
     if found is None or not found.origin or not found.origin.endswith(".py"):
         return f"no Python module {module_name!r} can be found" if found is None else None
     with open(found.origin, encoding="utf-8") as f:
-        tree = _parse(f.read())
+        tree = parse_python(f.read())
     if tree is None:
         return None  # its own error shows when it is imported
     names = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
@@ -130,7 +130,9 @@ def reward_defined(spec: str) -> Optional[str]:
     return f"{module_name} defines no {name!r}" + (f" (did you mean {near[0]!r}?)" if near else "")
 
 
-def _parse(source: str) -> Optional[ast.Module]:
+def parse_python(source: str) -> Optional[ast.Module]:
+    """Python source as a tree, or None when it does not parse (a model's completion, a user's module), quietly:
+    no SyntaxWarning printed for what is only being inspected."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

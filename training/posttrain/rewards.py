@@ -20,6 +20,8 @@ import inspect
 import warnings
 from typing import Callable, Optional, Sequence
 
+from jobspec.posttrain_checks import parse_python
+
 RewardFn = Callable[[str, dict], float]
 
 
@@ -43,15 +45,6 @@ def requested_shape(signature: str) -> Optional[tuple[str, str]]:
     return _function_shape(node) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) else None
 
 
-def _parse(source: str) -> Optional[ast.Module]:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return ast.parse(source)
-    except (SyntaxError, ValueError, RecursionError, MemoryError):
-        return None
-
-
 def python_parses(completion: str, example: dict) -> float:
     """1.0 when the completion is valid Python that defines the requested function with its exact
     signature (name, parameters, defaults, annotations), else 0.0.
@@ -64,7 +57,7 @@ def python_parses(completion: str, example: dict) -> float:
     header = example["signature"].rstrip()
     header = header if header.endswith(":") else header + ":"
     for source in (completion, header + "\n" + completion):
-        tree = _parse(source)
+        tree = parse_python(source)
         if tree is None:
             continue
         for node in tree.body:
@@ -79,7 +72,7 @@ def _defined_functions(completion: str, example: dict) -> list[ast.AST]:
     header = example["signature"].rstrip()
     header = header if header.endswith(":") else header + ":"
     for source in (completion, header + "\n" + completion):
-        tree = _parse(source)
+        tree = parse_python(source)
         if tree is not None:
             found = [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
             if found:
